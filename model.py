@@ -1,0 +1,294 @@
+"""
+The GPT-2 language model, in one file, read top to bottom.
+References: OpenAI's GPT-2 (https://github.com/openai/gpt-2) and nanoGPT (https://github.com/karpathy/nanoGPT).
+Shapes: B batch, T time, C = n_embd channels, V vocabulary.
+"""
+import inspect
+import os
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+
+    def forward(self, x, cache=None):
+        """x (B, T, C). cache: None, or a dict holding this layer's past 'k', 'v' (B, nh, T_past, hs), which
+        is extended in place; the T new positions attend to all T_past cached ones and causally to each other."""
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        T_past = 0
+        if cache is not None:
+            if 'k' in cache:
+                T_past = cache['k'].size(2)
+                k, v = torch.cat([cache['k'], k], dim=2), torch.cat([cache['v'], v], dim=2)
+            cache['k'], cache['v'] = k, v
+        dropout_p = self.attn_dropout if self.training else 0.0
+        if T_past == 0:  # the training path: SDPA's own causal mask selects the flash / memory-efficient kernels
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:  # new query i sits at absolute position T_past + i and sees keys 0 .. T_past + i
+            mask = torch.ones(T, T_past + T, dtype=torch.bool, device=x.device).tril(diagonal=T_past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate='tanh')  # GPT-2's GELU, so pretrained weights reproduce exactly
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for speed
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linears and LayerNorms, as GPT-2; False is a bit better and faster
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.vocab_size is not None and config.block_size is not None
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying (https://paperswithcode.com/method/weight-tying)
+        self.apply(self._init_weights)
+        for pn, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
+            if pn.endswith('c_proj.weight'):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        """Parameters of the model; position embeddings are left out by default, and the token embeddings
+        are counted once since they are tied to the output head."""
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    # The forward pass in three steps, so that a caller can stop after any block, read or perturb the hidden
+    # state there (a teacher's residual stream for an SAE), and carry on.
+    def embed(self, idx, pos_offset=0):
+        """idx (B, T) token ids -> (B, T, C) input of block 0."""
+        T = idx.size(1)
+        assert pos_offset + T <= self.config.block_size, \
+            f"cannot forward {pos_offset + T} positions, block_size is only {self.config.block_size}"
+        pos = torch.arange(pos_offset, pos_offset + T, dtype=torch.long, device=idx.device)
+        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+
+    def run_blocks(self, x, start=0, stop=None, caches=None):
+        """Apply blocks start .. stop-1 to x (B, T, C); `caches` is a list with one dict per block (KV cache)."""
+        for i in range(start, self.config.n_layer if stop is None else stop):
+            x = self.transformer.h[i](x, None if caches is None else caches[i])
+        return x
+
+    def head(self, x, targets=None):
+        """Final LN and tied unembedding: x (B, T, C) -> logits (B, T, V) and the mean cross-entropy against
+        targets (B, T) (-1 = no target), or None without targets."""
+        logits = self.lm_head(self.transformer.ln_f(x))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def forward(self, idx, targets=None, caches=None):
+        """idx (B, T) -> (logits, loss). Full-sequence logits with targets; without them, only the last
+        position's logits (B, 1, V), all that sampling needs. `caches` (from new_caches) enables the KV cache."""
+        pos_offset = caches[0]['k'].size(2) if caches is not None and 'k' in caches[0] else 0
+        x = self.run_blocks(self.embed(idx, pos_offset), caches=caches)
+        return self.head(x if targets is not None else x[:, [-1], :], targets)
+
+    def new_caches(self):
+        return [{} for _ in range(self.config.n_layer)]
+
+    def crop_block_size(self, block_size):
+        """Shrink the context (e.g. a pretrained 1024 model to 256)."""
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, override_args=None):
+        """GPT-2 weights from `transformers`: 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', or a local
+        directory written by `save_pretrained`. override_args may set only dropout."""
+        override_args = override_args or {}
+        assert all(k == 'dropout' for k in override_args), "only dropout can be overridden"
+        try:
+            from transformers import GPT2LMHeadModel
+        except ImportError:
+            raise SystemExit("error: loading GPT-2 weights needs the optional package transformers: pip install transformers")
+        model_hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
+        hf = model_hf.config
+        assert hf.activation_function in ('gelu_new', 'gelu_pytorch_tanh'), f"unsupported activation {hf.activation_function}"
+        config = GPTConfig(block_size=hf.n_positions, vocab_size=hf.vocab_size, n_layer=hf.n_layer, n_head=hf.n_head,
+                           n_embd=hf.n_embd, bias=True, dropout=override_args.get('dropout', 0.0))
+        model = cls(config)
+        sd = model.state_dict()
+        sd_hf = model_hf.state_dict()
+        keys = [k for k in sd_hf if not k.endswith(('.attn.masked_bias', '.attn.bias'))]  # buffers, not weights
+        # OpenAI's checkpoints use Conv1D modules, which store these weights transposed relative to nn.Linear
+        transposed = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+        assert set(keys) == set(sd), f"mismatched keys: {sorted(set(keys) ^ set(sd))}"
+        with torch.no_grad():
+            for k in keys:
+                w = sd_hf[k].t() if k.endswith(transposed) else sd_hf[k]
+                assert w.shape == sd[k].shape, f"{k}: {w.shape} vs {sd[k].shape}"
+                sd[k].copy_(w)
+        return model
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with weight decay on every >= 2-D tensor (matmul weights, embeddings), none on biases and
+        LayerNorm gains; the fused kernel on CUDA."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        optim_groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+                        {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+        use_fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **(dict(fused=True) if use_fused else {}))
+
+    def flops_per_token(self, T):
+        """Training FLOPs (forward + backward) per token at context T: 6 per parameter plus attention
+        (PaLM paper, appendix B)."""
+        cfg = self.config
+        return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * T
+
+    def estimate_mfu(self, tokens_per_iter, dt, peak_flops):
+        """Model FLOPs utilisation: achieved FLOP/s of `tokens_per_iter` tokens in dt seconds over the
+        device's peak FLOP/s (e.g. 989e12 for an H100's bf16, 312e12 for an A100's)."""
+        return self.flops_per_token(self.config.block_size) * tokens_per_iter / dt / peak_flops
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
+        """Continue idx (B, T) by max_new_tokens sampled tokens. temperature 0 = greedy. With use_cache, each
+        step runs only the new token through the blocks; without, it recomputes the whole (cropped) context."""
+        caches, fed = None, 0  # fed: how many tokens of idx the cache already holds
+        for _ in range(max_new_tokens):
+            # past block_size the window slides and every position embedding shifts: recompute from then on
+            cached = use_cache and idx.size(1) <= self.config.block_size
+            if cached and caches is None:
+                caches, fed = self.new_caches(), 0
+            logits, _ = self(idx[:, fed:] if cached else idx[:, -self.config.block_size:], caches=caches if cached else None)
+            fed = idx.size(1)
+            logits = logits[:, -1, :]
+            if temperature == 0:
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float('Inf')
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints and loading, shared by train.py, sample.py and every script that needs a trained model
+
+def save_checkpoint(checkpoint, out_dir, name='ckpt.pt'):
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    torch.save(checkpoint, path + '.tmp')
+    os.replace(path + '.tmp', path)
+
+
+def load_checkpoint(out_dir, device='cpu', name='ckpt.pt'):
+    path = os.path.join(out_dir, name)
+    if not os.path.exists(path):
+        raise SystemExit(f"error: no checkpoint at {path}; train one with train.py (out_dir={out_dir})")
+    return torch.load(path, map_location=device, weights_only=True)  # plain data only: no code runs on load
+
+
+def load_model(spec, device='cpu', dropout=None):
+    """'gpt2', 'gpt2-medium', ..., a transformers directory, or a train.py out_dir -> (model in eval mode,
+    the checkpoint or None)."""
+    if os.path.isdir(spec) and not os.path.exists(os.path.join(spec, 'config.json')):
+        checkpoint = load_checkpoint(spec, device)
+        model_args = dict(checkpoint['model_args'], **({} if dropout is None else {'dropout': dropout}))
+        model = GPT(GPTConfig(**model_args))
+        model.load_state_dict(checkpoint['model'])
+    elif spec.startswith('gpt2') or os.path.isdir(spec):
+        checkpoint, model = None, GPT.from_pretrained(spec, {} if dropout is None else {'dropout': dropout})
+    else:
+        raise SystemExit(f"error: '{spec}' is neither gpt2* nor a folder holding ckpt.pt or a transformers config.json")
+    return model.to(device).eval(), checkpoint
+
+
+def guess_peak_flops(device, dtype):
+    """Peak dense FLOP/s for MFU when none is configured: the datasheet figure of common GPUs, else a rough
+    figure for a CPU (about 100 GFLOP/s fp32 on 2 cores)."""
+    if 'cuda' in str(device):
+        name = torch.cuda.get_device_name(device)
+        bf16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12, '4090': 165e12}
+        for key, flops in bf16.items():
+            if key in name:
+                return flops if dtype != 'float32' else flops / 16  # TF32 off: roughly fp32 CUDA-core rate
+        return 100e12
+    return 50e9 * max(1, torch.get_num_threads())

@@ -1,0 +1,198 @@
+"""
+Tokenize a text dataset into the uint16 memmaps that train.py reads:
+
+    python prepare.py shakespeare [--input=PATH] [--out_dir=data/shakespeare]
+    python prepare.py wikitext2   [--input=wiki.train.raw --val_input=wiki.valid.raw]
+    python prepare.py openwebtext [--num_proc=8]
+    python prepare.py mytext --input='texts/*.txt' [--val_input=held_out.txt] [--val_fraction=0.1]
+
+Writes OUT_DIR/train.bin, OUT_DIR/val.bin (GPT-2 BPE token ids, uint16) and OUT_DIR/meta.json (tokenizer,
+vocab size, token counts, sources). Each document is followed by the end-of-text token. Local inputs: each
+file is one document; without --val_input the last val_fraction of the token stream is the val split, so
+train.bin + val.bin is exactly the tokenized text.
+"""
+import glob
+import json
+import os
+import sys
+import urllib.request
+
+import numpy as np
+from tqdm import tqdm
+
+from configurator import ConfigError, configure
+
+# -----------------------------------------------------------------------------
+input = ''  # comma-separated local files or globs (the train split, or both splits without val_input)
+val_input = ''  # comma-separated local files or globs for the val split
+out_dir = ''  # default: data/NAME
+val_fraction = 0.1  # share of the token stream held out when no val_input is given
+num_proc = 8  # openwebtext: tokenizer processes
+# -----------------------------------------------------------------------------
+SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
+KNOWN = ('shakespeare', 'wikitext2', 'openwebtext')
+
+
+def fail(message):
+    raise SystemExit(f"error: {message}")
+
+
+def expand(spec, flag):
+    """'a.txt,dir/*.txt' -> sorted list of existing files; a pattern that matches nothing is an error."""
+    files = []
+    for pattern in filter(None, spec.split(',')):
+        matched = sorted(glob.glob(os.path.expanduser(pattern)))
+        if not matched:
+            fail(f"{flag} '{pattern}' matches no file; check the path")
+        files += matched
+    return files
+
+
+def read_documents(files):
+    docs = []
+    for path in files:
+        if os.path.isdir(path):
+            fail(f"'{path}' is a folder; give files or a glob such as '{path}/*.txt'")
+        with open(path, encoding='utf-8') as f:
+            text = f.read()
+        if not text.strip():
+            fail(f"input file '{path}' is empty")
+        docs.append(text)
+    return docs
+
+
+def tokenize(docs, enc, desc):
+    """Documents -> one uint16 token stream, each document followed by the end-of-text token."""
+    ids = []
+    for doc in tqdm(docs, desc=f"tokenizing {desc}", unit='doc', disable=len(docs) < 2):
+        ids.extend(enc.encode_ordinary(doc))
+        ids.append(enc.eot_token)
+    return np.array(ids, dtype=np.uint16)  # GPT-2's 50257 ids fit in 16 bits
+
+
+def write_split(path, tokens):
+    arr = np.memmap(path + '.tmp', dtype=np.uint16, mode='w+', shape=(len(tokens),))
+    arr[:] = tokens
+    arr.flush()
+    del arr
+    os.replace(path + '.tmp', path)  # a half-written file never carries the final name
+
+
+def openwebtext_splits(enc):
+    """nanoGPT's recipe: HF openwebtext, 0.0005 of the documents held out with seed 2357, tokenized in
+    parallel and written shard by shard, so memory stays flat."""
+    from datasets import load_dataset
+    dataset = load_dataset('openwebtext', num_proc=num_proc)
+    split = dataset['train'].train_test_split(test_size=0.0005, seed=2357, shuffle=True)
+    split['val'] = split.pop('test')
+
+    def process(example):
+        ids = enc.encode_ordinary(example['text']) + [enc.eot_token]
+        return {'ids': ids, 'len': len(ids)}
+
+    tokenized = split.map(process, remove_columns=['text'], desc='tokenizing', num_proc=num_proc)
+    out = {}
+    for name, dset in tokenized.items():
+        total = int(np.sum(dset['len'], dtype=np.uint64))
+        arr = np.empty(total, dtype=np.uint16)
+        idx = 0
+        n_shards = min(1024, len(dset))
+        for i in tqdm(range(n_shards), desc=f'collecting {name}'):
+            batch = np.concatenate(dset.shard(num_shards=n_shards, index=i, contiguous=True).with_format('numpy')['ids'])
+            arr[idx:idx + len(batch)] = batch
+            idx += len(batch)
+        out[name] = arr
+    return out, ['HF openwebtext']
+
+
+def main(argv):
+    positional = [a for a in argv if not a.startswith('--')]
+    if len(positional) != 1:
+        fail("usage: python prepare.py NAME [--input=FILES] [--val_input=FILES] [--out_dir=DIR]; "
+             f"NAME is one of {', '.join(KNOWN)} or any name for local --input files")
+    name = positional[0]
+    configure(globals(), [a for a in argv if a.startswith('--')])
+    if name not in KNOWN and not input:
+        fail(f"unknown dataset '{name}': use one of {', '.join(KNOWN)}, or give local files with --input=PATH")
+    if not 0 < val_fraction < 1:
+        fail(f"val_fraction must be in (0, 1), got {val_fraction}")
+    import tiktoken
+    enc = tiktoken.get_encoding('gpt2')
+    target = out_dir or os.path.join('data', name)
+
+    if name == 'openwebtext' and not input:
+        splits, sources = openwebtext_splits(enc)
+    else:
+        if input:
+            train_files = expand(input, '--input')
+        elif name == 'shakespeare':
+            path = os.path.join(target, 'input.txt')
+            if not os.path.exists(path):
+                os.makedirs(target, exist_ok=True)
+                print(f"downloading {SHAKESPEARE_URL}")
+                try:
+                    urllib.request.urlretrieve(SHAKESPEARE_URL, path + '.tmp')
+                except OSError as e:
+                    fail(f"cannot download Tiny Shakespeare ({e}); give a local copy with --input=PATH")
+                os.replace(path + '.tmp', path)
+            train_files = [path]
+        else:  # wikitext2 from the HF hub: the raw text of each split is one document
+            from datasets import load_dataset
+            try:
+                ds = load_dataset('wikitext', 'wikitext-2-raw-v1')
+            except Exception as e:
+                fail(f"cannot load wikitext-2-raw-v1 from the HF hub ({type(e).__name__}); "
+                     "give local files with --input=wiki.train.raw --val_input=wiki.valid.raw")
+            splits = {s: tokenize([''.join(ds[k]['text'])], enc, s) for s, k in (('train', 'train'), ('val', 'validation'))}
+            sources = ['HF wikitext/wikitext-2-raw-v1']
+            train_files = None
+        if train_files is not None:
+            sources = [os.path.abspath(f) for f in train_files]
+            tokens = tokenize(read_documents(train_files), enc, 'train')
+            if val_input:
+                val_files = expand(val_input, '--val_input')
+                sources += [os.path.abspath(f) for f in val_files]
+                splits = {'train': tokens, 'val': tokenize(read_documents(val_files), enc, 'val')}
+            else:
+                n_val = max(1, int(len(tokens) * val_fraction))
+                splits = {'train': tokens[:-n_val], 'val': tokens[-n_val:]}
+
+    os.makedirs(target, exist_ok=True)
+    for split, tokens in splits.items():
+        write_split(os.path.join(target, f'{split}.bin'), tokens)
+    meta = {'tokenizer': 'gpt2', 'vocab_size': enc.n_vocab, 'eot_token': enc.eot_token, 'dtype': 'uint16',
+            'train_tokens': int(len(splits['train'])), 'val_tokens': int(len(splits['val'])), 'sources': sources}
+    with open(os.path.join(target, 'meta.json'), 'w') as f:
+        json.dump(meta, f, indent=1)
+    print(f"wrote {target}: train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens")
+
+
+
+# -----------------------------------------------------------------------------
+# Reading a prepared dataset (train.py, sae.py, attribution.py)
+
+def data_dir_of(dataset):
+    """A name under data/ or a path to a folder prepare.py wrote."""
+    return dataset if os.path.isdir(dataset) else os.path.join('data', dataset)
+
+
+def read_meta(data_dir):
+    path = os.path.join(data_dir, 'meta.json')
+    if not os.path.exists(path):
+        raise SystemExit(f"error: no prepared dataset at '{data_dir}' ({path} is missing); "
+                         f"run: python prepare.py NAME --out_dir={data_dir}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_tokens(data_dir, split):
+    """The split's tokens as a read-only uint16 memmap. Open a fresh one per batch in long loops: a memmap
+    kept open grows the resident memory as pages are touched (nanoGPT's fix)."""
+    path = os.path.join(data_dir, f'{split}.bin')
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {path} is missing; run prepare.py for this dataset")
+    return np.memmap(path, dtype=np.uint16, mode='r')
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -1,0 +1,91 @@
+import os
+import sys
+
+import pytest
+import torch
+
+from conftest import TINY, eval_losses, run
+
+
+def train(dataset, out_dir, *extra, check=True):
+    return run(['train.py', f'--dataset={dataset}', f'--out_dir={out_dir}'] + TINY + list(extra), check=check)
+
+
+def load(out_dir):
+    return torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=True)
+
+
+def test_training_lowers_loss_and_checkpoints(dataset, tmp_path):
+    p = train(dataset, tmp_path / 'out', '--max_iters=60', '--eval_interval=30', '--lr_decay_iters=60')
+    losses = eval_losses(p.stdout)
+    assert [s for s, _, _ in losses] == [0, 30, 60]
+    assert losses[-1][2] < losses[0][2] - 1.0, losses  # val loss falls by more than a nat
+    ckpt = load(tmp_path / 'out')
+    assert ckpt['iter_num'] == 60 and ckpt['mode'] == 'ntp'
+    assert not any(k.startswith(('_orig_mod.', 'module.')) for k in ckpt['model'])
+    assert ckpt['config']['max_iters'] == 60 and 'done: 60 steps' in p.stdout
+
+
+def test_resume_reproduces_uninterrupted_run(dataset, tmp_path):
+    common = ['--eval_interval=4', '--lr_decay_iters=8', '--dropout=0.1']  # dropout: the RNG must resume too
+    full = train(dataset, tmp_path / 'full', '--max_iters=8', *common)
+    train(dataset, tmp_path / 'split', '--max_iters=4', *common)
+    resumed = train(dataset, tmp_path / 'split', '--max_iters=8', '--init_from=resume', *common)
+    a, b = load(tmp_path / 'full'), load(tmp_path / 'split')
+    assert a['iter_num'] == b['iter_num'] == 8
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
+    assert eval_losses(full.stdout)[-1] == eval_losses(resumed.stdout)[-1]
+    log = lambda out: [l for l in out.splitlines() if l.startswith('iter ') and int(l.split()[1][:-1]) >= 4]
+    strip = lambda lines: [l.split(', time')[0] for l in lines]  # drop the timing
+    assert strip(log(full.stdout)) == strip(log(resumed.stdout))
+
+
+def test_ddp_two_processes_match_one_with_accumulation(dataset, tmp_path):
+    args = [f'--dataset={dataset}'] + TINY + ['--max_iters=5', '--eval_interval=5', '--lr_decay_iters=5']
+    args = [a for a in args if not a.startswith('--gradient_accumulation_steps')] + ['--gradient_accumulation_steps=2']
+    run(['torchrun', '--standalone', '--nproc_per_node=2', 'tests/run_and_dump.py', str(tmp_path / 'ddp'),
+         'train.py', f'--out_dir={tmp_path / "ddp_out"}'] + args, env={'OMP_NUM_THREADS': '1'})
+    run(['tests/run_and_dump.py', str(tmp_path / 'single'), 'train.py', f'--out_dir={tmp_path / "single_out"}'] + args)
+    rank0, rank1 = (torch.load(tmp_path / 'ddp' / f'weights_rank{r}.pt') for r in (0, 1))
+    single = torch.load(tmp_path / 'single' / 'weights_rank0.pt')
+    for k in rank0:
+        assert torch.equal(rank0[k], rank1[k]), k
+        torch.testing.assert_close(rank0[k], single[k], atol=2e-5, rtol=1e-4)
+    assert load(tmp_path / 'ddp_out')['iter_num'] == 5
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(dataset, tmp_path):
+    train(dataset, tmp_path / 'out', '--max_iters=2', '--eval_interval=2')
+    before = load(tmp_path / 'out')
+    p = train(dataset, tmp_path / 'out', '--init_from=resume', '--max_iters=50', '--eval_interval=2',
+              '--learning_rate=1e30', '--warmup_iters=0', '--grad_clip=0.0', '--decay_lr=False', check=False)
+    assert p.returncode != 0
+    assert 'error: loss is nan at step' in p.stdout or 'error: loss is inf at step' in p.stdout, p.stdout[-2000:]
+    after = load(tmp_path / 'out')  # still loadable, and a finite model
+    assert all(torch.isfinite(v).all() for v in after['model'].values())
+    assert after['iter_num'] >= before['iter_num']
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--bogus=1'], "unknown config key 'bogus'"),
+    (['--batch_size=big'], "config key 'batch_size'"),
+    (['--init_from=gpt3'], "unknown init_from 'gpt3'"),
+    (['--dataset=/nonexistent/data'], 'no prepared dataset'),
+])
+def test_bad_config_is_a_one_line_error(dataset, tmp_path, args, message):
+    p = run(['train.py', f'--dataset={dataset}', f'--out_dir={tmp_path}'] + TINY + args, check=False)
+    assert p.returncode != 0 and message in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr  # no traceback
+
+
+def test_unknown_key_in_config_file(dataset, tmp_path):
+    cfg = tmp_path / 'cfg.py'
+    cfg.write_text("batch_size = 4\nlearning_rat = 1e-3  # typo\n")
+    p = run(['train.py', str(cfg), f'--dataset={dataset}'], check=False)
+    assert p.returncode != 0 and f"unknown config key 'learning_rat' in {cfg}" in p.stderr
+
+
+def test_resume_without_checkpoint_is_an_error(dataset, tmp_path):
+    p = train(dataset, tmp_path / 'empty', '--init_from=resume', check=False)
+    assert p.returncode != 0 and 'no checkpoint at' in p.stderr

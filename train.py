@@ -1,0 +1,276 @@
+"""
+One training loop for every mode, on one CPU or GPU or many through torchrun.
+
+    python train.py config/ntp_shakespeare.py --max_iters=100
+    torchrun --standalone --nproc_per_node=8 train.py config/ntp_gpt2.py
+    # two nodes: on each, torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --master_addr=IP --master_port=29500 train.py ...
+
+Settings are the globals below; config files and --key=value override them (configurator.py), and an
+unknown key is an error. gradient_accumulation_steps is the global number of micro-batches per step, so the
+batch does not depend on the number of processes.
+"""
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+from torch.distributed import destroy_process_group, init_process_group
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from configurator import configure
+from model import GPT, GPTConfig, guess_peak_flops, load_checkpoint, save_checkpoint
+from prepare import data_dir_of, load_tokens, read_meta
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = 'out'
+eval_interval = 2000
+log_interval = 1
+eval_iters = 200  # batches per split (per process) in each evaluation
+eval_only = False  # evaluate once and stop
+always_save_checkpoint = True  # else save only when val loss improves
+init_from = 'scratch'  # 'scratch', 'resume' (from out_dir), or 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'
+mode = 'ntp'  # training objective: 'ntp' = next-token prediction
+# wandb logging (optional package, imported only when on)
+wandb_log = False
+wandb_project = 'cocomix'
+wandb_run_name = 'run'
+# data
+dataset = 'shakespeare'  # a name under data/ or a folder written by prepare.py
+gradient_accumulation_steps = 40  # micro-batches per optimizer step, over all processes together
+batch_size = 12  # sequences per micro-batch
+block_size = 1024
+# model
+n_layer = 12
+n_head = 12
+n_embd = 768
+dropout = 0.0  # 0 for pretraining, 0.1+ for finetuning
+bias = True  # biases in Linears and LayerNorms, as GPT-2
+# AdamW
+learning_rate = 6e-4
+max_iters = 600000  # optimizer steps
+weight_decay = 1e-1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # clip the global gradient norm; 0 = off
+# learning rate schedule: linear warmup, then cosine decay to min_lr
+decay_lr = True
+warmup_iters = 2000
+lr_decay_iters = 600000  # ~ max_iters (Chinchilla)
+min_lr = 6e-5  # ~ learning_rate / 10 (Chinchilla)
+# system
+device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'  # or 'float16'
+compile = torch.cuda.is_available()  # torch.compile the model (slow to start on a CPU, but works)
+seed = 1337
+peak_flops = 0.0  # the device's peak FLOP/s for MFU; 0 = guess from the device (model.guess_peak_flops)
+# -----------------------------------------------------------------------------
+config = configure(globals())
+if mode != 'ntp':
+    raise SystemExit(f"error: unknown mode '{mode}'; use 'ntp'")
+if init_from not in ('scratch', 'resume') and not init_from.startswith('gpt2'):
+    raise SystemExit(f"error: unknown init_from '{init_from}'; use 'scratch', 'resume' or 'gpt2*'")
+
+# distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
+ddp = int(os.environ.get('RANK', -1)) != -1
+if ddp:
+    init_process_group(backend='nccl' if 'cuda' in device else 'gloo')
+    rank, world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+    if 'cuda' in device:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    if gradient_accumulation_steps % world_size:
+        raise SystemExit(f"error: gradient_accumulation_steps={gradient_accumulation_steps} is not a multiple "
+                         f"of the {world_size} processes; make it one")
+else:
+    rank, world_size = 0, 1
+master = rank == 0  # logs and writes checkpoints
+accum_steps = gradient_accumulation_steps // world_size  # micro-batches of this process per step
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+if master:
+    print(f"tokens per iteration: {tokens_per_iter:,} ({gradient_accumulation_steps} x {batch_size} x {block_size})")
+    os.makedirs(out_dir, exist_ok=True)
+device_type = 'cuda' if 'cuda' in device else 'cpu'
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+
+# data: every batch is a pure function of (seed, split, step, micro-batch), so a resumed run and a run on
+# any number of processes read exactly the same sequences
+data_dir = data_dir_of(dataset)
+meta = read_meta(data_dir)
+SPLIT_ID = {'train': 0, 'val': 1, 'eval_train': 2}
+
+
+def get_batch(split, step, micro):
+    data = load_tokens(data_dir, 'val' if split == 'val' else 'train')  # fresh memmap: flat resident memory
+    if len(data) <= block_size:
+        raise SystemExit(f"error: the {split} split of {data_dir} has {len(data)} tokens, fewer than "
+                         f"block_size + 1 = {block_size + 1}; use more text or a smaller block_size")
+    g = torch.Generator().manual_seed(((seed * 4 + SPLIT_ID[split]) * 1_000_000_007 + step) * 65_537 + micro)
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=g).tolist()
+    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype('int64')) for i in ix])
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype('int64')) for i in ix])
+    if device_type == 'cuda':  # pinned memory lets the copy run asynchronously
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+# model
+torch.manual_seed(seed)  # the same initial weights on every process and every run
+iter_num, best_val_loss, checkpoint = 0, float('inf'), None
+vocab_size = math.ceil(meta['vocab_size'] / 64) * 64  # padded to a multiple of 64: faster matmuls
+model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                  vocab_size=vocab_size, dropout=dropout)
+if init_from == 'scratch':
+    model = GPT(GPTConfig(**model_args))
+elif init_from == 'resume':
+    checkpoint = load_checkpoint(out_dir, device)
+    if checkpoint.get('mode', 'ntp') != mode:
+        raise SystemExit(f"error: {out_dir}/ckpt.pt was trained with mode='{checkpoint.get('mode')}', "
+                         f"this run has mode='{mode}'; set --mode={checkpoint.get('mode')} or use a new out_dir")
+    for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size'):  # the architecture is the checkpoint's
+        model_args[k] = checkpoint['model_args'][k]
+    model = GPT(GPTConfig(**model_args))
+    model.load_state_dict(checkpoint['model'])
+    iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
+else:
+    model = GPT.from_pretrained(init_from, dict(dropout=dropout))
+    for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size'):
+        model_args[k] = getattr(model.config, k)
+if meta['vocab_size'] > model_args['vocab_size']:
+    raise SystemExit(f"error: {data_dir} has {meta['vocab_size']} token ids but the model only "
+                     f"{model_args['vocab_size']}; prepare the data with the model's tokenizer")
+if block_size < model.config.block_size:
+    model.crop_block_size(block_size)
+    model_args['block_size'] = block_size
+model.to(device)
+
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if checkpoint is not None:
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    scaler.load_state_dict(checkpoint['scaler'])
+checkpoint = None  # free the memory
+
+raw_model = model  # checkpoints hold the plain module's weights: no '_orig_mod.' or 'module.' prefixes
+if compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
+
+
+def all_mean(value):
+    """The mean of a float over all processes."""
+    t = torch.tensor(float(value), device=device)
+    if ddp:
+        torch.distributed.all_reduce(t)
+        t /= world_size
+    return t.item()
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss of eval_iters fixed batches per split and process, averaged over all processes."""
+    out = {}
+    model.eval()
+    for split in ('eval_train', 'val'):
+        losses = torch.zeros(eval_iters)
+        for k in range(eval_iters):
+            X, Y = get_batch(split, k, rank)
+            with autocast:
+                _, loss = model(X, Y)
+            losses[k] = loss.item()
+        out[split.removeprefix('eval_')] = all_mean(losses.mean())
+    model.train()
+    return out
+
+
+def get_lr(it):
+    if it < warmup_iters:  # linear warmup
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # from 1 to 0
+    return min_lr + coeff * (learning_rate - min_lr)
+
+
+if wandb_log and master:
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit("error: wandb_log=True needs the optional package wandb: pip install wandb")
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+# the loop: evaluate (and checkpoint) every eval_interval steps and at the end, then step
+peak = peak_flops or guess_peak_flops(device, dtype)
+t_start, t0, tokens_seen, running_mfu, local_iter = time.time(), time.time(), 0, -1.0, 0
+while True:
+    if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
+        losses = estimate_loss()
+        if master:
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            if wandb_log:
+                wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'],
+                           'lr': get_lr(iter_num) if decay_lr else learning_rate, 'mfu': running_mfu * 100})
+            if iter_num > 0 and not eval_only and (losses['val'] < best_val_loss or always_save_checkpoint):
+                best_val_loss = min(best_val_loss, losses['val'])
+                save_checkpoint({'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+                                 'scaler': scaler.state_dict(), 'model_args': model_args, 'mode': mode,
+                                 # the data position and every random draw are functions of (seed, iter_num)
+                                 'iter_num': iter_num, 'seed': seed, 'best_val_loss': best_val_loss,
+                                 'config': config}, out_dir)
+                print(f"saved checkpoint to {out_dir}/ckpt.pt")
+        t0 = time.time()  # time the training steps only
+    if iter_num >= max_iters or eval_only:
+        break
+
+    lr = get_lr(iter_num) if decay_lr else learning_rate
+    for param_group in optimizer.param_groups:
+        param_group['lr'] = lr
+    torch.manual_seed(seed + iter_num * world_size + rank)  # dropout draws depend only on (seed, step, rank)
+    loss_sum = 0.0
+    for micro_step in range(accum_steps):
+        X, Y = get_batch('train', iter_num, rank * accum_steps + micro_step)
+        if ddp:  # synchronise gradients only on the last micro-step
+            model.require_backward_grad_sync = micro_step == accum_steps - 1
+        with autocast:
+            _, loss = model(X, Y)
+            loss = loss / accum_steps  # the mean over micro-batches; DDP averages over processes
+        scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    loss_value = all_mean(loss_sum)  # one sync per step, so that a bad loss stops us at the step it happens
+    if not math.isfinite(loss_value):
+        if master:
+            print(f"error: loss is {loss_value} at step {iter_num}; stopping. The last checkpoint in "
+                  f"{out_dir} is intact: resume from it with a lower learning_rate or another dtype")
+        if ddp:
+            destroy_process_group()
+        raise SystemExit(1)
+    if grad_clip != 0.0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+    t1 = time.time()
+    dt, t0 = t1 - t0, t1
+    tokens_seen += tokens_per_iter
+    if iter_num % log_interval == 0 and master:
+        if local_iter >= 3:  # let the first steps (compilation, warm caches) pass before measuring MFU
+            mfu = raw_model.estimate_mfu(tokens_per_iter, dt, peak)
+            running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
+        print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, time {dt * 1000:.1f}ms, "
+              f"{tokens_per_iter / dt:,.0f} tok/s" + (f", mfu {running_mfu * 100:.1f}%" if running_mfu >= 0 else ''))
+    iter_num += 1
+    local_iter += 1
+
+if master:
+    print(f"done: {local_iter} steps, {tokens_seen:,} tokens in {time.time() - t_start:.1f}s, "
+          f"best val loss {best_val_loss:.4f}, checkpoint in {out_dir}")
+if ddp:
+    destroy_process_group()
