@@ -95,6 +95,48 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # biases in Linears and LayerNorms, as GPT-2; False is a bit better and faster
+    # CoCoMix (n_concepts = 0: a plain GPT)
+    n_concepts: int = 0  # C, the SAE's latents = the concept vocabulary
+    concept_topk: int = 32  # predicted concepts kept before compression
+    insert_layer: int = 3  # blocks before the concept head
+    mix: str = 'interleave'  # 'interleave' | 'add' | 'none' (predict only) | 'pause' (a learned vector, no concepts)
+
+
+class ConceptMixer(nn.Module):
+    """The whole CoCoMix change to a GPT (paper Sec. 3, METHOD.md "The student"): predict concept logits from the
+    hidden state, keep the top concept_topk, and compress them into one continuous concept vector."""
+
+    def __init__(self, config):
+        super().__init__()
+        C, d = config.n_concepts, config.n_embd
+        self.topk = config.concept_topk
+        self.pre_bias = nn.Parameter(torch.zeros(d))  # as the SAE's b_pre: the head reads LN(h) - b_pre
+        self.concept_head = nn.Linear(d, C)  # z = W_head x + b_head, z in R^C
+        self.compress = nn.Embedding(C, d)  # W_comp stored row per concept, so compression is a gather
+        self.compress_bias = nn.Parameter(torch.zeros(d))
+
+    def forward(self, h, steer=None):
+        """h (B, T, d) -> concept logits z (B, T, C) and the concept vectors c_hat (B, T, d)."""
+        mu = h.mean(dim=-1, keepdim=True)  # the SAE's LN: no affine, unbiased std, eps on the std
+        std = (h - mu).std(dim=-1, keepdim=True)
+        z = self.concept_head((h - mu) / (std + 1e-5) - self.pre_bias)
+        if steer:  # multiply chosen concepts' logits by alpha before TopK (paper Sec. 4.4, steering)
+            ids = torch.tensor(list(steer), device=z.device)
+            z = z.index_copy(-1, ids, z.index_select(-1, ids) * torch.tensor(list(steer.values()), device=z.device, dtype=z.dtype))
+        values, indices = z.topk(self.topk, dim=-1)  # raw logits, may be negative
+        # c_hat = (W_comp TopK(z) + b_comp + b_pre) * std + mu: a weighted sum of concept_topk rows, not a C-wide matmul
+        mixed = F.embedding_bag(indices.flatten(0, -2), self.compress.weight, per_sample_weights=values.flatten(0, -2),
+                                mode='sum').view_as(h)
+        return z, (mixed + self.compress_bias + self.pre_bias) * std + mu
+
+
+def concept_loss(z, labels):
+    """Cross-entropy of the concept logits z (B, T, C) against each of the k_attr labels (B, T, k_attr),
+    averaged over the labelled slots: (1/k_attr) sum_i CE(z, label_i) where every slot has a label; -1 = none."""
+    z = z.float()
+    valid = labels >= 0
+    nll = torch.logsumexp(z, dim=-1, keepdim=True) - z.gather(-1, labels.clamp_min(0))
+    return (nll * valid).sum() / valid.sum().clamp_min(1)
 
 
 class GPT(nn.Module):
@@ -111,6 +153,14 @@ class GPT(nn.Module):
             ln_f=LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.mixing = config.n_concepts > 0 or config.mix == 'pause'
+        if self.mixing:
+            assert 0 <= config.insert_layer <= config.n_layer and config.mix in ('interleave', 'add', 'none', 'pause')
+        if config.mix == 'pause':  # the pause-token baseline: one learned vector instead of the concept vector
+            self.pause = nn.Parameter(torch.randn(config.n_embd) * 0.02)
+        elif config.n_concepts:
+            self.concepts = ConceptMixer(config)
+        self.losses = {}  # the last forward's next-token and concept losses, for logging
         self.transformer.wte.weight = self.lm_head.weight  # weight tying (https://paperswithcode.com/method/weight-tying)
         self.apply(self._init_weights)
         for pn, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
@@ -158,12 +208,34 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
         return logits, loss
 
-    def forward(self, idx, targets=None, caches=None):
+    def forward(self, idx, targets=None, caches=None, concept_labels=None, lam_concept=0.1, steer=None):
         """idx (B, T) -> (logits, loss). Full-sequence logits with targets; without them, only the last
-        position's logits (B, 1, V), all that sampling needs. `caches` (from new_caches) enables the KV cache."""
-        pos_offset = caches[0]['k'].size(2) if caches is not None and 'k' in caches[0] else 0
-        x = self.run_blocks(self.embed(idx, pos_offset), caches=caches)
-        return self.head(x if targets is not None else x[:, [-1], :], targets)
+        position's logits (B, 1, V), all that sampling needs. `caches` (from new_caches) enables the KV cache.
+        CoCoMix: with concept_labels (B, T, k_attr), loss = NTP + lam_concept * concept loss (self.losses has both)."""
+        cfg = self.config
+        pos_offset = caches[0].get('pos', 0) if caches is not None else 0
+        if caches is not None:
+            caches[0]['pos'] = pos_offset + idx.size(1)
+        x = self.embed(idx, pos_offset)
+        x = self.run_blocks(x, stop=cfg.insert_layer if self.mixing else None, caches=caches)
+        if self.mixing:
+            if cfg.mix == 'pause':
+                c_hat = self.pause.expand_as(x)
+            else:
+                self.concept_logits, c_hat = self.concepts(x, steer)  # (B, T, C), (B, T, d)
+            if cfg.mix in ('interleave', 'pause'):  # (h_1, c_1, h_2, c_2, ...): 2T positions, the plain causal mask
+                x = torch.stack((x, c_hat), dim=2).flatten(1, 2)
+            elif cfg.mix == 'add':
+                x = x + c_hat
+            x = self.run_blocks(x, start=cfg.insert_layer, caches=caches)
+            if cfg.mix in ('interleave', 'pause'):
+                x = x[:, 1::2]  # read out at the concept slots: c_t predicts token t+1
+        logits, loss = self.head(x if targets is not None else x[:, [-1], :], targets)
+        self.losses = {'ntp': loss}
+        if concept_labels is not None and cfg.n_concepts:
+            self.losses['concept'] = concept_loss(self.concept_logits, concept_labels)
+            loss = loss + lam_concept * self.losses['concept']
+        return logits, loss
 
     def new_caches(self):
         return [{} for _ in range(self.config.n_layer)]
@@ -224,16 +296,19 @@ class GPT(nn.Module):
         return self.flops_per_token(self.config.block_size) * tokens_per_iter / dt / peak_flops
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, steer=None):
         """Continue idx (B, T) by max_new_tokens sampled tokens. temperature 0 = greedy. With use_cache, each
-        step runs only the new token through the blocks; without, it recomputes the whole (cropped) context."""
+        step runs only the new token through the blocks; without, it recomputes the whole (cropped) context.
+        CoCoMix: the cache holds one entry per token below insert_layer and two (h_t, c_t) above it; steer
+        {concept id: alpha} scales those concept logits at every position."""
         caches, fed = None, 0  # fed: how many tokens of idx the cache already holds
         for _ in range(max_new_tokens):
             # past block_size the window slides and every position embedding shifts: recompute from then on
             cached = use_cache and idx.size(1) <= self.config.block_size
             if cached and caches is None:
                 caches, fed = self.new_caches(), 0
-            logits, _ = self(idx[:, fed:] if cached else idx[:, -self.config.block_size:], caches=caches if cached else None)
+            logits, _ = self(idx[:, fed:] if cached else idx[:, -self.config.block_size:], caches=caches if cached else None,
+                              steer=steer)
             fed = idx.size(1)
             logits = logits[:, -1, :]
             if temperature == 0:

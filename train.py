@@ -31,7 +31,7 @@ eval_iters = 200  # batches per split (per process) in each evaluation
 eval_only = False  # evaluate once and stop
 always_save_checkpoint = True  # else save only when val loss improves
 init_from = 'scratch'  # 'scratch', 'resume' (from out_dir), or 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'
-mode = 'ntp'  # training objective: 'ntp' = next-token prediction
+mode = 'ntp'  # 'ntp' = next-token prediction, 'cocomix' = plus concept prediction and mixing
 # wandb logging (optional package, imported only when on)
 wandb_log = False
 wandb_project = 'cocomix'
@@ -47,6 +47,17 @@ n_head = 12
 n_embd = 768
 dropout = 0.0  # 0 for pretraining, 0.1+ for finetuning
 bias = True  # biases in Linears and LayerNorms, as GPT-2
+# CoCoMix (mode='cocomix'): concepts of a frozen teacher's SAE at sae_layer, predicted after insert_layer blocks
+teacher = 'gpt2'  # 'gpt2*' or a train.py out_dir
+sae = 'openai:resid_post_mlp:5'  # a file or openai:LOCATION:LAYER (sae.load_sae)
+sae_layer = 5
+k_attr = 4  # concept labels per position
+label_method = 'attribution'  # or 'activation', 'attribution_preact', 'attribution_neg' (attribution.py)
+label_cache = False  # read attribution.py's labels_<split>.bin instead of labelling each batch online
+lam_concept = 0.1  # weight of the concept loss
+concept_topk = 32
+insert_layer = 3
+mix = 'interleave'  # 'interleave', 'add', 'none' (predict only)
 # AdamW
 learning_rate = 6e-4
 max_iters = 600000  # optimizer steps
@@ -67,8 +78,8 @@ seed = 1337
 peak_flops = 0.0  # the device's peak FLOP/s for MFU; 0 = guess from the device (model.guess_peak_flops)
 # -----------------------------------------------------------------------------
 config = configure(globals())
-if mode != 'ntp':
-    raise SystemExit(f"error: unknown mode '{mode}'; use 'ntp'")
+if mode not in ('ntp', 'cocomix'):
+    raise SystemExit(f"error: unknown mode '{mode}'; use 'ntp' or 'cocomix'")
 if init_from not in ('scratch', 'resume') and not init_from.startswith('gpt2'):
     raise SystemExit(f"error: unknown init_from '{init_from}'; use 'scratch', 'resume' or 'gpt2*'")
 
@@ -104,18 +115,46 @@ meta = read_meta(data_dir)
 SPLIT_ID = {'train': 0, 'val': 1, 'eval_train': 2}
 
 
+teacher_model = sae_model = labels = None
+if mode == 'cocomix':  # frozen, in eval mode, never wrapped in DDP nor saved (only their specs, in the config)
+    from attribution import concept_labels, describe, labels_from_cache, load_label_cache
+    from model import load_model
+    from sae import load_sae
+    teacher_model = load_model(teacher, device)[0].requires_grad_(False)
+    sae_model = load_sae(sae, teacher_model.config.n_embd)[0].to(device)
+    if meta['vocab_size'] > teacher_model.config.vocab_size:
+        raise SystemExit(f"error: {data_dir} has {meta['vocab_size']} token ids but the teacher only "
+                         f"{teacher_model.config.vocab_size}: they use different tokenizers")
+    if label_cache:
+        labels = load_label_cache(data_dir, 'train', describe(data_dir, 'train', teacher, sae, sae_layer, label_method,
+                                                              k_attr, block_size, sae_model.n_latents))
+
+
 def get_batch(split, step, micro):
+    """(x, y, concept labels or None) of batch_size windows. With a label cache, windows start on the
+    block_size grid that attribution.py labelled."""
     data = load_tokens(data_dir, 'val' if split == 'val' else 'train')  # fresh memmap: flat resident memory
     if len(data) <= block_size:
         raise SystemExit(f"error: the {split} split of {data_dir} has {len(data)} tokens, fewer than "
                          f"block_size + 1 = {block_size + 1}; use more text or a smaller block_size")
     g = torch.Generator().manual_seed(((seed * 4 + SPLIT_ID[split]) * 1_000_000_007 + step) * 65_537 + micro)
-    ix = torch.randint(len(data) - block_size, (batch_size,), generator=g).tolist()
+    if labels is not None:
+        ix = (torch.randint((len(data) - 1) // block_size, (batch_size,), generator=g) * block_size).tolist()
+    else:
+        ix = torch.randint(len(data) - block_size, (batch_size,), generator=g).tolist()
     x = torch.stack([torch.from_numpy(data[i:i + block_size].astype('int64')) for i in ix])
     y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype('int64')) for i in ix])
     if device_type == 'cuda':  # pinned memory lets the copy run asynchronously
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+        x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    else:
+        x, y = x.to(device), y.to(device)
+    c = None
+    if labels is not None and split != 'val':
+        c = labels_from_cache(labels, ix, block_size, sae_model.n_latents).to(device)
+    elif mode == 'cocomix' and split == 'train':  # online, as the official code: teacher forward and backward
+        with autocast:
+            c = concept_labels(teacher_model, sae_model, x, sae_layer, k_attr, label_method)
+    return x, y, c
 
 
 # model
@@ -124,6 +163,8 @@ iter_num, best_val_loss, checkpoint = 0, float('inf'), None
 vocab_size = math.ceil(meta['vocab_size'] / 64) * 64  # padded to a multiple of 64: faster matmuls
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=vocab_size, dropout=dropout)
+if mode == 'cocomix':
+    model_args.update(n_concepts=sae_model.n_latents, concept_topk=concept_topk, insert_layer=insert_layer, mix=mix)
 if init_from == 'scratch':
     model = GPT(GPTConfig(**model_args))
 elif init_from == 'resume':
@@ -131,8 +172,7 @@ elif init_from == 'resume':
     if checkpoint.get('mode', 'ntp') != mode:
         raise SystemExit(f"error: {out_dir}/ckpt.pt was trained with mode='{checkpoint.get('mode')}', "
                          f"this run has mode='{mode}'; set --mode={checkpoint.get('mode')} or use a new out_dir")
-    for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size'):  # the architecture is the checkpoint's
-        model_args[k] = checkpoint['model_args'][k]
+    model_args.update({k: v for k, v in checkpoint['model_args'].items() if k != 'dropout'})  # its architecture
     model = GPT(GPTConfig(**model_args))
     model.load_state_dict(checkpoint['model'])
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
@@ -179,7 +219,7 @@ def estimate_loss():
     for split in ('eval_train', 'val'):
         losses = torch.zeros(eval_iters)
         for k in range(eval_iters):
-            X, Y = get_batch(split, k, rank)
+            X, Y, _ = get_batch(split, k, rank)  # perplexity is always the plain next-token loss
             with autocast:
                 _, loss = model(X, Y)
             losses[k] = loss.item()
@@ -232,16 +272,18 @@ while True:
     for param_group in optimizer.param_groups:
         param_group['lr'] = lr
     torch.manual_seed(seed + iter_num * world_size + rank)  # dropout draws depend only on (seed, step, rank)
-    loss_sum = 0.0
+    loss_sum = concept_sum = 0.0
     for micro_step in range(accum_steps):
-        X, Y = get_batch('train', iter_num, rank * accum_steps + micro_step)
+        X, Y, C = get_batch('train', iter_num, rank * accum_steps + micro_step)
         if ddp:  # synchronise gradients only on the last micro-step
             model.require_backward_grad_sync = micro_step == accum_steps - 1
         with autocast:
-            _, loss = model(X, Y)
+            _, loss = model(X, Y, concept_labels=C, lam_concept=lam_concept)
             loss = loss / accum_steps  # the mean over micro-batches; DDP averages over processes
         scaler.scale(loss).backward()
         loss_sum += loss.detach()
+        if C is not None:
+            concept_sum += raw_model.losses['concept'].detach() / accum_steps
     loss_value = all_mean(loss_sum)  # one sync per step, so that a bad loss stops us at the step it happens
     if not math.isfinite(loss_value):
         if master:
@@ -264,7 +306,8 @@ while True:
         if local_iter >= 3:  # let the first steps (compilation, warm caches) pass before measuring MFU
             mfu = raw_model.estimate_mfu(tokens_per_iter, dt, peak)
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
-        print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, time {dt * 1000:.1f}ms, "
+        concept = f", concept loss {concept_sum:.4f}" if mode == 'cocomix' else ''
+        print(f"iter {iter_num}: loss {loss_value:.4f}{concept}, lr {lr:.2e}, time {dt * 1000:.1f}ms, "
               f"{tokens_per_iter / dt:,.0f} tok/s" + (f", mfu {running_mfu * 100:.1f}%" if running_mfu >= 0 else ''))
     iter_num += 1
     local_iter += 1
