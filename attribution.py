@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from configurator import configure
+from configurator import configure, train_keys
 from model import load_model
 from prepare import data_dir_of, load_tokens, read_meta
 from sae import load_sae, teacher_residual
@@ -161,7 +161,7 @@ def write_meta(path, meta):
 
 
 def main(argv):
-    configure(globals(), argv)
+    configure(globals(), argv, ignore=train_keys())  # a train.py config works as it is
     data_dir = data_dir_of(dataset)
     teacher_model = load_model(teacher, device)[0]
     teacher_model.requires_grad_(False)

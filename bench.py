@@ -6,7 +6,6 @@ Time the training step of a train.py config on random tokens: ms/iter, tokens/s,
 
 Accepts any train.py config; the keys of train.py that a bare training step does not use are ignored.
 """
-import ast
 import math
 import os
 import resource
@@ -15,7 +14,7 @@ from contextlib import nullcontext
 
 import torch
 
-from configurator import configure
+from configurator import configure, train_keys
 from model import GPT, GPTConfig, guess_peak_flops
 
 # -----------------------------------------------------------------------------
@@ -39,13 +38,6 @@ seed = 1337
 warmup_steps = 3  # untimed (compilation, allocator warm-up)
 steps = 10  # timed
 # -----------------------------------------------------------------------------
-
-
-def train_keys():
-    """The settings of train.py: its top-level assignments before configure() (read, not executed)."""
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')) as f:
-        tree = ast.parse(f.read())
-    return {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
 
 
 configure(globals(), ignore=train_keys())

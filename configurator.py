@@ -9,6 +9,8 @@ files are plain Python executed on their own; every name they define, and every 
 one of the script's globals, or the run stops with a one-line error naming the key. Values keep the type of
 the default (an int may stand for a float; a default of None takes anything).
 """
+import ast
+import os
 import sys
 from ast import literal_eval
 
@@ -61,3 +63,11 @@ def configure(script_globals, argv=None, ignore=()):
             _set(config, key, value, f"override '{arg}'", ignore)
     script_globals.update(config)
     return config
+
+
+def train_keys():
+    """The settings of train.py (its top-level assignments, read, not run): scripts that take a train.py
+    config (bench.py, attribution.py) accept them and ignore those they do not use."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')) as f:
+        tree = ast.parse(f.read())
+    return {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
