@@ -8,7 +8,8 @@ from model import GPT, GPTConfig, concept_loss
 def cocomix(mix='interleave', C=40, insert_layer=1, seed=0, block_size=32):
     torch.manual_seed(seed)
     model = GPT(GPTConfig(block_size=block_size, vocab_size=64, n_layer=3, n_head=2, n_embd=32, bias=True,
-                          n_concepts=C if mix != 'pause' else 0, concept_topk=5, insert_layer=insert_layer, mix=mix))
+                          n_concepts=C if mix != 'pause' else 0, concept_topk=5, insert_layer=insert_layer,
+                          mix='interleave' if mix == 'plain' else mix))
     with torch.no_grad():  # larger concept weights than the init, so that mixing visibly changes the outputs
         for name, p in model.named_parameters():
             if name.startswith(('concepts.', 'pause')):
@@ -16,15 +17,21 @@ def cocomix(mix='interleave', C=40, insert_layer=1, seed=0, block_size=32):
     return model.eval()
 
 
-def test_interleaved_model_is_causal():
-    model = cocomix()
+@pytest.mark.parametrize('mix', ['plain', 'interleave', 'pause'])
+def test_model_is_causal(mix):
+    """Changing token t+1 leaves every logit (and concept logit) at positions <= t unchanged."""
+    model = cocomix(mix)
+    if mix == 'plain':
+        del model.concepts  # the same GPT without the concept parts
+        model.mixing = False
     idx = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(0))
     changed = idx.clone()
     changed[0, 9] = (changed[0, 9] + 1) % 64
+    outputs = []
     with torch.no_grad():
-        a = model(idx, idx)[0], model.concept_logits
-        b = model(changed, changed)[0], model.concept_logits
-    for x, y in zip(a, b):
+        for x in (idx, changed):
+            outputs.append([model(x, x)[0]] + ([model.concept_logits] if mix == 'interleave' else []))
+    for x, y in zip(*outputs):
         assert torch.equal(x[:, :9], y[:, :9])
         assert not torch.allclose(x[:, 9:], y[:, 9:])
 
