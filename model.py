@@ -102,6 +102,14 @@ class GPTConfig:
     mix: str = 'interleave'  # 'interleave' | 'add' | 'none' (predict only) | 'pause' (a learned vector, no concepts)
 
 
+def sae_norm(h):
+    """OpenAI's SAE normalisation, shared by the SAE and the concept head: LN without affine, unbiased std,
+    eps added to the std. Returns the normalised h and the (mu, std) that undo it."""
+    mu = h.mean(dim=-1, keepdim=True)
+    std = (h - mu).std(dim=-1, keepdim=True)
+    return (h - mu) / (std + 1e-5), mu, std
+
+
 class ConceptMixer(nn.Module):
     """The whole CoCoMix change to a GPT (paper Sec. 3, METHOD.md "The student"): predict concept logits from the
     hidden state, keep the top concept_topk, and compress them into one continuous concept vector."""
@@ -117,9 +125,8 @@ class ConceptMixer(nn.Module):
 
     def forward(self, h, steer=None):
         """h (B, T, d) -> concept logits z (B, T, C) and the concept vectors c_hat (B, T, d)."""
-        mu = h.mean(dim=-1, keepdim=True)  # the SAE's LN: no affine, unbiased std, eps on the std
-        std = (h - mu).std(dim=-1, keepdim=True)
-        z = self.concept_head((h - mu) / (std + 1e-5) - self.pre_bias)
+        x, mu, std = sae_norm(h)
+        z = self.concept_head(x - self.pre_bias)
         if steer:  # multiply chosen concepts' logits by alpha before TopK (paper Sec. 4.4, steering)
             ids = torch.tensor(list(steer), device=z.device)
             z = z.index_copy(-1, ids, z.index_select(-1, ids) * torch.tensor(list(steer.values()), device=z.device, dtype=z.dtype))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from configurator import configure
-from model import load_model, save_checkpoint
+from model import load_model, sae_norm, save_checkpoint
 from prepare import data_dir_of, load_tokens
 
 OPENAI_URL = 'https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small/{location}_v5_{size}/autoencoders/{layer}.pt'
@@ -46,9 +46,8 @@ class TopKSAE(nn.Module):
         """OpenAI's LN: no affine, unbiased std, eps added to the std. Returns x and what decode needs to undo it."""
         if not self.normalize:
             return x, None
-        mu = x.mean(dim=-1, keepdim=True)
-        std = (x - mu).std(dim=-1, keepdim=True)
-        return (x - mu) / (std + 1e-5), (mu, std)
+        x_norm, mu, std = sae_norm(x)
+        return x_norm, (mu, std)
 
     def encode_pre(self, x_norm):
         return F.linear(x_norm - self.pre_bias, self.encoder.weight, self.latent_bias)  # (..., n)

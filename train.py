@@ -148,10 +148,10 @@ def get_batch(split, step, micro):
         x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     else:
         x, y = x.to(device), y.to(device)
-    c = None
-    if labels is not None and split != 'val':
+    c = None  # labels only for training batches: evaluation measures the plain next-token loss
+    if split == 'train' and labels is not None:
         c = labels_from_cache(labels, ix, block_size, sae_model.n_latents).to(device)
-    elif mode == 'cocomix' and split == 'train':  # online, as the official code: teacher forward and backward
+    elif split == 'train' and mode == 'cocomix':  # online, as the official code: teacher forward and backward
         with autocast:
             c = concept_labels(teacher_model, sae_model, x, sae_layer, k_attr, label_method)
     return x, y, c
