@@ -124,7 +124,8 @@ class ConceptMixer(nn.Module):
         self.compress_bias = nn.Parameter(torch.zeros(d))
 
     def forward(self, h, steer=None):
-        """h (B, T, d) -> concept logits z (B, T, C) and the concept vectors c_hat (B, T, d)."""
+        """h (B, T, d) -> concept logits z (B, T, C), the kept concept ids (B, T, concept_topk), best first,
+        and the concept vectors c_hat (B, T, d)."""
         x, mu, std = sae_norm(h)
         z = self.concept_head(x - self.pre_bias)
         if steer:  # multiply chosen concepts' logits by alpha before TopK (paper Sec. 4.4, steering)
@@ -134,7 +135,7 @@ class ConceptMixer(nn.Module):
         # c_hat = (W_comp TopK(z) + b_comp + b_pre) * std + mu: a weighted sum of concept_topk rows, not a C-wide matmul
         mixed = F.embedding_bag(indices.flatten(0, -2), self.compress.weight, per_sample_weights=values.flatten(0, -2),
                                 mode='sum').view_as(h)
-        return z, (mixed + self.compress_bias + self.pre_bias) * std + mu
+        return z, indices, (mixed + self.compress_bias + self.pre_bias) * std + mu
 
 
 def concept_loss(z, labels):
@@ -144,6 +145,23 @@ def concept_loss(z, labels):
     valid = labels >= 0
     nll = torch.logsumexp(z, dim=-1, keepdim=True) - z.gather(-1, labels.clamp_min(0))
     return (nll * valid).sum() / valid.sum().clamp_min(1)
+
+
+@torch.no_grad()
+def concept_accuracy(kept, labels):
+    """For logging: the share of labels (B, T, k_attr) found among the kept concepts (B, T, concept_topk)."""
+    valid = labels >= 0
+    hit = (labels.unsqueeze(-1) == kept.unsqueeze(-2)).any(-1)
+    return (hit & valid).sum() / valid.sum().clamp_min(1)
+
+
+def kd_loss(logits, teacher_logits):
+    """The KD baseline's KL(teacher || student) of next-token distributions at temperature 1, averaged over
+    positions. The student's vocabulary may be padded past the teacher's: the padding gets no teacher mass."""
+    V = teacher_logits.size(-1)
+    log_p = F.log_softmax(teacher_logits.float(), dim=-1)
+    log_q = F.log_softmax(logits.float(), dim=-1)[..., :V]
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
 class GPT(nn.Module):
@@ -182,12 +200,15 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def get_num_params(self, non_embedding=True):
+    def get_num_params(self, non_embedding=True, active=False):
         """Parameters of the model; position embeddings are left out by default, and the token embeddings
-        are counted once since they are tied to the output head."""
+        are counted once since they are tied to the output head. active: as the paper counts CoCoMix, only the
+        concept_topk compression rows a token uses, not all C."""
         n_params = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n_params -= self.transformer.wpe.weight.numel()
+        if active and hasattr(self, 'concepts'):
+            n_params -= (self.config.n_concepts - self.config.concept_topk) * self.config.n_embd
         return n_params
 
     # The forward pass in three steps, so that a caller can stop after any block, read or perturb the hidden
@@ -229,7 +250,7 @@ class GPT(nn.Module):
             if cfg.mix == 'pause':
                 c_hat = self.pause.expand_as(x)
             else:
-                self.concept_logits, c_hat = self.concepts(x, steer)  # (B, T, C), (B, T, d)
+                self.concept_logits, self.concept_ids, c_hat = self.concepts(x, steer)  # (B, T, C), (B, T, k), (B, T, d)
             if cfg.mix in ('interleave', 'pause'):  # (h_1, c_1, h_2, c_2, ...): 2T positions, the plain causal mask
                 x = torch.stack((x, c_hat), dim=2).flatten(1, 2)
             elif cfg.mix == 'add':
@@ -241,6 +262,7 @@ class GPT(nn.Module):
         self.losses = {'ntp': loss}
         if concept_labels is not None and cfg.n_concepts:
             self.losses['concept'] = concept_loss(self.concept_logits, concept_labels)
+            self.losses['concept_acc'] = concept_accuracy(self.concept_ids, concept_labels)
             loss = loss + lam_concept * self.losses['concept']
         return logits, loss
 
@@ -292,10 +314,13 @@ class GPT(nn.Module):
         return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **(dict(fused=True) if use_fused else {}))
 
     def flops_per_token(self, T):
-        """Training FLOPs (forward + backward) per token at context T: 6 per parameter plus attention
-        (PaLM paper, appendix B)."""
+        """Training FLOPs (forward + backward) per token at context T: 6 per active parameter plus attention
+        (PaLM paper, appendix B). Interleaving runs the blocks after insert_layer on 2 positions per token, each
+        attending over 2T: twice their matmul FLOPs and four times their attention FLOPs."""
         cfg = self.config
-        return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * T
+        L_2T = cfg.n_layer - cfg.insert_layer if self.mixing and cfg.mix in ('interleave', 'pause') else 0
+        block = sum(p.numel() for p in self.transformer.h[0].parameters())
+        return 6 * (self.get_num_params(active=True) + L_2T * block) + 12 * (cfg.n_layer + 3 * L_2T) * cfg.n_embd * T
 
     def estimate_mfu(self, tokens_per_iter, dt, peak_flops):
         """Model FLOPs utilisation: achieved FLOP/s of `tokens_per_iter` tokens in dt seconds over the
@@ -303,12 +328,18 @@ class GPT(nn.Module):
         return self.flops_per_token(self.config.block_size) * tokens_per_iter / dt / peak_flops
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, steer=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, steer=None, show_concepts=0):
         """Continue idx (B, T) by max_new_tokens sampled tokens. temperature 0 = greedy. With use_cache, each
         step runs only the new token through the blocks; without, it recomputes the whole (cropped) context.
         CoCoMix: the cache holds one entry per token below insert_layer and two (h_t, c_t) above it; steer
-        {concept id: alpha} scales those concept logits at every position."""
-        caches, fed = None, 0  # fed: how many tokens of idx the cache already holds
+        {concept id: alpha} scales those concept logits at every position; show_concepts = n also returns the n
+        top kept concepts (B, max_new_tokens, n) that each generated token was predicted from."""
+        C = self.config.n_concepts if hasattr(self, 'concepts') else 0
+        if (steer or show_concepts) and not C:
+            raise ValueError("this model predicts no concepts (n_concepts=0 or mix='pause'): nothing to steer or show")
+        if steer and not all(0 <= i < C for i in steer):
+            raise ValueError(f"concept ids must be in [0, {C}); got {sorted(steer)}")
+        caches, fed, shown = None, 0, []  # fed: how many tokens of idx the cache already holds
         for _ in range(max_new_tokens):
             # past block_size the window slides and every position embedding shifts: recompute from then on
             cached = use_cache and idx.size(1) <= self.config.block_size
@@ -317,6 +348,8 @@ class GPT(nn.Module):
             logits, _ = self(idx[:, fed:] if cached else idx[:, -self.config.block_size:], caches=caches if cached else None,
                               steer=steer)
             fed = idx.size(1)
+            if show_concepts:
+                shown.append(self.concept_ids[:, -1, :show_concepts])
             logits = logits[:, -1, :]
             if temperature == 0:
                 idx_next = logits.argmax(dim=-1, keepdim=True)
@@ -327,7 +360,7 @@ class GPT(nn.Module):
                     logits[logits < v[:, [-1]]] = -float('Inf')
                 idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
-        return idx
+        return (idx, torch.stack(shown, 1)) if show_concepts else idx
 
 
 # -----------------------------------------------------------------------------

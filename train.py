@@ -19,7 +19,7 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure
-from model import GPT, GPTConfig, guess_peak_flops, load_checkpoint, save_checkpoint
+from model import GPT, GPTConfig, guess_peak_flops, kd_loss, load_checkpoint, save_checkpoint
 from prepare import data_dir_of, load_tokens, read_meta
 
 # -----------------------------------------------------------------------------
@@ -31,7 +31,9 @@ eval_iters = 200  # batches per split (per process) in each evaluation
 eval_only = False  # evaluate once and stop
 always_save_checkpoint = True  # else save only when val loss improves
 init_from = 'scratch'  # 'scratch', 'resume' (from out_dir), or 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'
-mode = 'ntp'  # 'ntp' = next-token prediction, 'cocomix' = plus concept prediction and mixing
+# 'ntp' next-token prediction; 'cocomix' plus concept prediction and mixing; the paper's baselines: 'kd' NTP
+# plus distillation from the teacher, 'pause' a learned pause vector interleaved at insert_layer, 'kd_pause' both
+mode = 'ntp'
 # wandb logging (optional package, imported only when on)
 wandb_log = False
 wandb_project = 'cocomix'
@@ -48,7 +50,7 @@ n_embd = 768
 dropout = 0.0  # 0 for pretraining, 0.1+ for finetuning
 bias = True  # biases in Linears and LayerNorms, as GPT-2
 # CoCoMix (mode='cocomix'): concepts of a frozen teacher's SAE at sae_layer, predicted after insert_layer blocks
-teacher = 'gpt2'  # 'gpt2*' or a train.py out_dir
+teacher = 'gpt2'  # 'gpt2*' or a train.py out_dir; also the KD teacher
 sae = 'openai:resid_post_mlp:5'  # a file or openai:LOCATION:LAYER (sae.load_sae)
 sae_layer = 5
 k_attr = 4  # concept labels per position
@@ -58,6 +60,7 @@ lam_concept = 0.1  # weight of the concept loss
 concept_topk = 32
 insert_layer = 3
 mix = 'interleave'  # 'interleave', 'add', 'none' (predict only)
+lam_kd = 0.1  # modes 'kd', 'kd_pause': loss = CE + lam_kd * KL(teacher || student), temperature 1
 # AdamW
 learning_rate = 6e-4
 max_iters = 600000  # optimizer steps
@@ -78,8 +81,10 @@ seed = 1337
 peak_flops = 0.0  # the device's peak FLOP/s for MFU; 0 = guess from the device (model.guess_peak_flops)
 # -----------------------------------------------------------------------------
 config = configure(globals())
-if mode not in ('ntp', 'cocomix'):
-    raise SystemExit(f"error: unknown mode '{mode}'; use 'ntp' or 'cocomix'")
+MODES = ('ntp', 'cocomix', 'kd', 'pause', 'kd_pause')
+if mode not in MODES:
+    raise SystemExit(f"error: unknown mode '{mode}'; use one of {', '.join(MODES)}")
+kd = mode in ('kd', 'kd_pause')
 if init_from not in ('scratch', 'resume') and not init_from.startswith('gpt2'):
     raise SystemExit(f"error: unknown init_from '{init_from}'; use 'scratch', 'resume' or 'gpt2*'")
 
@@ -116,15 +121,16 @@ SPLIT_ID = {'train': 0, 'val': 1, 'eval_train': 2}
 
 
 teacher_model = sae_model = labels = None
-if mode == 'cocomix':  # frozen, in eval mode, never wrapped in DDP nor saved (only their specs, in the config)
-    from attribution import concept_labels, describe, labels_from_cache, load_label_cache
+if mode in ('cocomix', 'kd', 'kd_pause'):  # frozen, in eval mode, never wrapped in DDP nor saved (only their specs)
     from model import load_model
-    from sae import load_sae
     teacher_model = load_model(teacher, device)[0].requires_grad_(False)
-    sae_model = load_sae(sae, teacher_model.config.n_embd)[0].to(device)
     if meta['vocab_size'] > teacher_model.config.vocab_size:
         raise SystemExit(f"error: {data_dir} has {meta['vocab_size']} token ids but the teacher only "
                          f"{teacher_model.config.vocab_size}: they use different tokenizers")
+if mode == 'cocomix':
+    from attribution import concept_labels, describe, labels_from_cache, load_label_cache
+    from sae import load_sae
+    sae_model = load_sae(sae, teacher_model.config.n_embd)[0].to(device)
     if label_cache:
         labels = load_label_cache(data_dir, 'train', describe(data_dir, 'train', teacher, sae, sae_layer, label_method,
                                                               k_attr, block_size, sae_model.n_latents))
@@ -151,10 +157,27 @@ def get_batch(split, step, micro):
     c = None  # labels only for training batches: evaluation measures the plain next-token loss
     if split == 'train' and labels is not None:
         c = labels_from_cache(labels, ix, block_size, sae_model.n_latents).to(device)
-    elif split == 'train' and mode == 'cocomix':  # online, as the official code: teacher forward and backward
-        with autocast:
-            c = concept_labels(teacher_model, sae_model, x, sae_layer, k_attr, label_method)
     return x, y, c
+
+
+teacher_time = 0.0  # seconds spent in the teacher (and SAE) this step, for the log's teacher share
+
+
+def teach(x, y):
+    """The teacher's online work on a training batch: (concept labels or None, teacher logits or None)."""
+    global teacher_time
+    t = time.time()
+    c = logits = None
+    with autocast:
+        if mode == 'cocomix' and labels is None:  # as the official code: teacher forward and backward each step
+            c = concept_labels(teacher_model, sae_model, x, sae_layer, k_attr, label_method)
+        if kd:
+            with torch.no_grad():
+                logits = teacher_model(x, y)[0]
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+    teacher_time += time.time() - t
+    return c, logits
 
 
 # model
@@ -165,6 +188,8 @@ model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=bloc
                   vocab_size=vocab_size, dropout=dropout)
 if mode == 'cocomix':
     model_args.update(n_concepts=sae_model.n_latents, concept_topk=concept_topk, insert_layer=insert_layer, mix=mix)
+elif mode in ('pause', 'kd_pause'):
+    model_args.update(insert_layer=insert_layer, mix='pause')
 if init_from == 'scratch':
     model = GPT(GPTConfig(**model_args))
 elif init_from == 'resume':
@@ -187,6 +212,9 @@ if block_size < model.config.block_size:
     model.crop_block_size(block_size)
     model_args['block_size'] = block_size
 model.to(device)
+if master:  # the paper counts CoCoMix's active parameters: concept_topk compression rows per token, not all C
+    total, active = model.get_num_params(), model.get_num_params(active=True)
+    print(f"parameters: {total / 1e6:.2f}M" + (f", {active / 1e6:.2f}M active per token" if active != total else ''))
 
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
@@ -272,19 +300,24 @@ while True:
     for param_group in optimizer.param_groups:
         param_group['lr'] = lr
     torch.manual_seed(seed + iter_num * world_size + rank)  # dropout draws depend only on (seed, step, rank)
-    loss_sum = concept_sum = 0.0
+    parts, teacher_time = {}, 0.0  # the step's loss terms, for the log
     for micro_step in range(accum_steps):
         X, Y, C = get_batch('train', iter_num, rank * accum_steps + micro_step)
+        if teacher_model is not None and C is None:
+            C, teacher_logits = teach(X, Y)
         if ddp:  # synchronise gradients only on the last micro-step
             model.require_backward_grad_sync = micro_step == accum_steps - 1
         with autocast:
-            _, loss = model(X, Y, concept_labels=C, lam_concept=lam_concept)
+            logits, loss = model(X, Y, concept_labels=C, lam_concept=lam_concept)
+            terms = dict(raw_model.losses)
+            if kd:
+                terms['kd'] = kd_loss(logits, teacher_logits)
+                loss = loss + lam_kd * terms['kd']
             loss = loss / accum_steps  # the mean over micro-batches; DDP averages over processes
         scaler.scale(loss).backward()
-        loss_sum += loss.detach()
-        if C is not None:
-            concept_sum += raw_model.losses['concept'].detach() / accum_steps
-    loss_value = all_mean(loss_sum)  # one sync per step, so that a bad loss stops us at the step it happens
+        for k, v in dict(terms, loss=loss * accum_steps).items():
+            parts[k] = parts.get(k, 0.0) + v.detach() / accum_steps
+    loss_value = all_mean(parts['loss'])  # one sync per step, so that a bad loss stops us at the step it happens
     if not math.isfinite(loss_value):
         if master:
             print(f"error: loss is {loss_value} at step {iter_num}; stopping. The last checkpoint in "
@@ -306,8 +339,10 @@ while True:
         if local_iter >= 3:  # let the first steps (compilation, warm caches) pass before measuring MFU
             mfu = raw_model.estimate_mfu(tokens_per_iter, dt, peak)
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
-        concept = f", concept loss {concept_sum:.4f}" if mode == 'cocomix' else ''
-        print(f"iter {iter_num}: loss {loss_value:.4f}{concept}, lr {lr:.2e}, time {dt * 1000:.1f}ms, "
+        # rank 0's terms: ntp (next-token), concept (its loss), concept_acc (labels among the kept concepts), kd
+        terms = ''.join(f", {k} {v:.2%}" if k == 'concept_acc' else f", {k} {v:.4f}" for k, v in parts.items() if k != 'loss')
+        share = f", teacher {teacher_time / dt * 100:.0f}% of the time" if teacher_model is not None else ''
+        print(f"iter {iter_num}: loss {loss_value:.4f}{terms}, lr {lr:.2e}{share}, time {dt * 1000:.1f}ms, "
               f"{tokens_per_iter / dt:,.0f} tok/s" + (f", mfu {running_mfu * 100:.1f}%" if running_mfu >= 0 else ''))
     iter_num += 1
     local_iter += 1

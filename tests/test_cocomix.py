@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, concept_loss
+from model import GPT, GPTConfig, concept_accuracy, concept_loss, kd_loss
 
 
 def cocomix(mix='interleave', C=40, insert_layer=1, seed=0, block_size=32):
@@ -39,7 +39,7 @@ def test_model_is_causal(mix):
 def test_gather_compression_equals_dense_masked_matmul():
     model = cocomix()
     h = torch.randn(2, 5, 32, requires_grad=True)
-    z, c_hat = model.concepts(h)
+    z, kept_ids, c_hat = model.concepts(h)
     m = model.concepts
     mu, std = h.mean(-1, keepdim=True), h.std(-1, keepdim=True)  # unbiased, as the SAE
     z_ref = m.concept_head((h - mu) / (std + 1e-5) - m.pre_bias)
@@ -47,6 +47,7 @@ def test_gather_compression_equals_dense_masked_matmul():
     c_ref = (kept @ m.compress.weight + m.compress_bias + m.pre_bias) * std + mu  # dense (C-wide) product
     torch.testing.assert_close(z, z_ref)
     torch.testing.assert_close(c_hat, c_ref)
+    assert torch.equal(kept_ids, z_ref.topk(5).indices)
     w = torch.randn_like(c_hat)
     params = [h, m.compress.weight, m.concept_head.weight, m.pre_bias]
     for a, b in zip(torch.autograd.grad((c_hat * w).sum(), params), torch.autograd.grad((c_ref * w).sum(), params)):
@@ -87,12 +88,78 @@ def test_mixing_changes_the_output_and_none_does_not():
     assert not torch.allclose(outs['interleave'], outs['none']) and not torch.allclose(outs['add'], outs['none'])
 
 
-def test_steering():
+def test_steering_and_shown_concepts():
     model = cocomix()
     idx = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(0))
-    base = model.generate(idx, 20, temperature=0)
+    base, shown = model.generate(idx, 20, temperature=0, show_concepts=3)
     assert torch.equal(model.generate(idx, 20, temperature=0, steer={3: 1.0, 7: 1.0}), base)
-    assert not torch.equal(model.generate(idx, 20, temperature=0, steer={3: 10.0}), base)
+    steered, shown_steered = model.generate(idx, 20, temperature=0, steer={3: 10.0}, show_concepts=3)
+    assert not torch.equal(steered, base)
+    with torch.no_grad():  # the shown concepts are the top concept logits at the position each token came from
+        model(base[:, :-1], base[:, :-1])
+    assert shown.shape == (1, 20, 3)
+    assert torch.equal(shown, model.concept_logits[:, 5:].topk(3).indices)
+    assert (shown_steered == 3).float().mean() > (shown == 3).float().mean()  # steering raises concept 3
+    with pytest.raises(ValueError, match=r'concept ids must be in \[0, 40\)'):
+        model.generate(idx, 2, steer={40: 2.0})
+    with pytest.raises(ValueError, match='predicts no concepts'):
+        cocomix('pause').generate(idx, 2, steer={1: 2.0})
+
+
+def test_plain_config_is_exactly_the_foundation_gpt(tiny_hf_gpt2):
+    """n_concepts=0 with any concept settings: the same parameters, init and outputs as a GPT built without
+    them, and (same weights) the same logits as transformers' GPT-2."""
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=3, n_head=2, n_embd=32))
+    torch.manual_seed(0)
+    other = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=3, n_head=2, n_embd=32, n_concepts=0,
+                          concept_topk=7, insert_layer=1, mix='add'))
+    assert [(k, v.shape) for k, v in base.state_dict().items()] == [(k, v.shape) for k, v in other.state_dict().items()]
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in base.state_dict().items())
+    idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(base(idx, idx)[0], other(idx, idx)[0])
+    path, hf = tiny_hf_gpt2
+    ours = GPT.from_pretrained(path).eval()
+    ours.config.mix, ours.config.insert_layer = 'interleave', 1  # ignored without concepts
+    idx = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx, idx)[0], hf(idx).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_concept_accuracy_and_kd_loss_by_hand():
+    kept = torch.tensor([[[3, 1], [0, 2]]])  # (1, 2, concept_topk=2)
+    labels = torch.tensor([[[1, 4], [2, -1]]])  # 1 kept, 4 not, 2 kept, one empty slot
+    assert abs(concept_accuracy(kept, labels).item() - 2 / 3) < 1e-6
+    teacher = torch.tensor([[[0.0, 1.0]]])
+    student = torch.tensor([[[1.0, 0.0, 5.0]]])  # one padding entry past the teacher's vocabulary
+    p = torch.softmax(teacher, -1)[0, 0]
+    q = torch.softmax(student, -1)[0, 0, :2]
+    assert abs(kd_loss(student, teacher).item() - (p * (p.log() - q.log())).sum().item()) < 1e-6
+    assert kd_loss(teacher, teacher).abs().item() < 1e-6
+
+
+def test_paper_parameter_counts(monkeypatch, capsys):
+    """The paper configs against METHOD.md: CoCoMix active parameters (C + concept_topk columns) and the
+    widened NTP baselines; 20B-token runs all in 69M / 386M / 1.38B classes."""
+    import os
+    from conftest import ROOT
+    monkeypatch.chdir(ROOT)
+    paper = {'gpt2': 69e6, 'gpt2_386m': 386e6, 'gpt2_1b': 1.38e9}
+    rows = []
+    for size, expected in paper.items():
+        for kind in ('cocomix', 'ntp'):
+            g = {}
+            exec(open(os.path.join('config', f'{kind}_{size}.py')).read(), g)
+            assert g.get('mode', 'ntp') == kind
+            with torch.device('meta'):  # shapes only: a 1.38B model without its memory
+                model = GPT(GPTConfig(n_layer=g['n_layer'], n_head=g['n_head'], n_embd=g['n_embd'], bias=g['bias'],
+                                      n_concepts=32768 if kind == 'cocomix' else 0, insert_layer=g.get('insert_layer', 3)))
+            total, active = model.get_num_params(), model.get_num_params(active=True)
+            rows.append(f"{kind}_{size}: {g['n_layer']} x {g['n_embd']}, total {total / 1e6:.1f}M, "
+                        f"active {active / 1e6:.1f}M, paper {expected / 1e6:.0f}M")
+            assert abs(active / expected - 1) < 0.02, rows[-1]
+    with capsys.disabled():
+        print('\n' + '\n'.join(rows))
 
 
 def test_concept_loss_in_forward():
@@ -128,7 +195,7 @@ def test_cocomix_training_online_and_cached_resume_and_mode_check(dataset, tmp_p
     for p in (online, cached):
         losses = eval_losses(p.stdout)
         assert losses[-1][2] < losses[0][2] - 0.5, losses  # the next-token val loss falls
-        concept = [float(l.split('concept loss ')[1].split(',')[0]) for l in p.stdout.splitlines() if 'concept loss' in l]
+        concept = [float(l.split('concept ')[1].split(',')[0]) for l in p.stdout.splitlines() if l.startswith('iter ')]
         assert sum(concept[-5:]) / 5 < sum(concept[:5]) / 5 - 0.2, concept  # and the concept loss
     ckpt = torch.load(tmp_path / 'online' / 'ckpt.pt', weights_only=True)
     assert ckpt['mode'] == 'cocomix' and ckpt['model_args']['n_concepts'] == 48
@@ -144,3 +211,22 @@ def test_cocomix_training_online_and_cached_resume_and_mode_check(dataset, tmp_p
     assert wrong.returncode != 0 and "was trained with mode='cocomix'" in wrong.stderr
     stale = run(['train.py', f'--out_dir={tmp_path / "x"}', '--label_cache=True', '--k_attr=2'] + TINY + common, check=False)
     assert stale.returncode != 0 and 'was made with k_attr=4, this run has 2' in stale.stderr
+
+
+def test_baseline_modes_lower_their_losses(dataset, tmp_path):
+    """kd, pause and kd_pause train: the next-token val loss and the KD term fall; pause models save the
+    pause vector and the mode, and the KD teacher is not saved."""
+    from conftest import TINY, eval_losses, run
+    spec = teacher_and_sae(dataset, tmp_path)[:1]  # the teacher only
+    for mode in ('kd', 'pause', 'kd_pause'):
+        p = run(['train.py', f'--out_dir={tmp_path / mode}', f'--dataset={dataset}', f'--mode={mode}', '--n_layer=3',
+                 '--insert_layer=1', '--max_iters=40', '--eval_interval=20', '--lr_decay_iters=40'] + TINY + spec)
+        losses = eval_losses(p.stdout)
+        assert losses[-1][2] < losses[0][2] - 0.5, (mode, losses)
+        if mode.startswith('kd'):
+            kd = [float(l.split(' kd ')[1].split(',')[0]) for l in p.stdout.splitlines() if l.startswith('iter ')]
+            assert sum(kd[-5:]) / 5 < sum(kd[:5]) / 5 - 0.2, (mode, kd)
+            assert 'teacher' in p.stdout.splitlines()[-4]  # the teacher's share of the step time is logged
+        ckpt = torch.load(tmp_path / mode / 'ckpt.pt', weights_only=True)
+        assert ckpt['mode'] == mode and ('pause' in ckpt['model']) == mode.endswith('pause')
+        assert len(ckpt['model']) == len(GPT(GPTConfig(**ckpt['model_args'])).state_dict())
