@@ -54,6 +54,8 @@ def configure(script_globals, argv=None, ignore=()):
                     _set(config, key, value, arg, ignore)
         else:
             key, eq, text = arg[2:].partition('=')
+            if not eq and isinstance(config.get(key), bool):  # a bare --flag turns a boolean setting on
+                eq, text = '=', 'True'
             if not eq:
                 raise ConfigError(f"error: override '{arg}' needs the form --key=value")
             try:

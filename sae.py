@@ -5,10 +5,12 @@ CoCoMix's concepts.
     python sae.py config/sae_shakespeare.py                 # train on a teacher's residual stream
     python sae.py --evaluate=out-sae-shakespeare/sae.pt     # FVU, dead latents, teacher loss with the SAE spliced in
     python sae.py --inspect=out-sae-shakespeare/sae.pt --latent=7     # a latent's top contexts and tokens
-    python sae.py --inspect=out-sae-shakespeare/sae.pt --top=20       # the most frequent / strongest latents
+    python sae.py --inspect=out-sae-shakespeare/sae.pt --top=20       # the most frequent / strongest latents,
+                                                  # and a description of every latent in sae.pt.concepts.json
 
 load_sae() takes a file (OpenAI's or ours) or 'openai:LOCATION:LAYER[:32k|128k]' (downloaded once).
 """
+import json
 import math
 import os
 import sys
@@ -91,16 +93,15 @@ class TopKSAE(nn.Module):
         os.replace(path + '.tmp', path)
 
 
-def load_sae(spec, n_inputs=None, cache_dir=os.path.expanduser('~/.cache/cocomix')):
-    """A file (OpenAI's or ours) or 'openai:LOCATION:LAYER[:32k|128k]' -> (TopKSAE, our metadata or {}).
-    With n_inputs, an SAE of another width is refused."""
+def sae_file(spec, download=True, cache_dir=os.path.expanduser('~/.cache/cocomix')):
+    """The local file of an SAE spec: the path itself, or OpenAI's SAE downloaded once into cache_dir."""
     if spec.startswith('openai:'):
         parts = spec.split(':')
         if len(parts) not in (3, 4) or not parts[2].isdigit():
             raise SystemExit(f"error: SAE spec '{spec}' must look like openai:resid_post_mlp:5[:32k|128k]")
         url = OPENAI_URL.format(location=parts[1], layer=parts[2], size=parts[3] if len(parts) == 4 else '32k')
         path = os.path.join(cache_dir, 'openai_sae', url.split('gpt2-small/')[1].replace('/', '_'))
-        if not os.path.exists(path):
+        if not os.path.exists(path) and download:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             try:
                 with urllib.request.urlopen(url, timeout=30) as r, open(path + '.tmp', 'wb') as f, \
@@ -111,8 +112,15 @@ def load_sae(spec, n_inputs=None, cache_dir=os.path.expanduser('~/.cache/cocomix
                 raise SystemExit(f"error: cannot download {url} ({e}); download it elsewhere and pass the file's path")
             os.replace(path + '.tmp', path)
         spec = path
-    if not os.path.exists(spec):
+    if not os.path.exists(spec) and download:
         raise SystemExit(f"error: no SAE file at '{spec}'; train one with sae.py or use openai:LOCATION:LAYER")
+    return spec
+
+
+def load_sae(spec, n_inputs=None):
+    """A file (OpenAI's or ours) or 'openai:LOCATION:LAYER[:32k|128k]' -> (TopKSAE, our metadata or {}).
+    With n_inputs, an SAE of another width is refused."""
+    spec = sae_file(spec)
     sd = torch.load(spec, map_location='cpu', weights_only=True)
     if sd.get('activation') != 'TopK' or 'encoder.weight' not in sd:
         raise SystemExit(f"error: '{spec}' is not a TopK SAE in OpenAI's format")
@@ -340,23 +348,37 @@ def inspect_sae(sae, teacher_model, data_dir):
     count = torch.bincount(indices[values > 0], minlength=sae.n_latents)
     total = torch.zeros(sae.n_latents).index_add_(0, indices[values > 0], values[values > 0])
 
-    def promoted(i, n=8):  # the tokens latent i's decoder direction raises most, through final LN and unembedding
-        direction = sae.decoder.weight[:, i] - sae.decoder.weight[:, i].mean()
-        logits = teacher_model.lm_head(direction * teacher_model.transformer.ln_f.weight)
-        return [enc.decode([t]) for t in logits[:enc.n_vocab].topk(n).indices.tolist()]
+    def promoted(ids, n=8):  # the tokens each latent's decoder direction raises most, through final LN and unembedding
+        out = []
+        for chunk in torch.tensor(ids).split(1024):  # (1024, V) logits at a time
+            direction = sae.decoder.weight[:, chunk].t()
+            logits = teacher_model.lm_head((direction - direction.mean(-1, keepdim=True)) * teacher_model.transformer.ln_f.weight)
+            out += [[enc.decode([t]) for t in row] for row in logits[:, :enc.n_vocab].topk(n).indices.tolist()]
+        return out
 
     if latent < 0:
         for name, score in (('most frequent', count.float()), ('strongest (mean activation)', total / count.clamp_min(1))):
             print(f"{name} latents over {n_tokens:,} tokens:")
-            for i in score.topk(top).indices.tolist():
-                print(f"  {i:6d}  freq {count[i] / n_tokens:.4f}  mean act {total[i] / max(count[i], 1):.3f}  "
-                      f"promotes {promoted(i, 5)}")
-        return
+            ids = score.topk(top).indices.tolist()
+            for i, tokens in zip(ids, promoted(ids, 5)):
+                print(f"  {i:6d}  freq {count[i] / n_tokens:.4f}  mean act {total[i] / max(count[i], 1):.3f}  promotes {tokens}")
+        # one short description per latent, which sample.py --show_concepts prints beside the predicted concepts
+        on = values > 0
+        peak = torch.zeros(sae.n_latents).scatter_reduce(0, indices[on], values[on], 'amax')
+        is_peak = on & (values == peak[indices])
+        peak_token = torch.zeros(sae.n_latents, dtype=torch.long)
+        peak_token[indices[is_peak]] = idx.unsqueeze(-1).expand_as(indices)[is_peak]
+        desc = {i: (f"on {enc.decode([peak_token[i].item()])!r}, " if count[i] else 'inactive, ') + 'promotes ' + ' '.join(map(repr, tokens))
+                for i, tokens in enumerate(promoted(list(range(sae.n_latents)), 3))}
+        path = sae_file(inspect) + '.concepts.json'
+        with open(path, 'w') as f:
+            json.dump(desc, f, indent=0)
+        return print(f"saved a description of each of the {sae.n_latents} latents to {path}")
     if not 0 <= latent < sae.n_latents:
         raise SystemExit(f"error: latent {latent} is out of range: the SAE has {sae.n_latents} latents (0 .. {sae.n_latents - 1})")
     act = (values * (indices == latent)).sum(-1)  # (N, T)
     print(f"latent {latent}: active on {count[latent]:,} of {n_tokens:,} tokens (freq {count[latent] / n_tokens:.5f})")
-    print(f"promotes: {promoted(latent)}")
+    print(f"promotes: {promoted([latent])[0]}")
     for value, flat in zip(*act.flatten().topk(min(10, int(count[latent])))):
         w, t = divmod(flat.item(), context)
         left = enc.decode(idx[w, max(0, t - window):t].tolist())

@@ -1,9 +1,11 @@
 """
-Sample from a trained model (a train.py out_dir) or from OpenAI's GPT-2 weights.
+Sample from a trained model (a train.py out_dir of any mode) or from OpenAI's GPT-2 weights.
 
     python sample.py --out_dir=out-shakespeare --start="ROMEO:" --num_samples=3
     python sample.py --init_from=gpt2 --start=FILE:prompt.txt --temperature=0.8 --top_k=200
+    python sample.py --out_dir=out-cocomix-shakespeare --steer=299:4 --show_concepts   # CoCoMix: steer, show concepts
 """
+import json
 import os
 from contextlib import nullcontext
 
@@ -22,6 +24,8 @@ max_new_tokens = 200
 temperature = 0.8  # 1.0 = the model's distribution, < 1 sharper, 0 = greedy
 top_k = 200  # keep only the top_k most likely tokens; 0 = all
 seed = 1337
+steer = ''  # CoCoMix: 'ID:ALPHA[,ID:ALPHA]' multiplies those concept logits by ALPHA before TopK (paper Sec. 4.4)
+show_concepts = False  # CoCoMix: print each generated token with the concepts it was predicted from
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
 # -----------------------------------------------------------------------------
@@ -30,11 +34,32 @@ torch.manual_seed(seed)
 device_type = 'cuda' if 'cuda' in device else 'cpu'
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+SHOWN = 3  # concepts shown per token
 
 model, checkpoint = load_model(out_dir if init_from == 'resume' else init_from, device)
+mode = checkpoint.get('mode', 'ntp') if checkpoint is not None else 'ntp'
 if checkpoint is not None:
-    print(f"loaded {out_dir}/ckpt.pt: mode '{checkpoint.get('mode', 'ntp')}', step {checkpoint['iter_num']}, "
+    print(f"loaded {out_dir}/ckpt.pt: mode '{mode}', step {checkpoint['iter_num']}, "
           f"val loss {checkpoint['best_val_loss']:.4f}")
+n_concepts = model.config.n_concepts if mode == 'cocomix' else 0
+if (steer or show_concepts) and not n_concepts:
+    raise SystemExit(f"error: --steer and --show_concepts need a CoCoMix model; this one was trained with mode '{mode}'")
+try:  # '12:4,7:0.5' -> {12: 4.0, 7: 0.5}
+    steer_map = {int(i): float(a) for i, a in (pair.split(':') for pair in steer.split(','))} if steer else None
+except ValueError:
+    raise SystemExit(f"error: --steer='{steer}' must look like ID:ALPHA[,ID:ALPHA], e.g. --steer=299:4")
+for i in steer_map or {}:
+    if not 0 <= i < n_concepts:
+        raise SystemExit(f"error: concept id {i} is out of range: the model has {n_concepts} concepts (0 .. {n_concepts - 1})")
+descriptions = {}  # written by `python sae.py --inspect=SAE --top=N` beside the SAE file
+if show_concepts:
+    from sae import sae_file
+    path = sae_file(checkpoint['config']['sae'], download=False) + '.concepts.json'
+    if os.path.exists(path):
+        with open(path) as f:
+            descriptions = json.load(f)
+    else:
+        print(f"(no concept descriptions at {path}: `python sae.py --inspect=SAE --top=10` writes them)")
 
 enc = tiktoken.get_encoding('gpt2')  # prepare.py tokenizes every dataset with GPT-2 BPE
 if start.startswith('FILE:'):
@@ -45,10 +70,15 @@ if start.startswith('FILE:'):
         start = f.read()
 start_ids = enc.encode(start, allowed_special={'<|endoftext|>'}) or [enc.eot_token]
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
+decode = lambda ids: enc.decode([t for t in ids if t < enc.n_vocab])  # ids past GPT-2's are the head's padding
 
 with torch.no_grad(), autocast:
     for k in range(num_samples):
-        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None)
-        # ids past GPT-2's vocabulary are padding rows of the head; an untrained model can still pick them
-        print(enc.decode([t for t in y[0].tolist() if t < enc.n_vocab]))
+        out = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, steer=steer_map,
+                             show_concepts=SHOWN if show_concepts else 0)
+        y, concepts = out if show_concepts else (out, None)
+        print(decode(y[0].tolist()))
+        if show_concepts:  # token t+1 was read out at the concept slot of position t
+            for token, ids in zip(y[0, x.size(1):].tolist(), concepts[0].tolist()):
+                print(f"  {decode([token])!r:>14} <- " + ' | '.join(f"{i} {descriptions.get(str(i), '')}".strip() for i in ids))
         print('---------------')

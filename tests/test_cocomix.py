@@ -201,6 +201,17 @@ def test_cocomix_training_online_and_cached_resume_and_mode_check(dataset, tmp_p
     assert ckpt['mode'] == 'cocomix' and ckpt['model_args']['n_concepts'] == 48
     assert not any(k.startswith(('teacher', 'sae')) for k in ckpt['model'])  # only the student is saved
 
+    gen = ['sample.py', f'--out_dir={tmp_path / "online"}', '--num_samples=1', '--max_new_tokens=12', '--temperature=0',
+           '--start=!', '--device=cpu']
+    plain, same, steered = (run(gen + extra).stdout for extra in ([], ['--steer=5:1.0'], ['--steer=5:30,6:30']))
+    assert plain == same and plain != steered  # alpha 1 changes nothing, a large alpha changes the text
+    shown = run(gen + ['--show_concepts']).stdout
+    assert plain.splitlines()[1] in shown.splitlines() and len([l for l in shown.splitlines() if ' <- ' in l]) == 12
+    for extra, message in ((['--steer=48:2'], 'concept id 48 is out of range'), (['--steer=x'], 'must look like ID:ALPHA'),
+                           ([f'--out_dir={tmp_path / "teacher"}', '--show_concepts'], "need a CoCoMix model")):
+        bad = run(gen + extra, check=False)
+        assert bad.returncode != 0 and message in bad.stderr, bad.stderr
+
     run(['train.py', f'--out_dir={tmp_path / "split"}', '--label_cache=True'] + TINY + common + ['--max_iters=20'])
     run(['train.py', f'--out_dir={tmp_path / "split"}', '--label_cache=True', '--init_from=resume'] + TINY + common)
     a, b = (torch.load(tmp_path / d / 'ckpt.pt', weights_only=True)['model'] for d in ('cached', 'split'))

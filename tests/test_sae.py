@@ -1,3 +1,5 @@
+import ast
+import json
 import os
 
 import pytest
@@ -172,5 +174,10 @@ def test_cli_trains_resumes_evaluates_and_inspects(dataset, tmp_path):
     latent = int(ins.stdout.splitlines()[1].split()[0])
     one = run(['sae.py', f'--inspect={sae_file}', f'--latent={latent}', '--inspect_tokens=2000', '--context=16'])
     assert f'latent {latent}: active on' in one.stdout and '[[' in one.stdout
+    with open(sae_file + '.concepts.json') as f:  # the listing saved one description per latent
+        desc = json.load(f)
+    peak = one.stdout.split('[[')[1].split(']]')[0]  # the token of the latent's strongest activation
+    promotes = ast.literal_eval(one.stdout.split('promotes: ')[1].splitlines()[0])
+    assert len(desc) == 64 and desc[str(latent)] == f"on {peak}, promotes " + ' '.join(map(repr, promotes[:3]))
     bad = run(['sae.py', f'--inspect={sae_file}', '--latent=64', '--context=16'], check=False)
     assert bad.returncode != 0 and 'latent 64 is out of range' in bad.stderr
