@@ -4,6 +4,7 @@ Concept labels for CoCoMix: which SAE latents of the teacher matter for its next
 labels a prepared dataset once, in fixed windows of block_size tokens:
 
     python attribution.py config/cocomix_shakespeare.py      # writes data/NAME/labels_{train,val}.bin + .json
+    torchrun --standalone --nproc_per_node=8 attribution.py config/cocomix_gpt2.py   # on 8 GPUs of one machine
 """
 import json
 import os
@@ -124,34 +125,58 @@ dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
 # -----------------------------------------------------------------------------
 
 
-def label_split(teacher_model, sae_model, data_dir, split, expected):
+def label_split(teacher_model, sae_model, data_dir, split, expected, rank=0, world_size=1):
+    """Label one split in batches of windows; process `rank` of `world_size` takes every world_size-th batch. A
+    byte per batch in labels_<split>.bin.done records what is written, so a run stopped at any point resumes,
+    with any number of processes."""
     path, meta_path = cache_paths(data_dir, split)
     n_tokens = len(load_tokens(data_dir, split))
     n_windows, dt = n_tokens // block_size, cache_dtype(sae_model.n_latents)
+    n_batches = -(-n_windows // batch_size)
     meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
     same = all(meta.get(k) == v for k, v in expected.items()) and os.path.exists(path)
     if same and meta.get('complete'):
-        return print(f"{path}: already labelled")
-    done = meta.get('windows_done', 0) if same else 0  # resume an interrupted run
-    labels = np.memmap(path, dtype=dt, mode='r+' if done else 'w+', shape=(n_tokens, k_attr))
-    if not done:
+        return rank == 0 and print(f"{path}: already labelled")
+    if rank == 0 and not (same and os.path.exists(path + '.done')):  # a fresh cache
+        labels = np.memmap(path, dtype=dt, mode='w+', shape=(n_tokens, k_attr))
         labels[:] = np.iinfo(dt).max  # tokens past the last whole window keep "no label"
+        labels.flush()
+        np.zeros(n_batches, dtype=np.uint8).tofile(path + '.done')
+        write_meta(meta_path, dict(expected, complete=False))
+    barrier()
+    labels = np.memmap(path, dtype=dt, mode='r+', shape=(n_tokens, k_attr))
+    done = np.memmap(path + '.done', dtype=np.uint8, mode='r+')
+    todo = [b for b in range(rank, n_batches, world_size) if not done[b]]
     ctx = torch.autocast('cuda', dtype=getattr(torch, dtype)) if 'cuda' in device and dtype != 'float32' \
         else torch.autocast('cpu', enabled=False)
-    t0, start = time.time(), done
-    for w in tqdm(range(done, n_windows, batch_size), initial=done // batch_size,
-                  total=-(-n_windows // batch_size), desc=f'labelling {split}', unit='batch'):
+    t0 = time.time()
+    for b in tqdm(todo, desc=f'labelling {split}' + (f' (rank {rank})' if world_size > 1 else ''), position=rank,
+                  unit='batch'):
         data = load_tokens(data_dir, split)
-        stop = min(w + batch_size, n_windows)
+        w, stop = b * batch_size, min((b + 1) * batch_size, n_windows)
         idx = torch.from_numpy(data[w * block_size:stop * block_size].astype(np.int64)).view(-1, block_size)
         with ctx:
             out = concept_labels(teacher_model, sae_model, idx.to(device), sae_layer, k_attr, label_method)
         out = out.reshape(-1, k_attr).cpu().numpy()
         labels[w * block_size:stop * block_size] = np.where(out < 0, np.iinfo(dt).max, out).astype(dt)
         labels.flush()
-        write_meta(meta_path, dict(expected, windows_done=stop, complete=stop == n_windows))
-    rate = (n_windows - start) * block_size / max(time.time() - t0, 1e-9)
-    print(f"{path}: {n_windows * block_size:,} tokens labelled ({rate:,.0f} tokens/s)")
+        done[b] = 1  # only once its labels are on disk
+        done.flush()
+    n_done = sum(min((b + 1) * batch_size, n_windows) - b * batch_size for b in todo) * block_size
+    rate = n_done / max(time.time() - t0, 1e-9)
+    barrier()
+    if rank == 0:
+        if not done.all():
+            raise SystemExit(f"error: {path}: {int((done == 0).sum())} batches are missing; run attribution.py again")
+        write_meta(meta_path, dict(expected, complete=True))
+        os.remove(path + '.done')
+        print(f"{path}: {n_windows * block_size:,} tokens labelled ({rate * world_size:,.0f} tokens/s over "
+              f"{world_size} process{'es' if world_size > 1 else ''})")
+
+
+def barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def write_meta(path, meta):
@@ -161,7 +186,14 @@ def write_meta(path, meta):
 
 
 def main(argv):
+    global device
     configure(globals(), argv, ignore=train_keys())  # a train.py config works as it is
+    rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    if world_size > 1:  # torchrun: each process labels its share of the batches, on its own GPU
+        if 'cuda' in device:
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group('nccl' if 'cuda' in device else 'gloo')
     data_dir = data_dir_of(dataset)
     teacher_model = load_model(teacher, device)[0]
     teacher_model.requires_grad_(False)
@@ -173,7 +205,9 @@ def main(argv):
     for split in splits.split(','):
         expected = describe(data_dir, split, teacher, sae, sae_layer, label_method, k_attr, block_size,
                             sae_model.n_latents)
-        label_split(teacher_model, sae_model, data_dir, split, expected)
+        label_split(teacher_model, sae_model, data_dir, split, expected, rank, world_size)
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == '__main__':

@@ -119,17 +119,26 @@ def test_offline_cache_equals_online_labels_resumes_and_refuses_mismatch(dataset
     assert torch.equal(cached, A.concept_labels(teacher, sae, idx, 1))
     assert (torch.from_numpy(cache[83 * 24:].astype(np.int64)) == 65535).all()  # past the last whole window
 
-    # an interrupted run resumes where it stopped and ends with the same file
+    # two processes (torchrun) write the same file; an interrupted run resumes, here with one process
     path, meta_path = A.cache_paths(dataset, 'val')
     reference = np.fromfile(path, dtype=np.uint16)
+    os.remove(meta_path)
+    run(['torchrun', '--standalone', '--nproc_per_node=2'] + args + ['--splits=val', '--batch_size=8'],
+        env={'OMP_NUM_THREADS': '1'})
+    assert np.array_equal(np.fromfile(path, dtype=np.uint16), reference) and json.load(open(meta_path))['complete']
     meta = json.load(open(meta_path))
-    json.dump(dict(meta, windows_done=40, complete=False), open(meta_path, 'w'))
+    json.dump(dict(meta, complete=False), open(meta_path, 'w'))
+    done = np.ones(11, dtype=np.uint8)  # 83 windows in batches of 8: the last 6 batches not yet written
+    done[5:] = 0
+    done.tofile(path + '.done')
     partial = np.memmap(path, dtype=np.uint16, mode='r+')
-    partial[40 * 24 * 4:83 * 24 * 4] = 0  # the windows an interrupted run had not written yet
+    partial[40 * 24 * 4:83 * 24 * 4] = 0
+    partial[:4] = 0  # a marker in a batch marked done: resuming must not touch it
     partial.flush()
     del partial
-    run(args + ['--splits=val'])
-    assert np.array_equal(np.fromfile(path, dtype=np.uint16), reference)
+    run(args + ['--splits=val', '--batch_size=8'])
+    resumed = np.fromfile(path, dtype=np.uint16)
+    assert (resumed[:4] == 0).all() and np.array_equal(resumed[4:], reference[4:]) and not os.path.exists(path + '.done')
 
     with pytest.raises(SystemExit, match='was made with k_attr=4, this run has 2'):
         A.load_label_cache(dataset, 'val', dict(expected, k_attr=2))
