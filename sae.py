@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from configurator import configure
 from model import load_model, sae_norm, save_checkpoint
-from prepare import data_dir_of, load_tokens
+from prepare import data_dir_of, get_tokenizer, load_tokens, read_meta
 
 OPENAI_URL = 'https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small/{location}_v5_{size}/autoencoders/{layer}.pt'
 
@@ -336,8 +336,7 @@ def train(teacher_model, data_dir, config):
 @torch.no_grad()
 def inspect_sae(sae, teacher_model, data_dir):
     """Top-activating contexts, frequency and promoted tokens of one latent, or a listing of the top ones."""
-    import tiktoken
-    enc = tiktoken.get_encoding('gpt2')
+    enc = get_tokenizer(read_meta(data_dir))
     idx = windows(data_dir, 'val', max(1, inspect_tokens // context), context)
     values, indices = [], []
     for i in range(0, len(idx), 64):

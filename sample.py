@@ -9,11 +9,11 @@ import json
 import os
 from contextlib import nullcontext
 
-import tiktoken
 import torch
 
 from configurator import configure
 from model import load_model
+from prepare import get_tokenizer
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (the checkpoint in out_dir) or a gpt2 variant, e.g. 'gpt2-xl'
@@ -61,7 +61,7 @@ if show_concepts:
     else:
         print(f"(no concept descriptions at {path}: `python sae.py --inspect=SAE --top=10` writes them)")
 
-enc = tiktoken.get_encoding('gpt2')  # prepare.py tokenizes every dataset with GPT-2 BPE
+enc = get_tokenizer(checkpoint and checkpoint.get('data_meta'))  # GPT-2 BPE, or the dataset's characters
 if start.startswith('FILE:'):
     path = start[5:]
     if not os.path.exists(path):
@@ -70,7 +70,7 @@ if start.startswith('FILE:'):
         start = f.read()
 start_ids = enc.encode(start, allowed_special={'<|endoftext|>'}) or [enc.eot_token]
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
-decode = lambda ids: enc.decode([t for t in ids if t < enc.n_vocab])  # ids past GPT-2's are the head's padding
+decode = lambda ids: enc.decode([t for t in ids if t < enc.n_vocab])  # ids past the vocabulary are the head's padding
 
 with torch.no_grad(), autocast:
     for k in range(num_samples):

@@ -290,7 +290,7 @@ while True:
                                  'scaler': scaler.state_dict(), 'model_args': model_args, 'mode': mode,
                                  # the data position and every random draw are functions of (seed, iter_num)
                                  'iter_num': iter_num, 'seed': seed, 'best_val_loss': best_val_loss,
-                                 'config': config}, out_dir)
+                                 'config': config, 'data_meta': meta}, out_dir)  # data_meta: the tokenizer
                 print(f"saved checkpoint to {out_dir}/ckpt.pt")
         t0 = time.time()  # time the training steps only
     if iter_num >= max_iters or eval_only:
@@ -340,7 +340,7 @@ while True:
             mfu = raw_model.estimate_mfu(tokens_per_iter, dt, peak)
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
         # rank 0's terms: ntp (next-token), concept (its loss), concept_acc (labels among the kept concepts), kd
-        terms = ''.join(f", {k} {v:.2%}" if k == 'concept_acc' else f", {k} {v:.4f}" for k, v in parts.items() if k != 'loss')
+        terms = ''.join(f", {k} {v:.2%}" if k == 'concept_acc' else f", {k} {v:.4f}" for k, v in parts.items() if k != 'loss' and len(parts) > 2)
         share = f", teacher {teacher_time / dt * 100:.0f}% of the time" if teacher_model is not None else ''
         print(f"iter {iter_num}: loss {loss_value:.4f}{terms}, lr {lr:.2e}{share}, time {dt * 1000:.1f}ms, "
               f"{tokens_per_iter / dt:,.0f} tok/s" + (f", mfu {running_mfu * 100:.1f}%" if running_mfu >= 0 else ''))

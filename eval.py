@@ -1,0 +1,299 @@
+"""
+Evaluate a checkpoint of any mode (or OpenAI's GPT-2) as the paper does: perplexity on the dataset's val split,
+LAMBADA, WikiText, HellaSwag, PIQA, ARC-Easy, WinoGrande and Social IQA, scored by comparing log-likelihoods
+the way EleutherAI's lm-evaluation-harness does (its prompts and acc / acc_norm).
+
+    python eval.py --out_dir=out-cocomix-shakespeare --tasks=ppl
+    python eval.py --init_from=gpt2 --tasks=lambada,hellaswag --data_dir=../shared/data/benchmarks_sample --limit=200
+
+Task files are read from data_dir (official names or any file starting with them, e.g. lambada_test*.jsonl) or
+downloaded once from their usual public places into ~/.cache/cocomix/eval. For the harness itself:
+`lm_eval_model(scorer)` wraps a Scorer as an lm_eval LM (pip install lm_eval).
+"""
+import glob
+import json
+import math
+import os
+import re
+import sys
+import urllib.request
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from configurator import configure
+from model import load_model
+from prepare import data_dir_of, get_tokenizer, load_tokens
+
+# -----------------------------------------------------------------------------
+init_from = 'resume'  # 'resume' (the checkpoint in out_dir) or a gpt2 variant
+out_dir = 'out'
+tasks = 'ppl,lambada,wikitext,hellaswag,piqa,arc_easy,winogrande,siqa'
+dataset = ''  # for ppl: default, the checkpoint's own dataset
+data_dir = ''  # task files; default: download them
+limit = 0  # items per task (windows for ppl); 0 = all
+batch_size = 16  # sequences per forward pass
+json_out = ''  # also write the results here
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+# -----------------------------------------------------------------------------
+CACHE = os.path.expanduser('~/.cache/cocomix/eval')
+# (file pattern in data_dir, download URL, HF dataset (path, name, split) when no plain file is published)
+SOURCES = {
+    'lambada': ('lambada_test*.jsonl', 'https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl'),
+    'hellaswag': ('hellaswag_val*.jsonl', 'https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl'),
+    'piqa': ('piqa_valid*.jsonl', 'https://yonatanbisk.com/piqa/data/valid.jsonl'),
+    'piqa_labels': ('piqa_valid-labels*.lst', 'https://yonatanbisk.com/piqa/data/valid-labels.lst'),
+    'arc_easy': ('arc_easy_test*.jsonl', ('allenai/ai2_arc', 'ARC-Easy', 'test')),
+    'winogrande': ('winogrande_dev*.jsonl', ('allenai/winogrande', 'winogrande_xl', 'validation')),
+    'siqa': ('siqa_dev*.jsonl', ('allenai/social_i_qa', None, 'validation')),
+    'wikitext': ('wiki.test.raw', ('Salesforce/wikitext', 'wikitext-2-raw-v1', 'test')),
+}
+
+
+class Scorer:
+    """Log-likelihoods of text under one of our models: the three calls lm-evaluation-harness makes. Requests
+    are tuples of arguments, or harness Instances (their .args)."""
+
+    def __init__(self, model, enc, device, batch_size=16):
+        self.model, self.enc, self.device, self.batch_size = model, enc, device, batch_size
+        self.block_size = model.config.block_size
+
+    def score(self, pieces):
+        """pieces: (token ids, n): the log-probability of the last n tokens given the ones before, and whether
+        each of them is the greedy choice. Left-truncated to block_size + 1 tokens (a continuation longer than
+        that is scored on its last block_size tokens); batched, padded right."""
+        out = []
+        for i in range(0, len(pieces), self.batch_size):
+            batch = [(ids[-(self.block_size + 1):], min(n, len(ids) - 1, self.block_size)) for ids, n in pieces[i:i + self.batch_size]]
+            T = max(len(ids) for ids, _ in batch) - 1
+            x = torch.zeros(len(batch), T, dtype=torch.long)
+            y = torch.full((len(batch), T), -1, dtype=torch.long)
+            for b, (ids, n) in enumerate(batch):
+                x[b, :len(ids) - 1] = torch.tensor(ids[:-1])
+                y[b, len(ids) - 1 - n:len(ids) - 1] = torch.tensor(ids[-n:])  # targets only where scored
+            with torch.no_grad():
+                logits = self.model(x.to(self.device), y.to(self.device))[0].float().cpu()
+            logp = F.log_softmax(logits, dim=-1)
+            mask = y >= 0
+            ll = (logp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask).sum(-1)
+            greedy = ((logits.argmax(-1) == y) | ~mask).all(-1)
+            out += list(zip(ll.tolist(), greedy.tolist()))
+        return out
+
+    def encode(self, text):
+        return self.enc.encode_ordinary(text)
+
+    def loglikelihood(self, requests):
+        """[(context, continuation)] -> [(log p(continuation | context), is greedy)]."""
+        pieces = []
+        for r in requests:
+            context, continuation = getattr(r, 'args', r)
+            cont = self.encode(continuation)
+            pieces.append(((self.encode(context) or [self.enc.eot_token]) + cont, len(cont)))
+        return self.score(pieces)
+
+    def loglikelihood_rolling(self, requests):
+        """[(text,)] -> [log p(text)]: every token scored once, after the end-of-text token, in disjoint
+        block_size windows (the harness's rolling windows with one token of context)."""
+        out = []
+        for r in requests:
+            ids = [self.enc.eot_token] + self.encode(getattr(r, 'args', r)[0])
+            pieces = [(ids[i:i + self.block_size + 1], len(ids[i:i + self.block_size + 1]) - 1)
+                      for i in range(0, len(ids) - 1, self.block_size)]
+            out.append(sum(ll for ll, _ in self.score(pieces)))
+        return out
+
+    def generate_until(self, requests):
+        """[(context, {'until': [...], 'max_gen_toks': n})] -> [greedy continuation, cut at the first stop string]."""
+        out = []
+        for r in requests:
+            context, kwargs = getattr(r, 'args', r)
+            idx = torch.tensor([self.encode(context) or [self.enc.eot_token]], device=self.device)
+            with torch.no_grad():
+                y = self.model.generate(idx, kwargs.get('max_gen_toks', 256), temperature=0)
+            text = self.enc.decode([t for t in y[0, idx.size(1):].tolist() if t < self.enc.n_vocab])
+            for stop in kwargs.get('until', []):
+                text = text.split(stop)[0]
+            out.append(text)
+        return out
+
+
+def lm_eval_model(scorer):
+    """The Scorer as an lm-evaluation-harness model: lm_eval.simple_evaluate(model=lm_eval_model(s), tasks=[...])."""
+    try:
+        from lm_eval.api.model import LM
+    except ImportError:
+        raise SystemExit("error: the harness adapter needs the optional package lm_eval: pip install lm_eval")
+    adapter = type('CoCoMixLM', (LM,), {name: lambda self, requests, disable_tqdm=False, _f=name: getattr(scorer, _f)(requests)
+                                        for name in ('loglikelihood', 'loglikelihood_rolling', 'generate_until')})
+    return adapter()
+
+
+# -----------------------------------------------------------------------------
+# Task files and their items: (context, [choices], gold index)
+
+def task_file(name):
+    pattern, source = SOURCES[name]
+    if data_dir:
+        found = sorted(glob.glob(os.path.join(data_dir, pattern)))
+        if name == 'wikitext' and not found:  # the test split is the paper's; the val split when only it is at hand
+            found = sorted(glob.glob(os.path.join(data_dir, 'wiki.valid.raw')))
+        if not found:
+            raise SystemExit(f"error: no file matching {pattern} in {data_dir}; add it or leave data_dir empty to download")
+        return found[0]
+    path = os.path.join(CACHE, pattern.replace('*', ''))
+    if not os.path.exists(path):
+        os.makedirs(CACHE, exist_ok=True)
+        try:
+            if isinstance(source, str):
+                with urllib.request.urlopen(source, timeout=30) as r, open(path + '.tmp', 'wb') as f, \
+                        tqdm(total=int(r.headers.get('Content-Length', 0)), unit='B', unit_scale=True, desc=name) as bar:
+                    while chunk := r.read(1 << 20):
+                        bar.update(f.write(chunk))
+            else:  # only on the HF hub: written out once in its usual jsonl / raw layout
+                from datasets import load_dataset
+                rows = load_dataset(source[0], source[1], split=source[2])
+                with open(path + '.tmp', 'w') as f:
+                    f.writelines(''.join(rows['text']) if name == 'wikitext' else (json.dumps(row) + '\n' for row in rows))
+        except Exception as e:
+            raise SystemExit(f"error: cannot download the {name} data ({type(e).__name__}: {e}); "
+                             f"put the file in a folder and pass --data_dir=FOLDER")
+        os.replace(path + '.tmp', path)
+    return path
+
+
+def read_jsonl(path):
+    with open(path, encoding='utf-8') as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def labels_beside(path, name, rows, key):
+    """Gold labels from the rows' own field, else from the official .lst file beside them."""
+    if rows and key in rows[0]:
+        return [int(r[key]) for r in rows]
+    pattern = os.path.basename(path).split('_first')[0].replace('.jsonl', '') + '-labels*.lst'
+    found = sorted(glob.glob(os.path.join(os.path.dirname(path), pattern)))
+    lst = found[0] if found else task_file(name + '_labels')
+    with open(lst) as f:
+        return [int(line) for line in f if line.strip()]
+
+
+def hellaswag_text(text):  # the harness's cleanup of WikiHow artifacts
+    return re.sub('\\[.*?\\]', '', text.strip().replace(' [title]', '. ')).replace('  ', ' ')
+
+
+def choice_items(name, path):
+    rows = read_jsonl(path)
+    if name == 'hellaswag':
+        return [(r['activity_label'] + ': ' + hellaswag_text(r['ctx_a'] + ' ' + r['ctx_b'].capitalize() if 'ctx_a' in r else r['ctx']),
+                 [' ' + hellaswag_text(e) for e in r['endings']], int(r['label'])) for r in rows]
+    if name == 'piqa':
+        gold = labels_beside(path, 'piqa', rows, 'label')
+        return [(f"Question: {r['goal']}\nAnswer:", [' ' + r['sol1'], ' ' + r['sol2']], g) for r, g in zip(rows, gold)]
+    if name == 'arc_easy':
+        return [(f"Question: {r['question']}\nAnswer:", [' ' + t for t in r['choices']['text']],
+                 r['choices']['label'].index(r['answerKey'])) for r in rows]
+    if name == 'siqa':
+        gold = labels_beside(path, 'siqa', rows, 'label')
+        return [(f"Q: {r['context']} {r['question']}\nA:", [' ' + r['answerA'], ' ' + r['answerB'], ' ' + r['answerC']], g - 1)
+                for r, g in zip(rows, gold)]
+    raise ValueError(name)
+
+
+def multiple_choice(scorer, items):
+    """acc: the highest log-likelihood is gold; acc_norm: the same per character of the choice (the harness's)."""
+    requests = [(ctx, c) for ctx, choices, _ in items for c in choices]
+    ll = iter(scorer.loglikelihood(requests))
+    acc = acc_norm = 0
+    for ctx, choices, gold in items:
+        scores = [next(ll)[0] for _ in choices]
+        acc += int(np.argmax(scores) == gold)
+        acc_norm += int(np.argmax([s / len(c) for s, c in zip(scores, choices)]) == gold)
+    return {'acc': 100 * acc / len(items), 'acc_norm': 100 * acc_norm / len(items)}
+
+
+def winogrande(scorer, rows):
+    """Partial scoring, as the harness: the sentence after the blank, given its start with each option filled in."""
+    requests, gold = [], []
+    for r in rows:
+        i = r['sentence'].index('_')
+        target = ' ' + r['sentence'][i + 1:].strip()
+        requests += [(r['sentence'][:i] + r['option1'], target), (r['sentence'][:i] + r['option2'], target)]
+        gold.append(int(r['answer']) - 1)
+    ll = [x for x, _ in scorer.loglikelihood(requests)]
+    return {'acc': 100 * np.mean([int(ll[2 * k + 1] > ll[2 * k]) == g for k, g in enumerate(gold)])}
+
+
+def lambada(scorer, rows):
+    """OpenAI's LAMBADA: predict the last word; acc = every token of it greedy; ppl = exp(-mean log p(word))."""
+    requests = [(r['text'].rsplit(' ', 1)[0], ' ' + r['text'].rsplit(' ', 1)[1]) for r in rows]
+    out = scorer.loglikelihood(requests)
+    return {'acc': 100 * np.mean([g for _, g in out]), 'ppl': math.exp(-np.mean([ll for ll, _ in out]))}
+
+
+def wikitext(scorer, path):
+    """Word perplexity (per whitespace word of the raw text, the paper's WikiText number), token perplexity and
+    bits per byte, the whole file read as one rolling document."""
+    with open(path, encoding='utf-8') as f:
+        text = f.read()
+    if limit:
+        text = text[:limit * 1000]  # about `limit` paragraphs
+    ll = scorer.loglikelihood_rolling([(text,)])[0]
+    n_tokens = len(scorer.encode(text))
+    return {'word_ppl': math.exp(-ll / len(text.split())), 'token_ppl': math.exp(-ll / n_tokens),
+            'bits_per_byte': -ll / math.log(2) / len(text.encode('utf-8'))}
+
+
+def perplexity(model, data, block_size):
+    """Mean next-token loss over non-overlapping block_size windows of a prepared split (the paper's OWT number)."""
+    n = (len(data) - 1) // block_size
+    starts = list(range(0, n * block_size, block_size))[:limit or None]
+    total = 0.0
+    for i in range(0, len(starts), batch_size):
+        x = torch.stack([torch.from_numpy(data[s:s + block_size].astype(np.int64)) for s in starts[i:i + batch_size]])
+        y = torch.stack([torch.from_numpy(data[s + 1:s + 1 + block_size].astype(np.int64)) for s in starts[i:i + batch_size]])
+        with torch.no_grad():
+            total += model(x.to(device), y.to(device))[1].item() * len(x)
+    loss = total / len(starts)
+    return {'loss': loss, 'ppl': math.exp(loss), 'tokens': len(starts) * block_size}
+
+
+def main(argv):
+    configure(globals(), argv)
+    model, checkpoint = load_model(out_dir if init_from == 'resume' else init_from, device)
+    name = f"{out_dir} ({checkpoint.get('mode', 'ntp')}, step {checkpoint['iter_num']})" if checkpoint else init_from
+    scorer = Scorer(model, get_tokenizer(checkpoint and checkpoint.get('data_meta')), device, batch_size)
+    ctx = nullcontext() if dtype == 'float32' else torch.autocast('cuda' if 'cuda' in device else 'cpu', dtype=getattr(torch, dtype))
+    results = {}
+    for task in tasks.split(','):
+        with ctx:
+            if task == 'ppl':
+                ds = dataset or (checkpoint or {}).get('config', {}).get('dataset')
+                if not ds:
+                    raise SystemExit("error: task ppl needs --dataset=NAME (a folder prepare.py wrote)")
+                results[task] = perplexity(model, load_tokens(data_dir_of(ds), 'val'), model.config.block_size)
+            elif task in ('hellaswag', 'piqa', 'arc_easy', 'siqa'):
+                results[task] = multiple_choice(scorer, choice_items(task, task_file(task))[:limit or None])
+            elif task == 'winogrande':
+                results[task] = winogrande(scorer, read_jsonl(task_file(task))[:limit or None])
+            elif task == 'lambada':
+                results[task] = lambada(scorer, read_jsonl(task_file(task))[:limit or None])
+            elif task == 'wikitext':
+                results[task] = wikitext(scorer, task_file(task))
+            else:
+                raise SystemExit(f"error: unknown task '{task}'; use ppl, {', '.join(k for k in SOURCES if '_labels' not in k)}")
+        print(f"{task:>10}: " + ', '.join(f"{k} {v:,.4f}" if isinstance(v, float) else f"{k} {v:,}" for k, v in results[task].items()),
+              flush=True)
+    print(f"done: {name}: " + '; '.join(f"{t} {next(iter(r))} {next(iter(r.values())):.4f}" for t, r in results.items()))
+    if json_out:
+        with open(json_out, 'w') as f:
+            json.dump({'model': name, 'results': results}, f, indent=1)
+    return results
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -1,0 +1,126 @@
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import eval as E
+from conftest import ROOT, run
+from model import GPT, GPTConfig, save_checkpoint
+from prepare import CharTokenizer
+
+BENCH = os.path.join(ROOT, '..', 'shared', 'data', 'benchmarks_sample')
+CHARS = 'abcdefghijklmnopqrstuvwxyz '  # ids 0 .. 26, end-of-text 27
+
+
+class NextLetter(nn.Module):
+    """A hand-built model: the next character follows the cycle a b .. z ' ' a (and end-of-text -> a) with
+    probability 0.9, the rest shared evenly. Context 8."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = GPTConfig(block_size=8, vocab_size=28)
+
+    def forward(self, idx, targets=None):
+        logits = torch.full((*idx.shape, 28), math.log(0.1 / 27))
+        nxt = torch.where(idx == 27, 0, (idx + 1) % 27)
+        return logits.scatter(-1, nxt.unsqueeze(-1), math.log(0.9)), None
+
+    def generate(self, idx, max_new_tokens, temperature=0):
+        for _ in range(max_new_tokens):
+            idx = torch.cat([idx, self(idx)[0][:, -1:].argmax(-1)], 1)
+        return idx
+
+
+def test_scorer_on_a_hand_built_model():
+    s = E.Scorer(NextLetter(), CharTokenizer(CHARS), 'cpu', batch_size=2)
+    good, bad = math.log(0.9), math.log(0.1 / 27)
+    (ll, greedy), (ll2, greedy2) = s.loglikelihood([('abc', 'de'), ('abc', 'dx')])
+    assert abs(ll - 2 * good) < 1e-5 and greedy and abs(ll2 - (good + bad)) < 1e-5 and not greedy2
+    # 16 letters after the end-of-text token, in windows of 8 (each scored once), then 'z' that breaks the cycle
+    assert abs(s.loglikelihood_rolling([('abcdefghijklmnopz',)])[0] - (16 * good + bad)) < 1e-4
+    assert s.generate_until([('xyz', {'until': ['e'], 'max_gen_toks': 10})]) == [' abcd']
+    assert E.multiple_choice(s, [('abc', ['dx', 'de'], 1), ('mn', ['op', 'oq'], 0)]) == {'acc': 100.0, 'acc_norm': 100.0}
+    out = E.lambada(s, [{'text': 'xyz abcd'}, {'text': 'xyz abce'}])  # the second last word is wrong at 'e'
+    assert out['acc'] == 50.0 and abs(out['ppl'] - math.exp(-(9 * good + bad) / 2)) < 1e-4
+    # ' cd' after 'ab z' (z -> ' ' likely) beats ' cd' after 'ab x'
+    wino = [{'sentence': 'ab _ cd', 'option1': 'x', 'option2': 'z', 'answer': '2'},
+            {'sentence': 'ab _ cd', 'option1': 'z', 'option2': 'x', 'answer': '1'},
+            {'sentence': 'ab _ cd', 'option1': 'z', 'option2': 'x', 'answer': '2'}]
+    assert abs(E.winogrande(s, wino)['acc'] - 200 / 3) < 1e-9
+
+
+def tiny_gpt(vocab=50304, seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=32, vocab_size=vocab, n_layer=2, n_head=2, n_embd=16)).eval()
+
+
+def test_batched_padded_scoring_equals_one_forward_each():
+    """Requests of different lengths (one longer than the context) batched and padded = each scored alone by a
+    plain forward and log-softmax."""
+    model = tiny_gpt(vocab=64)
+    g = torch.Generator().manual_seed(0)
+    pieces = [(torch.randint(0, 64, (n,), generator=g).tolist(), k) for n, k in ((5, 2), (12, 4), (40, 3), (7, 6))]
+    s = E.Scorer(model, None, 'cpu', batch_size=3)
+    for (ids, k), (ll, greedy) in zip(pieces, s.score(pieces)):
+        ids = ids[-33:]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids[:-1]]), torch.tensor([ids[1:]]))[0][0]
+        logp = F.log_softmax(logits, -1)[-k:].gather(-1, torch.tensor(ids[-k:]).unsqueeze(-1))
+        assert abs(ll - logp.sum().item()) < 1e-4
+        assert greedy == bool((logits[-k:].argmax(-1) == torch.tensor(ids[-k:])).all())
+
+
+def test_readers_on_the_official_sample_files():
+    if not os.path.isdir(BENCH):
+        pytest.skip('no benchmark samples')
+    E.data_dir = BENCH
+    try:
+        for task, n_choices in (('hellaswag', 4), ('piqa', 2), ('siqa', 3), ('arc_easy', None)):
+            items = E.choice_items(task, E.task_file(task))
+            assert len(items) == 200 and all(0 <= g < len(c) for _, c, g in items), task
+            assert n_choices is None or all(len(c) == n_choices for _, c, _ in items)
+        first = E.choice_items('hellaswag', E.task_file('hellaswag'))[0]
+        assert first[0] == 'Roof shingle removal: A man is sitting on a roof. he' and first[2] == 3
+        assert E.choice_items('piqa', E.task_file('piqa'))[1][2] == 1  # from piqa_valid-labels (0, 1, 1, ...)
+        assert E.choice_items('siqa', E.task_file('siqa'))[0][2] == 2  # label 3 of 1..3
+        assert E.read_jsonl(E.task_file('winogrande'))[0]['answer'] == '2'
+    finally:
+        E.data_dir = ''
+
+
+def test_cli_every_task_and_json(tmp_path):
+    if not os.path.isdir(BENCH):
+        pytest.skip('no benchmark samples')
+    model = tiny_gpt()
+    save_checkpoint({'model': model.state_dict(), 'model_args': dict(block_size=32, vocab_size=50304, n_layer=2,
+                     n_head=2, n_embd=16), 'mode': 'ntp', 'iter_num': 0, 'config': {}}, str(tmp_path / 'out'))
+    p = run(['eval.py', f'--out_dir={tmp_path / "out"}', f'--data_dir={BENCH}', '--limit=4', '--device=cpu',
+             '--dtype=float32', '--tasks=lambada,hellaswag,piqa,arc_easy,winogrande,siqa', f'--json_out={tmp_path / "r.json"}'])
+    results = json.load(open(tmp_path / 'r.json'))['results']
+    assert set(results) == {'lambada', 'hellaswag', 'piqa', 'arc_easy', 'winogrande', 'siqa'} and 'done:' in p.stdout
+    assert all(0 <= r['acc'] <= 100 for r in results.values())
+    (tmp_path / 'wiki').mkdir()
+    (tmp_path / 'wiki' / 'wiki.valid.raw').write_text(' = Title = \n a short article about nothing at all . \n')
+    w = run(['eval.py', f'--out_dir={tmp_path / "out"}', f'--data_dir={tmp_path / "wiki"}', '--tasks=wikitext', '--device=cpu'])
+    assert 'word_ppl' in w.stdout
+    bad = run(['eval.py', f'--out_dir={tmp_path / "out"}', f'--data_dir={tmp_path / "wiki"}', '--tasks=piqa'], check=False)
+    assert bad.returncode != 0 and 'no file matching piqa_valid*.jsonl' in bad.stderr
+
+
+def test_perplexity_task_equals_mean_window_loss(dataset, tmp_path):
+    from conftest import TINY
+    run(['train.py', f'--dataset={dataset}', f'--out_dir={tmp_path / "out"}', '--max_iters=4', '--eval_interval=4'] + TINY)
+    p = run(['eval.py', f'--out_dir={tmp_path / "out"}', '--tasks=ppl', '--device=cpu', '--limit=10'])
+    loss = float(p.stdout.split('loss ')[1].split(',')[0])
+    from model import load_model
+    import numpy as np
+    model = load_model(str(tmp_path / 'out'))[0]
+    val = np.fromfile(os.path.join(dataset, 'val.bin'), dtype=np.uint16).astype(np.int64)
+    x = torch.from_numpy(val[:160].reshape(10, 16))
+    y = torch.from_numpy(val[1:161].reshape(10, 16))
+    with torch.no_grad():
+        assert abs(model(x, y)[1].item() - loss) < 1e-4
