@@ -123,28 +123,86 @@ class ConceptMixer(nn.Module):
         self.compress = nn.Embedding(C, d)  # W_comp stored row per concept, so compression is a gather
         self.compress_bias = nn.Parameter(torch.zeros(d))
 
-    def forward(self, h, steer=None):
-        """h (B, T, d) -> concept logits z (B, T, C), the kept concept ids (B, T, concept_topk), best first,
-        and the concept vectors c_hat (B, T, d)."""
+    def forward(self, h, labels=None, steer=None):
+        """h (B, T, d) -> concept logits z (B, T, C) (None in training), the concept loss against labels
+        (B, T, k_attr) (None without), the kept concept ids (B, T, concept_topk), best first, and the concept
+        vectors c_hat (B, T, d)."""
         x, mu, std = sae_norm(h)
-        z = self.concept_head(x - self.pre_bias)
-        if steer:  # multiply chosen concepts' logits by alpha before TopK (paper Sec. 4.4, steering)
-            ids = torch.tensor(list(steer), device=z.device)
-            z = z.index_copy(-1, ids, z.index_select(-1, ids) * torch.tensor(list(steer.values()), device=z.device, dtype=z.dtype))
-        values, indices = z.topk(self.topk, dim=-1)  # raw logits, may be negative
+        x = x - self.pre_bias
+        z = loss = None
+        if labels is not None:  # training: the loss and TopK chunk by chunk, never the whole (B, T, C) logits
+            loss, values, indices = linear_cross_entropy(x, self.concept_head.weight, self.concept_head.bias, labels, self.topk)
+        else:
+            z = self.concept_head(x)  # z = W_head x + b_head
+            if steer:  # multiply chosen concepts' logits by alpha before TopK (paper Sec. 4.4, steering)
+                ids = torch.tensor(list(steer), device=z.device)
+                z = z.index_copy(-1, ids, z.index_select(-1, ids) * torch.tensor(list(steer.values()), device=z.device, dtype=z.dtype))
+            values, indices = z.topk(self.topk, dim=-1)  # raw logits, may be negative
         # c_hat = (W_comp TopK(z) + b_comp + b_pre) * std + mu: a weighted sum of concept_topk rows, not a C-wide matmul
-        mixed = F.embedding_bag(indices.flatten(0, -2), self.compress.weight, per_sample_weights=values.flatten(0, -2),
-                                mode='sum').view_as(h)
-        return z, indices, (mixed + self.compress_bias + self.pre_bias) * std + mu
+        mixed = F.embedding_bag(indices.flatten(0, -2), self.compress.weight, mode='sum',
+                                per_sample_weights=values.flatten(0, -2).to(self.compress.weight.dtype)).view_as(h)
+        return z, loss, indices, (mixed + self.compress_bias + self.pre_bias) * std + mu
 
 
-def concept_loss(z, labels):
-    """Cross-entropy of the concept logits z (B, T, C) against each of the k_attr labels (B, T, k_attr),
-    averaged over the labelled slots: (1/k_attr) sum_i CE(z, label_i) where every slot has a label; -1 = none."""
-    z = z.float()
-    valid = labels >= 0
-    nll = torch.logsumexp(z, dim=-1, keepdim=True) - z.gather(-1, labels.clamp_min(0))
-    return (nll * valid).sum() / valid.sum().clamp_min(1)
+CHUNK_ELEMENTS = 2 ** 25  # logits per chunk in LinearCrossEntropy: 128 MiB in fp32
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """loss = mean over labelled slots of CE(x W^T + b, label): the next-token loss (one label per row) and
+    the concept loss (1/k_attr) sum_i CE(z, label_i) (Eq. 2 of the paper; -1 = no label), plus, for concepts, the
+    top-k logits and their ids. What it buys: the (N, V) or (N, C) logits and their gradient never exist at once
+    (at C = 32768 and 16K tokens they are 2 GiB each): forward walks over row chunks and computes the gradient of
+    each chunk on the spot, so backward only scales it, and nothing is recomputed."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, labels, topk, with_grad):
+        N = x.size(0)
+        chunk = max(1, CHUNK_ELEMENTS // weight.size(0))  # rows per chunk
+        valid = labels >= 0
+        n_valid = valid.sum().clamp_min(1)
+        loss = torch.zeros((), device=x.device)
+        values, ids = [], []
+        grad_x = torch.empty_like(x) if with_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if with_grad else None
+        grad_b = torch.zeros(weight.size(0), device=x.device) if with_grad and bias is not None else None
+        for s in range(0, N, chunk):
+            xs, lab, v = x[s:s + chunk], labels[s:s + chunk].clamp_min(0), valid[s:s + chunk]
+            z = F.linear(xs, weight.to(xs.dtype), None if bias is None else bias.to(xs.dtype)).float()
+            if topk:
+                top = z.topk(topk, dim=-1)
+                values.append(top.values), ids.append(top.indices)
+            lse = z.logsumexp(-1, keepdim=True)
+            loss += ((lse - z.gather(-1, lab)) * v).sum()
+            if with_grad:  # dloss/dz = (softmax(z) * labels in the row - one-hot of each label) / n_valid
+                g = ((z - lse).exp_().mul_(v.sum(-1, keepdim=True)).scatter_add_(-1, lab, -v.float()) / n_valid)
+                grad_x[s:s + chunk] = (g.to(xs.dtype) @ weight.to(xs.dtype)).to(x.dtype)
+                grad_w += g.t() @ xs.float()
+                if grad_b is not None:
+                    grad_b += g.sum(0)
+        ctx.save_for_backward(grad_x, grad_w, grad_b, x, weight, torch.cat(ids) if topk else None)
+        ctx.has_bias = bias is not None
+        return loss / n_valid, torch.cat(values) if topk else None, torch.cat(ids) if topk else None
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_values, _):
+        grad_x, grad_w, grad_b, x, weight, ids = ctx.saved_tensors
+        grad_x, grad_w = grad_x * grad_loss, grad_w * grad_loss
+        grad_b = grad_b * grad_loss if grad_b is not None else None
+        if grad_values is not None:  # the kept logits feed the compression: sparse, k rows of W per position
+            grad_x = grad_x + F.embedding_bag(ids, weight, per_sample_weights=grad_values.to(weight.dtype), mode='sum').to(x.dtype)
+            grad_w = grad_w.index_add(0, ids.flatten(), (grad_values.unsqueeze(-1) * x.unsqueeze(1)).flatten(0, 1).float())
+            if grad_b is not None:
+                grad_b = grad_b.index_add(0, ids.flatten(), grad_values.flatten().float())
+        return grad_x, grad_w.to(weight.dtype), None if grad_b is None else grad_b.to(weight.dtype), None, None, None
+
+
+def linear_cross_entropy(x, weight, bias, labels, topk=0):
+    """x (..., d), labels (..., k) -> (loss, top-k logits (..., topk), their ids) through LinearCrossEntropy."""
+    shape = x.shape[:-1]
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    loss, values, ids = LinearCrossEntropy.apply(x.reshape(-1, x.size(-1)), weight, bias, labels.reshape(-1, labels.size(-1)),
+                                                 topk, needs_grad)
+    return loss, None if values is None else values.view(*shape, topk), None if ids is None else ids.view(*shape, topk)
 
 
 @torch.no_grad()
@@ -227,19 +285,24 @@ class GPT(nn.Module):
             x = self.transformer.h[i](x, None if caches is None else caches[i])
         return x
 
-    def head(self, x, targets=None):
+    def head(self, x, targets=None, logits=True):
         """Final LN and tied unembedding: x (B, T, C) -> logits (B, T, V) and the mean cross-entropy against
-        targets (B, T) (-1 = no target), or None without targets."""
-        logits = self.lm_head(self.transformer.ln_f(x))
+        targets (B, T) (-1 = no target), or None without targets. logits=False: only the loss, computed in
+        chunks without ever holding the (B, T, V) logits (linear_cross_entropy)."""
+        x = self.transformer.ln_f(x)
+        if targets is not None and not logits:
+            return None, linear_cross_entropy(x, self.lm_head.weight, None, targets.unsqueeze(-1))[0]
+        logits = self.lm_head(x)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
         return logits, loss
 
-    def forward(self, idx, targets=None, caches=None, concept_labels=None, lam_concept=0.1, steer=None):
+    def forward(self, idx, targets=None, caches=None, concept_labels=None, lam_concept=0.1, steer=None, logits=True):
         """idx (B, T) -> (logits, loss). Full-sequence logits with targets; without them, only the last
-        position's logits (B, 1, V), all that sampling needs. `caches` (from new_caches) enables the KV cache.
-        CoCoMix: with concept_labels (B, T, k_attr), loss = NTP + lam_concept * concept loss (self.losses has both)."""
+        position's logits (B, 1, V), all that sampling needs. logits=False: the loss alone, in less memory.
+        `caches` (from new_caches) enables the KV cache. CoCoMix: with concept_labels (B, T, k_attr),
+        loss = NTP + lam_concept * concept loss (self.losses has both)."""
         cfg = self.config
         pos_offset = caches[0].get('pos', 0) if caches is not None else 0
         if caches is not None:
@@ -250,7 +313,7 @@ class GPT(nn.Module):
             if cfg.mix == 'pause':
                 c_hat = self.pause.expand_as(x)
             else:
-                self.concept_logits, self.concept_ids, c_hat = self.concepts(x, steer)  # (B, T, C), (B, T, k), (B, T, d)
+                self.concept_logits, concept, self.concept_ids, c_hat = self.concepts(x, concept_labels, steer)
             if cfg.mix in ('interleave', 'pause'):  # (h_1, c_1, h_2, c_2, ...): 2T positions, the plain causal mask
                 x = torch.stack((x, c_hat), dim=2).flatten(1, 2)
             elif cfg.mix == 'add':
@@ -258,12 +321,12 @@ class GPT(nn.Module):
             x = self.run_blocks(x, start=cfg.insert_layer, caches=caches)
             if cfg.mix in ('interleave', 'pause'):
                 x = x[:, 1::2]  # read out at the concept slots: c_t predicts token t+1
-        logits, loss = self.head(x if targets is not None else x[:, [-1], :], targets)
+        logits, loss = self.head(x if targets is not None else x[:, [-1], :], targets, logits)
         self.losses = {'ntp': loss}
         if concept_labels is not None and cfg.n_concepts:
-            self.losses['concept'] = concept_loss(self.concept_logits, concept_labels)
+            self.losses['concept'] = concept
             self.losses['concept_acc'] = concept_accuracy(self.concept_ids, concept_labels)
-            loss = loss + lam_concept * self.losses['concept']
+            loss = loss + lam_concept * concept
         return logits, loss
 
     def new_caches(self):

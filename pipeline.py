@@ -23,7 +23,8 @@ name = 'shakespeare_char'  # the dataset is data/NAME, the runs out-NAME/*
 steer_alpha = 8.0  # the steered sample multiplies one concept's logit by this
 device = 'cpu'
 # -----------------------------------------------------------------------------
-configure(globals())
+if __name__ == '__main__':
+    configure(globals())
 py, data, out = sys.executable, f'data/{name}', f'out-{name}'
 common = [f'--dataset={data}', f'--device={device}']
 models = f'--teacher={out}/teacher', f'--sae={out}/sae/sae.pt'
@@ -31,25 +32,26 @@ STAGES = [  # (name, command, inputs, output)
     ('prepare', ['prepare.py', 'shakespeare', '--tokenizer=char', f'--out_dir={data}'] + ([f'--input={input}'] if input else []),
      [], f'{data}/meta.json'),
     ('teacher', ['train.py', 'config/teacher_shakespeare_char.py', f'--out_dir={out}/teacher'] + common,
-     [f'{data}/meta.json'], f'{out}/teacher/ckpt.pt'),
+     [f'{data}/meta.json', 'config/teacher_shakespeare_char.py'], f'{out}/teacher/ckpt.pt'),
     ('sae', ['sae.py', 'config/sae_shakespeare_char.py', f'--out_dir={out}/sae', models[0]] + common,
-     [f'{out}/teacher/ckpt.pt'], f'{out}/sae/sae.pt'),
+     [f'{out}/teacher/ckpt.pt', 'config/sae_shakespeare_char.py'], f'{out}/sae/sae.pt'),
     ('concepts', ['sae.py', f'--inspect={out}/sae/sae.pt', '--top=5', f'--device={device}'],
      [f'{out}/sae/sae.pt'], f'{out}/sae/sae.pt.concepts.json'),
     ('labels', ['attribution.py', 'config/cocomix_shakespeare_char.py', *models] + common,
      [f'{out}/sae/sae.pt'], f'{data}/labels_train.json'),
     ('cocomix', ['train.py', 'config/cocomix_shakespeare_char.py', f'--out_dir={out}/cocomix', '--label_cache=True', *models] + common,
-     [f'{data}/labels_train.json'], f'{out}/cocomix/ckpt.pt'),
+     [f'{data}/labels_train.json', 'config/cocomix_shakespeare_char.py'], f'{out}/cocomix/ckpt.pt'),
     ('ntp', ['train.py', 'config/ntp_shakespeare_char.py', f'--out_dir={out}/ntp'] + common,
-     [f'{data}/meta.json'], f'{out}/ntp/ckpt.pt'),
+     [f'{data}/meta.json', 'config/ntp_shakespeare_char.py'], f'{out}/ntp/ckpt.pt'),
 ] + [(f'eval {m}', ['eval.py', f'--out_dir={out}/{m}', '--tasks=ppl', f'--json_out={out}/{m}/eval.json', f'--device={device}'],
       [f'{out}/{m}/ckpt.pt'], f'{out}/{m}/eval.json') for m in ('cocomix', 'ntp')]
 
 
-def run_stages():
-    stamps_path = f'{out}/pipeline_stamps.json'  # output -> the command that made it
+def run_stages(stages, stamps_path):
+    """Run (name, command, inputs, output) stages in order, skipping each one whose output is current; the
+    commands that made the outputs are kept in stamps_path. Shared with study.py."""
     stamps = json.load(open(stamps_path)) if os.path.exists(stamps_path) else {}
-    for stage, cmd, inputs, output in STAGES:
+    for stage, cmd, inputs, output in stages:
         line = ' '.join(['python'] + cmd)
         current = os.path.exists(output) and stamps.get(output) == line and \
             all(os.path.getmtime(i) <= os.path.getmtime(output) for i in inputs if os.path.exists(i))
@@ -61,7 +63,7 @@ def run_stages():
         if subprocess.run([py] + cmd).returncode != 0:
             raise SystemExit(f"error: stage '{stage}' failed; fix the cause and run pipeline.py again (done stages are kept)")
         print(f"[{stage}] done in {time.time() - t0:.0f} s", flush=True)
-        os.makedirs(out, exist_ok=True)
+        os.makedirs(os.path.dirname(stamps_path), exist_ok=True)
         stamps[output] = line
         with open(stamps_path, 'w') as f:
             json.dump(stamps, f, indent=1)
@@ -69,7 +71,7 @@ def run_stages():
 
 def main():
     t0 = time.time()
-    run_stages()
+    run_stages(STAGES, f'{out}/pipeline_stamps.json')
     import torch
     from model import load_model
     print(f"\n{'model':<9} {'layers x width':>14} {'active params':>13} {'train tokens':>12} {'val loss':>8} {'val ppl':>7}")
@@ -77,7 +79,7 @@ def main():
         model, ckpt = load_model(f'{out}/{m}')
         c, r = ckpt['config'], json.load(open(f'{out}/{m}/eval.json'))['results']['ppl']
         tokens = c['max_iters'] * c['batch_size'] * c['block_size'] * c['gradient_accumulation_steps']
-        print(f"{m.upper() if m == 'ntp' else 'CoCoMix':<9} {model.config.n_layer:>6} x {model.config.n_embd:<6} "
+        print(f"{'NTP' if m == 'ntp' else 'CoCoMix':<9} {model.config.n_layer:>6} x {model.config.n_embd:<6} "
               f"{model.get_num_params(active=True) / 1e6:>12.2f}M {tokens:>12,} {r['loss']:>8.4f} {r['ppl']:>7.3f}")
     model, _ = load_model(f'{out}/cocomix')
     with torch.no_grad():  # steer the concept the student predicts most often on the val text

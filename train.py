@@ -182,7 +182,7 @@ def teach(x, y):
 
 # model
 torch.manual_seed(seed)  # the same initial weights on every process and every run
-iter_num, best_val_loss, checkpoint = 0, float('inf'), None
+iter_num, best_val_loss, checkpoint, history = 0, float('inf'), None, []  # history: (step, train, val) losses
 vocab_size = math.ceil(meta['vocab_size'] / 64) * 64  # padded to a multiple of 64: faster matmuls
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=vocab_size, dropout=dropout)
@@ -200,7 +200,7 @@ elif init_from == 'resume':
     model_args.update({k: v for k, v in checkpoint['model_args'].items() if k != 'dropout'})  # its architecture
     model = GPT(GPTConfig(**model_args))
     model.load_state_dict(checkpoint['model'])
-    iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
+    iter_num, best_val_loss, history = checkpoint['iter_num'], checkpoint['best_val_loss'], checkpoint.get('history', [])
 else:
     model = GPT.from_pretrained(init_from, dict(dropout=dropout))
     for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size'):
@@ -249,7 +249,7 @@ def estimate_loss():
         for k in range(eval_iters):
             X, Y, _ = get_batch(split, k, rank)  # perplexity is always the plain next-token loss
             with autocast:
-                _, loss = model(X, Y)
+                _, loss = model(X, Y, logits=False)
             losses[k] = loss.item()
         out[split.removeprefix('eval_')] = all_mean(losses.mean())
     model.train()
@@ -281,6 +281,8 @@ while True:
         losses = estimate_loss()
         if master:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            if not history or history[-1][0] < iter_num:
+                history.append((iter_num, losses['train'], losses['val']))
             if wandb_log:
                 wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'],
                            'lr': get_lr(iter_num) if decay_lr else learning_rate, 'mfu': running_mfu * 100})
@@ -290,7 +292,7 @@ while True:
                                  'scaler': scaler.state_dict(), 'model_args': model_args, 'mode': mode,
                                  # the data position and every random draw are functions of (seed, iter_num)
                                  'iter_num': iter_num, 'seed': seed, 'best_val_loss': best_val_loss,
-                                 'config': config, 'data_meta': meta}, out_dir)  # data_meta: the tokenizer
+                                 'config': config, 'data_meta': meta, 'history': history}, out_dir)  # meta: tokenizer
                 print(f"saved checkpoint to {out_dir}/ckpt.pt")
         t0 = time.time()  # time the training steps only
     if iter_num >= max_iters or eval_only:
@@ -308,7 +310,7 @@ while True:
         if ddp:  # synchronise gradients only on the last micro-step
             model.require_backward_grad_sync = micro_step == accum_steps - 1
         with autocast:
-            logits, loss = model(X, Y, concept_labels=C, lam_concept=lam_concept)
+            logits, loss = model(X, Y, concept_labels=C, lam_concept=lam_concept, logits=kd)  # only KD needs the logits
             terms = dict(raw_model.losses)
             if kd:
                 terms['kd'] = kd_loss(logits, teacher_logits)
@@ -341,7 +343,7 @@ while True:
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
         # rank 0's terms: ntp (next-token), concept (its loss), concept_acc (labels among the kept concepts), kd
         terms = ''.join(f", {k} {v:.2%}" if k == 'concept_acc' else f", {k} {v:.4f}" for k, v in parts.items() if k != 'loss' and len(parts) > 2)
-        share = f", teacher {teacher_time / dt * 100:.0f}% of the time" if teacher_model is not None else ''
+        share = f", teacher {teacher_time / dt * 100:.0f}% of the time" if kd or (mode == 'cocomix' and labels is None) else ''
         print(f"iter {iter_num}: loss {loss_value:.4f}{terms}, lr {lr:.2e}{share}, time {dt * 1000:.1f}ms, "
               f"{tokens_per_iter / dt:,.0f} tok/s" + (f", mfu {running_mfu * 100:.1f}%" if running_mfu >= 0 else ''))
     iter_num += 1

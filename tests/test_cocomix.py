@@ -2,7 +2,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, concept_accuracy, concept_loss, kd_loss
+from model import GPT, GPTConfig, concept_accuracy, kd_loss, linear_cross_entropy
+
+
+def concept_loss(z, labels):
+    """The concept loss written plainly (paper Eq. 2): (1/k_attr) sum_i CE(z, label_i) over labelled slots."""
+    z = z.float()
+    valid = labels >= 0
+    nll = torch.logsumexp(z, dim=-1, keepdim=True) - z.gather(-1, labels.clamp_min(0))
+    return (nll * valid).sum() / valid.sum().clamp_min(1)
 
 
 def cocomix(mix='interleave', C=40, insert_layer=1, seed=0, block_size=32):
@@ -39,7 +47,7 @@ def test_model_is_causal(mix):
 def test_gather_compression_equals_dense_masked_matmul():
     model = cocomix()
     h = torch.randn(2, 5, 32, requires_grad=True)
-    z, kept_ids, c_hat = model.concepts(h)
+    z, _, kept_ids, c_hat = model.concepts(h)
     m = model.concepts
     mu, std = h.mean(-1, keepdim=True), h.std(-1, keepdim=True)  # unbiased, as the SAE
     z_ref = m.concept_head((h - mu) / (std + 1e-5) - m.pre_bias)
@@ -166,10 +174,41 @@ def test_concept_loss_in_forward():
     model = cocomix()
     idx = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     labels = torch.randint(-1, 40, (2, 8, 4), generator=torch.Generator().manual_seed(1))
-    _, loss = model(idx, idx, concept_labels=labels, lam_concept=0.1)
+    logits, loss = model(idx, idx, concept_labels=labels, lam_concept=0.1)
     ntp, concept = model.losses['ntp'], model.losses['concept']
     torch.testing.assert_close(loss, ntp + 0.1 * concept)
+    ref_logits, ref_ntp = model(idx, idx)  # without labels: the full concept logits, the plain head
     torch.testing.assert_close(concept, concept_loss(model.concept_logits, labels))
+    torch.testing.assert_close(ntp, ref_ntp)
+    torch.testing.assert_close(logits, ref_logits)  # training with labels mixes the same concept vectors
+
+
+@pytest.mark.parametrize('k, topk', [(1, 0), (4, 5)])
+def test_chunked_linear_cross_entropy_equals_dense(monkeypatch, k, topk):
+    """Loss, top-k and every gradient (through the loss and through the kept logits) equal autograd on the full
+    logits; the chunk size is forced down to a few rows so that the chunking is exercised."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    b = torch.randn(50, generator=g, requires_grad=True)
+    labels = torch.randint(-1, 50, (2, 7, k), generator=g)
+    labels[0, 0] = -1  # a row without labels
+    import model as M
+    a = torch.randn(2, 7, topk, generator=g)  # weights on the kept logits, as the compression's gradient
+    for chunk_rows in (3, 1000):
+        monkeypatch.setattr(M, 'CHUNK_ELEMENTS', chunk_rows * 50)
+        loss, values, ids = linear_cross_entropy(x, w, b, labels, topk)
+        z = x @ w.t() + b
+        ref = concept_loss(z, labels)
+        torch.testing.assert_close(loss, ref)
+        out, out_ref = 2 * loss, 2 * ref
+        if topk:
+            top = z.topk(topk)
+            assert torch.equal(ids, top.indices)
+            torch.testing.assert_close(values, top.values)
+            out, out_ref = out + (values * a).sum(), out_ref + (top.values * a).sum()
+        for ga, gb in zip(torch.autograd.grad(out, (x, w, b)), torch.autograd.grad(out_ref, (x, w, b))):
+            torch.testing.assert_close(ga, gb)
 
 
 def teacher_and_sae(dataset, tmp_path):

@@ -124,3 +124,17 @@ def test_perplexity_task_equals_mean_window_loss(dataset, tmp_path):
     y = torch.from_numpy(val[1:161].reshape(10, 16))
     with torch.no_grad():
         assert abs(model(x, y)[1].item() - loss) < 1e-4
+
+
+def test_lm_eval_adapter_calls_the_scorer():
+    pytest.importorskip('lm_eval')
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.model import LM
+    s = E.Scorer(NextLetter(), CharTokenizer(CHARS), 'cpu')
+    lm = E.lm_eval_model(s)
+    assert isinstance(lm, LM)
+    req = lambda kind, args: Instance(request_type=kind, doc={}, arguments=args, idx=0)
+    assert lm.loglikelihood([req('loglikelihood', ('abc', 'de'))]) == s.loglikelihood([('abc', 'de')])
+    assert lm.loglikelihood_rolling([req('loglikelihood_rolling', ('abcdefghijklmnopz',))]) == \
+        s.loglikelihood_rolling([('abcdefghijklmnopz',)])
+    assert lm.generate_until([req('generate_until', ('xyz', {'until': ['e'], 'max_gen_toks': 10}))]) == [' abcd']
