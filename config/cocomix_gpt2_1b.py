@@ -3,9 +3,6 @@
 # torchrun --standalone --nproc_per_node=8 train.py config/cocomix_gpt2_1b.py
 exec(open('config/ntp_gpt2_1b.py').read())
 out_dir = 'out-cocomix_gpt2_1b'
-mode = 'cocomix'
-teacher = 'gpt2'
-sae = 'openai:resid_post_mlp:5'
-sae_layer = 5
+mode = 'cocomix'  # teacher gpt2, SAE openai:resid_post_mlp:5 at sae_layer 5: train.py's defaults
 n_embd = 2048
 insert_layer = 5

@@ -28,6 +28,22 @@ def test_round_trip_one_file(tmp_path):
     assert f"train {meta['train_tokens']:,} tokens" in p.stdout
 
 
+def test_character_level_round_trip(tmp_path):
+    from prepare import get_tokenizer
+    (tmp_path / 'a.txt').write_text('to be, or not\n\u00e9')
+    (tmp_path / 'v.txt').write_text('be not!')
+    out = tmp_path / 'data'
+    run(['prepare.py', 'c', f"--input={tmp_path / 'a.txt'}", f"--val_input={tmp_path / 'v.txt'}", f'--out_dir={out}',
+         '--tokenizer=char'])
+    meta = json.loads((out / 'meta.json').read_text())
+    assert meta['chars'] == '\n !,benort\u00e9' and meta['vocab_size'] == len(meta['chars']) + 1 == meta['eot_token'] + 1
+    enc = get_tokenizer(meta)
+    split = lambda s: np.fromfile(out / f'{s}.bin', dtype=np.uint16).tolist()
+    assert enc.decode(split('train')) == 'to be, or not\n\u00e9<|endoftext|>' and split('val')[:2] == [4, 5]
+    with pytest.raises(SystemExit, match="'z' is not in this dataset's character vocabulary"):
+        enc.encode('zebra')
+
+
 def test_globs_and_separate_val_files(tmp_path):
     for name, text in (('a.txt', 'alpha beta\n'), ('b.txt', 'gamma delta\n'), ('v.txt', 'held out\n')):
         (tmp_path / name).write_text(text)
