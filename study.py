@@ -11,6 +11,7 @@ prediction only and mixing only, several seeds each.
 Writes out-study/results.md (val loss and perplexity, mean +- std over seeds, and the tokens NTP needs to reach
 each method's final loss: the paper's "fewer tokens" measure) and out-study/val_loss.png (matplotlib, optional).
 """
+import json
 import math
 import os
 import sys
@@ -30,6 +31,7 @@ methods = 'ntp,kd,cocomix,cocomix_add,activation,predict_only,mix_only'
 teacher_iters = 1000  # x 4,096 characters
 student_iters = 400  # x 4,096 characters, the same for every student
 eval_every = 25  # steps between val losses (the curve that gives "tokens NTP needs")
+eval_windows = 2000  # final val loss: the first eval_windows x 128 characters of the val split, for every run
 student = '--n_layer=4 --n_embd=128 --insert_layer=1'  # CoCoMix's student; NTP and KD are widened to match
 ntp_width = 140
 device = 'cpu'
@@ -72,6 +74,12 @@ def stages():
                                             f'--lr_decay_iters={student_iters}', f'--eval_interval={eval_every}',
                                             '--always_save_checkpoint=True', *student.split(), *width, *extra, *models] + common,
                       [f'{data}/labels_train.json'], f'{run}/ckpt.pt'))
+    for seed in range(seeds):  # the final loss of every run on the same val windows
+        for m in methods.split(','):
+            run = f'{out}/{m}_s{seed}'
+            s.append((f'eval {m} seed {seed}', ['eval.py', f'--out_dir={run}', '--tasks=ppl', f'--limit={eval_windows}',
+                                                 f'--json_out={run}/eval.json', f'--device={device}'],
+                      [f'{run}/ckpt.pt'], f'{run}/eval.json'))
     return s
 
 
@@ -109,15 +117,18 @@ def report():
             tokens = ckpt['config']['batch_size'] * ckpt['config']['block_size'] * ckpt['config']['gradient_accumulation_steps']
             runs.append([(it * tokens, val) for it, _, val in ckpt['history']])
         results[m] = runs
-    final = {m: np.array([r[-1][1] for r in runs]) for m, runs in results.items()}
+    final = {m: np.array([json.load(open(f'{out}/{m}_s{seed}/eval.json'))['results']['ppl']['loss'] for seed in range(seeds)])
+             for m in results}
     ntp_curve = np.mean([[v for _, v in r] for r in results['ntp']], axis=0)
     ntp_curve = list(zip([t for t, _ in results['ntp'][0]], ntp_curve))
     budget = ntp_curve[-1][0]
-    lines = [f"| method | val loss (mean ± std, {seeds} seeds) | val ppl | tokens NTP needs for this loss |", '|---|---|---|---|']
-    for m, v in final.items():
-        need = tokens_to_reach(ntp_curve, v.mean())
-        need = f"{need / budget:.2f}x the budget ({need:,.0f})" if need is not None else f"more than the budget ({budget:,})"
-        lines.append(f"| {m} | {v.mean():.4f} ± {v.std():.4f} | {math.exp(v.mean()):.3f} | {need} |")
+    lines = [f"| method | val loss (mean ± std, {seeds} seeds) | val ppl | tokens NTP needs to reach this loss | "
+             "tokens this method needs to reach NTP's final loss |", '|---|---|---|---|---|']
+    share = lambda t: f"{t / budget:.2f} x {budget:,}" if t is not None else f"more than {budget:,}"
+    for m, v in final.items():  # the token measures compare curves measured alike: train.py's val estimates (mean of seeds)
+        curve = list(zip([t for t, _ in results[m][0]], np.mean([[y for _, y in r] for r in results[m]], axis=0)))
+        lines.append(f"| {m} | {v.mean():.4f} ± {v.std():.4f} | {math.exp(v.mean()):.3f} | "
+                     f"{share(tokens_to_reach(ntp_curve, curve[-1][1]))} | {share(tokens_to_reach(curve, ntp_curve[-1][1]))} |")
     table = '\n'.join(lines)
     with open(f'{out}/results.md', 'w') as f:
         f.write(table + '\n')
