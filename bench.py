@@ -51,6 +51,7 @@ teacher_embd = 768
 label_batch = 2  # sequences of block_size per labelling call
 gen_tokens = 256
 sae_tokens = 200_000  # training tokens for the sae part
+ntp_width = 0  # also time NTP at this width (the baseline matched to CoCoMix's active parameters); 0 = skip
 learning_rate = 6e-4
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
@@ -74,7 +75,8 @@ V = math.ceil(vocab_size / 64) * 64
 def student(mode, T=block_size):
     concepts = dict(n_concepts=n_concepts, concept_topk=concept_topk, insert_layer=insert_layer, mix=mix) \
         if mode.startswith('cocomix') else {}
-    return GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=dropout,
+    width = ntp_width if mode == 'ntp_matched' else n_embd
+    return GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=n_layer, n_head=n_head, n_embd=width, dropout=dropout,
                          bias=bias, **concepts)).to(device)
 
 
@@ -151,7 +153,7 @@ def check(name, value, target, higher=True):
 
 def bench_train():
     base = child('none')['memory'] if device_type == 'cpu' else 0  # the process without a model
-    rows = {m: child(m) for m in ('ntp', 'cocomix_cached', 'cocomix_online')}
+    rows = {m: child(m) for m in ('ntp', 'cocomix_cached', 'cocomix_online') + (('ntp_matched',) if ntp_width else ())}
     unit = 'peak GPU memory' if device_type == 'cuda' else 'peak RSS above a bare process'
     print(f"train ({batch_size} x {block_size} tokens, {n_layer} x {n_embd}, C = {n_concepts}, {dtype}, compile={compile}):")
     for m, r in rows.items():
@@ -159,7 +161,8 @@ def bench_train():
               f"{r['flops'] / 1e9:8.1f} GFLOP/s student (MFU {r['flops'] / peak:.1%}), {r['flops_total'] / 1e9:8.1f} with "
               f"the teacher (MFU {r['flops_total'] / peak:.1%}), {unit} {(r['memory'] - base) / 2**30:.2f} GiB")
     ntp, cached, online = rows['ntp'], rows['cocomix_cached'], rows['cocomix_online']
-    print(f"  ms/iter: cocomix cached / ntp {cached['ms'] / ntp['ms']:.2f}, online / ntp {online['ms'] / ntp['ms']:.2f}")
+    print(f"  ms/iter: cocomix cached / ntp {cached['ms'] / ntp['ms']:.2f}, online / ntp {online['ms'] / ntp['ms']:.2f}"
+          + (f", cached / ntp at width {ntp_width} {cached['ms'] / rows['ntp_matched']['ms']:.2f}" if ntp_width else ''))
     check('cocomix (cached) FLOP/s / NTP FLOP/s', cached['flops'] / ntp['flops'], 0.9)
     check('cocomix (cached) peak memory / NTP', (cached['memory'] - base) / (ntp['memory'] - base), 1.3, higher=False)
 
@@ -279,6 +282,8 @@ if run_mode == 'none':
 elif run_mode:
     train_child(run_mode)
 else:
+    PARTS = {'train': bench_train, 'labels': bench_labels, 'generate': bench_generate, 'sae': bench_sae, 'compile': bench_compile}
     for part in parts.split(','):
-        {'train': bench_train, 'labels': bench_labels, 'generate': bench_generate, 'sae': bench_sae,
-         'compile': bench_compile}[part]()
+        if part not in PARTS:
+            raise SystemExit(f"error: unknown part '{part}'; use some of {','.join(PARTS)}")
+        PARTS[part]()
