@@ -17,17 +17,16 @@ Weights are random (timing does not depend on them; nothing is downloaded). Any 
 """
 import json
 import math
-import os
 import resource
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
 from configurator import configure, train_keys
 from model import GPT, GPTConfig, guess_peak_flops
+from model import autocast as autocast_context
 
 # -----------------------------------------------------------------------------
 parts = 'train,labels,generate,sae,compile'
@@ -66,7 +65,7 @@ argv = sys.argv[1:]
 configure(globals(), argv, ignore=train_keys())
 torch.manual_seed(seed)
 device_type = 'cuda' if 'cuda' in device else 'cpu'
-autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
+autocast = autocast_context(device, dtype)
 sync = torch.cuda.synchronize if device_type == 'cuda' else (lambda: None)
 peak = peak_flops or guess_peak_flops(device, dtype)
 V = math.ceil(vocab_size / 64) * 64

@@ -16,17 +16,14 @@ import math
 import os
 import re
 import sys
-import urllib.request
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from configurator import configure
-from model import load_model
-from prepare import data_dir_of, get_tokenizer, load_tokens
+from model import autocast, load_model
+from prepare import data_dir_of, download, get_tokenizer, load_tokens
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (the checkpoint in out_dir) or a gpt2 variant
@@ -150,19 +147,16 @@ def task_file(name):
         os.makedirs(CACHE, exist_ok=True)
         try:
             if isinstance(source, str):
-                with urllib.request.urlopen(source, timeout=30) as r, open(path + '.tmp', 'wb') as f, \
-                        tqdm(total=int(r.headers.get('Content-Length', 0)), unit='B', unit_scale=True, desc=name) as bar:
-                    while chunk := r.read(1 << 20):
-                        bar.update(f.write(chunk))
+                download(source, path, name)
             else:  # only on the HF hub: written out once in its usual jsonl / raw layout
                 from datasets import load_dataset
                 rows = load_dataset(source[0], source[1], split=source[2])
                 with open(path + '.tmp', 'w') as f:
                     f.writelines(''.join(rows['text']) if name == 'wikitext' else (json.dumps(row) + '\n' for row in rows))
+                os.replace(path + '.tmp', path)
         except Exception as e:
             raise SystemExit(f"error: cannot download the {name} data ({type(e).__name__}: {e}); "
                              f"put the file in a folder and pass --data_dir=FOLDER")
-        os.replace(path + '.tmp', path)
     return path
 
 
@@ -267,7 +261,7 @@ def main(argv):
     model, checkpoint = load_model(out_dir if init_from == 'resume' else init_from, device)
     name = f"{out_dir} ({checkpoint.get('mode', 'ntp')}, step {checkpoint['iter_num']})" if checkpoint else init_from
     scorer = Scorer(model, get_tokenizer(checkpoint and checkpoint.get('data_meta')), device, batch_size)
-    ctx = nullcontext() if dtype == 'float32' else torch.autocast('cuda' if 'cuda' in device else 'cpu', dtype=getattr(torch, dtype))
+    ctx = autocast(device, dtype)
     results = {}
     for task in tasks.split(','):
         with ctx:

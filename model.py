@@ -6,6 +6,7 @@ Shapes: B batch, T time, C = n_embd channels, V vocabulary.
 import inspect
 import os
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -404,7 +405,6 @@ class LinearCrossEntropy(torch.autograd.Function):
                 if grad_b is not None:
                     grad_b += g.sum(0)
         ctx.save_for_backward(grad_x, grad_w, grad_b, x, weight, torch.cat(ids) if topk else None)
-        ctx.has_bias = bias is not None
         return loss / n_valid, torch.cat(values) if topk else None, torch.cat(ids) if topk else None
 
     @staticmethod
@@ -460,6 +460,14 @@ def load_model(spec, device='cpu', dropout=None):
     else:
         raise SystemExit(f"error: '{spec}' is neither gpt2* nor a folder holding ckpt.pt or a transformers config.json")
     return model.to(device).eval(), checkpoint
+
+
+def autocast(device, dtype):
+    """The mixed-precision context of a script's `dtype` setting: none for float32, else torch.autocast."""
+    if dtype not in ('float32', 'bfloat16', 'float16'):
+        raise SystemExit(f"error: unknown dtype '{dtype}'; use float32, bfloat16 or float16")
+    return nullcontext() if dtype == 'float32' else \
+        torch.autocast('cuda' if 'cuda' in str(device) else 'cpu', dtype=getattr(torch, dtype))
 
 
 def guess_peak_flops(device, dtype):

@@ -21,7 +21,7 @@ import urllib.request
 import numpy as np
 from tqdm import tqdm
 
-from configurator import ConfigError, configure
+from configurator import configure
 
 # -----------------------------------------------------------------------------
 input = ''  # comma-separated local files or globs (the train split, or both splits without val_input)
@@ -67,6 +67,17 @@ def get_tokenizer(meta=None):
         return CharTokenizer(meta['chars'])
     import tiktoken
     return tiktoken.get_encoding('gpt2')
+
+
+def download(url, path, desc):
+    """Fetch url into path with a progress bar, through path.tmp so that a broken download never carries the
+    final name (shared by prepare.py, sae.py and eval.py). Raises OSError."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    with urllib.request.urlopen(url, timeout=30) as r, open(path + '.tmp', 'wb') as f, \
+            tqdm(total=int(r.headers.get('Content-Length', 0)), unit='B', unit_scale=True, desc=desc) as bar:
+        while chunk := r.read(1 << 20):
+            bar.update(f.write(chunk))
+    os.replace(path + '.tmp', path)
 
 
 def expand(spec, flag):
@@ -163,13 +174,10 @@ def main(argv):
         elif name == 'shakespeare':
             path = os.path.join(target, 'input.txt')
             if not os.path.exists(path):
-                os.makedirs(target, exist_ok=True)
-                print(f"downloading {SHAKESPEARE_URL}")
                 try:
-                    urllib.request.urlretrieve(SHAKESPEARE_URL, path + '.tmp')
+                    download(SHAKESPEARE_URL, path, 'Tiny Shakespeare')
                 except OSError as e:
                     fail(f"cannot download Tiny Shakespeare ({e}); give a local copy with --input=PATH")
-                os.replace(path + '.tmp', path)
             train_files = [path]
         else:  # wikitext2 from the HF hub: the raw text of each split is one document
             from datasets import load_dataset

@@ -15,7 +15,6 @@ import math
 import os
 import sys
 import time
-import urllib.request
 
 import torch
 import torch.nn as nn
@@ -25,6 +24,7 @@ from tqdm import tqdm
 from configurator import configure
 from model import load_model, sae_norm, save_checkpoint
 from prepare import data_dir_of, get_tokenizer, load_tokens, read_meta
+from prepare import download as fetch  # `download` is a parameter of sae_file
 
 OPENAI_URL = 'https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small/{location}_v5_{size}/autoencoders/{layer}.pt'
 
@@ -102,15 +102,10 @@ def sae_file(spec, download=True, cache_dir=os.path.expanduser('~/.cache/cocomix
         url = OPENAI_URL.format(location=parts[1], layer=parts[2], size=parts[3] if len(parts) == 4 else '32k')
         path = os.path.join(cache_dir, 'openai_sae', url.split('gpt2-small/')[1].replace('/', '_'))
         if not os.path.exists(path) and download:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
             try:
-                with urllib.request.urlopen(url, timeout=30) as r, open(path + '.tmp', 'wb') as f, \
-                        tqdm(total=int(r.headers.get('Content-Length', 0)), unit='B', unit_scale=True, desc='SAE') as bar:
-                    while chunk := r.read(1 << 20):
-                        bar.update(f.write(chunk))
+                fetch(url, path, 'SAE')
             except OSError as e:
                 raise SystemExit(f"error: cannot download {url} ({e}); download it elsewhere and pass the file's path")
-            os.replace(path + '.tmp', path)
         spec = path
     if not os.path.exists(spec) and download:
         raise SystemExit(f"error: no SAE file at '{spec}'; train one with sae.py or use openai:LOCATION:LAYER")

@@ -7,12 +7,11 @@ Sample from a trained model (a train.py out_dir of any mode) or from OpenAI's GP
 """
 import json
 import os
-from contextlib import nullcontext
 
 import torch
 
 from configurator import configure
-from model import load_model
+from model import autocast as autocast_context, load_model
 from prepare import get_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -31,9 +30,7 @@ dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported
 # -----------------------------------------------------------------------------
 configure(globals())
 torch.manual_seed(seed)
-device_type = 'cuda' if 'cuda' in device else 'cpu'
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+autocast = autocast_context(device, dtype)
 SHOWN = 3  # concepts shown per token
 
 model, checkpoint = load_model(out_dir if init_from == 'resume' else init_from, device)

@@ -14,7 +14,6 @@ each method's final loss: the paper's "fewer tokens" measure) and out-study/val_
 import json
 import math
 import os
-import sys
 
 import numpy as np
 
@@ -48,7 +47,7 @@ METHODS = {  # method -> (config, overrides); mix=add is the paper's additive ab
 
 
 def stages():
-    py_data, act_data = f'data/study_char', f'data/study_char_activation'
+    py_data, act_data = 'data/study_char', 'data/study_char_activation'
     text = f'{out}/train_text.txt'
     common = [f'--device={device}', '--eval_iters=20']
     models = [f'--teacher={out}/teacher', f'--sae={out}/sae/sae.pt']

@@ -12,7 +12,6 @@ batch does not depend on the number of processes.
 import math
 import os
 import time
-from contextlib import nullcontext
 
 import torch
 from torch.distributed import destroy_process_group, init_process_group
@@ -20,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure
 from model import GPT, GPTConfig, guess_peak_flops, kd_loss, load_checkpoint, save_checkpoint
+from model import autocast as autocast_context
 from prepare import data_dir_of, load_tokens, read_meta
 
 # -----------------------------------------------------------------------------
@@ -110,8 +110,7 @@ if master:
 device_type = 'cuda' if 'cuda' in device else 'cpu'
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+autocast = autocast_context(device, dtype)
 
 # data: every batch is a pure function of (seed, split, step, micro-batch), so a resumed run and a run on
 # any number of processes read exactly the same sequences
@@ -315,10 +314,9 @@ while True:
             if kd:
                 terms['kd'] = kd_loss(logits, teacher_logits)
                 loss = loss + lam_kd * terms['kd']
-            loss = loss / accum_steps  # the mean over micro-batches; DDP averages over processes
-        scaler.scale(loss).backward()
-        for k, v in dict(terms, loss=loss * accum_steps).items():
+        for k, v in dict(terms, loss=loss).items():  # each term's mean over the micro-batches
             parts[k] = parts.get(k, 0.0) + v.detach() / accum_steps
+        scaler.scale(loss / accum_steps).backward()  # DDP averages over processes
     loss_value = all_mean(parts['loss'])  # one sync per step, so that a bad loss stops us at the step it happens
     if not math.isfinite(loss_value):
         if master:
@@ -342,7 +340,8 @@ while True:
             mfu = raw_model.estimate_mfu(tokens_per_iter, dt, peak)
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
         # rank 0's terms: ntp (next-token), concept (its loss), concept_acc (labels among the kept concepts), kd
-        terms = ''.join(f", {k} {v:.2%}" if k == 'concept_acc' else f", {k} {v:.4f}" for k, v in parts.items() if k != 'loss' and len(parts) > 2)
+        shown = {k: v for k, v in parts.items() if k != 'loss'} if len(parts) > 2 else {}
+        terms = ''.join(f", {k} {v:.2%}" if k == 'concept_acc' else f", {k} {v:.4f}" for k, v in shown.items())
         share = f", teacher {teacher_time / dt * 100:.0f}% of the time" if kd or (mode == 'cocomix' and labels is None) else ''
         print(f"iter {iter_num}: loss {loss_value:.4f}{terms}, lr {lr:.2e}{share}, time {dt * 1000:.1f}ms, "
               f"{tokens_per_iter / dt:,.0f} tok/s" + (f", mfu {running_mfu * 100:.1f}%" if running_mfu >= 0 else ''))
