@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from configurator import configure, train_keys
-from model import load_model
-from prepare import data_dir_of, load_tokens, read_meta
+from configurator import UserError, atomic_path, configure, train_keys
+from model import fingerprint, load_model, model_tokenizer
+from prepare import check_tokenizers, data_dir_of, load_tokens, read_meta
 from sae import load_sae, teacher_residual
 
 METHODS = ('attribution', 'activation', 'attribution_preact', 'attribution_neg')
@@ -29,12 +29,12 @@ def concept_labels(teacher, sae, idx, sae_layer, k_attr=4, method='attribution',
     fewer than k_attr latents score above 0, and at each sequence's last position for the gradient methods
     (it predicts nothing, so its gradient is exactly zero). The teacher's weights get no gradient."""
     if method not in METHODS:
-        raise SystemExit(f"error: unknown label_method '{method}'; use one of {', '.join(METHODS)}")
+        raise UserError(f"unknown label_method '{method}'; use one of {', '.join(METHODS)}")
     if sae.n_inputs != teacher.config.n_embd:
-        raise SystemExit(f"error: the SAE reads {sae.n_inputs}-wide vectors but the teacher is "
+        raise UserError(f"the SAE reads {sae.n_inputs}-wide vectors but the teacher is "
                          f"{teacher.config.n_embd} wide; use an SAE trained on this teacher")
     if k_attr > sae.k and method != 'attribution_preact':
-        raise SystemExit(f"error: k_attr={k_attr} is more than the SAE's {sae.k} active latents")
+        raise UserError(f"k_attr={k_attr} is more than the SAE's {sae.k} active latents")
     with torch.no_grad():
         h = teacher_residual(teacher, idx, sae_layer)
     if method == 'activation':
@@ -79,27 +79,40 @@ def cache_dtype(n_concepts):
     return np.uint16 if n_concepts < 2 ** 16 else np.uint32  # the top id is the "no label" marker
 
 
-def describe(data_dir, split, teacher, sae, sae_layer, label_method, k_attr, block_size, n_concepts):
-    """What a cache must match to be used: the data file and every setting that changes the labels."""
+def describe(data_dir, split, teacher_id, sae_id, sae_layer, label_method, k_attr, block_size, n_concepts):
+    """What a cache must match to be used: the data file, the teacher's and the SAE's weights (their fingerprints,
+    so a file retrained at the same path is noticed) and every setting that changes the labels."""
     data_file = os.path.join(data_dir, f'{split}.bin')
-    return dict(data_file=os.path.abspath(data_file), data_bytes=os.path.getsize(data_file), teacher=teacher,
-                sae=sae, sae_layer=sae_layer, label_method=label_method, k_attr=k_attr, block_size=block_size,
+    return dict(data_file=os.path.abspath(data_file), data_bytes=os.path.getsize(data_file), teacher_id=teacher_id,
+                sae_id=sae_id, sae_layer=sae_layer, label_method=label_method, k_attr=k_attr, block_size=block_size,
                 n_concepts=n_concepts)
+
+
+def check_sae(spec, meta, sae_layer, teacher_id):
+    """Refuse an SAE that was trained on another layer or another teacher than this run's (its file records both;
+    OpenAI's name their layer)."""
+    layer = int(spec.split(':')[2]) if spec.startswith('openai:') else meta.get('layer', sae_layer)
+    if layer != sae_layer:
+        raise UserError(f"the SAE {spec} reads layer {layer} of its teacher but this run has sae_layer={sae_layer}; "
+                        f"set --sae_layer={layer} or use an SAE trained on layer {sae_layer}")
+    if meta.get('teacher_id', teacher_id) != teacher_id:
+        raise UserError(f"the SAE {spec} was trained on another teacher (weights {meta['teacher_id']}, this run's "
+                        f"teacher has {teacher_id}); use the teacher it was trained on or retrain the SAE")
 
 
 def load_label_cache(data_dir, split, expected):
     """The labels of a finished cache as a memmap (N_tokens, k_attr); a cache made differently is refused."""
     path, meta_path = cache_paths(data_dir, split)
     if not os.path.exists(meta_path):
-        raise SystemExit(f"error: no label cache at {path}; run: python attribution.py with this run's config")
+        raise UserError(f"no label cache at {path}; run: python attribution.py with this run's config")
     with open(meta_path) as f:
         meta = json.load(f)
     for key, value in expected.items():
         if meta.get(key) != value:
-            raise SystemExit(f"error: the label cache {path} was made with {key}={meta.get(key)!r}, this run has "
+            raise UserError(f"the label cache {path} was made with {key}={meta.get(key)!r}, this run has "
                              f"{value!r}; relabel with attribution.py or set label_cache=False for online labels")
     if not meta.get('complete'):
-        raise SystemExit(f"error: the label cache {path} is unfinished; run attribution.py again to complete it")
+        raise UserError(f"the label cache {path} is unfinished; run attribution.py again to complete it")
     labels = np.memmap(path, dtype=cache_dtype(meta['n_concepts']), mode='r').reshape(-1, meta['k_attr'])
     return labels
 
@@ -167,7 +180,7 @@ def label_split(teacher_model, sae_model, data_dir, split, expected, rank=0, wor
     barrier()
     if rank == 0:
         if not done.all():
-            raise SystemExit(f"error: {path}: {int((done == 0).sum())} batches are missing; run attribution.py again")
+            raise UserError(f"{path}: {int((done == 0).sum())} batches are missing; run attribution.py again")
         write_meta(meta_path, dict(expected, complete=True))
         os.remove(path + '.done')
         print(f"{path}: {n_windows * block_size:,} tokens labelled ({rate * world_size:,.0f} tokens/s over "
@@ -180,9 +193,8 @@ def barrier():
 
 
 def write_meta(path, meta):
-    with open(path + '.tmp', 'w') as f:
+    with atomic_path(path) as tmp, open(tmp, 'w') as f:
         json.dump(meta, f, indent=1)
-    os.replace(path + '.tmp', path)
 
 
 def main(argv):
@@ -195,15 +207,15 @@ def main(argv):
             torch.cuda.set_device(device)
         torch.distributed.init_process_group('nccl' if 'cuda' in device else 'gloo')
     data_dir = data_dir_of(dataset)
-    teacher_model = load_model(teacher, device)[0]
+    teacher_model, teacher_ckpt = load_model(teacher, device)
     teacher_model.requires_grad_(False)
-    sae_model = load_sae(sae, teacher_model.config.n_embd)[0].to(device)
-    vocab = read_meta(data_dir)['vocab_size']
-    if vocab > teacher_model.config.vocab_size:
-        raise SystemExit(f"error: {data_dir} has {vocab} token ids but the teacher only "
-                         f"{teacher_model.config.vocab_size}: they use different tokenizers")
+    sae_model, sae_meta = load_sae(sae, teacher_model.config.n_embd)
+    sae_model.to(device)
+    check_tokenizers(read_meta(data_dir), f"the data in {data_dir}", model_tokenizer(teacher_model, teacher_ckpt), f"the teacher {teacher}")
+    teacher_id, sae_id = fingerprint(teacher_model), fingerprint(sae_model)
+    check_sae(sae, sae_meta, sae_layer, teacher_id)
     for split in splits.split(','):
-        expected = describe(data_dir, split, teacher, sae, sae_layer, label_method, k_attr, block_size,
+        expected = describe(data_dir, split, teacher_id, sae_id, sae_layer, label_method, k_attr, block_size,
                             sae_model.n_latents)
         label_split(teacher_model, sae_model, data_dir, split, expected, rank, world_size)
     if world_size > 1:

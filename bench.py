@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from configurator import configure, train_keys
+from configurator import UserError, configure, train_keys
 from model import GPT, GPTConfig, guess_peak_flops
 from model import autocast as autocast_context
 
@@ -141,7 +141,7 @@ def child(mode):
     """Run one mode in a fresh process; the bare process's memory is measured too (mode 'none')."""
     p = subprocess.run([sys.executable, __file__] + argv + [f'--run_mode={mode}'], capture_output=True, text=True)
     if p.returncode != 0:
-        raise SystemExit(f"error: bench.py --run_mode={mode} failed:\n{p.stderr[-2000:]}")
+        raise UserError(f"bench.py --run_mode={mode} failed:\n{p.stderr[-2000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -284,5 +284,5 @@ else:
     PARTS = {'train': bench_train, 'labels': bench_labels, 'generate': bench_generate, 'sae': bench_sae, 'compile': bench_compile}
     for part in parts.split(','):
         if part not in PARTS:
-            raise SystemExit(f"error: unknown part '{part}'; use some of {','.join(PARTS)}")
+            raise UserError(f"unknown part '{part}'; use some of {','.join(PARTS)}")
         PARTS[part]()

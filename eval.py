@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from configurator import configure
+from configurator import UserError, atomic_path, check_hub, configure
 from model import autocast, load_model
 from prepare import data_dir_of, download, get_tokenizer, load_tokens
 
@@ -124,7 +124,7 @@ def lm_eval_model(scorer):
     try:
         from lm_eval.api.model import LM
     except ImportError:
-        raise SystemExit("error: the harness adapter needs the optional package lm_eval: pip install lm_eval")
+        raise UserError("the harness adapter needs the optional package lm_eval: pip install lm_eval")
     adapter = type('CoCoMixLM', (LM,), {name: lambda self, requests, disable_tqdm=False, _f=name: getattr(scorer, _f)(requests)
                                         for name in ('loglikelihood', 'loglikelihood_rolling', 'generate_until')})
     return adapter()
@@ -140,7 +140,7 @@ def task_file(name):
         if name == 'wikitext' and not found:  # the test split is the paper's; the val split when only it is at hand
             found = sorted(glob.glob(os.path.join(data_dir, 'wiki.valid.raw')))
         if not found:
-            raise SystemExit(f"error: no file matching {pattern} in {data_dir}; add it or leave data_dir empty to download")
+            raise UserError(f"no file matching {pattern} in {data_dir}; add it or leave data_dir empty to download")
         return found[0]
     path = os.path.join(CACHE, pattern.replace('*', ''))
     if not os.path.exists(path):
@@ -150,12 +150,12 @@ def task_file(name):
                 download(source, path, name)
             else:  # only on the HF hub: written out once in its usual jsonl / raw layout
                 from datasets import load_dataset
+                check_hub(f"the {name} data", "put the file in a folder and pass --data_dir=FOLDER")
                 rows = load_dataset(source[0], source[1], split=source[2])
-                with open(path + '.tmp', 'w') as f:
+                with atomic_path(path) as tmp, open(tmp, 'w') as f:
                     f.writelines(''.join(rows['text']) if name == 'wikitext' else (json.dumps(row) + '\n' for row in rows))
-                os.replace(path + '.tmp', path)
         except Exception as e:
-            raise SystemExit(f"error: cannot download the {name} data ({type(e).__name__}: {e}); "
+            raise UserError(f"cannot download the {name} data ({type(e).__name__}: {e}); "
                              f"put the file in a folder and pass --data_dir=FOLDER")
     return path
 
@@ -258,6 +258,10 @@ def perplexity(model, data, block_size):
 
 def main(argv):
     configure(globals(), argv)
+    known = ['ppl'] + [k for k in SOURCES if '_labels' not in k]
+    unknown = [t for t in tasks.split(',') if t not in known]
+    if unknown:  # before any work: a typo in the last task must not cost the evaluation of the others
+        raise UserError(f"unknown task{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; use {', '.join(known)}")
     model, checkpoint = load_model(out_dir if init_from == 'resume' else init_from, device)
     name = f"{out_dir} ({checkpoint.get('mode', 'ntp')}, step {checkpoint['iter_num']})" if checkpoint else init_from
     scorer = Scorer(model, get_tokenizer(checkpoint and checkpoint.get('data_meta')), device, batch_size)
@@ -268,7 +272,7 @@ def main(argv):
             if task == 'ppl':
                 ds = dataset or (checkpoint or {}).get('config', {}).get('dataset')
                 if not ds:
-                    raise SystemExit("error: task ppl needs --dataset=NAME (a folder prepare.py wrote)")
+                    raise UserError("task ppl needs --dataset=NAME (a folder prepare.py wrote)")
                 results[task] = perplexity(model, load_tokens(data_dir_of(ds), 'val'), model.config.block_size)
             elif task in ('hellaswag', 'piqa', 'arc_easy', 'siqa'):
                 results[task] = multiple_choice(scorer, choice_items(task, task_file(task))[:limit or None])
@@ -276,10 +280,8 @@ def main(argv):
                 results[task] = winogrande(scorer, read_jsonl(task_file(task))[:limit or None])
             elif task == 'lambada':
                 results[task] = lambada(scorer, read_jsonl(task_file(task))[:limit or None])
-            elif task == 'wikitext':
-                results[task] = wikitext(scorer, task_file(task))
             else:
-                raise SystemExit(f"error: unknown task '{task}'; use ppl, {', '.join(k for k in SOURCES if '_labels' not in k)}")
+                results[task] = wikitext(scorer, task_file(task))
         print(f"{task:>10}: " + ', '.join(f"{k} {v:,.4f}" if isinstance(v, float) else f"{k} {v:,}" for k, v in results[task].items()),
               flush=True)
     print(f"done: {name}: " + '; '.join(f"{t} {next(iter(r))} {next(iter(r.values())):.4f}" for t, r in results.items()))

@@ -3,15 +3,19 @@ The GPT-2 language model, in one file, read top to bottom.
 References: OpenAI's GPT-2 (https://github.com/openai/gpt-2) and nanoGPT (https://github.com/karpathy/nanoGPT).
 Shapes: B batch, T time, C = n_embd channels, V vocabulary.
 """
+import hashlib
 import inspect
-import os
+import json
 import math
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+from configurator import UserError, atomic_path, check_hub
 
 
 class LayerNorm(nn.Module):
@@ -280,29 +284,34 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_dir, override_args=None):
-        """GPT-2 weights from `transformers`: 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', or a local
-        directory written by `save_pretrained`. override_args may set only dropout."""
+        """GPT-2 weights: 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' from the Hugging Face hub (cached), or a
+        local folder with config.json and model.safetensors or pytorch_model.bin (as save_pretrained writes).
+        Needs neither transformers nor safetensors. override_args may set only dropout."""
         override_args = override_args or {}
         assert all(k == 'dropout' for k in override_args), "only dropout can be overridden"
-        try:
-            from transformers import GPT2LMHeadModel
-        except ImportError:
-            raise SystemExit("error: loading GPT-2 weights needs the optional package transformers: pip install transformers")
-        model_hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
-        hf = model_hf.config
-        assert hf.activation_function in ('gelu_new', 'gelu_pytorch_tanh'), f"unsupported activation {hf.activation_function}"
-        config = GPTConfig(block_size=hf.n_positions, vocab_size=hf.vocab_size, n_layer=hf.n_layer, n_head=hf.n_head,
-                           n_embd=hf.n_embd, bias=True, dropout=override_args.get('dropout', 0.0))
+        folder = name_or_dir if os.path.isdir(name_or_dir) else hub_folder(name_or_dir)
+        with open(os.path.join(folder, 'config.json')) as f:
+            hf = json.load(f)
+        if hf.get('activation_function', 'gelu_new') not in ('gelu_new', 'gelu_pytorch_tanh'):
+            raise UserError(f"{name_or_dir} uses the activation {hf['activation_function']}; only GPT-2's is supported")
+        config = GPTConfig(block_size=hf['n_positions'], vocab_size=hf['vocab_size'], n_layer=hf['n_layer'],
+                           n_head=hf['n_head'], n_embd=hf['n_embd'], bias=True, dropout=override_args.get('dropout', 0.0))
         model = cls(config)
         sd = model.state_dict()
-        sd_hf = model_hf.state_dict()
-        keys = [k for k in sd_hf if not k.endswith(('.attn.masked_bias', '.attn.bias'))]  # buffers, not weights
+        path = os.path.join(folder, 'model.safetensors')
+        sd_hf = read_safetensors(path) if os.path.exists(path) else \
+            torch.load(os.path.join(folder, 'pytorch_model.bin'), map_location='cpu', weights_only=True)
+        # the hub's files name GPT2Model's weights (h.0...), save_pretrained GPT2LMHeadModel's (transformer.h.0...);
+        # lm_head is tied to wte, and the attention masks are buffers, not weights
+        sd_hf = {'transformer.' + k.removeprefix('transformer.'): v for k, v in sd_hf.items()
+                 if not k.endswith(('.attn.masked_bias', '.attn.bias', 'lm_head.weight'))}
+        sd_hf['lm_head.weight'] = sd_hf['transformer.wte.weight']
         # OpenAI's checkpoints use Conv1D modules, which store these weights transposed relative to nn.Linear
         transposed = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
-        assert set(keys) == set(sd), f"mismatched keys: {sorted(set(keys) ^ set(sd))}"
+        assert set(sd_hf) == set(sd), f"mismatched keys: {sorted(set(sd_hf) ^ set(sd))}"
         with torch.no_grad():
-            for k in keys:
-                w = sd_hf[k].t() if k.endswith(transposed) else sd_hf[k]
+            for k, w in sd_hf.items():
+                w = w.t() if k.endswith(transposed) else w
                 assert w.shape == sd[k].shape, f"{k}: {w.shape} vs {sd[k].shape}"
                 sd[k].copy_(w)
         return model
@@ -433,18 +442,32 @@ def linear_cross_entropy(x, weight, bias, labels, topk=0):
 # Checkpoints and loading, shared by train.py, sample.py and every script that needs a trained model
 
 def save_checkpoint(checkpoint, out_dir, name='ckpt.pt'):
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, name)
-    torch.save(checkpoint, path + '.tmp')
-    os.replace(path + '.tmp', path)
+    with atomic_path(os.path.join(out_dir, name)) as tmp:
+        torch.save(checkpoint, tmp)
 
 
 def load_checkpoint(out_dir, device='cpu', name='ckpt.pt'):
     path = os.path.join(out_dir, name)
     if not os.path.exists(path):
-        raise SystemExit(f"error: no checkpoint at {path}; train one with train.py (out_dir={out_dir})")
-    return torch.load(path, map_location=device, weights_only=True)  # plain data only: no code runs on load
+        raise UserError(f"no checkpoint at {path}; train one with train.py (out_dir={out_dir})")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)  # plain data only: no code runs on load
+    except Exception as e:  # truncated or not a checkpoint: say so in one line
+        raise UserError(f"cannot read the checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                        "it is truncated or not a checkpoint: restore it or train again")
+
+
+def fingerprint(tensors):
+    """A short hash of a module's weights or a state dict: the identity of a teacher or an SAE, recorded in
+    checkpoints and label caches so that a different one (even at the same path) is refused."""
+    h = hashlib.sha256()
+    items = tensors.state_dict() if isinstance(tensors, nn.Module) else tensors
+    for k in sorted(items):
+        v = items[k]
+        if torch.is_tensor(v):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def load_model(spec, device='cpu', dropout=None):
@@ -458,14 +481,59 @@ def load_model(spec, device='cpu', dropout=None):
     elif spec.startswith('gpt2') or os.path.isdir(spec):
         checkpoint, model = None, GPT.from_pretrained(spec, {} if dropout is None else {'dropout': dropout})
     else:
-        raise SystemExit(f"error: '{spec}' is neither gpt2* nor a folder holding ckpt.pt or a transformers config.json")
+        raise UserError(f"'{spec}' is neither gpt2* nor a folder holding ckpt.pt or a transformers config.json")
     return model.to(device).eval(), checkpoint
+
+
+def hub_folder(name):
+    """The local folder of a GPT-2 model on the Hugging Face hub: from the hub cache, else downloaded. Without a
+    connection this fails in seconds, not after minutes of retries."""
+    from huggingface_hub import constants, snapshot_download  # installed with datasets
+    patterns = ['config.json', 'model.safetensors']
+    try:
+        return snapshot_download(name, allow_patterns=patterns, local_files_only=True)
+    except Exception:  # not cached yet
+        pass
+    fix = (f"on a machine with internet run `huggingface-cli download {name} config.json model.safetensors "
+           f"--local-dir DIR`, copy DIR here and pass its path instead of '{name}'")
+    check_hub(f"'{name}'", fix)
+    try:
+        return snapshot_download(name, allow_patterns=patterns)
+    except Exception as e:
+        raise UserError(f"cannot download '{name}' from the Hugging Face hub ({type(e).__name__}); {fix}")
+
+
+def read_safetensors(path):
+    """A .safetensors file -> {name: tensor}: an 8-byte header length, a JSON header of dtypes, shapes and byte
+    offsets, then the raw bytes (the format is that simple, so no package is needed for it)."""
+    dtypes = {'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16, 'F64': torch.float64,
+              'I64': torch.int64, 'I32': torch.int32, 'U8': torch.uint8, 'BOOL': torch.bool}
+    with open(path, 'rb') as f:
+        n = int.from_bytes(f.read(8), 'little')
+        header, data = json.loads(f.read(n)), bytearray(f.read())
+    out = {}
+    for name, info in header.items():
+        if name != '__metadata__':
+            start, end = info['data_offsets']
+            dtype = dtypes[info['dtype']]
+            out[name] = torch.frombuffer(data, dtype=dtype, count=(end - start) // dtype.itemsize,
+                                         offset=start).view(info['shape']) if end > start else \
+                torch.empty(info['shape'], dtype=dtype)
+    return out
+
+
+def model_tokenizer(model, checkpoint):
+    """The tokenizer of a model from load_model, for prepare.check_tokenizers: GPT-2's for OpenAI's weights, the
+    recorded one for our checkpoints (only the vocabulary size for those that predate it)."""
+    if checkpoint is None:
+        return {'tokenizer': 'gpt2'}
+    return checkpoint.get('data_meta', {'vocab_size': model.config.vocab_size})
 
 
 def autocast(device, dtype):
     """The mixed-precision context of a script's `dtype` setting: none for float32, else torch.autocast."""
     if dtype not in ('float32', 'bfloat16', 'float16'):
-        raise SystemExit(f"error: unknown dtype '{dtype}'; use float32, bfloat16 or float16")
+        raise UserError(f"unknown dtype '{dtype}'; use float32, bfloat16 or float16")
     return nullcontext() if dtype == 'float32' else \
         torch.autocast('cuda' if 'cuda' in str(device) else 'cpu', dtype=getattr(torch, dtype))
 

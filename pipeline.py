@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from configurator import configure
+from configurator import UserError, configure
 
 # -----------------------------------------------------------------------------
 input = ''  # local text files (prepare.py --input); empty: download Tiny Shakespeare
@@ -61,7 +61,7 @@ def run_stages(stages, stamps_path):
         print(f"[{stage}] {line}", flush=True)
         t0 = time.time()
         if subprocess.run([py] + cmd).returncode != 0:
-            raise SystemExit(f"error: stage '{stage}' failed; fix the cause and run pipeline.py again (done stages are kept)")
+            raise UserError(f"stage '{stage}' failed; fix the cause and run pipeline.py again (done stages are kept)")
         print(f"[{stage}] done in {time.time() - t0:.0f} s", flush=True)
         os.makedirs(os.path.dirname(stamps_path), exist_ok=True)
         stamps[output] = line

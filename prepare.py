@@ -21,7 +21,7 @@ import urllib.request
 import numpy as np
 from tqdm import tqdm
 
-from configurator import configure
+from configurator import UserError, atomic_path, check_hub, configure
 
 # -----------------------------------------------------------------------------
 input = ''  # comma-separated local files or globs (the train split, or both splits without val_input)
@@ -31,12 +31,15 @@ val_fraction = 0.1  # share of the token stream held out when no val_input is gi
 num_proc = 8  # openwebtext: tokenizer processes
 tokenizer = 'gpt2'  # or 'char': one id per distinct character, as nanoGPT's shakespeare_char (local text only)
 # -----------------------------------------------------------------------------
-SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets')
+SHAKESPEARE = os.path.join(ASSETS, 'tinyshakespeare.txt')  # Karpathy's char-rnn copy, public domain
+GPT2_BPE_SHA256 = {'vocab.bpe': '1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5',
+                   'encoder.json': '196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783'}
 KNOWN = ('shakespeare', 'wikitext2', 'openwebtext')
 
 
 def fail(message):
-    raise SystemExit(f"error: {message}")
+    raise UserError(f"{message}")
 
 
 class CharTokenizer:
@@ -52,7 +55,7 @@ class CharTokenizer:
         try:
             return [self.stoi[c] for c in text]
         except KeyError as e:
-            raise SystemExit(f"error: the character {e.args[0]!r} is not in this dataset's character vocabulary")
+            raise UserError(f"the character {e.args[0]!r} is not in this dataset's character vocabulary")
 
     def encode(self, text, allowed_special=()):
         return self.encode_ordinary(text)
@@ -65,19 +68,49 @@ def get_tokenizer(meta=None):
     """The tokenizer a prepared dataset was written with (GPT-2 BPE without meta)."""
     if meta is not None and meta['tokenizer'] == 'char':
         return CharTokenizer(meta['chars'])
+    return gpt2_tokenizer()
+
+
+def gpt2_tokenizer():
+    """GPT-2's BPE built from the repository's copy of OpenAI's two files (assets/gpt2), so that no code path needs
+    the network or a tiktoken cache; the same encoding as tiktoken.get_encoding('gpt2') (tests check known ids)."""
     import tiktoken
-    return tiktoken.get_encoding('gpt2')
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+    ranks = data_gym_to_mergeable_bpe_ranks(os.path.join(ASSETS, 'gpt2', 'vocab.bpe'),
+                                            os.path.join(ASSETS, 'gpt2', 'encoder.json'), GPT2_BPE_SHA256['vocab.bpe'],
+                                            GPT2_BPE_SHA256['encoder.json'])
+    return tiktoken.Encoding('gpt2', pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={'<|endoftext|>': 50256}, explicit_n_vocab=50257)
+
+
+def tokenizer_of(meta):
+    """What identifies a dataset's or a checkpoint's tokenizer: its kind and, for characters, the character set
+    (two char datasets with different texts number their characters differently)."""
+    return (meta['tokenizer'], tuple(meta['chars'])) if meta['tokenizer'] == 'char' else (meta['tokenizer'],)
+
+
+def check_tokenizers(meta, name, other, other_name):
+    """Refuse to pair data and a model (or two models) that tokenize differently. `other` is a dataset meta, or
+    {'vocab_size': V} for a checkpoint that predates recorded tokenizers: then only the sizes can be compared."""
+    if 'tokenizer' not in other:
+        if meta['vocab_size'] > other['vocab_size']:
+            raise UserError(f"{name} has {meta['vocab_size']} token ids but {other_name} only {other['vocab_size']}: "
+                            "they use different tokenizers")
+    elif tokenizer_of(meta) != tokenizer_of(other):
+        kind = lambda m: 'a different character set' if tokenizer_of(m)[0] == 'char' else f"'{m['tokenizer']}'"
+        raise UserError(f"{name} is tokenized with {kind(meta)} but {other_name} with {kind(other)}; "
+                        "prepare the data with the model's tokenizer (prepare.py --tokenizer=...)")
 
 
 def download(url, path, desc):
     """Fetch url into path with a progress bar, through path.tmp so that a broken download never carries the
     final name (shared by prepare.py, sae.py and eval.py). Raises OSError."""
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    with urllib.request.urlopen(url, timeout=30) as r, open(path + '.tmp', 'wb') as f, \
+    with urllib.request.urlopen(url, timeout=30) as r, atomic_path(path) as tmp, open(tmp, 'wb') as f, \
             tqdm(total=int(r.headers.get('Content-Length', 0)), unit='B', unit_scale=True, desc=desc) as bar:
         while chunk := r.read(1 << 20):
             bar.update(f.write(chunk))
-    os.replace(path + '.tmp', path)
 
 
 def expand(spec, flag):
@@ -114,17 +147,15 @@ def tokenize(docs, enc, desc):
 
 
 def write_split(path, tokens):
-    arr = np.memmap(path + '.tmp', dtype=np.uint16, mode='w+', shape=(len(tokens),))
-    arr[:] = tokens
-    arr.flush()
-    del arr
-    os.replace(path + '.tmp', path)  # a half-written file never carries the final name
+    with atomic_path(path) as tmp:  # a half-written file never carries the final name
+        tokens.astype(np.uint16).tofile(tmp)
 
 
 def openwebtext_splits(enc):
     """nanoGPT's recipe: HF openwebtext, 0.0005 of the documents held out with seed 2357, tokenized in
     parallel and written shard by shard, so memory stays flat."""
     from datasets import load_dataset
+    check_hub('openwebtext', "prepare it on a machine with internet and copy data/openwebtext here")
     dataset = load_dataset('openwebtext', num_proc=num_proc)
     split = dataset['train'].train_test_split(test_size=0.0005, seed=2357, shuffle=True)
     split['val'] = split.pop('test')
@@ -171,16 +202,11 @@ def main(argv):
     else:
         if input:
             train_files = expand(input, '--input')
-        elif name == 'shakespeare':
-            path = os.path.join(target, 'input.txt')
-            if not os.path.exists(path):
-                try:
-                    download(SHAKESPEARE_URL, path, 'Tiny Shakespeare')
-                except OSError as e:
-                    fail(f"cannot download Tiny Shakespeare ({e}); give a local copy with --input=PATH")
-            train_files = [path]
+        elif name == 'shakespeare':  # shipped with the repository
+            train_files = [SHAKESPEARE]
         else:  # wikitext2 from the HF hub: the raw text of each split is one document
             from datasets import load_dataset
+            check_hub('wikitext-2', "give local files with --input=wiki.train.raw --val_input=wiki.valid.raw")
             try:
                 ds = load_dataset('wikitext', 'wikitext-2-raw-v1')
             except Exception as e:
@@ -228,7 +254,7 @@ def data_dir_of(dataset):
 def read_meta(data_dir):
     path = os.path.join(data_dir, 'meta.json')
     if not os.path.exists(path):
-        raise SystemExit(f"error: no prepared dataset at '{data_dir}' ({path} is missing); "
+        raise UserError(f"no prepared dataset at '{data_dir}' ({path} is missing); "
                          f"run: python prepare.py NAME --out_dir={data_dir}")
     with open(path) as f:
         return json.load(f)
@@ -239,7 +265,7 @@ def load_tokens(data_dir, split):
     kept open grows the resident memory as pages are touched (nanoGPT's fix)."""
     path = os.path.join(data_dir, f'{split}.bin')
     if not os.path.exists(path):
-        raise SystemExit(f"error: {path} is missing; run prepare.py for this dataset")
+        raise UserError(f"{path} is missing; run prepare.py for this dataset")
     return np.memmap(path, dtype=np.uint16, mode='r')
 
 

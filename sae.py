@@ -21,9 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from configurator import configure
-from model import load_model, sae_norm, save_checkpoint
-from prepare import data_dir_of, get_tokenizer, load_tokens, read_meta
+from configurator import UserError, atomic_path, configure
+from model import fingerprint, load_model, model_tokenizer, sae_norm, save_checkpoint
+from prepare import check_tokenizers, data_dir_of, get_tokenizer, load_tokens, read_meta
 from prepare import download as fetch  # `download` is a parameter of sae_file
 
 OPENAI_URL = 'https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small/{location}_v5_{size}/autoencoders/{layer}.pt'
@@ -88,9 +88,8 @@ class TopKSAE(nn.Module):
         sd['activation'] = 'TopK'  # which OpenAI's loader takes to mean normalize=True; ours reads the flag below
         sd['activation_state_dict'] = {'k': self.k, 'postact_fn': 'ReLU',
                                        'cocomix': dict(meta or {}, normalize=self.normalize)}
-        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-        torch.save(sd, path + '.tmp')
-        os.replace(path + '.tmp', path)
+        with atomic_path(path) as tmp:
+            torch.save(sd, tmp)
 
 
 def sae_file(spec, download=True, cache_dir=os.path.expanduser('~/.cache/cocomix')):
@@ -98,17 +97,17 @@ def sae_file(spec, download=True, cache_dir=os.path.expanduser('~/.cache/cocomix
     if spec.startswith('openai:'):
         parts = spec.split(':')
         if len(parts) not in (3, 4) or not parts[2].isdigit():
-            raise SystemExit(f"error: SAE spec '{spec}' must look like openai:resid_post_mlp:5[:32k|128k]")
+            raise UserError(f"SAE spec '{spec}' must look like openai:resid_post_mlp:5[:32k|128k]")
         url = OPENAI_URL.format(location=parts[1], layer=parts[2], size=parts[3] if len(parts) == 4 else '32k')
         path = os.path.join(cache_dir, 'openai_sae', url.split('gpt2-small/')[1].replace('/', '_'))
         if not os.path.exists(path) and download:
             try:
                 fetch(url, path, 'SAE')
             except OSError as e:
-                raise SystemExit(f"error: cannot download {url} ({e}); download it elsewhere and pass the file's path")
+                raise UserError(f"cannot download {url} ({e}); download it elsewhere and pass the file's path")
         spec = path
     if not os.path.exists(spec) and download:
-        raise SystemExit(f"error: no SAE file at '{spec}'; train one with sae.py or use openai:LOCATION:LAYER")
+        raise UserError(f"no SAE file at '{spec}'; train one with sae.py or use openai:LOCATION:LAYER")
     return spec
 
 
@@ -118,11 +117,11 @@ def load_sae(spec, n_inputs=None):
     spec = sae_file(spec)
     sd = torch.load(spec, map_location='cpu', weights_only=True)
     if sd.get('activation') != 'TopK' or 'encoder.weight' not in sd:
-        raise SystemExit(f"error: '{spec}' is not a TopK SAE in OpenAI's format")
+        raise UserError(f"'{spec}' is not a TopK SAE in OpenAI's format")
     act, _ = sd.pop('activation_state_dict'), sd.pop('activation')
     n_latents, d = sd['encoder.weight'].shape
     if n_inputs is not None and d != n_inputs:
-        raise SystemExit(f"error: the SAE '{spec}' reads {d}-wide vectors but the teacher is {n_inputs} wide; "
+        raise UserError(f"the SAE '{spec}' reads {d}-wide vectors but the teacher is {n_inputs} wide; "
                          "use an SAE trained on this teacher's residual stream")
     sae = TopKSAE(d, n_latents, act['k'], normalize=act.get('cocomix', {}).get('normalize', True))
     sae.load_state_dict(sd)
@@ -132,7 +131,7 @@ def load_sae(spec, n_inputs=None):
 def teacher_residual(teacher, idx, layer):
     """The residual stream after block `layer` (0-based) of a GPT: what the SAE reads. (B, T) -> (B, T, d)."""
     if not 0 <= layer < teacher.config.n_layer:
-        raise SystemExit(f"error: sae_layer={layer} is out of range for a teacher of {teacher.config.n_layer} blocks")
+        raise UserError(f"sae_layer={layer} is out of range for a teacher of {teacher.config.n_layer} blocks")
     return teacher.run_blocks(teacher.embed(idx), stop=layer + 1)
 
 
@@ -173,7 +172,7 @@ def windows(data_dir, split, n_windows, length, generator=None):
     """(n_windows, length) token windows: random starts with a generator, else consecutive from the start."""
     data = load_tokens(data_dir, split)
     if len(data) < length + 1:
-        raise SystemExit(f"error: the {split} split of {data_dir} has {len(data)} tokens, fewer than {length + 1}")
+        raise UserError(f"the {split} split of {data_dir} has {len(data)} tokens, fewer than {length + 1}")
     if generator is None:
         starts = [i * length for i in range(min(n_windows, (len(data) - 1) // length))]
     else:
@@ -369,7 +368,7 @@ def inspect_sae(sae, teacher_model, data_dir):
             json.dump(desc, f, indent=0)
         return print(f"saved a description of each of the {sae.n_latents} latents to {path}")
     if not 0 <= latent < sae.n_latents:
-        raise SystemExit(f"error: latent {latent} is out of range: the SAE has {sae.n_latents} latents (0 .. {sae.n_latents - 1})")
+        raise UserError(f"latent {latent} is out of range: the SAE has {sae.n_latents} latents (0 .. {sae.n_latents - 1})")
     act = (values * (indices == latent)).sum(-1)  # (N, T)
     print(f"latent {latent}: active on {count[latent]:,} of {n_tokens:,} tokens (freq {count[latent] / n_tokens:.5f})")
     print(f"promotes: {promoted([latent])[0]}")
@@ -389,11 +388,12 @@ def main(argv):
     teacher, dataset = teacher or meta.get('teacher', ''), dataset or meta.get('dataset', '')
     sae_layer = sae_layer if sae_layer >= 0 else meta.get('layer', -1)
     if not teacher or not dataset or sae_layer < 0:
-        raise SystemExit("error: set teacher, dataset and sae_layer (a config such as config/sae_shakespeare.py)")
-    teacher_model = load_model(teacher, device)[0]
-    for p in teacher_model.parameters():
-        p.requires_grad_(False)
+        raise UserError("set teacher, dataset and sae_layer (a config such as config/sae_shakespeare.py)")
+    teacher_model, teacher_ckpt = load_model(teacher, device)
+    teacher_model.requires_grad_(False)
     data_dir = data_dir_of(dataset)
+    check_tokenizers(read_meta(data_dir), f"the data in {data_dir}", model_tokenizer(teacher_model, teacher_ckpt),
+                     f"the teacher {teacher}")
     if path:
         sae = load_sae(path, teacher_model.config.n_embd)[0].to(device)
         if inspect:
@@ -401,7 +401,8 @@ def main(argv):
         return print(report(evaluate_sae(sae, teacher_model, sae_layer, data_dir, eval_tokens)))
     sae, tokens_per_s = train(teacher_model, data_dir, config)
     metrics = evaluate_sae(sae, teacher_model, sae_layer, data_dir, eval_tokens)
-    sae.save(os.path.join(out_dir, 'sae.pt'), dict(teacher=teacher, layer=sae_layer, location='resid_post',
+    sae.save(os.path.join(out_dir, 'sae.pt'), dict(teacher=teacher, teacher_id=fingerprint(teacher_model),
+                                                    layer=sae_layer, location='resid_post',
                                                     dataset=dataset, tokens_trained=max_tokens // batch_size * batch_size,
                                                     eval=metrics))
     print(f"done: {report(metrics)}; trained at {tokens_per_s:,.0f} tokens/s; saved {out_dir}/sae.pt")

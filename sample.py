@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from configurator import configure
+from configurator import UserError, configure
 from model import autocast as autocast_context, load_model
 from prepare import get_tokenizer
 
@@ -40,14 +40,14 @@ if checkpoint is not None:
           f"val loss {checkpoint['best_val_loss']:.4f}")
 n_concepts = model.config.n_concepts if mode == 'cocomix' else 0
 if (steer or show_concepts) and not n_concepts:
-    raise SystemExit(f"error: --steer and --show_concepts need a CoCoMix model; this one was trained with mode '{mode}'")
+    raise UserError(f"--steer and --show_concepts need a CoCoMix model; this one was trained with mode '{mode}'")
 try:  # '12:4,7:0.5' -> {12: 4.0, 7: 0.5}
     steer_map = {int(i): float(a) for i, a in (pair.split(':') for pair in steer.split(','))} if steer else None
 except ValueError:
-    raise SystemExit(f"error: --steer='{steer}' must look like ID:ALPHA[,ID:ALPHA], e.g. --steer=299:4")
+    raise UserError(f"--steer='{steer}' must look like ID:ALPHA[,ID:ALPHA], e.g. --steer=299:4")
 for i in steer_map or {}:
     if not 0 <= i < n_concepts:
-        raise SystemExit(f"error: concept id {i} is out of range: the model has {n_concepts} concepts (0 .. {n_concepts - 1})")
+        raise UserError(f"concept id {i} is out of range: the model has {n_concepts} concepts (0 .. {n_concepts - 1})")
 descriptions = {}  # written by `python sae.py --inspect=SAE --top=N` beside the SAE file
 if show_concepts:
     from sae import sae_file
@@ -62,7 +62,7 @@ enc = get_tokenizer(checkpoint and checkpoint.get('data_meta'))  # GPT-2 BPE, or
 if start.startswith('FILE:'):
     path = start[5:]
     if not os.path.exists(path):
-        raise SystemExit(f"error: prompt file '{path}' does not exist")
+        raise UserError(f"prompt file '{path}' does not exist")
     with open(path, encoding='utf-8') as f:
         start = f.read()
 start_ids = enc.encode(start, allowed_special={'<|endoftext|>'}) or [enc.eot_token]

@@ -9,6 +9,7 @@ Settings are the globals below; config files and --key=value override them (conf
 unknown key is an error. gradient_accumulation_steps is the global number of micro-batches per step, so the
 batch does not depend on the number of processes.
 """
+import glob
 import math
 import os
 import time
@@ -17,10 +18,10 @@ import torch
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import configure
-from model import GPT, GPTConfig, guess_peak_flops, kd_loss, load_checkpoint, save_checkpoint
+from configurator import UserError, configure
+from model import GPT, GPTConfig, fingerprint, guess_peak_flops, kd_loss, load_checkpoint, model_tokenizer, save_checkpoint
 from model import autocast as autocast_context
-from prepare import data_dir_of, load_tokens, read_meta
+from prepare import check_tokenizers, data_dir_of, load_tokens, read_meta
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -83,10 +84,14 @@ peak_flops = 0.0  # the device's peak FLOP/s for MFU; 0 = guess from the device 
 config = configure(globals())
 MODES = ('ntp', 'cocomix', 'kd', 'pause', 'kd_pause')
 if mode not in MODES:
-    raise SystemExit(f"error: unknown mode '{mode}'; use one of {', '.join(MODES)}")
+    raise UserError(f"unknown mode '{mode}'; use one of {', '.join(MODES)}")
 kd = mode in ('kd', 'kd_pause')
-if init_from not in ('scratch', 'resume') and not init_from.startswith('gpt2'):
-    raise SystemExit(f"error: unknown init_from '{init_from}'; use 'scratch', 'resume' or 'gpt2*'")
+if init_from not in ('scratch', 'resume') and not init_from.startswith('gpt2') and \
+        not os.path.exists(os.path.join(init_from, 'config.json')):
+    raise UserError(f"unknown init_from '{init_from}'; use 'scratch', 'resume', 'gpt2*' or a folder of GPT-2 weights")
+if mode == 'cocomix' and mix not in ('interleave', 'add', 'none'):  # the pause baseline is a mode, not a mix
+    raise UserError(f"unknown mix '{mix}' for mode='cocomix'; use interleave, add or none "
+                    "(the pause-token baseline is --mode=pause)")
 
 # distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
 ddp = int(os.environ.get('RANK', -1)) != -1
@@ -97,7 +102,7 @@ if ddp:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
     if gradient_accumulation_steps % world_size:
-        raise SystemExit(f"error: gradient_accumulation_steps={gradient_accumulation_steps} is not a multiple "
+        raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} is not a multiple "
                          f"of the {world_size} processes; make it one")
 else:
     rank, world_size = 0, 1
@@ -107,6 +112,8 @@ tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 if master:
     print(f"tokens per iteration: {tokens_per_iter:,} ({gradient_accumulation_steps} x {batch_size} x {block_size})")
     os.makedirs(out_dir, exist_ok=True)
+    for stale in glob.glob(os.path.join(out_dir, 'ckpt.pt.*.tmp')):  # half-written by a killed run: never valid
+        os.remove(stale)
 device_type = 'cuda' if 'cuda' in device else 'cpu'
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
@@ -116,23 +123,37 @@ autocast = autocast_context(device, dtype)
 # any number of processes read exactly the same sequences
 data_dir = data_dir_of(dataset)
 meta = read_meta(data_dir)
-SPLIT_ID = {'train': 0, 'val': 1, 'eval_train': 2}
+SPLIT_ID = {'train': 0, 'val': 1, 'eval_train': 2, 'dropout': 3}
+
+
+def draw_seed(kind, step, micro):
+    """The seed of one random draw: a function of (seed, what is drawn, step, global micro-batch index) alone, so
+    that neither resuming nor the number of processes changes any batch or any dropout mask."""
+    return ((seed * 4 + SPLIT_ID[kind]) * 1_000_000_007 + step) * 65_537 + micro
 
 
 teacher_model = sae_model = labels = None
+identity = {}  # what the concepts come from; a resumed run must use the same (checked below)
 if mode in ('cocomix', 'kd', 'kd_pause'):  # frozen, in eval mode, never wrapped in DDP nor saved (only their specs)
     from model import load_model
-    teacher_model = load_model(teacher, device)[0].requires_grad_(False)
-    if meta['vocab_size'] > teacher_model.config.vocab_size:
-        raise SystemExit(f"error: {data_dir} has {meta['vocab_size']} token ids but the teacher only "
-                         f"{teacher_model.config.vocab_size}: they use different tokenizers")
+    teacher_model, teacher_ckpt = load_model(teacher, device)
+    teacher_model.requires_grad_(False)
+    check_tokenizers(meta, f"the data in {data_dir}", model_tokenizer(teacher_model, teacher_ckpt), f"the teacher {teacher}")
+    if teacher_model.config.block_size < block_size:
+        raise UserError(f"block_size={block_size} is longer than the teacher's context "
+                        f"({teacher_model.config.block_size}); use --block_size={teacher_model.config.block_size} or less")
+    identity['teacher_id'] = fingerprint(teacher_model)
 if mode == 'cocomix':
-    from attribution import concept_labels, describe, labels_from_cache, load_label_cache
+    from attribution import check_sae, concept_labels, describe, labels_from_cache, load_label_cache
     from sae import load_sae
-    sae_model = load_sae(sae, teacher_model.config.n_embd)[0].to(device)
+    sae_model, sae_meta = load_sae(sae, teacher_model.config.n_embd)
+    sae_model.to(device)
+    check_sae(sae, sae_meta, sae_layer, identity['teacher_id'])
+    identity.update(n_concepts=sae_model.n_latents, sae_layer=sae_layer, sae_id=fingerprint(sae_model))
     if label_cache:
-        labels = load_label_cache(data_dir, 'train', describe(data_dir, 'train', teacher, sae, sae_layer, label_method,
-                                                              k_attr, block_size, sae_model.n_latents))
+        labels = load_label_cache(data_dir, 'train', describe(data_dir, 'train', identity['teacher_id'],
+                                                              identity['sae_id'], sae_layer, label_method, k_attr,
+                                                              block_size, sae_model.n_latents))
 
 
 def get_batch(split, step, micro):
@@ -140,9 +161,9 @@ def get_batch(split, step, micro):
     block_size grid that attribution.py labelled."""
     data = load_tokens(data_dir, 'val' if split == 'val' else 'train')  # fresh memmap: flat resident memory
     if len(data) <= block_size:
-        raise SystemExit(f"error: the {split} split of {data_dir} has {len(data)} tokens, fewer than "
+        raise UserError(f"the {split} split of {data_dir} has {len(data)} tokens, fewer than "
                          f"block_size + 1 = {block_size + 1}; use more text or a smaller block_size")
-    g = torch.Generator().manual_seed(((seed * 4 + SPLIT_ID[split]) * 1_000_000_007 + step) * 65_537 + micro)
+    g = torch.Generator().manual_seed(draw_seed(split, step, micro))
     if labels is not None:
         ix = (torch.randint((len(data) - 1) // block_size, (batch_size,), generator=g) * block_size).tolist()
     else:
@@ -182,6 +203,7 @@ def teach(x, y):
 # model
 torch.manual_seed(seed)  # the same initial weights on every process and every run
 iter_num, best_val_loss, checkpoint, history = 0, float('inf'), None, []  # history: (step, train, val) losses
+saved_step = None  # the step of the checkpoint on disk, for the stop messages
 vocab_size = math.ceil(meta['vocab_size'] / 64) * 64  # padded to a multiple of 64: faster matmuls
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=vocab_size, dropout=dropout)
@@ -194,18 +216,32 @@ if init_from == 'scratch':
 elif init_from == 'resume':
     checkpoint = load_checkpoint(out_dir, device)
     if checkpoint.get('mode', 'ntp') != mode:
-        raise SystemExit(f"error: {out_dir}/ckpt.pt was trained with mode='{checkpoint.get('mode')}', "
+        raise UserError(f"{out_dir}/ckpt.pt was trained with mode='{checkpoint.get('mode')}', "
                          f"this run has mode='{mode}'; set --mode={checkpoint.get('mode')} or use a new out_dir")
+    for key, value in identity.items():  # the same teacher, SAE and layer as the run being continued
+        if checkpoint.get('identity', {}).get(key, value) != value:
+            what = {'teacher_id': 'teacher', 'sae_id': 'SAE', 'sae_layer': 'SAE layer', 'n_concepts': 'SAE width'}[key]
+            raise UserError(f"{out_dir}/ckpt.pt was trained with {key}={checkpoint['identity'][key]}, this run has "
+                            f"{value}: a different {what}; use the one it was trained with or a new out_dir")
+    if 'data_meta' in checkpoint:
+        check_tokenizers(meta, f"the data in {data_dir}", checkpoint['data_meta'], f"{out_dir}/ckpt.pt")
+    if checkpoint['model_args']['block_size'] < block_size:
+        raise UserError(f"block_size={block_size} is longer than the checkpoint's "
+                        f"{checkpoint['model_args']['block_size']}; use --block_size={checkpoint['model_args']['block_size']} or less")
     model_args.update({k: v for k, v in checkpoint['model_args'].items() if k != 'dropout'})  # its architecture
     model = GPT(GPTConfig(**model_args))
     model.load_state_dict(checkpoint['model'])
     iter_num, best_val_loss, history = checkpoint['iter_num'], checkpoint['best_val_loss'], checkpoint.get('history', [])
+    saved_step = iter_num
 else:
+    check_tokenizers(meta, f"the data in {data_dir}", {'tokenizer': 'gpt2'}, init_from)
     model = GPT.from_pretrained(init_from, dict(dropout=dropout))
+    if model.config.block_size < block_size:
+        raise UserError(f"block_size={block_size} is longer than {init_from}'s context ({model.config.block_size})")
     for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size'):
         model_args[k] = getattr(model.config, k)
 if meta['vocab_size'] > model_args['vocab_size']:
-    raise SystemExit(f"error: {data_dir} has {meta['vocab_size']} token ids but the model only "
+    raise UserError(f"{data_dir} has {meta['vocab_size']} token ids but the model only "
                      f"{model_args['vocab_size']}; prepare the data with the model's tokenizer")
 if block_size < model.config.block_size:
     model.crop_block_size(block_size)
@@ -255,6 +291,17 @@ def estimate_loss():
     return out
 
 
+def stop(message):
+    """Stop every process after a blow-up, saying truthfully what is on disk."""
+    if master:
+        kept = f"the last checkpoint, step {saved_step}, in {out_dir} is intact" if saved_step is not None else \
+            f"no checkpoint was written to {out_dir}"
+        print(f"error: {message}; stopping: {kept}. Resume with a lower learning_rate or another dtype", flush=True)
+    if ddp:
+        destroy_process_group()
+    raise SystemExit(1)
+
+
 def get_lr(it):
     if it < warmup_iters:  # linear warmup
         return learning_rate * (it + 1) / (warmup_iters + 1)
@@ -269,7 +316,7 @@ if wandb_log and master:
     try:
         import wandb
     except ImportError:
-        raise SystemExit("error: wandb_log=True needs the optional package wandb: pip install wandb")
+        raise UserError("wandb_log=True needs the optional package wandb: pip install wandb")
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
 # the loop: evaluate (and checkpoint) every eval_interval steps and at the end, then step
@@ -285,14 +332,22 @@ while True:
             if wandb_log:
                 wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'],
                            'lr': get_lr(iter_num) if decay_lr else learning_rate, 'mfu': running_mfu * 100})
-            if iter_num > 0 and not eval_only and (losses['val'] < best_val_loss or always_save_checkpoint):
-                best_val_loss = min(best_val_loss, losses['val'])
+        # every process holds the same averaged losses, so all take the same decision
+        if not all(map(math.isfinite, losses.values())):  # never save a blown-up model over a good one
+            stop(f"the evaluation at step {iter_num} is not finite (train {losses['train']}, val {losses['val']})")
+        if iter_num > 0 and not eval_only and (losses['val'] < best_val_loss or always_save_checkpoint):
+            best_val_loss = min(best_val_loss, losses['val'])
+            if master:
                 save_checkpoint({'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
                                  'scaler': scaler.state_dict(), 'model_args': model_args, 'mode': mode,
                                  # the data position and every random draw are functions of (seed, iter_num)
                                  'iter_num': iter_num, 'seed': seed, 'best_val_loss': best_val_loss,
-                                 'config': config, 'data_meta': meta, 'history': history}, out_dir)  # meta: tokenizer
+                                 'config': config, 'data_meta': meta, 'history': history,  # meta: tokenizer
+                                 'identity': identity}, out_dir)  # teacher, SAE: a resume must use the same
                 print(f"saved checkpoint to {out_dir}/ckpt.pt")
+            saved_step = iter_num
+            if ddp:  # no process goes on (or exits and tears the group down) before the checkpoint is on disk
+                torch.distributed.barrier()
         t0 = time.time()  # time the training steps only
     if iter_num >= max_iters or eval_only:
         break
@@ -300,10 +355,11 @@ while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
     for param_group in optimizer.param_groups:
         param_group['lr'] = lr
-    torch.manual_seed(seed + iter_num * world_size + rank)  # dropout draws depend only on (seed, step, rank)
     parts, teacher_time = {}, 0.0  # the step's loss terms, for the log
     for micro_step in range(accum_steps):
-        X, Y, C = get_batch('train', iter_num, rank * accum_steps + micro_step)
+        micro = rank * accum_steps + micro_step  # the global micro-batch index: its data and dropout masks
+        torch.manual_seed(draw_seed('dropout', iter_num, micro))
+        X, Y, C = get_batch('train', iter_num, micro)
         if teacher_model is not None and C is None:
             C, teacher_logits = teach(X, Y)
         if ddp:  # synchronise gradients only on the last micro-step
@@ -318,13 +374,8 @@ while True:
             parts[k] = parts.get(k, 0.0) + v.detach() / accum_steps
         scaler.scale(loss / accum_steps).backward()  # DDP averages over processes
     loss_value = all_mean(parts['loss'])  # one sync per step, so that a bad loss stops us at the step it happens
-    if not math.isfinite(loss_value):
-        if master:
-            print(f"error: loss is {loss_value} at step {iter_num}; stopping. The last checkpoint in "
-                  f"{out_dir} is intact: resume from it with a lower learning_rate or another dtype")
-        if ddp:
-            destroy_process_group()
-        raise SystemExit(1)
+    if not math.isfinite(loss_value):  # before the weights are touched
+        stop(f"loss is {loss_value} at step {iter_num}")
     if grad_clip != 0.0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

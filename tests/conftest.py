@@ -9,9 +9,6 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-_cache = os.path.join(ROOT, '..', 'shared', 'tiktoken_cache')
-if 'TIKTOKEN_CACHE_DIR' not in os.environ and os.path.isdir(_cache):  # GPT-2 BPE files, offline
-    os.environ['TIKTOKEN_CACHE_DIR'] = os.path.abspath(_cache)
 
 # a tiny model that trains in seconds on a CPU
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=4', '--bias=False',

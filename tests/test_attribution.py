@@ -7,7 +7,7 @@ import torch
 
 import attribution as A
 from conftest import run
-from model import GPT, GPTConfig, save_checkpoint
+from model import GPT, GPTConfig, fingerprint, save_checkpoint
 from sae import TopKSAE, init_sae, teacher_residual
 
 LAYER = 1
@@ -109,7 +109,7 @@ def test_offline_cache_equals_online_labels_resumes_and_refuses_mismatch(dataset
             f'--dataset={dataset}', '--block_size=24', '--batch_size=32', '--device=cpu', '--dtype=float32']
     p = run(args)
     assert 'tokens labelled' in p.stdout
-    expected = A.describe(dataset, 'val', str(tmp_path / 'teacher'), str(tmp_path / 'sae.pt'), 1, 'attribution', 4, 24, 128)
+    expected = A.describe(dataset, 'val', fingerprint(teacher), fingerprint(sae), 1, 'attribution', 4, 24, 128)
     cache = A.load_label_cache(dataset, 'val', expected)
     assert cache.shape == (2000, 4) and cache.dtype == np.uint16
     starts = [0, 24 * 7, 24 * 82]  # window starts

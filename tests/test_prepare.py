@@ -3,11 +3,32 @@ import os
 
 import numpy as np
 import pytest
-import tiktoken
+from conftest import ROOT, run
+from prepare import gpt2_tokenizer
 
-from conftest import run
+enc = gpt2_tokenizer()  # built from the repository's copy of GPT-2's BPE files
 
-enc = tiktoken.get_encoding('gpt2')
+
+def test_gpt2_tokenizer_from_the_repository_files():
+    assert enc.encode('Hello world') == [15496, 995] and enc.encode(' the') == [262]  # GPT-2's published ids
+    assert enc.n_vocab == 50257 and enc.eot_token == 50256
+    cache = os.path.join(ROOT, '..', 'shared', 'tiktoken_cache')  # tiktoken's own download, where one is at hand
+    if not os.path.isdir(cache):
+        pytest.skip('no tiktoken cache beside the repository to compare with')
+    import tiktoken
+    os.environ['TIKTOKEN_CACHE_DIR'] = cache
+    text = open(os.path.join(ROOT, 'assets', 'tinyshakespeare.txt')).read()[:200_000]
+    assert tiktoken.get_encoding('gpt2').encode(text) == enc.encode(text)
+
+
+def test_shakespeare_offline_from_the_shipped_text(tmp_path):
+    text = open(os.path.join(ROOT, 'assets', 'tinyshakespeare.txt'), encoding='utf-8').read()
+    env = {'TIKTOKEN_CACHE_DIR': str(tmp_path / 'empty')}  # no cache and no network: the repository's files only
+    run(['prepare.py', 'shakespeare', f'--out_dir={tmp_path / "bpe"}'], env=env)
+    assert decode_dir(tmp_path / 'bpe') == text + '<|endoftext|>'
+    run(['prepare.py', 'shakespeare', '--tokenizer=char', f'--out_dir={tmp_path / "char"}'], env=env)
+    meta = json.loads((tmp_path / 'char' / 'meta.json').read_text())
+    assert meta['vocab_size'] == 66 and meta['train_tokens'] + meta['val_tokens'] == len(text) + 1
 
 
 def decode_dir(out):
