@@ -8,7 +8,6 @@ labels a prepared dataset once, in fixed windows of block_size tokens:
 """
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -16,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from configurator import UserError, atomic_path, configure, train_keys
-from model import fingerprint, load_model, model_tokenizer
+from common import UserError, atomic_path, autocast, configure, fingerprint, load_model, model_tokenizer, settings
+from common import setup_distributed
 from prepare import check_tokenizers, data_dir_of, load_tokens, read_meta
 from sae import load_sae, teacher_residual
 
@@ -123,28 +122,15 @@ def labels_from_cache(cache, starts, block_size, n_concepts):
     return out.masked_fill(out == np.iinfo(cache_dtype(n_concepts)).max, -1)
 
 
-# -----------------------------------------------------------------------------
-teacher = 'gpt2'  # 'gpt2*' or a train.py out_dir
-sae = 'openai:resid_post_mlp:5'  # any spec load_sae takes
-sae_layer = 5
-dataset = 'openwebtext'
-label_method = 'attribution'
-k_attr = 4
-block_size = 1024  # the labelled windows; train.py must use the same
-batch_size = 8  # windows per teacher pass
-splits = 'train,val'
-device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
-# -----------------------------------------------------------------------------
-
-
-def label_split(teacher_model, sae_model, data_dir, split, expected, rank=0, world_size=1):
-    """Label one split in batches of windows; process `rank` of `world_size` takes every world_size-th batch. A
-    byte per batch in labels_<split>.bin.done records what is written, so a run stopped at any point resumes,
-    with any number of processes."""
+def label_split(teacher, sae, data_dir, split, expected, device, dtype, batch_size, rank=0, world_size=1):
+    """Label one split of a prepared dataset in windows of expected['block_size'] tokens, batch_size windows per
+    teacher pass; process `rank` of `world_size` takes every world_size-th batch. A byte per batch in
+    labels_<split>.bin.done records what is written, so a run stopped at any point resumes, with any number of
+    processes. Returns the tokens labelled per second by this process."""
+    block_size, k_attr = expected['block_size'], expected['k_attr']
     path, meta_path = cache_paths(data_dir, split)
     n_tokens = len(load_tokens(data_dir, split))
-    n_windows, dt = n_tokens // block_size, cache_dtype(sae_model.n_latents)
+    n_windows, dt = n_tokens // block_size, cache_dtype(sae.n_latents)
     n_batches = -(-n_windows // batch_size)
     meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
     same = all(meta.get(k) == v for k, v in expected.items()) and os.path.exists(path)
@@ -160,16 +146,14 @@ def label_split(teacher_model, sae_model, data_dir, split, expected, rank=0, wor
     labels = np.memmap(path, dtype=dt, mode='r+', shape=(n_tokens, k_attr))
     done = np.memmap(path + '.done', dtype=np.uint8, mode='r+')
     todo = [b for b in range(rank, n_batches, world_size) if not done[b]]
-    ctx = torch.autocast('cuda', dtype=getattr(torch, dtype)) if 'cuda' in device and dtype != 'float32' \
-        else torch.autocast('cpu', enabled=False)
     t0 = time.time()
     for b in tqdm(todo, desc=f'labelling {split}' + (f' (rank {rank})' if world_size > 1 else ''), position=rank,
                   unit='batch'):
         data = load_tokens(data_dir, split)
         w, stop = b * batch_size, min((b + 1) * batch_size, n_windows)
         idx = torch.from_numpy(data[w * block_size:stop * block_size].astype(np.int64)).view(-1, block_size)
-        with ctx:
-            out = concept_labels(teacher_model, sae_model, idx.to(device), sae_layer, k_attr, label_method)
+        with autocast(device, dtype):
+            out = concept_labels(teacher, sae, idx.to(device), expected['sae_layer'], k_attr, expected['label_method'])
         out = out.reshape(-1, k_attr).cpu().numpy()
         labels[w * block_size:stop * block_size] = np.where(out < 0, np.iinfo(dt).max, out).astype(dt)
         labels.flush()
@@ -185,6 +169,7 @@ def label_split(teacher_model, sae_model, data_dir, split, expected, rank=0, wor
         os.remove(path + '.done')
         print(f"{path}: {n_windows * block_size:,} tokens labelled ({rate * world_size:,.0f} tokens/s over "
               f"{world_size} process{'es' if world_size > 1 else ''})")
+    return rate
 
 
 def barrier():
@@ -197,30 +182,36 @@ def write_meta(path, meta):
         json.dump(meta, f, indent=1)
 
 
-def main(argv):
-    global device
-    configure(globals(), argv, ignore=train_keys())  # a train.py config works as it is
-    rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
-    if world_size > 1:  # torchrun: each process labels its share of the batches, on its own GPU
-        if 'cuda' in device:
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group('nccl' if 'cuda' in device else 'gloo')
+if __name__ == '__main__':
+    # -----------------------------------------------------------------------------
+    # a train.py config works as it is: its other settings are accepted and ignored
+    teacher = 'gpt2'  # 'gpt2*' or a train.py out_dir
+    sae = 'openai:resid_post_mlp:5'  # any spec load_sae takes
+    sae_layer = 5
+    dataset = 'openwebtext'
+    label_method = 'attribution'
+    k_attr = 4
+    block_size = 1024  # the labelled windows; train.py must use the same
+    batch_size = 8  # windows per teacher pass
+    splits = 'train,val'
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
+    # -----------------------------------------------------------------------------
+    import train
+    configure(globals(), ignore=settings(vars(train)))
+    rank, world_size, device = setup_distributed(device)  # torchrun: each process labels its share of batches
     data_dir = data_dir_of(dataset)
     teacher_model, teacher_ckpt = load_model(teacher, device)
     teacher_model.requires_grad_(False)
     sae_model, sae_meta = load_sae(sae, teacher_model.config.n_embd)
     sae_model.to(device)
-    check_tokenizers(read_meta(data_dir), f"the data in {data_dir}", model_tokenizer(teacher_model, teacher_ckpt), f"the teacher {teacher}")
+    check_tokenizers(read_meta(data_dir), f"the data in {data_dir}", model_tokenizer(teacher_model, teacher_ckpt),
+                     f"the teacher {teacher}")
     teacher_id, sae_id = fingerprint(teacher_model), fingerprint(sae_model)
     check_sae(sae, sae_meta, sae_layer, teacher_id)
     for split in splits.split(','):
         expected = describe(data_dir, split, teacher_id, sae_id, sae_layer, label_method, k_attr, block_size,
                             sae_model.n_latents)
-        label_split(teacher_model, sae_model, data_dir, split, expected, rank, world_size)
+        label_split(teacher_model, sae_model, data_dir, split, expected, device, dtype, batch_size, rank, world_size)
     if world_size > 1:
         torch.distributed.destroy_process_group()
-
-
-if __name__ == '__main__':
-    main(sys.argv[1:])

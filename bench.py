@@ -12,7 +12,6 @@ parts (--parts=a,b):
             encode, dense (g @ W_dec) * c) on the same inputs, asserting the same labels
   generate  tokens/s of greedy generation with the KV cache vs recomputation, NTP and CoCoMix
   sae       SAE training tokens/s and FVU after the same tokens vs EleutherAI's sparsify (if installed)
-  compile   torch.compile of every mode: graph breaks, recompilations, and the compiled loss = the eager loss
 Weights are random (timing does not depend on them; nothing is downloaded). Any train.py config is accepted.
 """
 import json
@@ -24,12 +23,12 @@ import time
 
 import torch
 
-from configurator import UserError, configure, train_keys
-from model import GPT, GPTConfig, guess_peak_flops
-from model import autocast as autocast_context
+import train
+from common import UserError, autocast as autocast_context, configure, measure_peak_flops, settings
+from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
-parts = 'train,labels,generate,sae,compile'
+parts = 'train,labels,generate,sae'
 batch_size = 12
 block_size = 1024
 vocab_size = 50257  # padded to a multiple of 64, as train.py does
@@ -62,12 +61,12 @@ steps = 10  # timed
 run_mode = ''  # internal: the one training mode a child process measures
 # -----------------------------------------------------------------------------
 argv = sys.argv[1:]
-configure(globals(), argv, ignore=train_keys())
+configure(globals(), argv, ignore=settings(vars(train)))
 torch.manual_seed(seed)
 device_type = 'cuda' if 'cuda' in device else 'cpu'
 autocast = autocast_context(device, dtype)
 sync = torch.cuda.synchronize if device_type == 'cuda' else (lambda: None)
-peak = peak_flops or guess_peak_flops(device, dtype)
+peak = peak_flops or measure_peak_flops(device, dtype)
 V = math.ceil(vocab_size / 64) * 64
 
 
@@ -121,7 +120,8 @@ def train_child(mode):
             with autocast:
                 c = concept_labels(teacher, sae, x, sae_layer, k_attr)
         with autocast:
-            _, loss = step_model(x, x, concept_labels=c, logits=False)
+            _, loss, out = step_model(x, x, concept_labels=c)
+            loss = loss + 0.1 * out['concept'] if c is not None else loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -253,35 +253,12 @@ def bench_sae():
     check('SAE training tokens/s ours / sparsify', rate / rate_theirs, 1.0)
 
 
-def bench_compile():
-    import torch._dynamo
-    print("compile (every mode: graph breaks in one training forward, then 3 compiled steps):")
-    x = torch.randint(0, vocab_size, (2, 64), device=device)
-    labels = torch.randint(0, n_concepts, (2, 64, k_attr), device=device)
-    for mode, m in (('ntp', 'interleave'), ('cocomix', 'interleave'), ('cocomix', 'add'), ('cocomix', 'none'), ('pause', 'pause')):
-        torch.manual_seed(0)
-        model = GPT(GPTConfig(block_size=64, vocab_size=V, n_layer=2, n_head=2, n_embd=64, insert_layer=1, mix=m,
-                              n_concepts=n_concepts if mode == 'cocomix' else 0, concept_topk=concept_topk)).to(device)
-        c = labels if mode == 'cocomix' else None
-        explain = torch._dynamo.explain(model)(x, x, concept_labels=c, logits=False)
-        torch._dynamo.reset()
-        compiled = torch.compile(model)
-        frames = torch._dynamo.utils.counters['stats']['unique_graphs']
-        for _ in range(3):
-            loss = compiled(x, x, concept_labels=c, logits=False)[1]
-            loss.backward()
-        eager = model(x, x, concept_labels=c, logits=False)[1]
-        recompiles = torch._dynamo.utils.counters['stats']['unique_graphs'] - frames - 1
-        print(f"  {mode:>8} mix={m:<10}: {explain.graph_break_count} graph breaks, {max(recompiles, 0)} recompilations, "
-              f"compiled loss {loss.item():.5f} vs eager {eager.item():.5f}")
-
-
 if run_mode == 'none':
     print(json.dumps(dict(memory=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))
 elif run_mode:
     train_child(run_mode)
 else:
-    PARTS = {'train': bench_train, 'labels': bench_labels, 'generate': bench_generate, 'sae': bench_sae, 'compile': bench_compile}
+    PARTS = {'train': bench_train, 'labels': bench_labels, 'generate': bench_generate, 'sae': bench_sae}
     for part in parts.split(','):
         if part not in PARTS:
             raise UserError(f"unknown part '{part}'; use some of {','.join(PARTS)}")

@@ -21,8 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from configurator import UserError, atomic_path, check_hub, configure
-from model import autocast, load_model
+from common import UserError, atomic_path, autocast, check_hub, configure, load_model
 from prepare import data_dir_of, download, get_tokenizer, load_tokens
 
 # -----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from configurator import UserError, configure
+from common import UserError, configure
 
 # -----------------------------------------------------------------------------
 input = ''  # local text files (prepare.py --input); empty: download Tiny Shakespeare
@@ -73,7 +73,7 @@ def main():
     t0 = time.time()
     run_stages(STAGES, f'{out}/pipeline_stamps.json')
     import torch
-    from model import load_model
+    from common import load_model
     print(f"\n{'model':<9} {'layers x width':>14} {'active params':>13} {'train tokens':>12} {'val loss':>8} {'val ppl':>7}")
     for m in ('ntp', 'cocomix'):
         model, ckpt = load_model(f'{out}/{m}')
@@ -85,8 +85,7 @@ def main():
     with torch.no_grad():  # steer the concept the student predicts most often on the val text
         from prepare import load_tokens
         x = torch.from_numpy(load_tokens(data, 'val')[:model.config.block_size].astype('int64'))[None]
-        model(x, x)
-        concept = model.concept_ids[..., 0].flatten().mode().values.item()
+        concept = model(x, x)[2]['concept_ids'][..., 0].flatten().mode().values.item()
     desc = json.load(open(f'{out}/sae/sae.pt.concepts.json')).get(str(concept), '')
     sample = ['sample.py', f'--out_dir={out}/cocomix', '--num_samples=1', '--max_new_tokens=200', '--start=ROMEO:',
               f'--device={device}']

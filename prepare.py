@@ -21,7 +21,7 @@ import urllib.request
 import numpy as np
 from tqdm import tqdm
 
-from configurator import UserError, atomic_path, check_hub, configure
+from common import UserError, atomic_path, check_hub, configure
 
 # -----------------------------------------------------------------------------
 input = ''  # comma-separated local files or globs (the train split, or both splits without val_input)

@@ -13,16 +13,17 @@ load_sae() takes a file (OpenAI's or ours) or 'openai:LOCATION:LAYER[:32k|128k]'
 import json
 import math
 import os
-import sys
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from configurator import UserError, atomic_path, configure
-from model import fingerprint, load_model, model_tokenizer, sae_norm, save_checkpoint
+from common import UserError, atomic_path, autocast, configure, fingerprint, load_checkpoint, load_model
+from common import model_tokenizer, save_checkpoint
+from model import sae_norm
 from prepare import check_tokenizers, data_dir_of, get_tokenizer, load_tokens, read_meta
 from prepare import download as fetch  # `download` is a parameter of sae_file
 
@@ -135,39 +136,6 @@ def teacher_residual(teacher, idx, layer):
     return teacher.run_blocks(teacher.embed(idx), stop=layer + 1)
 
 
-# -----------------------------------------------------------------------------
-# Training, evaluation and inspection: python sae.py [config] [--key=value ...]
-out_dir = 'out-sae'
-init_from = 'scratch'  # or 'resume' (out_dir/sae_ckpt.pt)
-teacher = ''  # 'gpt2*' or a train.py out_dir; for --evaluate/--inspect, default: the SAE's own metadata
-sae_layer = -1  # the block whose output the SAE reads (0-based; GPT-2 small: 5 = the output of block 6 of 12)
-dataset = ''  # a prepared dataset (prepare.py)
-n_latents = 32768
-k = 32
-normalize = True
-k_aux = 0  # latents in the AuxK loss; 0 = n_inputs // 2
-aux_coef = 1 / 32
-dead_tokens = 10_000_000  # a latent with no activation in this many training tokens is dead
-batch_size = 4096  # activation vectors per step
-context = 64  # tokens per teacher window
-buffer_size = 131072  # activation vectors per refill of the shuffle buffer
-max_tokens = 200_000_000
-learning_rate = 0.0  # 0 = Gao et al.'s 2e-4 / sqrt(n_latents / 2^14)
-eval_tokens = 65536  # held-out tokens for evaluation
-log_interval = 50
-ckpt_interval = 1000  # steps between resumable checkpoints
-device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # autocast for the teacher and the SAE
-seed = 1337
-evaluate = ''  # an SAE file: evaluate it and stop
-inspect = ''  # an SAE file: show --latent=ID or the --top=N latents and stop
-latent = -1
-top = 0
-inspect_tokens = 100_000  # tokens scanned for inspection
-window = 10  # tokens shown on each side of a peak
-# -----------------------------------------------------------------------------
-
-
 def windows(data_dir, split, n_windows, length, generator=None):
     """(n_windows, length) token windows: random starts with a generator, else consecutive from the start."""
     data = load_tokens(data_dir, split)
@@ -181,16 +149,12 @@ def windows(data_dir, split, n_windows, length, generator=None):
 
 
 @torch.no_grad()
-def residuals(teacher, idx, layer, chunk=64):
-    """Teacher residuals after block `layer` for (N, T) windows -> (N, T, d), in chunks of windows."""
-    with autocast():
+def residuals(teacher, idx, layer, dtype, chunk=64):
+    """Teacher residuals after block `layer` for (N, T) windows -> (N, T, d) in fp32, in chunks of windows."""
+    device = teacher.lm_head.weight.device
+    with autocast(device, dtype):
         return torch.cat([teacher_residual(teacher, idx[i:i + chunk].to(device), layer).float()
                           for i in range(0, len(idx), chunk)])
-
-
-def autocast():
-    return torch.autocast('cuda', dtype=getattr(torch, dtype)) if 'cuda' in device and dtype != 'float32' \
-        else torch.autocast('cpu', enabled=False)
 
 
 def geometric_median(x, iters=50):
@@ -222,16 +186,17 @@ def sae_losses(sae, x, dead=None, k_aux=0):
 
 
 @torch.no_grad()
-def evaluate_sae(sae, teacher, layer, data_dir, n_tokens):
+def evaluate_sae(sae, teacher, layer, data_dir, n_tokens, context=64, dtype='float32'):
     """On held-out windows: FVU in normalised and raw space, the fraction of latents never active, and the
     teacher's next-token loss clean vs with the reconstruction spliced in at `layer` (and the KL between them)."""
     idx = windows(data_dir, 'val', max(1, n_tokens // (context + 1)), context + 1)
     sums = dict(sse_norm=0.0, sse_raw=0.0, clean=0.0, spliced=0.0, kl=0.0, n=0)
     moments = {'norm': [0.0, 0.0], 'raw': [0.0, 0.0]}  # sum and sum of squares per feature
+    device = sae.encoder.weight.device
     active = torch.zeros(sae.n_latents, dtype=torch.bool, device=device)
     for i in range(0, len(idx), 32):
         x_in, y = idx[i:i + 32, :-1].to(device), idx[i:i + 32, 1:].to(device)
-        with autocast():
+        with autocast(device, dtype):
             h = teacher_residual(teacher, x_in, layer).float()
             values, indices, info = sae.encode(h)
             h_hat = sae.decode(values, indices, info)
@@ -268,9 +233,9 @@ def init_sae(sae, sample):
     sae.pre_bias.copy_(geometric_median(sae.preprocess(sample)[0]))
 
 
-def train_step(sae, optimizer, x, k_aux, dead_tokens, aux_coef):
+def train_step(sae, optimizer, x, k_aux, dead_tokens, aux_coef, dtype='float32'):
     """One Adam step on a batch of vectors x (N, d); returns the batch FVU and AuxK loss."""
-    with autocast():
+    with autocast(x.device, dtype):
         fvu, aux, active = sae_losses(sae, x, sae.stats_last_nonzero > dead_tokens, k_aux)
     optimizer.zero_grad(set_to_none=True)
     (fvu + aux_coef * aux).backward()
@@ -285,23 +250,24 @@ def train_step(sae, optimizer, x, k_aux, dead_tokens, aux_coef):
     return fvu.detach(), aux.detach()
 
 
-def train(teacher_model, data_dir, config):
-    d = teacher_model.config.n_embd
-    lr = learning_rate or 2e-4 / math.sqrt(n_latents / 2 ** 14)
-    steps, per_buffer = max_tokens // batch_size, buffer_size // batch_size
-    sae = TopKSAE(d, n_latents, k, normalize).to(device)
+def train_sae(teacher, data_dir, c):
+    """Train a TopK SAE on the teacher's residual stream after block c.sae_layer; c holds sae.py's settings.
+    Returns the SAE and the training tokens per second."""
+    d, device = teacher.config.n_embd, teacher.lm_head.weight.device
+    lr = c.learning_rate or 2e-4 / math.sqrt(c.n_latents / 2 ** 14)
+    steps, per_buffer = c.max_tokens // c.batch_size, c.buffer_size // c.batch_size
+    sae = TopKSAE(d, c.n_latents, c.k, c.normalize).to(device)
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
     step, buffer_index, buffer = 0, -1, None
 
     def fill(r):  # the r-th shuffled buffer: a function of (seed, r) alone, so resuming is exact
-        g = torch.Generator().manual_seed(seed * 1_000_003 + r)
-        h = residuals(teacher_model, windows(data_dir, 'train', buffer_size // context + 1, context, g), sae_layer)
-        h = h.reshape(-1, d)
-        return h[torch.randperm(len(h), generator=g)[:per_buffer * batch_size].to(h.device)]
+        g = torch.Generator().manual_seed(c.seed * 1_000_003 + r)
+        idx = windows(data_dir, 'train', c.buffer_size // c.context + 1, c.context, g)
+        h = residuals(teacher, idx, c.sae_layer, c.dtype).reshape(-1, d)
+        return h[torch.randperm(len(h), generator=g)[:per_buffer * c.batch_size].to(h.device)]
 
-    if init_from == 'resume':
-        from model import load_checkpoint
-        ckpt = load_checkpoint(out_dir, device, 'sae_ckpt.pt')
+    if c.init_from == 'resume':
+        ckpt = load_checkpoint(c.out_dir, device, 'sae_ckpt.pt')
         sae.load_state_dict(ckpt['sae'])
         optimizer.load_state_dict(ckpt['optimizer'])
         step = ckpt['step']
@@ -313,28 +279,30 @@ def train(teacher_model, data_dir, config):
         if step // per_buffer != buffer_index:
             buffer_index = step // per_buffer
             buffer = fill(buffer_index)
-        x = buffer[(step % per_buffer) * batch_size:(step % per_buffer + 1) * batch_size]
-        fvu, aux = train_step(sae, optimizer, x, k_aux or d // 2, dead_tokens, aux_coef)
-        if step % log_interval == 0:
-            dead = (sae.stats_last_nonzero > dead_tokens).float().mean().item()
+        x = buffer[(step % per_buffer) * c.batch_size:(step % per_buffer + 1) * c.batch_size]
+        fvu, aux = train_step(sae, optimizer, x, c.k_aux or d // 2, c.dead_tokens, c.aux_coef, c.dtype)
+        if step % c.log_interval == 0:
+            dead = (sae.stats_last_nonzero > c.dead_tokens).float().mean().item()
             bar.set_postfix_str(f"FVU {fvu.item():.4f} aux {aux.item():.3f} dead {dead * 100:.1f}% "
-                                f"{(step + 1 - bar.initial) * batch_size / (time.time() - t0):,.0f} tok/s")
-        if (step + 1) % ckpt_interval == 0 or step + 1 == steps:
+                                f"{(step + 1 - bar.initial) * c.batch_size / (time.time() - t0):,.0f} tok/s")
+        if (step + 1) % c.ckpt_interval == 0 or step + 1 == steps:
             save_checkpoint({'sae': sae.state_dict(), 'optimizer': optimizer.state_dict(), 'step': step + 1,
-                             'config': config}, out_dir, 'sae_ckpt.pt')
+                             'config': vars(c)}, c.out_dir, 'sae_ckpt.pt')
     bar.close()
-    tokens_per_s = (steps - bar.initial) * batch_size / max(time.time() - t0, 1e-9)
+    tokens_per_s = (steps - bar.initial) * c.batch_size / max(time.time() - t0, 1e-9)
     return sae.eval(), tokens_per_s
 
 
 @torch.no_grad()
-def inspect_sae(sae, teacher_model, data_dir):
-    """Top-activating contexts, frequency and promoted tokens of one latent, or a listing of the top ones."""
+def inspect_sae(sae, teacher_model, data_dir, c):
+    """Top-activating contexts, frequency and promoted tokens of latent c.latent, or a listing of the c.top
+    strongest and most frequent ones and a description of every latent (c: sae.py's settings)."""
+    latent, context, window = c.latent, c.context, c.window
     enc = get_tokenizer(read_meta(data_dir))
-    idx = windows(data_dir, 'val', max(1, inspect_tokens // context), context)
+    idx = windows(data_dir, 'val', max(1, c.inspect_tokens // context), context)
     values, indices = [], []
     for i in range(0, len(idx), 64):
-        v, ix, _ = sae.encode(residuals(teacher_model, idx[i:i + 64], sae_layer))
+        v, ix, _ = sae.encode(residuals(teacher_model, idx[i:i + 64], c.sae_layer, c.dtype))
         values.append(v.cpu()), indices.append(ix.cpu())
     values, indices = torch.cat(values), torch.cat(indices)  # (N, T, k)
     n_tokens = values.shape[0] * values.shape[1]
@@ -352,7 +320,7 @@ def inspect_sae(sae, teacher_model, data_dir):
     if latent < 0:
         for name, score in (('most frequent', count.float()), ('strongest (mean activation)', total / count.clamp_min(1))):
             print(f"{name} latents over {n_tokens:,} tokens:")
-            ids = score.topk(top).indices.tolist()
+            ids = score.topk(c.top).indices.tolist()
             for i, tokens in zip(ids, promoted(ids, 5)):
                 print(f"  {i:6d}  freq {count[i] / n_tokens:.4f}  mean act {total[i] / max(count[i], 1):.3f}  promotes {tokens}")
         # one short description per latent, which sample.py --show_concepts prints beside the predicted concepts
@@ -363,7 +331,7 @@ def inspect_sae(sae, teacher_model, data_dir):
         peak_token[indices[is_peak]] = idx.unsqueeze(-1).expand_as(indices)[is_peak]
         desc = {i: (f"on {enc.decode([peak_token[i].item()])!r}, " if count[i] else 'inactive, ') + 'promotes ' + ' '.join(map(repr, tokens))
                 for i, tokens in enumerate(promoted(list(range(sae.n_latents)), 3))}
-        path = sae_file(inspect) + '.concepts.json'
+        path = sae_file(c.inspect) + '.concepts.json'
         with open(path, 'w') as f:
             json.dump(desc, f, indent=0)
         return print(f"saved a description of each of the {sae.n_latents} latents to {path}")
@@ -379,9 +347,41 @@ def inspect_sae(sae, teacher_model, data_dir):
         print(f"  {value.item():8.3f}  {left!r} [[{enc.decode([idx[w, t].item()])!r}]] {right!r}")
 
 
-def main(argv):
-    global teacher, sae_layer, dataset
-    config = configure(globals(), argv)
+if __name__ == '__main__':
+    # -----------------------------------------------------------------------------
+    # Training, evaluation and inspection: python sae.py [config] [--key=value ...]
+    out_dir = 'out-sae'
+    init_from = 'scratch'  # or 'resume' (out_dir/sae_ckpt.pt)
+    teacher = ''  # 'gpt2*' or a train.py out_dir; for --evaluate/--inspect, default: the SAE's own metadata
+    sae_layer = -1  # the block whose output the SAE reads (0-based; GPT-2 small: 5 = the output of block 6 of 12)
+    dataset = ''  # a prepared dataset (prepare.py)
+    n_latents = 32768
+    k = 32
+    normalize = True
+    k_aux = 0  # latents in the AuxK loss; 0 = n_inputs // 2
+    aux_coef = 1 / 32
+    dead_tokens = 10_000_000  # a latent with no activation in this many training tokens is dead
+    batch_size = 4096  # activation vectors per step
+    context = 64  # tokens per teacher window
+    buffer_size = 131072  # activation vectors per refill of the shuffle buffer
+    max_tokens = 200_000_000
+    learning_rate = 0.0  # 0 = Gao et al.'s 2e-4 / sqrt(n_latents / 2^14)
+    eval_tokens = 65536  # held-out tokens for evaluation
+    log_interval = 50
+    ckpt_interval = 1000  # steps between resumable checkpoints
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # autocast for the teacher and the SAE
+    seed = 1337
+    evaluate = ''  # an SAE file: evaluate it and stop
+    inspect = ''  # an SAE file: show --latent=ID or the --top=N latents and stop
+    latent = -1
+    top = 0
+    inspect_tokens = 100_000  # tokens scanned for inspection
+    window = 10  # tokens shown on each side of a peak
+    # -----------------------------------------------------------------------------
+
+
+    config = configure(globals())
     torch.manual_seed(seed)
     path = evaluate or inspect
     meta = load_sae(path)[1] if path else {}
@@ -394,19 +394,18 @@ def main(argv):
     data_dir = data_dir_of(dataset)
     check_tokenizers(read_meta(data_dir), f"the data in {data_dir}", model_tokenizer(teacher_model, teacher_ckpt),
                      f"the teacher {teacher}")
+    settings_now = SimpleNamespace(**dict(config, teacher=teacher, dataset=dataset, sae_layer=sae_layer))
     if path:
         sae = load_sae(path, teacher_model.config.n_embd)[0].to(device)
         if inspect:
-            return inspect_sae(sae, teacher_model, data_dir)
-        return print(report(evaluate_sae(sae, teacher_model, sae_layer, data_dir, eval_tokens)))
-    sae, tokens_per_s = train(teacher_model, data_dir, config)
-    metrics = evaluate_sae(sae, teacher_model, sae_layer, data_dir, eval_tokens)
-    sae.save(os.path.join(out_dir, 'sae.pt'), dict(teacher=teacher, teacher_id=fingerprint(teacher_model),
-                                                    layer=sae_layer, location='resid_post',
-                                                    dataset=dataset, tokens_trained=max_tokens // batch_size * batch_size,
-                                                    eval=metrics))
-    print(f"done: {report(metrics)}; trained at {tokens_per_s:,.0f} tokens/s; saved {out_dir}/sae.pt")
-
-
-if __name__ == '__main__':
-    main(sys.argv[1:])
+            inspect_sae(sae, teacher_model, data_dir, settings_now)
+        else:
+            print(report(evaluate_sae(sae, teacher_model, sae_layer, data_dir, eval_tokens, context, dtype)))
+    else:
+        sae, tokens_per_s = train_sae(teacher_model, data_dir, settings_now)
+        metrics = evaluate_sae(sae, teacher_model, sae_layer, data_dir, eval_tokens, context, dtype)
+        sae.save(os.path.join(out_dir, 'sae.pt'), dict(teacher=teacher, teacher_id=fingerprint(teacher_model),
+                                                        layer=sae_layer, location='resid_post', dataset=dataset,
+                                                        tokens_trained=max_tokens // batch_size * batch_size,
+                                                        eval=metrics))
+        print(f"done: {report(metrics)}; trained at {tokens_per_s:,.0f} tokens/s; saved {out_dir}/sae.pt")

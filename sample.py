@@ -10,8 +10,7 @@ import os
 
 import torch
 
-from configurator import UserError, configure
-from model import autocast as autocast_context, load_model
+from common import UserError, autocast as autocast_context, configure, load_model
 from prepare import get_tokenizer
 
 # -----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from configurator import configure
+from common import configure
 from pipeline import run_stages
 
 # -----------------------------------------------------------------------------

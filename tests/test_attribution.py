@@ -7,7 +7,8 @@ import torch
 
 import attribution as A
 from conftest import run
-from model import GPT, GPTConfig, fingerprint, save_checkpoint
+from common import fingerprint, save_checkpoint
+from model import GPT, GPTConfig
 from sae import TopKSAE, init_sae, teacher_residual
 
 LAYER = 1

@@ -2,25 +2,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, concept_accuracy, kd_loss, linear_cross_entropy
-
-
-def concept_loss(z, labels):
-    """The concept loss written plainly (paper Eq. 2): (1/k_attr) sum_i CE(z, label_i) over labelled slots."""
-    z = z.float()
-    valid = labels >= 0
-    nll = torch.logsumexp(z, dim=-1, keepdim=True) - z.gather(-1, labels.clamp_min(0))
-    return (nll * valid).sum() / valid.sum().clamp_min(1)
+from chunked import linear_cross_entropy
+from model import GPT, GPTConfig, concept_accuracy, concept_loss, kd_loss
 
 
 def cocomix(mix='interleave', C=40, insert_layer=1, seed=0, block_size=32):
     torch.manual_seed(seed)
     model = GPT(GPTConfig(block_size=block_size, vocab_size=64, n_layer=3, n_head=2, n_embd=32, bias=True,
                           n_concepts=C if mix != 'pause' else 0, concept_topk=5, insert_layer=insert_layer,
-                          mix='interleave' if mix == 'plain' else mix))
+                          mix=mix if mix in ('add', 'none') else 'interleave', pause=mix == 'pause'))
     with torch.no_grad():  # larger concept weights than the init, so that mixing visibly changes the outputs
         for name, p in model.named_parameters():
-            if name.startswith(('concepts.', 'pause')):
+            if name.startswith('concepts.'):
                 p.normal_(0, 0.5)
     return model.eval()
 
@@ -30,24 +23,25 @@ def test_model_is_causal(mix):
     """Changing token t+1 leaves every logit (and concept logit) at positions <= t unchanged."""
     model = cocomix(mix)
     if mix == 'plain':
-        del model.concepts  # the same GPT without the concept parts
-        model.mixing = False
+        model.concepts = None  # the same GPT without the concept parts
     idx = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(0))
     changed = idx.clone()
     changed[0, 9] = (changed[0, 9] + 1) % 64
     outputs = []
     with torch.no_grad():
         for x in (idx, changed):
-            outputs.append([model(x, x)[0]] + ([model.concept_logits] if mix == 'interleave' else []))
+            logits, _, out = model(x, x)
+            outputs.append([logits] + ([out['concept_logits']] if mix == 'interleave' else []))
     for x, y in zip(*outputs):
         assert torch.equal(x[:, :9], y[:, :9])
         assert not torch.allclose(x[:, 9:], y[:, 9:])
 
 
 def test_gather_compression_equals_dense_masked_matmul():
-    model = cocomix()
+    model = cocomix(mix='add')
     h = torch.randn(2, 5, 32, requires_grad=True)
-    z, _, kept_ids, c_hat = model.concepts(h)
+    c_hat, out = model.concepts(h, lambda x: x - h)  # add, then "blocks" that subtract h: c_hat itself
+    z, kept_ids = out['concept_logits'], out['concept_ids']
     m = model.concepts
     mu, std = h.mean(-1, keepdim=True), h.std(-1, keepdim=True)  # unbiased, as the SAE
     z_ref = m.concept_head((h - mu) / (std + 1e-5) - m.pre_bias)
@@ -89,8 +83,7 @@ def test_mixing_changes_the_output_and_none_does_not():
         with torch.no_grad():
             outs[mix] = model(idx, idx)[0]
     plain = cocomix('none')
-    del plain.concepts  # the same weights without the concept parts: a plain GPT
-    plain.mixing = False
+    plain.concepts = None  # the same weights without the concept parts: a plain GPT
     with torch.no_grad():
         assert torch.equal(plain(idx, idx)[0], outs['none'])  # prediction only leaves the stream untouched
     assert not torch.allclose(outs['interleave'], outs['none']) and not torch.allclose(outs['add'], outs['none'])
@@ -104,9 +97,9 @@ def test_steering_and_shown_concepts():
     steered, shown_steered = model.generate(idx, 20, temperature=0, steer={3: 10.0}, show_concepts=3)
     assert not torch.equal(steered, base)
     with torch.no_grad():  # the shown concepts are the top concept logits at the position each token came from
-        model(base[:, :-1], base[:, :-1])
+        z = model(base[:, :-1], base[:, :-1])[2]['concept_logits']
     assert shown.shape == (1, 20, 3)
-    assert torch.equal(shown, model.concept_logits[:, 5:].topk(3).indices)
+    assert torch.equal(shown, z[:, 5:].topk(3).indices)
     assert (shown_steered == 3).float().mean() > (shown == 3).float().mean()  # steering raises concept 3
     with pytest.raises(ValueError, match=r'concept ids must be in \[0, 40\)'):
         model.generate(idx, 2, steer={40: 2.0})
@@ -128,7 +121,7 @@ def test_plain_config_is_exactly_the_foundation_gpt(tiny_hf_gpt2):
     assert torch.equal(base(idx, idx)[0], other(idx, idx)[0])
     path, hf = tiny_hf_gpt2
     ours = GPT.from_pretrained(path).eval()
-    ours.config.mix, ours.config.insert_layer = 'interleave', 1  # ignored without concepts
+    ours.config.mix, ours.config.insert_layer = 'add', 1  # ignored without concepts
     idx = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx, idx)[0], hf(idx).logits, atol=1e-4, rtol=1e-4)
@@ -170,17 +163,27 @@ def test_paper_parameter_counts(monkeypatch, capsys):
         print('\n' + '\n'.join(rows))
 
 
-def test_concept_loss_in_forward():
+@pytest.mark.parametrize('max_logits', [2 ** 28, 0])  # the plain heads, and the chunked ones (chunked.py)
+def test_concept_loss_in_forward(max_logits):
+    """The forward's concept loss is Eq. 2 on its own concept logits; with labels it mixes the same concept
+    vectors and gives the same next-token loss and gradients as without; the chunked heads change nothing."""
     model = cocomix()
     idx = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     labels = torch.randint(-1, 40, (2, 8, 4), generator=torch.Generator().manual_seed(1))
-    logits, loss = model(idx, idx, concept_labels=labels, lam_concept=0.1)
-    ntp, concept = model.losses['ntp'], model.losses['concept']
-    torch.testing.assert_close(loss, ntp + 0.1 * concept)
-    ref_logits, ref_ntp = model(idx, idx)  # without labels: the full concept logits, the plain head
-    torch.testing.assert_close(concept, concept_loss(model.concept_logits, labels))
+    ref_logits, ref_ntp, ref = model(idx, idx)  # without labels: the plain heads and the full concept logits
+    params = [p for p in model.parameters() if p.requires_grad]
+    ref_grads = torch.autograd.grad(ref_ntp + 0.1 * concept_loss(ref['concept_logits'], labels), params)
+    model.config.max_logits = model.concepts.max_logits = max_logits
+    logits, ntp, out = model(idx, idx, concept_labels=labels)
+    torch.testing.assert_close(out['concept'], concept_loss(ref['concept_logits'], labels))
     torch.testing.assert_close(ntp, ref_ntp)
-    torch.testing.assert_close(logits, ref_logits)  # training with labels mixes the same concept vectors
+    assert torch.equal(out['concept_ids'], ref['concept_ids'])
+    if max_logits:
+        torch.testing.assert_close(logits, ref_logits)
+    else:
+        assert logits is None and out['concept_logits'] is None  # never held
+    for a, b in zip(torch.autograd.grad(ntp + 0.1 * out['concept'], params), ref_grads):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize('k, topk', [(1, 0), (4, 5)])
@@ -193,7 +196,7 @@ def test_chunked_linear_cross_entropy_equals_dense(monkeypatch, k, topk):
     b = torch.randn(50, generator=g, requires_grad=True)
     labels = torch.randint(-1, 50, (2, 7, k), generator=g)
     labels[0, 0] = -1  # a row without labels
-    import model as M
+    import chunked as M
     a = torch.randn(2, 7, topk, generator=g)  # weights on the kept logits, as the compression's gradient
     for chunk_rows in (3, 1000):
         monkeypatch.setattr(M, 'CHUNK_ELEMENTS', chunk_rows * 50)
@@ -278,5 +281,5 @@ def test_baseline_modes_lower_their_losses(dataset, tmp_path):
             assert sum(kd[-5:]) / 5 < sum(kd[:5]) / 5 - 0.2, (mode, kd)
             assert 'teacher' in p.stdout.splitlines()[-4]  # the teacher's share of the step time is logged
         ckpt = torch.load(tmp_path / mode / 'ckpt.pt', weights_only=True)
-        assert ckpt['mode'] == mode and ('pause' in ckpt['model']) == mode.endswith('pause')
+        assert ckpt['mode'] == mode and ('concepts.pause' in ckpt['model']) == mode.endswith('pause')
         assert len(ckpt['model']) == len(GPT(GPTConfig(**ckpt['model_args'])).state_dict())

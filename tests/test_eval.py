@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import eval as E
 from conftest import ROOT, run
-from model import GPT, GPTConfig, save_checkpoint
+from common import save_checkpoint
+from model import GPT, GPTConfig
 from prepare import CharTokenizer
 
 BENCH = os.path.join(ROOT, '..', 'shared', 'data', 'benchmarks_sample')
@@ -116,7 +117,7 @@ def test_perplexity_task_equals_mean_window_loss(dataset, tmp_path):
     run(['train.py', f'--dataset={dataset}', f'--out_dir={tmp_path / "out"}', '--max_iters=4', '--eval_interval=4'] + TINY)
     p = run(['eval.py', f'--out_dir={tmp_path / "out"}', '--tasks=ppl', '--device=cpu', '--limit=10'])
     loss = float(p.stdout.split('loss ')[1].split(',')[0])
-    from model import load_model
+    from common import load_model
     import numpy as np
     model = load_model(str(tmp_path / 'out'))[0]
     val = np.fromfile(os.path.join(dataset, 'val.bin'), dtype=np.uint16).astype(np.int64)

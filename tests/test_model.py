@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig, load_model
+from common import load_model
+from model import GPT, GPTConfig
 
 
 def tiny_gpt(vocab=64, block_size=32, dropout=0.0, seed=0):
@@ -17,7 +18,7 @@ def test_from_pretrained_matches_transformers(tiny_hf_gpt2):
     model = GPT.from_pretrained(path).eval()
     idx = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ours, _ = model(idx, targets=idx)
+        ours = model(idx, targets=idx)[0]
         theirs = hf(idx).logits
     assert theirs.abs().max() > 1.0  # the comparison is not between near-zero numbers
     assert (ours - theirs).abs().max().item() < 1e-4
@@ -30,7 +31,7 @@ def test_initial_loss_is_uniform():
     g = torch.Generator().manual_seed(0)
     idx, targets = torch.randint(0, 512, (2, 4, 32), generator=g)  # independent: with tied embeddings an
     with torch.no_grad():                                            # input token is its own likeliest target
-        _, loss = model(idx, targets=targets)
+        loss = model(idx, targets=targets)[1]
     assert abs(loss.item() - math.log(512)) < 0.05
 
 
@@ -39,9 +40,9 @@ def test_cached_forward_in_chunks_equals_full_forward():
     model = tiny_gpt()
     idx = torch.randint(0, 64, (2, 13), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        full, _ = model(idx, targets=idx)
-        caches = model.new_caches()
-        parts = [model.head(model.run_blocks(model.embed(idx[:, a:b], a), caches=caches))[0]
+        full = model(idx, targets=idx)[0]
+        cache = model.new_cache()
+        parts = [model.head(model.run_blocks(model.embed(idx[:, a:b], a), cache=cache))[0]
                  for a, b in ((0, 5), (5, 6), (6, 13))]
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=0)
 

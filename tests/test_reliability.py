@@ -64,7 +64,7 @@ def test_resume_on_another_process_count_is_exact(dataset, tmp_path):
 
 def teacher_and_sae(dataset, tmp_path, layer=0, seed=0, n_latents=48, name='sae.pt'):
     """A 2-block teacher trained on the dataset, and an SAE file that records the layer and teacher it belongs to."""
-    from model import fingerprint, load_model
+    from common import fingerprint, load_model
     from sae import TopKSAE, init_sae
     teacher = tmp_path / 'teacher'
     if not (teacher / 'ckpt.pt').exists():

@@ -1,0 +1,247 @@
+"""
+What every script shares: settings (nanoGPT's configurator, but strict), one-line errors, atomic files,
+checkpoints and model loading, mixed precision, torchrun setup and the device's peak FLOP/s.
+
+Settings are the lower-case globals of a script above its `configure(globals())` call; config files are plain
+Python and `--key=value` overrides both, in order:
+
+    python train.py config/ntp_shakespeare.py --batch_size=32 --compile=False
+
+Every name a config file defines, and every override, must be one of the script's settings (or, for a script
+that reads another's configs, one of that script's: `ignore=`), or the run stops with a one-line error naming the
+key. Values keep the type of the default (an int may stand for a float; a default of None takes anything).
+"""
+import hashlib
+import os
+import socket
+import sys
+import tempfile
+import time
+import urllib.parse
+from ast import literal_eval
+from contextlib import contextmanager, nullcontext
+
+import torch
+
+from model import GPT, GPTConfig
+
+
+class UserError(SystemExit):
+    """Bad input: exit with status 1 and one line, "error: <what is wrong and how to fix it>", no traceback.
+    Under torchrun every process meets the same bad input, so only rank 0 prints it; the others wait a moment
+    (so that torchrun does not stop rank 0 before it has printed) and exit quietly."""
+
+    def __init__(self, message):
+        if int(os.environ.get('RANK', '0')) != 0:
+            time.sleep(2)
+            super().__init__(1)
+        else:
+            super().__init__(f"error: {message}")
+
+
+# -----------------------------------------------------------------------------
+# Settings
+
+def settings(namespace):
+    """The settings among a script's globals: lower-case names bound to plain data."""
+    return {k: v for k, v in namespace.items() if not k.startswith('_') and not k.isupper()
+            and isinstance(v, (int, float, bool, str, type(None), tuple, list))}
+
+
+def _set(config, key, value, source, ignore):
+    if key not in config:
+        if key in ignore:
+            return
+        raise UserError(f"unknown config key '{key}' in {source}; known keys: {', '.join(sorted(config))}")
+    default = config[key]
+    if default is not None and value is not None and type(value) is not type(default):
+        if isinstance(default, float) and type(value) is int:
+            value = float(value)
+        else:
+            raise UserError(f"config key '{key}' in {source} must be {type(default).__name__}, "
+                            f"got {type(value).__name__} {value!r}")
+    config[key] = value
+
+
+def configure(script_globals, argv=None, ignore=()):
+    """Apply config files and --key=value overrides (in argv order) to the script's settings. Returns the final
+    settings as a plain dict. ignore: keys accepted but unused (another script's settings)."""
+    argv = sys.argv[1:] if argv is None else argv
+    config = settings(script_globals)
+    for arg in argv:
+        if not arg.startswith('--'):
+            try:
+                with open(arg) as f:
+                    source = f.read()
+            except OSError as e:
+                raise UserError(f"cannot read config file '{arg}': {e.strerror}")
+            namespace = {}
+            try:
+                exec(compile(source, arg, 'exec'), namespace)
+            except SyntaxError as e:
+                raise UserError(f"config file {arg}, line {e.lineno}: {e.msg}; fix the Python there")
+            except Exception as e:  # a config file is plain Python: report where it broke, in one line
+                raise UserError(f"config file {arg} failed: {type(e).__name__}: {e}")
+            for key, value in namespace.items():
+                if not key.startswith('_') and not callable(value) and type(value).__name__ != 'module':
+                    _set(config, key, value, arg, ignore)
+        else:
+            key, eq, text = arg[2:].partition('=')
+            if not eq and isinstance(config.get(key), bool):  # a bare --flag turns a boolean setting on
+                eq, text = '=', 'True'
+            if not eq:
+                raise UserError(f"override '{arg}' needs the form --key=value")
+            try:
+                value = literal_eval(text)
+            except (SyntaxError, ValueError):
+                value = text  # a bare string such as --device=cuda
+            _set(config, key, value, f"override '{arg}'", ignore)
+    script_globals.update(config)
+    return config
+
+
+# -----------------------------------------------------------------------------
+# Files, checkpoints and models
+
+@contextmanager
+def atomic_path(path):
+    """with atomic_path(path) as tmp: write tmp. The file appears at `path` only once the block succeeded, through
+    a rename: a crash mid-write leaves the previous file intact. The temporary name is this process's own, so a
+    file left by a killed run is never in the way (and never taken for a finished one)."""
+    folder = os.path.dirname(path) or '.'
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + '.', suffix='.tmp')
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, 'rb+') as f:
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(checkpoint, out_dir, name='ckpt.pt'):
+    with atomic_path(os.path.join(out_dir, name)) as tmp:
+        torch.save(checkpoint, tmp)
+
+
+def load_checkpoint(out_dir, device='cpu', name='ckpt.pt'):
+    path = os.path.join(out_dir, name)
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}; train one with train.py (out_dir={out_dir})")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)  # plain data only: no code runs on load
+    except Exception as e:  # truncated or not a checkpoint: say so in one line
+        raise UserError(f"cannot read the checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                        "it is truncated or not a checkpoint: restore it or train again")
+
+
+def load_model(spec, device='cpu', dropout=0.0):
+    """'gpt2', 'gpt2-medium', ... (the hub), a folder of GPT-2 weights, or a train.py out_dir -> (model in eval
+    mode, the checkpoint or None)."""
+    if os.path.isdir(spec) and not os.path.exists(os.path.join(spec, 'config.json')):
+        checkpoint = load_checkpoint(spec, device)
+        model = GPT(GPTConfig(**dict(checkpoint['model_args'], dropout=dropout)))
+        model.load_state_dict(checkpoint['model'])
+    elif spec.startswith('gpt2') or os.path.isdir(spec):
+        checkpoint, model = None, GPT.from_pretrained(spec if os.path.isdir(spec) else hub_folder(spec), dropout)
+    else:
+        raise UserError(f"'{spec}' is neither gpt2* nor a folder holding ckpt.pt or a transformers config.json")
+    return model.to(device).eval(), checkpoint
+
+
+def check_hub(what, fix):
+    """Fail at once, in one line, when the Hugging Face hub cannot be reached, instead of after minutes of retries
+    and screens of tracebacks. With HF_HUB_OFFLINE=1 the libraries read their caches: nothing to check."""
+    from huggingface_hub import constants  # installed with datasets
+    if constants.HF_HUB_OFFLINE:
+        return
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
+    except OSError as e:
+        raise UserError(f"cannot reach the Hugging Face hub for {what} ({e}); {fix}")
+
+
+def hub_folder(name):
+    """The local folder of a GPT-2 model on the Hugging Face hub: from the hub cache, else downloaded."""
+    from huggingface_hub import snapshot_download
+    patterns = ['config.json', 'model.safetensors']
+    try:
+        return snapshot_download(name, allow_patterns=patterns, local_files_only=True)
+    except Exception:  # not cached yet
+        pass
+    fix = (f"on a machine with internet run `huggingface-cli download {name} config.json model.safetensors "
+           f"--local-dir DIR`, copy DIR here and pass its path instead of '{name}'")
+    check_hub(f"'{name}'", fix)
+    try:
+        return snapshot_download(name, allow_patterns=patterns)
+    except Exception as e:
+        raise UserError(f"cannot download '{name}' from the Hugging Face hub ({type(e).__name__}); {fix}")
+
+
+def fingerprint(tensors):
+    """A short hash of a module's weights or a state dict: the identity of a teacher or an SAE, recorded in
+    checkpoints and label caches so that a different one (even at the same path) is refused."""
+    h = hashlib.sha256()
+    items = tensors.state_dict() if isinstance(tensors, torch.nn.Module) else tensors
+    for k in sorted(items):
+        if torch.is_tensor(items[k]):
+            h.update(k.encode())
+            h.update(items[k].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_tokenizer(model, checkpoint):
+    """The tokenizer of a model from load_model, for prepare.check_tokenizers: GPT-2's for OpenAI's weights, the
+    recorded one for our checkpoints (only the vocabulary size for those that predate it)."""
+    if checkpoint is None:
+        return {'tokenizer': 'gpt2'}
+    return checkpoint.get('data_meta', {'vocab_size': model.config.vocab_size})
+
+
+# -----------------------------------------------------------------------------
+# Devices
+
+def autocast(device, dtype):
+    """The mixed-precision context of a script's `dtype` setting: none for float32, else torch.autocast."""
+    if dtype not in ('float32', 'bfloat16', 'float16'):
+        raise UserError(f"unknown dtype '{dtype}'; use float32, bfloat16 or float16")
+    return nullcontext() if dtype == 'float32' else \
+        torch.autocast('cuda' if 'cuda' in str(device) else 'cpu', dtype=getattr(torch, dtype))
+
+
+def setup_distributed(device):
+    """Under torchrun (RANK set): join the process group (nccl on CUDA, gloo on CPU) and take this process's GPU.
+    Returns (rank, world_size, device); (0, 1, device) without torchrun."""
+    if 'RANK' not in os.environ:
+        return 0, 1, device
+    torch.distributed.init_process_group(backend='nccl' if 'cuda' in device else 'gloo')
+    if 'cuda' in device:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    return int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), device
+
+
+def measure_peak_flops(device, dtype):
+    """Peak dense FLOP/s for MFU: the datasheet figure of common GPUs, else measured once here with a large matmul
+    in `dtype` (a guess would put MFU above 100% on a fast CPU)."""
+    if 'cuda' in str(device):
+        name = torch.cuda.get_device_name(device)
+        bf16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12, '4090': 165e12}
+        for key, flops in bf16.items():
+            if key in name:
+                return flops if dtype != 'float32' else flops / 16  # TF32 off: roughly the fp32 CUDA-core rate
+    n = 2048 if 'cuda' in str(device) else 1024
+    a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+    best = float('inf')
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(4):
+            a @ a
+        if 'cuda' in str(device):
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t) / 4)
+    return 2 * n ** 3 / best
