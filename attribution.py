@@ -1,6 +1,6 @@
 """
 Concept labels for CoCoMix: which SAE latents of the teacher matter for its next-token loss (METHOD.md,
-"Concept labels by attribution"). Online, train.py calls concept_labels() on each batch; offline, this script
+section 2). Online, train.py calls concept_labels() on each batch; offline, this script
 labels a prepared dataset once, in fixed windows of block_size tokens:
 
     python attribution.py config/cocomix_shakespeare.py      # writes data/NAME/labels_{train,val}.bin + .json
@@ -48,7 +48,7 @@ def concept_labels(teacher, sae, idx, sae_layer, k_attr=4, method='attribution',
     with torch.no_grad():
         values, indices, info = sae.encode(h)  # (B, T, k) active latents
         W = sae.decoder.weight.t()  # (C, d): row i is latent i's decoder direction
-        if method == 'attribution_preact':  # Eq. 1 of the paper: every latent's pre-activation, a dense (B, T, C) product
+        if method == 'attribution_preact':  # Eq. 1: every latent's pre-activation, a dense (B, T, C) product
             indices = torch.arange(sae.n_latents, device=idx.device).expand(*idx.shape, -1)
             scores = sae.encode_pre(sae.preprocess(h)[0]) * (grad @ W.t())
         elif method == 'activation':

@@ -53,8 +53,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_x, grad_w = grad_x * grad_loss, grad_w * grad_loss
         grad_b = grad_b * grad_loss if grad_b is not None else None
         if grad_values is not None:  # the kept logits feed the compression: sparse, k rows of W per position
-            grad_x = grad_x + F.embedding_bag(ids, weight, per_sample_weights=grad_values.to(weight.dtype), mode='sum').to(x.dtype)
-            grad_w = grad_w.index_add(0, ids.flatten(), (grad_values.unsqueeze(-1) * x.unsqueeze(1)).flatten(0, 1).float())
+            gathered = F.embedding_bag(ids, weight, per_sample_weights=grad_values.to(weight.dtype), mode='sum')
+            grad_x = grad_x + gathered.to(x.dtype)
+            rows = (grad_values.unsqueeze(-1) * x.unsqueeze(1)).flatten(0, 1).float()
+            grad_w = grad_w.index_add(0, ids.flatten(), rows)
             if grad_b is not None:
                 grad_b = grad_b.index_add(0, ids.flatten(), grad_values.flatten().float())
         return grad_x, grad_w.to(weight.dtype), None if grad_b is None else grad_b.to(weight.dtype), None, None, None
@@ -64,6 +66,7 @@ def linear_cross_entropy(x, weight, bias, labels, topk=0):
     """x (..., d), labels (..., k) -> (loss, top-k logits (..., topk), their ids) through LinearCrossEntropy."""
     shape = x.shape[:-1]
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    loss, values, ids = LinearCrossEntropy.apply(x.reshape(-1, x.size(-1)), weight, bias, labels.reshape(-1, labels.size(-1)),
+    loss, values, ids = LinearCrossEntropy.apply(x.reshape(-1, x.size(-1)), weight, bias,
+                                                 labels.reshape(-1, labels.size(-1)),
                                                  topk, needs_grad)
     return loss, None if values is None else values.view(*shape, topk), None if ids is None else ids.view(*shape, topk)

@@ -225,23 +225,13 @@ def setup_distributed(device):
     return int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), device
 
 
-def measure_peak_flops(device, dtype):
-    """Peak dense FLOP/s for MFU: the datasheet figure of common GPUs, else measured once here with a large matmul
-    in `dtype` (a guess would put MFU above 100% on a fast CPU)."""
+def peak_flops(device, dtype):
+    """The datasheet's peak dense FLOP/s of common GPUs for MFU, or None where none is known (CPUs included: a
+    guess, or a quick matmul benchmark on a busy machine, puts MFU above 100%; FLOP/s are shown instead)."""
     if 'cuda' in str(device):
         name = torch.cuda.get_device_name(device)
         bf16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12, '4090': 165e12}
         for key, flops in bf16.items():
             if key in name:
                 return flops if dtype != 'float32' else flops / 16  # TF32 off: roughly the fp32 CUDA-core rate
-    n = 2048 if 'cuda' in str(device) else 1024
-    a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
-    best = float('inf')
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(4):
-            a @ a
-        if 'cuda' in str(device):
-            torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - t) / 4)
-    return 2 * n ** 3 / best
+    return None

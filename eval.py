@@ -4,7 +4,7 @@ LAMBADA, WikiText, HellaSwag, PIQA, ARC-Easy, WinoGrande and Social IQA, scored 
 the way EleutherAI's lm-evaluation-harness does (its prompts and acc / acc_norm).
 
     python eval.py --out_dir=out-cocomix-shakespeare --tasks=ppl
-    python eval.py --init_from=gpt2 --tasks=lambada,hellaswag --data_dir=../shared/data/benchmarks_sample --limit=200
+    python eval.py --init_from=gpt2 --tasks=lambada,hellaswag --data_dir=benchmarks/ --limit=200
 
 Task files are read from data_dir (official names or any file starting with them, e.g. lambada_test*.jsonl) or
 downloaded once from their usual public places into ~/.cache/cocomix/eval. For the harness itself:
@@ -64,7 +64,8 @@ class Scorer:
         that is scored on its last block_size tokens); batched, padded right."""
         out = []
         for i in range(0, len(pieces), self.batch_size):
-            batch = [(ids[-(self.block_size + 1):], min(n, len(ids) - 1, self.block_size)) for ids, n in pieces[i:i + self.batch_size]]
+            batch = [(ids[-(self.block_size + 1):], min(n, len(ids) - 1, self.block_size))
+                     for ids, n in pieces[i:i + self.batch_size]]
             T = max(len(ids) for ids, _ in batch) - 1
             x = torch.zeros(len(batch), T, dtype=torch.long)
             y = torch.full((len(batch), T), -1, dtype=torch.long)
@@ -124,8 +125,9 @@ def lm_eval_model(scorer):
         from lm_eval.api.model import LM
     except ImportError:
         raise UserError("the harness adapter needs the optional package lm_eval: pip install lm_eval")
-    adapter = type('CoCoMixLM', (LM,), {name: lambda self, requests, disable_tqdm=False, _f=name: getattr(scorer, _f)(requests)
-                                        for name in ('loglikelihood', 'loglikelihood_rolling', 'generate_until')})
+    calls = ('loglikelihood', 'loglikelihood_rolling', 'generate_until')
+    method = lambda name: lambda self, requests, disable_tqdm=False: getattr(scorer, name)(requests)
+    adapter = type('CoCoMixLM', (LM,), {name: method(name) for name in calls})
     return adapter()
 
 
@@ -152,7 +154,8 @@ def task_file(name):
                 check_hub(f"the {name} data", "put the file in a folder and pass --data_dir=FOLDER")
                 rows = load_dataset(source[0], source[1], split=source[2])
                 with atomic_path(path) as tmp, open(tmp, 'w') as f:
-                    f.writelines(''.join(rows['text']) if name == 'wikitext' else (json.dumps(row) + '\n' for row in rows))
+                    lines = [''.join(rows['text'])] if name == 'wikitext' else [json.dumps(row) + '\n' for row in rows]
+                    f.writelines(lines)
         except Exception as e:
             raise UserError(f"cannot download the {name} data ({type(e).__name__}: {e}); "
                              f"put the file in a folder and pass --data_dir=FOLDER")
@@ -182,8 +185,9 @@ def hellaswag_text(text):  # the harness's cleanup of WikiHow artifacts
 def choice_items(name, path):
     rows = read_jsonl(path)
     if name == 'hellaswag':
-        return [(r['activity_label'] + ': ' + hellaswag_text(r['ctx_a'] + ' ' + r['ctx_b'].capitalize() if 'ctx_a' in r else r['ctx']),
-                 [' ' + hellaswag_text(e) for e in r['endings']], int(r['label'])) for r in rows]
+        ctx = lambda r: r['ctx_a'] + ' ' + r['ctx_b'].capitalize() if 'ctx_a' in r else r['ctx']
+        return [(r['activity_label'] + ': ' + hellaswag_text(ctx(r)), [' ' + hellaswag_text(e) for e in r['endings']],
+                 int(r['label'])) for r in rows]
     if name == 'piqa':
         gold = labels_beside(path, 'piqa', rows, 'label')
         return [(f"Question: {r['goal']}\nAnswer:", [' ' + r['sol1'], ' ' + r['sol2']], g) for r, g in zip(rows, gold)]
@@ -192,7 +196,7 @@ def choice_items(name, path):
                  r['choices']['label'].index(r['answerKey'])) for r in rows]
     if name == 'siqa':
         gold = labels_beside(path, 'siqa', rows, 'label')
-        return [(f"Q: {r['context']} {r['question']}\nA:", [' ' + r['answerA'], ' ' + r['answerB'], ' ' + r['answerC']], g - 1)
+        return [(f"Q: {r['context']} {r['question']}\nA:", [' ' + r['answer' + c] for c in 'ABC'], g - 1)
                 for r, g in zip(rows, gold)]
     raise ValueError(name)
 
@@ -247,10 +251,10 @@ def perplexity(model, data, block_size):
     starts = list(range(0, n * block_size, block_size))[:limit or None]
     total = 0.0
     for i in range(0, len(starts), batch_size):
-        x = torch.stack([torch.from_numpy(data[s:s + block_size].astype(np.int64)) for s in starts[i:i + batch_size]])
-        y = torch.stack([torch.from_numpy(data[s + 1:s + 1 + block_size].astype(np.int64)) for s in starts[i:i + batch_size]])
+        w = torch.stack([torch.from_numpy(data[s:s + block_size + 1].astype(np.int64))
+                         for s in starts[i:i + batch_size]])
         with torch.no_grad():
-            total += model(x.to(device), y.to(device))[1].item() * len(x)
+            total += model(w[:, :-1].to(device), w[:, 1:].to(device))[1].item() * len(w)
     loss = total / len(starts)
     return {'loss': loss, 'ppl': math.exp(loss), 'tokens': len(starts) * block_size}
 
@@ -281,9 +285,10 @@ def main(argv):
                 results[task] = lambada(scorer, read_jsonl(task_file(task))[:limit or None])
             else:
                 results[task] = wikitext(scorer, task_file(task))
-        print(f"{task:>10}: " + ', '.join(f"{k} {v:,.4f}" if isinstance(v, float) else f"{k} {v:,}" for k, v in results[task].items()),
-              flush=True)
-    print(f"done: {name}: " + '; '.join(f"{t} {next(iter(r))} {next(iter(r.values())):.4f}" for t, r in results.items()))
+        shown = (f"{k} {v:,.4f}" if isinstance(v, float) else f"{k} {v:,}" for k, v in results[task].items())
+        print(f"{task:>10}: " + ', '.join(shown), flush=True)
+    headline = (f"{t} {next(iter(r))} {next(iter(r.values())):.4f}" for t, r in results.items())
+    print(f"done: {name}: " + '; '.join(headline))
     if json_out:
         with open(json_out, 'w') as f:
             json.dump({'model': name, 'results': results}, f, indent=1)

@@ -3,7 +3,7 @@ The whole CoCoMix pipeline in one command, sized for a laptop CPU (about 13 minu
 at character level, train a small teacher, its SAE, label the data, train CoCoMix and the NTP baseline with
 matched active parameters on the same tokens, evaluate both, print a two-row comparison and a steered sample.
 
-    python pipeline.py --input=../shared/data/tinyshakespeare/input.txt    # or no --input: download Tiny Shakespeare
+    python pipeline.py                                 # Tiny Shakespeare, shipped with the repository
     python pipeline.py --input='my_texts/*.txt' --name=mytext
 
 Every stage is an ordinary command (printed before it runs; the configs are config/*_shakespeare_char.py) and
@@ -18,7 +18,7 @@ import time
 from common import UserError, configure
 
 # -----------------------------------------------------------------------------
-input = ''  # local text files (prepare.py --input); empty: download Tiny Shakespeare
+input = ''  # local text files (prepare.py --input); empty: the shipped Tiny Shakespeare
 name = 'shakespeare_char'  # the dataset is data/NAME, the runs out-NAME/*
 steer_alpha = 8.0  # the steered sample multiplies one concept's logit by this
 device = 'cpu'

@@ -38,10 +38,6 @@ GPT2_BPE_SHA256 = {'vocab.bpe': '1ce1664773c50f3e0cc8842619a93edc4624525b728b188
 KNOWN = ('shakespeare', 'wikitext2', 'openwebtext')
 
 
-def fail(message):
-    raise UserError(f"{message}")
-
-
 class CharTokenizer:
     """Character-level ids: one per distinct character of the text, then the end-of-text id. With a vocabulary
     of ~100 instead of 50257 the output head costs almost nothing, so a CPU learns from ~10x more text per
@@ -119,7 +115,7 @@ def expand(spec, flag):
     for pattern in filter(None, spec.split(',')):
         matched = sorted(glob.glob(os.path.expanduser(pattern)))
         if not matched:
-            fail(f"{flag} '{pattern}' matches no file; check the path")
+            raise UserError(f"{flag} '{pattern}' matches no file; check the path")
         files += matched
     return files
 
@@ -128,11 +124,11 @@ def read_documents(files):
     docs = []
     for path in files:
         if os.path.isdir(path):
-            fail(f"'{path}' is a folder; give files or a glob such as '{path}/*.txt'")
+            raise UserError(f"'{path}' is a folder; give files or a glob such as '{path}/*.txt'")
         with open(path, encoding='utf-8') as f:
             text = f.read()
         if not text.strip():
-            fail(f"input file '{path}' is empty")
+            raise UserError(f"input file '{path}' is empty")
         docs.append(text)
     return docs
 
@@ -172,7 +168,8 @@ def openwebtext_splits(enc):
         idx = 0
         n_shards = min(1024, len(dset))
         for i in tqdm(range(n_shards), desc=f'collecting {name}'):
-            batch = np.concatenate(dset.shard(num_shards=n_shards, index=i, contiguous=True).with_format('numpy')['ids'])
+            shard = dset.shard(num_shards=n_shards, index=i, contiguous=True).with_format('numpy')
+            batch = np.concatenate(shard['ids'])
             arr[idx:idx + len(batch)] = batch
             idx += len(batch)
         out[name] = arr
@@ -182,18 +179,18 @@ def openwebtext_splits(enc):
 def main(argv):
     positional = [a for a in argv if not a.startswith('--')]
     if len(positional) != 1:
-        fail("usage: python prepare.py NAME [--input=FILES] [--val_input=FILES] [--out_dir=DIR]; "
+        raise UserError("usage: python prepare.py NAME [--input=FILES] [--val_input=FILES] [--out_dir=DIR]; "
              f"NAME is one of {', '.join(KNOWN)} or any name for local --input files")
     name = positional[0]
     configure(globals(), [a for a in argv if a.startswith('--')])
     if name not in KNOWN and not input:
-        fail(f"unknown dataset '{name}': use one of {', '.join(KNOWN)}, or give local files with --input=PATH")
+        raise UserError(f"unknown dataset '{name}': use one of {', '.join(KNOWN)}, or give local files with --input=PATH")
     if not 0 < val_fraction < 1:
-        fail(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise UserError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if tokenizer not in ('gpt2', 'char'):
-        fail(f"unknown tokenizer '{tokenizer}'; use 'gpt2' or 'char'")
+        raise UserError(f"unknown tokenizer '{tokenizer}'; use 'gpt2' or 'char'")
     if tokenizer == 'char' and name in ('openwebtext', 'wikitext2') and not input:
-        fail("tokenizer='char' needs local text: give it with --input=PATH")
+        raise UserError("tokenizer='char' needs local text: give it with --input=PATH")
     enc = get_tokenizer() if tokenizer == 'gpt2' else None  # char: built from the text below
     target = out_dir or os.path.join('data', name)
 
@@ -210,9 +207,10 @@ def main(argv):
             try:
                 ds = load_dataset('wikitext', 'wikitext-2-raw-v1')
             except Exception as e:
-                fail(f"cannot load wikitext-2-raw-v1 from the HF hub ({type(e).__name__}); "
+                raise UserError(f"cannot load wikitext-2-raw-v1 from the HF hub ({type(e).__name__}); "
                      "give local files with --input=wiki.train.raw --val_input=wiki.valid.raw")
-            splits = {s: tokenize([''.join(ds[k]['text'])], enc, s) for s, k in (('train', 'train'), ('val', 'validation'))}
+            splits = {s: tokenize([''.join(ds[k]['text'])], enc, s)
+                      for s, k in (('train', 'train'), ('val', 'validation'))}
             sources = ['HF wikitext/wikitext-2-raw-v1']
             train_files = None
         if train_files is not None:

@@ -37,16 +37,14 @@ mode = checkpoint.get('mode', 'ntp') if checkpoint is not None else 'ntp'
 if checkpoint is not None:
     print(f"loaded {out_dir}/ckpt.pt: mode '{mode}', step {checkpoint['iter_num']}, "
           f"val loss {checkpoint['best_val_loss']:.4f}")
-n_concepts = model.config.n_concepts if mode == 'cocomix' else 0
-if (steer or show_concepts) and not n_concepts:
-    raise UserError(f"--steer and --show_concepts need a CoCoMix model; this one was trained with mode '{mode}'")
 try:  # '12:4,7:0.5' -> {12: 4.0, 7: 0.5}
     steer_map = {int(i): float(a) for i, a in (pair.split(':') for pair in steer.split(','))} if steer else None
 except ValueError:
     raise UserError(f"--steer='{steer}' must look like ID:ALPHA[,ID:ALPHA], e.g. --steer=299:4")
-for i in steer_map or {}:
-    if not 0 <= i < n_concepts:
-        raise UserError(f"concept id {i} is out of range: the model has {n_concepts} concepts (0 .. {n_concepts - 1})")
+try:  # before any work, the checks generate() makes
+    model.check_concepts(steer_map, show_concepts)
+except ValueError as e:
+    raise UserError(f"{e} (this model was trained with mode '{mode}')")
 descriptions = {}  # written by `python sae.py --inspect=SAE --top=N` beside the SAE file
 if show_concepts:
     from sae import sae_file
@@ -76,5 +74,6 @@ with torch.no_grad(), autocast:
         print(decode(y[0].tolist()))
         if show_concepts:  # token t+1 was read out at the concept slot of position t
             for token, ids in zip(y[0, x.size(1):].tolist(), concepts[0].tolist()):
-                print(f"  {decode([token])!r:>14} <- " + ' | '.join(f"{i} {descriptions.get(str(i), '')}".strip() for i in ids))
+                shown = ' | '.join(f"{i} {descriptions.get(str(i), '')}".strip() for i in ids)
+                print(f"  {decode([token])!r:>14} <- {shown}")
         print('---------------')

@@ -19,7 +19,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import UserError, autocast as autocast_context, configure, fingerprint, hub_folder, load_checkpoint
-from common import load_model, measure_peak_flops, model_tokenizer, save_checkpoint, setup_distributed
+from common import load_model, model_tokenizer, peak_flops as datasheet_flops, save_checkpoint, setup_distributed
 from model import GPT, GPTConfig, concept_accuracy, kd_loss
 from prepare import check_tokenizers, data_dir_of, load_tokens, read_meta
 
@@ -79,7 +79,7 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'  # or 'float16'
 compile = torch.cuda.is_available()  # torch.compile the model (slow to start on a CPU, but works)
 seed = 1337
-peak_flops = 0.0  # the device's peak FLOP/s for MFU; 0 = a datasheet figure or a measurement (common)
+peak_flops = 0.0  # the device's peak FLOP/s for MFU; 0 = the datasheet's for known GPUs, else FLOP/s are shown
 # -----------------------------------------------------------------------------
 
 if __name__ == '__main__':
@@ -301,7 +301,7 @@ if __name__ == '__main__':
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
     # the loop: evaluate (and checkpoint) every eval_interval steps and at the end, then step
-    peak = peak_flops or measure_peak_flops(device, dtype)
+    peak = peak_flops or datasheet_flops(device, dtype)
     flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
     t_start, t0, tokens_seen, running_mfu, local_iter = time.time(), time.time(), 0, -1.0, 0
     while True:
@@ -377,15 +377,16 @@ if __name__ == '__main__':
         tokens_seen += tokens_per_iter
         if iter_num % log_interval == 0 and master:
             if local_iter >= 3:  # let the first steps (compilation, warm caches) pass before measuring MFU
-                mfu = flops_per_iter / dt / peak
+                mfu = flops_per_iter / dt / (peak or 1)  # without a known peak: FLOP/s
                 running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
             # rank 0's terms: ntp (next-token), concept (its loss), concept_acc (labels among the kept concepts), kd
             shown = {k: v for k, v in parts.items() if k != 'loss'} if len(parts) > 2 else {}
             terms = ''.join(f", {k} {v:.2%}" if k == 'concept_acc' else f", {k} {v:.4f}" for k, v in shown.items())
             online = teacher_model is not None and labels is None
             share = f", teacher {teacher_time / dt:.0%} of the time" if online else ''
+            speed = f", mfu {running_mfu:.1%}" if peak else f", {running_mfu / 1e9:.1f} GFLOP/s"
             print(f"iter {iter_num}: loss {loss_value:.4f}{terms}, lr {lr:.2e}{share}, time {dt * 1000:.1f}ms, "
-                  f"{tokens_per_iter / dt:,.0f} tok/s" + (f", mfu {running_mfu:.1%}" if running_mfu >= 0 else ''))
+                  f"{tokens_per_iter / dt:,.0f} tok/s" + (speed if running_mfu >= 0 else ''))
         iter_num += 1
         local_iter += 1
 

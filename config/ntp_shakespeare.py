@@ -1,5 +1,5 @@
 # A small GPT on Tiny Shakespeare (GPT-2 BPE) that trains on a laptop CPU in a few minutes.
-# python prepare.py shakespeare --input=../shared/data/tinyshakespeare/input.txt
+# python prepare.py shakespeare   (the text ships with the repository)
 # python train.py config/ntp_shakespeare.py
 out_dir = 'out-shakespeare'
 dataset = 'shakespeare'

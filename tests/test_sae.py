@@ -116,7 +116,8 @@ def test_training_recovers_a_known_sparse_dictionary():
 
 
 def test_auxk_loss_equals_dense_formula_and_reaches_only_dead_latents():
-    """The AuxK term against a brute-force dense computation, and its gradient: only dead latents learn from it."""
+    """The FVU and AuxK terms and all their gradients (ours: sparse, through GatheredLinear) against autograd on
+    a brute-force dense computation; only dead latents learn from the AuxK term."""
     torch.manual_seed(0)
     sae = S.TopKSAE(16, 64, k=4, normalize=True)
     S.init_sae(sae, torch.randn(512, 16))
@@ -135,6 +136,11 @@ def test_auxk_loss_equals_dense_formula_and_reaches_only_dead_latents():
     torch.testing.assert_close(fvu, (recon - xn).pow(2).sum(-1).mean() / var(xn))
     torch.testing.assert_close(aux, (aux_recon - residual).pow(2).sum(-1).mean() / var(residual))
     assert aux > 0.5  # a real term, not an empty mask
+    params = [sae.encoder.weight, sae.latent_bias, sae.pre_bias, sae.decoder.weight]
+    ref_loss = (recon - xn).pow(2).sum(-1).mean() / var(xn) + 0.3 * (aux_recon - residual).pow(2).sum(-1).mean() / var(residual)
+    for ours, ref in zip(torch.autograd.grad(fvu + 0.3 * aux, params, retain_graph=True),
+                         torch.autograd.grad(ref_loss, params)):
+        torch.testing.assert_close(ours, ref)
     sae.zero_grad()
     aux.backward()
     assert sae.encoder.weight.grad[:40].abs().max() == 0 and sae.decoder.weight.grad[:, :40].abs().max() == 0
