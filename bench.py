@@ -167,7 +167,8 @@ def bench_ntp():
         opt.zero_grad(set_to_none=True)
     times = {'ours': [], 'nanoGPT': []}
     for r in range(rounds):  # alternating, each first in every other round, so that neither gains from the order
-        for name, step in ((('ours', ours), ('nanoGPT', theirs)) if r % 2 == 0 else (('nanoGPT', theirs), ('ours', ours))):
+        pair = (('ours', ours), ('nanoGPT', theirs))
+        for name, step in pair if r % 2 == 0 else pair[::-1]:
             times[name].append(timed(step))
     ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     print(f"ntp vs nanoGPT ({batch_size} x {block_size}, {n_layer} x {n_embd}, vocab {V}, {dtype}): "

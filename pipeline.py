@@ -29,8 +29,8 @@ py, data, out = sys.executable, f'data/{name}', f'out-{name}'
 common = [f'--dataset={data}', f'--device={device}']
 models = f'--teacher={out}/teacher', f'--sae={out}/sae/sae.pt'
 STAGES = [  # (name, command, inputs, output)
-    ('prepare', ['prepare.py', 'shakespeare', '--tokenizer=char', f'--out_dir={data}'] + ([f'--input={input}'] if input else []),
-     [], f'{data}/meta.json'),
+    ('prepare', ['prepare.py', 'shakespeare', '--tokenizer=char', f'--out_dir={data}']
+     + ([f'--input={input}'] if input else []), [], f'{data}/meta.json'),
     ('teacher', ['train.py', 'config/teacher_shakespeare_char.py', f'--out_dir={out}/teacher'] + common,
      [f'{data}/meta.json', 'config/teacher_shakespeare_char.py'], f'{out}/teacher/ckpt.pt'),
     ('sae', ['sae.py', 'config/sae_shakespeare_char.py', f'--out_dir={out}/sae', models[0]] + common,
@@ -39,11 +39,13 @@ STAGES = [  # (name, command, inputs, output)
      [f'{out}/sae/sae.pt'], f'{out}/sae/sae.pt.concepts.json'),
     ('labels', ['attribution.py', 'config/cocomix_shakespeare_char.py', *models] + common,
      [f'{out}/sae/sae.pt'], f'{data}/labels_train.json'),
-    ('cocomix', ['train.py', 'config/cocomix_shakespeare_char.py', f'--out_dir={out}/cocomix', '--label_cache=True', *models] + common,
+    ('cocomix', ['train.py', 'config/cocomix_shakespeare_char.py', f'--out_dir={out}/cocomix', '--label_cache=True',
+                 *models] + common,
      [f'{data}/labels_train.json', 'config/cocomix_shakespeare_char.py'], f'{out}/cocomix/ckpt.pt'),
     ('ntp', ['train.py', 'config/ntp_shakespeare_char.py', f'--out_dir={out}/ntp'] + common,
      [f'{data}/meta.json', 'config/ntp_shakespeare_char.py'], f'{out}/ntp/ckpt.pt'),
-] + [(f'eval {m}', ['eval.py', f'--out_dir={out}/{m}', '--tasks=ppl', f'--json_out={out}/{m}/eval.json', f'--device={device}'],
+] + [(f'eval {m}', ['eval.py', f'--out_dir={out}/{m}', '--tasks=ppl', f'--json_out={out}/{m}/eval.json',
+                    f'--device={device}'],
       [f'{out}/{m}/ckpt.pt'], f'{out}/{m}/eval.json') for m in ('cocomix', 'ntp')]
 
 
@@ -74,7 +76,8 @@ def main():
     run_stages(STAGES, f'{out}/pipeline_stamps.json')
     import torch
     from common import load_model
-    print(f"\n{'model':<9} {'layers x width':>14} {'active params':>13} {'train tokens':>12} {'val loss':>8} {'val ppl':>7}")
+    print(f"\n{'model':<9} {'layers x width':>14} {'active params':>13} {'train tokens':>12} {'val loss':>8} "
+          f"{'val ppl':>7}")
     for m in ('ntp', 'cocomix'):
         model, ckpt = load_model(f'{out}/{m}')
         c, r = ckpt['config'], json.load(open(f'{out}/{m}/eval.json'))['results']['ppl']
@@ -89,9 +92,11 @@ def main():
     desc = json.load(open(f'{out}/sae/sae.pt.concepts.json')).get(str(concept), '')
     sample = ['sample.py', f'--out_dir={out}/cocomix', '--num_samples=1', '--max_new_tokens=200', '--start=ROMEO:',
               f'--device={device}']
-    for title, extra in (('CoCoMix sample', []), (f"steered: concept {concept} ({desc}) x {steer_alpha:g}", [f'--steer={concept}:{steer_alpha}'])):
+    steered = f"steered: concept {concept} ({desc}) x {steer_alpha:g}"
+    for title, extra in (('CoCoMix sample', []), (steered, [f'--steer={concept}:{steer_alpha}'])):
         print(f"\n--- {title}: python {' '.join(sample + extra)}")
-        print(subprocess.run([py] + sample + extra, capture_output=True, text=True, check=True).stdout.split('\n', 1)[1].split('---')[0])
+        text = subprocess.run([py] + sample + extra, capture_output=True, text=True, check=True).stdout
+        print(text.split('\n', 1)[1].split('---')[0])
     print(f"done: pipeline in {time.time() - t0:.0f} s; outputs in {out}/ and {data}/")
 
 

@@ -184,7 +184,7 @@ def main(argv):
     name = positional[0]
     configure(globals(), [a for a in argv if a.startswith('--')])
     if name not in KNOWN and not input:
-        raise UserError(f"unknown dataset '{name}': use one of {', '.join(KNOWN)}, or give local files with --input=PATH")
+        raise UserError(f"unknown dataset '{name}': use one of {', '.join(KNOWN)}, or local files: --input=PATH")
     if not 0 < val_fraction < 1:
         raise UserError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if tokenizer not in ('gpt2', 'char'):

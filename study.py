@@ -1,12 +1,15 @@
 """
 A small, honest reproduction of the paper's claim (CoCoMix beats next-token prediction at equal tokens), sized for
-a 2-core CPU: character-level Wikipedia (../shared/data/enwiki_extract) with WikiText's validation text as the val
+a 2-core CPU: character-level Wikipedia with WikiText's validation text as the val
 split, one teacher and its SAE, then students with matched active parameters trained on the same tokens:
 NTP, KD, CoCoMix (interleaved, the paper's; and added, the paper's ablation) and the ablations activation labels,
 prediction only and mixing only, several seeds each.
 
-    python study.py                      # about an hour on 2 cores; every finished run is kept and skipped
-    python study.py --seeds=1 --student_iters=100   # a quick look
+    python study.py --input=WIKI.txt --val_input=wiki.valid.raw      # about an hour on 2 cores; resumable
+    python study.py --input=WIKI.txt --val_input=wiki.valid.raw --seeds=1 --student_iters=100   # a quick look
+
+The text: any English Wikipedia plain text of 3M+ characters (we used a WikiExtractor dump of about 10.7 MB) and
+WikiText-2's validation file wiki.valid.raw (from the wikitext-2-raw-v1 release, or `datasets`' wikitext).
 
 Writes out-study/results.md (val loss and perplexity, mean +- std over seeds, and the tokens NTP needs to reach
 each method's final loss: the paper's "fewer tokens" measure) and out-study/val_loss.png (matplotlib, optional).
@@ -17,12 +20,12 @@ import os
 
 import numpy as np
 
-from common import configure
+from common import UserError, configure
 from pipeline import run_stages
 
 # -----------------------------------------------------------------------------
-input = '../shared/data/enwiki_extract/enwiki_extract_clean.txt'
-val_input = '../shared/data/wikitext-2/wiki.valid.raw'
+input = ''  # the training text (required)
+val_input = ''  # the val text (required)
 train_chars = 3_000_000  # the first characters of input: what every model here trains on
 out = 'out-study'
 seeds = 3
@@ -53,13 +56,15 @@ def stages():
     models = [f'--teacher={out}/teacher', f'--sae={out}/sae/sae.pt']
     s = [('prepare', ['prepare.py', 'study_char', '--tokenizer=char', f'--input={text}', f'--val_input={val_input}',
                       f'--out_dir={py_data}'], [text], f'{py_data}/meta.json'),
-         ('teacher', ['train.py', 'config/teacher_shakespeare_char.py', f'--dataset={py_data}', f'--out_dir={out}/teacher',
-                      f'--max_iters={teacher_iters}', f'--lr_decay_iters={teacher_iters}', '--eval_interval=250'] + common,
+         ('teacher', ['train.py', 'config/teacher_shakespeare_char.py', f'--dataset={py_data}',
+                      f'--out_dir={out}/teacher', f'--max_iters={teacher_iters}', f'--lr_decay_iters={teacher_iters}',
+                      '--eval_interval=250'] + common,
           [f'{py_data}/meta.json'], f'{out}/teacher/ckpt.pt'),
          ('sae', ['sae.py', 'config/sae_shakespeare_char.py', f'--dataset={py_data}', f'--out_dir={out}/sae', models[0],
                   f'--device={device}'], [f'{out}/teacher/ckpt.pt'], f'{out}/sae/sae.pt')]
     for data, method in ((py_data, 'attribution'), (act_data, 'activation')):  # one label cache per data folder
-        s.append((f'labels {method}', ['attribution.py', 'config/cocomix_shakespeare_char.py', f'--dataset={data}', *models,
+        s.append((f'labels {method}', ['attribution.py', 'config/cocomix_shakespeare_char.py', f'--dataset={data}',
+                                       *models,
                                        f'--label_method={method}', '--splits=train', f'--device={device}'],
                   [f'{out}/sae/sae.pt'], f'{data}/labels_train.json'))
     for seed in range(seeds):
@@ -71,7 +76,8 @@ def stages():
             s.append((f'{m} seed {seed}', ['train.py', f'config/{config}_shakespeare_char.py', f'--dataset={data}',
                                             f'--out_dir={run}', f'--seed={seed}', f'--max_iters={student_iters}',
                                             f'--lr_decay_iters={student_iters}', f'--eval_interval={eval_every}',
-                                            '--always_save_checkpoint=True', *student.split(), *width, *extra, *models] + common,
+                                            '--always_save_checkpoint=True', *student.split(), *width, *extra,
+                                            *models] + common,
                       [f'{data}/labels_train.json'], f'{run}/ckpt.pt'))
     for seed in range(seeds):  # the final loss of every run on the same val windows
         for m in methods.split(','):
@@ -113,21 +119,23 @@ def report():
         runs = []
         for seed in range(seeds):
             ckpt = torch.load(f'{out}/{m}_s{seed}/ckpt.pt', map_location='cpu', weights_only=True)
-            tokens = ckpt['config']['batch_size'] * ckpt['config']['block_size'] * ckpt['config']['gradient_accumulation_steps']
+            c = ckpt['config']
+            tokens = c['batch_size'] * c['block_size'] * c['gradient_accumulation_steps']
             runs.append([(it * tokens, val) for it, _, val in ckpt['history']])
         results[m] = runs
-    final = {m: np.array([json.load(open(f'{out}/{m}_s{seed}/eval.json'))['results']['ppl']['loss'] for seed in range(seeds)])
-             for m in results}
+    loss = lambda m, seed: json.load(open(f'{out}/{m}_s{seed}/eval.json'))['results']['ppl']['loss']
+    final = {m: np.array([loss(m, seed) for seed in range(seeds)]) for m in results}
     ntp_curve = np.mean([[v for _, v in r] for r in results['ntp']], axis=0)
     ntp_curve = list(zip([t for t, _ in results['ntp'][0]], ntp_curve))
     budget = ntp_curve[-1][0]
     lines = [f"| method | val loss (mean ± std, {seeds} seeds) | val ppl | tokens NTP needs to reach this loss | "
              "tokens this method needs to reach NTP's final loss |", '|---|---|---|---|---|']
     share = lambda t: f"{t / budget:.2f} x {budget:,}" if t is not None else f"more than {budget:,}"
-    for m, v in final.items():  # the token measures compare curves measured alike: train.py's val estimates (mean of seeds)
+    for m, v in final.items():  # the token measures compare curves measured alike: train.py's val estimates
         curve = list(zip([t for t, _ in results[m][0]], np.mean([[y for _, y in r] for r in results[m]], axis=0)))
         lines.append(f"| {m} | {v.mean():.4f} ± {v.std():.4f} | {math.exp(v.mean()):.3f} | "
-                     f"{share(tokens_to_reach(ntp_curve, curve[-1][1]))} | {share(tokens_to_reach(curve, ntp_curve[-1][1]))} |")
+                     f"{share(tokens_to_reach(ntp_curve, curve[-1][1]))} | "
+                     f"{share(tokens_to_reach(curve, ntp_curve[-1][1]))} |")
     table = '\n'.join(lines)
     with open(f'{out}/results.md', 'w') as f:
         f.write(table + '\n')
@@ -152,6 +160,8 @@ def report():
 
 if __name__ == '__main__':
     configure(globals())
+    if not os.path.exists(input) or not os.path.exists(val_input):
+        raise UserError("study.py needs --input=TRAIN_TEXT and --val_input=VAL_TEXT (see its docstring for which)")
     prepare_text()
     run_stages(stages()[:1], f'{out}/stamps.json')
     prepare_text()  # link the prepared data for the activation-label cache
