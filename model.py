@@ -108,10 +108,9 @@ class GPTConfig:
     insert_layer: int = 3  # blocks before the concept head
     mix: str = 'interleave'  # 'interleave' | 'add' | 'none' (predict only)
     pause: bool = False  # the pause-token baseline: a learned vector in the concept vector's place, no concepts
-    # memory, not architecture: in training, an LM head whose logits in one call would exceed this many elements
-    # (2^26: 256 MiB in fp32) computes its cross-entropy in chunks (chunked.py): as fast as the plain head there,
-    # in half the memory (RESULTS.md); below, the plain head. The concept head always runs in chunks in training:
-    # its fused loss and TopK are faster too (1.3x at C = 32768), besides never holding the (B, T, C) logits
+    # memory, not architecture: in training, an LM head with more logits than this per call (2^26: 256 MiB in fp32)
+    # computes its loss in chunks (chunked.py), as fast and in half the memory (RESULTS.md); the concept head always
+    # does in training, where its fused loss and TopK are faster too (1.3x at C = 32768)
     max_logits: int = 2 ** 26
 
 
@@ -342,7 +341,7 @@ class GPT(nn.Module):
         block = sum(p.numel() for p in self.transformer.h[0].parameters())
         return 6 * (self.get_num_params(active=True) + L_2T * block) + 12 * (cfg.n_layer + 3 * L_2T) * cfg.n_embd * T
 
-    def check_concepts(self, steer, show_concepts):
+    def check_concepts(self, steer, show_concepts):  # for generate, and for sample.py before any work
         C = self.config.n_concepts
         if (steer or show_concepts) and not C:
             raise ValueError("this model predicts no concepts (n_concepts=0 or pause): nothing to steer or show")
