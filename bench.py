@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 import train
 from common import UserError, autocast, configure, settings
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, sae_norm
 
 # -----------------------------------------------------------------------------
 parts = 'train,labels,generate,sae'
@@ -224,7 +224,9 @@ def bench_sae():
                                                         torch.rand(sae_batch, 8, generator=g))
         return (codes @ atoms + offset + 0.05 * torch.randn(sae_batch, d, generator=g)).to(device)
     data, held_out = [batch() for _ in range(max(1, sae_tokens // sae_batch))], batch()
-    fvu = lambda recon: ((recon - held_out).pow(2).sum() / (held_out - held_out.mean(0)).pow(2).sum()).item()
+    normed, mu, std = sae_norm(held_out)  # our objective is the FVU of layer-normalised vectors (OpenAI's)
+    fvu = lambda target, recon: ((recon - target).pow(2).sum() / (target - target.mean(0)).pow(2).sum()).item()
+    fvus = lambda recon: (fvu(held_out, recon), fvu(normed, (recon - mu) / (std + 1e-5)))
     lr = 2e-4 / math.sqrt(C / 2 ** 14)
     ours = S.TopKSAE(d, C, k).to(device)
     S.init_sae(ours, data[0])
@@ -253,13 +255,14 @@ def bench_sae():
             sync()
             seconds[name] += time.perf_counter() - t0 if i else 0.0  # the first step warms up
     with torch.no_grad():
-        fvus = {'ours': fvu(ours(held_out)), 'sparsify': fvu(theirs(held_out).sae_out)}
+        results = {'ours': fvus(ours(held_out)), 'sparsify': fvus(theirs(held_out).sae_out)}
     rate = {k: (len(data) - 1) * sae_batch / s for k, s in seconds.items()}
     print(f"sae ({d} -> {C}, k {k}, {len(data) * sae_batch:,} tokens, batch {sae_batch}, lr {lr:.2e}):")
     for name in rate:
-        print(f"  {name:>8}: {rate[name]:,.0f} tokens/s, FVU on held-out vectors {fvus[name]:.4f}")
+        print(f"  {name:>8}: {rate[name]:,.0f} tokens/s, FVU on held-out vectors {results[name][0]:.4f} "
+              f"(layer-normalised: {results[name][1]:.4f})")
     check('SAE training tokens/s ours / sparsify', rate['ours'] / rate['sparsify'], 1.0)
-    check('FVU sparsify / ours (higher: ours reconstructs better)', fvus['sparsify'] / fvus['ours'], 1.0)
+    check('FVU sparsify / ours (higher: ours reconstructs better)', results['sparsify'][0] / results['ours'][0], 1.0)
 
 
 if run_mode == 'none':

@@ -1,7 +1,6 @@
 # The pipeline's CoCoMix student: 4 x 128, concepts of the teacher's SAE (1024 latents) predicted after block 1.
-# Mixing: the paper interleaves (h_t, c_t); at this scale (4 layers, 1.6M characters) that loses to NTP, since the
-# concept slots that carry the readout start almost empty of h_t, while adding c_t to h_t (the paper's ablation)
-# wins: see the README's study. --mix=interleave gives the paper's version.
+# Mixing: the paper's, interleaving (h_t, c_t); pipeline.py also trains --mix=add (c_t added to h_t, the paper's
+# ablation), which has done better than interleaving at this scale (RESULTS.md).
 #   python attribution.py config/cocomix_shakespeare_char.py      # label the data once
 #   python train.py config/cocomix_shakespeare_char.py --label_cache=True
 exec(open('config/teacher_shakespeare_char.py').read())  # the same data, batch and schedule as the teacher
@@ -12,7 +11,7 @@ sae = 'out-shakespeare_char/sae/sae.pt'
 sae_layer = 1
 n_embd = 128
 insert_layer = 1
-mix = 'add'
+mix = 'interleave'
 concept_topk = 16
 k_attr = 4
 lam_concept = 0.1
