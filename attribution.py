@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import UserError, atomic_path, autocast, configure, fingerprint, load_model, model_tokenizer, settings
-from common import setup_distributed
-from prepare import check_tokenizers, data_dir_of, load_tokens, read_meta
+from common import UserError, atomic_path, autocast, configure, fingerprint, load_teacher, settings, setup_distributed
+from prepare import data_dir_of, load_tokens, read_meta
 from sae import load_sae, teacher_residual
 
 METHODS = ('attribution', 'activation', 'attribution_preact', 'attribution_neg')
@@ -87,9 +86,10 @@ def describe(data_dir, split, teacher_id, sae_id, sae_layer, label_method, k_att
                 n_concepts=n_concepts)
 
 
-def check_sae(spec, meta, sae_layer, teacher_id):
-    """Refuse an SAE that was trained on another layer or another teacher than this run's (its file records both;
-    OpenAI's name their layer)."""
+def load_concept_sae(spec, teacher, teacher_id, sae_layer, device):
+    """A run's SAE (any load_sae spec) on the device, with its fingerprint. Refused when it reads another width,
+    or was trained on another layer or another teacher (its file records both; OpenAI's name their layer)."""
+    sae, meta = load_sae(spec, teacher.config.n_embd)
     layer = int(spec.split(':')[2]) if spec.startswith('openai:') else meta.get('layer', sae_layer)
     if layer != sae_layer:
         raise UserError(f"the SAE {spec} reads layer {layer} of its teacher but this run has sae_layer={sae_layer}; "
@@ -97,6 +97,7 @@ def check_sae(spec, meta, sae_layer, teacher_id):
     if meta.get('teacher_id', teacher_id) != teacher_id:
         raise UserError(f"the SAE {spec} was trained on another teacher (weights {meta['teacher_id']}, this run's "
                         f"teacher has {teacher_id}); use the teacher it was trained on or retrain the SAE")
+    return sae.to(device), fingerprint(sae)
 
 
 def load_label_cache(data_dir, split, expected):
@@ -126,7 +127,7 @@ def label_split(teacher, sae, data_dir, split, expected, device, dtype, batch_si
     """Label one split of a prepared dataset in windows of expected['block_size'] tokens, batch_size windows per
     teacher pass; process `rank` of `world_size` takes every world_size-th batch. A byte per batch in
     labels_<split>.bin.done records what is written, so a run stopped at any point resumes, with any number of
-    processes. Returns the tokens labelled per second by this process."""
+    processes."""
     block_size, k_attr = expected['block_size'], expected['k_attr']
     path, meta_path = cache_paths(data_dir, split)
     n_tokens = len(load_tokens(data_dir, split))
@@ -169,7 +170,6 @@ def label_split(teacher, sae, data_dir, split, expected, device, dtype, batch_si
         os.remove(path + '.done')
         print(f"{path}: {n_windows * block_size:,} tokens labelled ({rate * world_size:,.0f} tokens/s over "
               f"{world_size} process{'es' if world_size > 1 else ''})")
-    return rate
 
 
 def barrier():
@@ -201,14 +201,9 @@ if __name__ == '__main__':
     configure(globals(), ignore=settings(vars(train)))
     rank, world_size, device = setup_distributed(device)  # torchrun: each process labels its share of batches
     data_dir = data_dir_of(dataset)
-    teacher_model, teacher_ckpt = load_model(teacher, device)
-    teacher_model.requires_grad_(False)
-    sae_model, sae_meta = load_sae(sae, teacher_model.config.n_embd)
-    sae_model.to(device)
-    check_tokenizers(read_meta(data_dir), f"the data in {data_dir}", model_tokenizer(teacher_model, teacher_ckpt),
-                     f"the teacher {teacher}")
-    teacher_id, sae_id = fingerprint(teacher_model), fingerprint(sae_model)
-    check_sae(sae, sae_meta, sae_layer, teacher_id)
+    teacher_model = load_teacher(teacher, device, read_meta(data_dir), data_dir)
+    teacher_id = fingerprint(teacher_model)
+    sae_model, sae_id = load_concept_sae(sae, teacher_model, teacher_id, sae_layer, device)
     for split in splits.split(','):
         expected = describe(data_dir, split, teacher_id, sae_id, sae_layer, label_method, k_attr, block_size,
                             sae_model.n_latents)

@@ -194,12 +194,35 @@ def fingerprint(tensors):
     return h.hexdigest()[:16]
 
 
-def model_tokenizer(model, checkpoint):
-    """The tokenizer of a model from load_model, for prepare.check_tokenizers: GPT-2's for OpenAI's weights, the
-    recorded one for our checkpoints (only the vocabulary size for those that predate it)."""
-    if checkpoint is None:
-        return {'tokenizer': 'gpt2'}
-    return checkpoint.get('data_meta', {'vocab_size': model.config.vocab_size})
+def tokenizer_of(meta):
+    """What identifies a dataset's or a checkpoint's tokenizer: its kind and, for characters, the character set
+    (two char datasets with different texts number their characters differently)."""
+    return (meta['tokenizer'], tuple(meta['chars'])) if meta['tokenizer'] == 'char' else (meta['tokenizer'],)
+
+
+def check_tokenizers(meta, name, other, other_name):
+    """Refuse to pair data and a model (or two models) that tokenize differently. `other` is a dataset meta, or
+    {'vocab_size': V} for a checkpoint that predates recorded tokenizers: then only the sizes can be compared."""
+    if 'tokenizer' not in other:
+        if meta['vocab_size'] > other['vocab_size']:
+            raise UserError(f"{name} has {meta['vocab_size']} token ids but {other_name} only {other['vocab_size']}: "
+                            "they use different tokenizers")
+    elif tokenizer_of(meta) != tokenizer_of(other):
+        kind = lambda m: 'a different character set' if tokenizer_of(m)[0] == 'char' else f"'{m['tokenizer']}'"
+        raise UserError(f"{name} is tokenized with {kind(meta)} but {other_name} with {kind(other)}; "
+                        "prepare the data with the model's tokenizer (prepare.py --tokenizer=...)")
+
+
+def load_teacher(spec, device, data_meta, data_dir):
+    """A frozen teacher in eval mode (any load_model spec), refused when it tokenizes differently from the data:
+    OpenAI's weights use GPT-2's BPE, our checkpoints record their tokenizer (only the vocabulary size in those
+    that predate it)."""
+    model, checkpoint = load_model(spec, device)
+    model.requires_grad_(False)
+    tokens = {'tokenizer': 'gpt2'} if checkpoint is None else \
+        checkpoint.get('data_meta', {'vocab_size': model.config.vocab_size})
+    check_tokenizers(data_meta, f"the data in {data_dir}", tokens, f"the teacher {spec}")
+    return model
 
 
 # -----------------------------------------------------------------------------

@@ -80,29 +80,9 @@ def gpt2_tokenizer():
                              special_tokens={'<|endoftext|>': 50256}, explicit_n_vocab=50257)
 
 
-def tokenizer_of(meta):
-    """What identifies a dataset's or a checkpoint's tokenizer: its kind and, for characters, the character set
-    (two char datasets with different texts number their characters differently)."""
-    return (meta['tokenizer'], tuple(meta['chars'])) if meta['tokenizer'] == 'char' else (meta['tokenizer'],)
-
-
-def check_tokenizers(meta, name, other, other_name):
-    """Refuse to pair data and a model (or two models) that tokenize differently. `other` is a dataset meta, or
-    {'vocab_size': V} for a checkpoint that predates recorded tokenizers: then only the sizes can be compared."""
-    if 'tokenizer' not in other:
-        if meta['vocab_size'] > other['vocab_size']:
-            raise UserError(f"{name} has {meta['vocab_size']} token ids but {other_name} only {other['vocab_size']}: "
-                            "they use different tokenizers")
-    elif tokenizer_of(meta) != tokenizer_of(other):
-        kind = lambda m: 'a different character set' if tokenizer_of(m)[0] == 'char' else f"'{m['tokenizer']}'"
-        raise UserError(f"{name} is tokenized with {kind(meta)} but {other_name} with {kind(other)}; "
-                        "prepare the data with the model's tokenizer (prepare.py --tokenizer=...)")
-
-
 def download(url, path, desc):
-    """Fetch url into path with a progress bar, through path.tmp so that a broken download never carries the
-    final name (shared by prepare.py, sae.py and eval.py). Raises OSError."""
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    """Fetch url into path with a progress bar, through a temporary file (atomic_path) so that a broken download
+    never carries the final name (shared by prepare.py, sae.py and eval.py). Raises OSError."""
     with urllib.request.urlopen(url, timeout=30) as r, atomic_path(path) as tmp, open(tmp, 'wb') as f, \
             tqdm(total=int(r.headers.get('Content-Length', 0)), unit='B', unit_scale=True, desc=desc) as bar:
         while chunk := r.read(1 << 20):

@@ -21,10 +21,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import UserError, atomic_path, autocast, configure, fingerprint, load_checkpoint, load_model
-from common import model_tokenizer, save_checkpoint
+from common import UserError, atomic_path, autocast, configure, fingerprint, load_checkpoint, load_teacher
+from common import save_checkpoint
 from model import sae_norm
-from prepare import check_tokenizers, data_dir_of, get_tokenizer, load_tokens, read_meta
+from prepare import data_dir_of, get_tokenizer, load_tokens, read_meta
 from prepare import download as fetch  # `download` is a parameter of sae_file
 
 OPENAI_URL = 'https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small/{location}_v5_{size}/autoencoders/{layer}.pt'
@@ -423,11 +423,8 @@ if __name__ == '__main__':
     sae_layer = sae_layer if sae_layer >= 0 else meta.get('layer', -1)
     if not teacher or not dataset or sae_layer < 0:
         raise UserError("set teacher, dataset and sae_layer (a config such as config/sae_shakespeare.py)")
-    teacher_model, teacher_ckpt = load_model(teacher, device)
-    teacher_model.requires_grad_(False)
     data_dir = data_dir_of(dataset)
-    check_tokenizers(read_meta(data_dir), f"the data in {data_dir}", model_tokenizer(teacher_model, teacher_ckpt),
-                     f"the teacher {teacher}")
+    teacher_model = load_teacher(teacher, device, read_meta(data_dir), data_dir)
     settings_now = SimpleNamespace(**dict(config, teacher=teacher, dataset=dataset, sae_layer=sae_layer))
     if path:
         sae = load_sae(path, teacher_model.config.n_embd)[0].to(device)

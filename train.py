@@ -18,10 +18,10 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import UserError, autocast as autocast_context, configure, fingerprint, hub_folder, load_checkpoint
-from common import load_model, model_tokenizer, peak_flops as datasheet_flops, save_checkpoint, setup_distributed
+from common import UserError, autocast as autocast_context, check_tokenizers, configure, fingerprint, load_checkpoint
+from common import load_model, load_teacher, peak_flops as datasheet_flops, save_checkpoint, setup_distributed
 from model import GPT, GPTConfig, concept_accuracy, kd_loss
-from prepare import check_tokenizers, data_dir_of, load_tokens, read_meta
+from prepare import data_dir_of, load_tokens, read_meta
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -129,21 +129,15 @@ if __name__ == '__main__':
     teacher_model = sae_model = labels = None
     identity = {}  # what the concepts come from; a resumed run must use the same (checked below)
     if mode in ('cocomix', 'kd', 'kd_pause'):
-        teacher_model, teacher_ckpt = load_model(teacher, device)
-        teacher_model.requires_grad_(False)
-        check_tokenizers(meta, f"the data in {data_dir}", model_tokenizer(teacher_model, teacher_ckpt),
-                         f"the teacher {teacher}")
+        teacher_model = load_teacher(teacher, device, meta, data_dir)
         if teacher_model.config.block_size < block_size:
             raise UserError(f"block_size={block_size} is longer than the teacher's context "
                             f"({teacher_model.config.block_size}); use --block_size={teacher_model.config.block_size}")
         identity['teacher_id'] = fingerprint(teacher_model)
     if mode == 'cocomix':
-        from attribution import check_sae, concept_labels, describe, labels_from_cache, load_label_cache
-        from sae import load_sae
-        sae_model, sae_meta = load_sae(sae, teacher_model.config.n_embd)
-        sae_model.to(device)
-        check_sae(sae, sae_meta, sae_layer, identity['teacher_id'])
-        identity.update(n_concepts=sae_model.n_latents, sae_layer=sae_layer, sae_id=fingerprint(sae_model))
+        from attribution import concept_labels, describe, labels_from_cache, load_concept_sae, load_label_cache
+        sae_model, sae_id = load_concept_sae(sae, teacher_model, identity['teacher_id'], sae_layer, device)
+        identity.update(n_concepts=sae_model.n_latents, sae_layer=sae_layer, sae_id=sae_id)
         if label_cache:
             labels = load_label_cache(data_dir, 'train', describe(data_dir, 'train', identity['teacher_id'],
                                                                   identity['sae_id'], sae_layer, label_method, k_attr,
@@ -221,7 +215,7 @@ if __name__ == '__main__':
         history, saved_step = checkpoint.get('history', []), checkpoint['iter_num']
     else:
         check_tokenizers(meta, f"the data in {data_dir}", {'tokenizer': 'gpt2'}, init_from)
-        model = GPT.from_pretrained(init_from if os.path.isdir(init_from) else hub_folder(init_from), dropout)
+        model = load_model(init_from, device, dropout)[0].train()  # OpenAI's weights, from the hub or a folder
         if model.config.block_size < block_size:
             raise UserError(f"block_size={block_size} is longer than {init_from}'s context ({model.config.block_size})")
         for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size'):

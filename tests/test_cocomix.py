@@ -1,6 +1,5 @@
 import pytest
 import torch
-import torch.nn.functional as F
 
 from chunked import linear_cross_entropy
 from model import GPT, GPTConfig, concept_accuracy, concept_loss, kd_loss

@@ -1,13 +1,13 @@
 """torch.compile sees every training mode as one graph, and the compiled step computes the eager loss."""
 import pytest
 import torch
+import torch._dynamo
 
 from model import GPT, GPTConfig
 
 
 @pytest.mark.parametrize('kind', ['ntp', 'interleave', 'add', 'none', 'pause', 'chunked'])
 def test_every_mode_compiles_without_graph_breaks(kind):
-    import torch._dynamo
     torch.manual_seed(0)
     concepts = kind in ('interleave', 'add', 'none', 'chunked')
     model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32, insert_layer=1,

@@ -3,7 +3,6 @@ from the teacher and SAE the run was started with, exact resume on another proce
 import os
 import time
 
-import pytest
 import torch
 
 from conftest import TINY, run
