@@ -1,5 +1,5 @@
 """
-The whole CoCoMix pipeline in one command, sized for a laptop CPU (about 13 minutes on 2 cores): prepare the text
+The whole CoCoMix pipeline in one command, sized for a laptop CPU (about 12 minutes on 2 cores): prepare the text
 at character level, train a small teacher, its SAE, label the data, train CoCoMix (interleaved, the paper's; and
 added, its ablation) and the NTP baseline with matched active parameters on the same tokens, evaluate them, print
 the comparison and a steered sample of the paper's CoCoMix.
