@@ -12,6 +12,7 @@ skips itself when its output exists, is newer than its inputs and was made by th
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -54,26 +55,52 @@ STAGES = [  # (name, command, inputs, output)
       [f'{out}/{m}/ckpt.pt'], f'{out}/{m}/eval.json') for m in MODELS]
 
 
-def run_stages(stages, stamps_path):
-    """Run (name, command, inputs, output) stages in order, skipping each one whose output is current; the
-    commands that made the outputs are kept in stamps_path. Shared with study.py."""
+def run_stages(stages, stamps_path, jobs=1):
+    """Run (name, command, inputs, output) stages, skipping each one whose output is current (the commands that
+    made the outputs are kept in stamps_path). A stage starts once the stages making its inputs are done; with
+    jobs > 1 that many run at once, each on cpu_count / jobs threads and logging to a file beside stamps_path:
+    two one-thread runs of a small model train ~1.3x more tokens per second than one two-thread run (2-core CPU).
+    Shared with study.py."""
     stamps = json.load(open(stamps_path)) if os.path.exists(stamps_path) else {}
-    for stage, cmd, inputs, output in stages:
-        line = ' '.join(['python'] + cmd)
-        current = os.path.exists(output) and stamps.get(output) == line and \
-            all(os.path.getmtime(i) <= os.path.getmtime(output) for i in inputs if os.path.exists(i))
-        if current:
-            print(f"[{stage}] up to date: {output}")
-            continue
-        print(f"[{stage}] {line}", flush=True)
-        t0 = time.time()
-        if subprocess.run([py] + cmd).returncode != 0:
-            raise UserError(f"stage '{stage}' failed; fix the cause and run pipeline.py again (done stages are kept)")
-        print(f"[{stage}] done in {time.time() - t0:.0f} s", flush=True)
-        os.makedirs(os.path.dirname(stamps_path), exist_ok=True)
-        stamps[output] = line
-        with open(stamps_path, 'w') as f:
-            json.dump(stamps, f, indent=1)
+    made_by = {output: stage for stage, _, _, output in stages}
+    pending, running, failed = list(stages), {}, []
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // jobs))) if jobs > 1 else None
+    while pending or running:
+        waiting = {made_by[s[3]] for s in pending} | {s[0] for s in running.values()}
+        ready = [s for s in pending if not any(made_by.get(i) in waiting for i in s[2])]
+        for stage, cmd, inputs, output in ready[:max(0, jobs - len(running)) if not failed else 0]:
+            pending.remove((stage, cmd, inputs, output))
+            line = ' '.join(['python'] + cmd)
+            if os.path.exists(output) and stamps.get(output) == line and \
+                    all(os.path.getmtime(i) <= os.path.getmtime(output) for i in inputs if os.path.exists(i)):
+                print(f"[{stage}] up to date: {output}")
+                continue
+            log = None
+            if jobs > 1:
+                logs = os.path.join(os.path.dirname(stamps_path), 'logs')
+                os.makedirs(logs, exist_ok=True)
+                log = open(os.path.join(logs, re.sub(r'[^\w.-]+', '_', stage) + '.log'), 'w')
+            print(f"[{stage}] {line}" + (f"  (log: {log.name})" if log else ''), flush=True)
+            proc = subprocess.Popen([py] + cmd, stdout=log, stderr=subprocess.STDOUT if log else None, env=env)
+            running[proc] = (stage, output, line, time.time())
+        if not running:
+            if failed or not pending:
+                break
+            continue  # stages that were up to date made room: look again
+        finished = [p for p in running if p.poll() is not None]
+        time.sleep(0 if finished else 1)
+        for proc in finished:
+            stage, output, line, t0 = running.pop(proc)
+            if proc.returncode != 0:
+                failed.append(stage)
+                continue
+            print(f"[{stage}] done in {time.time() - t0:.0f} s", flush=True)
+            os.makedirs(os.path.dirname(stamps_path), exist_ok=True)
+            stamps[output] = line
+            with open(stamps_path, 'w') as f:
+                json.dump(stamps, f, indent=1)
+    if failed:
+        raise UserError(f"stage '{failed[0]}' failed; fix the cause and run again (done stages are kept)")
 
 
 def main():

@@ -1,18 +1,20 @@
 """
-A small, honest reproduction of the paper's claim (CoCoMix beats next-token prediction at equal tokens), sized for
-a 2-core CPU: character-level Wikipedia with WikiText's validation text as the val
-split, one teacher and its SAE, then students with matched active parameters trained on the same tokens:
-NTP, KD, CoCoMix (interleaved, the paper's; and added, the paper's ablation) and the ablations activation labels,
-prediction only and mixing only, several seeds each.
+Does CoCoMix beat next-token prediction at equal tokens? A study sized for a 2-core CPU (about 2.5 hours):
+character-level Wikipedia, one teacher clearly stronger than every student and its SAE, then students of two
+sizes trained on the same 8.2M characters in the same order per seed: NTP (widened to CoCoMix's active
+parameters), CoCoMix interleaved (the paper's), CoCoMix added (its ablation) and KD, three seeds each.
 
-    python study.py --input=WIKI.txt --val_input=wiki.valid.raw      # about an hour on 2 cores; resumable
-    python study.py --input=WIKI.txt --val_input=wiki.valid.raw --seeds=1 --student_iters=100   # a quick look
+    python study.py --input=enwiki_extract_clean.txt --val_input=wiki.valid.raw   # resumable, run by run
+    python study.py --report_only=True          # the README's table and plot again, from assets/study_results.json
 
-The text: any English Wikipedia plain text of 3M+ characters (we used a WikiExtractor dump of about 10.7 MB) and
-WikiText-2's validation file wiki.valid.raw (from the wikitext-2-raw-v1 release, or `datasets`' wikitext).
+The text: a plain-text English Wikipedia extract of about 10M characters (a WikiExtractor dump; the teacher
+reads it once, each student 0.77 times) and WikiText-2's validation file wiki.valid.raw as the val split.
 
-Writes out-study/results.md (val loss and perplexity, mean +- std over seeds, and the tokens NTP needs to reach
-each method's final loss: the paper's "fewer tokens" measure) and out-study/val_loss.png (matplotlib, optional).
+The report gives, per size: the final val loss of each method (mean +- std over seeds), its paired difference
+to NTP (the same seed: the same windows in the same order) with a 95% t-interval, and the characters the method
+needs to reach NTP's final loss (the paper's "fewer tokens" measure) with its interval. It writes
+assets/study_results.json (every run's curve and final loss: small, kept in git), the table between the
+study markers of README.md and assets/study_val_loss.png (matplotlib, optional).
 """
 import json
 import math
@@ -24,84 +26,113 @@ from common import UserError, configure
 from pipeline import run_stages
 
 # -----------------------------------------------------------------------------
-input = ''  # the training text (required)
-val_input = ''  # the val text (required)
-train_chars = 3_000_000  # the first characters of input: what every model here trains on
+input = ''  # the training text
+val_input = ''  # the val text
 out = 'out-study'
+results = 'assets/study_results.json'
 seeds = 3
-methods = 'ntp,kd,cocomix,cocomix_add,activation,predict_only,mix_only'
-teacher_iters = 1000  # x 4,096 characters
-student_iters = 400  # x 4,096 characters, the same for every student
-eval_every = 25  # steps between val losses (the curve that gives "tokens NTP needs")
+jobs = 2  # runs at once (pipeline.run_stages)
+teacher = '--n_layer=4 --n_head=4 --n_embd=192'  # 1.8M parameters, 4x the largest student
+teacher_iters = 2600  # x 4,096 characters: one pass over a 10.7M-character text
+sae_latents = 1024  # the concept vocabulary
+student_iters = 2000  # x 4,096 characters = 8.2M per student, 5x the earlier study's
+eval_every = 100  # steps between val estimates (the curves that give "characters to reach")
 eval_windows = 2000  # final val loss: the first eval_windows x 128 characters of the val split, for every run
-student = '--n_layer=4 --n_embd=128 --insert_layer=1'  # CoCoMix's student; NTP and KD are widened to match
-ntp_width = 140
+large = '--n_layer=8 --n_head=4 --n_embd=48 --insert_layer=3'  # the paper's shape: concepts after block 3 of 8
+large_methods = 'ntp,cocomix,cocomix_add,kd'
+small = '--n_layer=4 --n_head=4 --n_embd=48 --insert_layer=1'  # half the depth: does the gap move with size?
+small_methods = 'ntp,cocomix'
+report_only = False
 device = 'cpu'
 # -----------------------------------------------------------------------------
-METHODS = {  # method -> (config, overrides); mix=add is the paper's additive ablation, the variant that wins here
-    'ntp': ('ntp', ['--mode=ntp']),
-    'kd': ('ntp', ['--mode=kd']),
+METHODS = {  # method -> (config, overrides)
+    'ntp': ('ntp', ['--mode=ntp', '--window_grid=True']),  # the grid: the windows CoCoMix's label cache uses
+    'kd': ('ntp', ['--mode=kd', '--window_grid=True']),
     'cocomix': ('cocomix', ['--mix=interleave']),  # the paper's method
     'cocomix_add': ('cocomix', ['--mix=add']),
-    'activation': ('cocomix', ['--mix=add', '--label_method=activation']),
-    'predict_only': ('cocomix', ['--mix=none']),
-    'mix_only': ('cocomix', ['--mix=add', '--lam_concept=0.0']),
 }
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t_0.975
+
+
+def sizes():
+    return {'8-layer': (large.split(), large_methods.split(',')), '4-layer': (small.split(), small_methods.split(','))}
+
+
+def matched_width(student):
+    """The NTP width (a multiple of n_head) whose parameters first reach the CoCoMix student's active ones."""
+    from model import GPT, GPTConfig
+    args = {k[2:]: int(v) for k, v in (a.split('=') for a in student)}
+    vocab = json.load(open('data/study_char/meta.json'))['vocab_size']
+    base = dict(block_size=128, vocab_size=vocab, n_layer=args['n_layer'], n_head=args['n_head'], bias=False)
+    target = GPT(GPTConfig(**base, n_embd=args['n_embd'], n_concepts=sae_latents, concept_topk=16,
+                           insert_layer=args['insert_layer'])).get_num_params(active=True)
+    width = args['n_embd']
+    while GPT(GPTConfig(**base, n_embd=width)).get_num_params() < target:
+        width += args['n_head']
+    return width
 
 
 def stages():
-    py_data, act_data = 'data/study_char', 'data/study_char_activation'
-    text = f'{out}/train_text.txt'
-    common = [f'--device={device}', '--eval_iters=20']
+    data = 'data/study_char'
+    common = [f'--dataset={data}', f'--device={device}', '--eval_iters=10']
     models = [f'--teacher={out}/teacher', f'--sae={out}/sae/sae.pt']
-    s = [('prepare', ['prepare.py', 'study_char', '--tokenizer=char', f'--input={text}', f'--val_input={val_input}',
-                      f'--out_dir={py_data}'], [text], f'{py_data}/meta.json'),
-         ('teacher', ['train.py', 'config/teacher_shakespeare_char.py', f'--dataset={py_data}',
-                      f'--out_dir={out}/teacher', f'--max_iters={teacher_iters}', f'--lr_decay_iters={teacher_iters}',
-                      '--eval_interval=250'] + common,
-          [f'{py_data}/meta.json'], f'{out}/teacher/ckpt.pt'),
-         ('sae', ['sae.py', 'config/sae_shakespeare_char.py', f'--dataset={py_data}', f'--out_dir={out}/sae', models[0],
-                  f'--device={device}'], [f'{out}/teacher/ckpt.pt'], f'{out}/sae/sae.pt')]
-    for data, method in ((py_data, 'attribution'), (act_data, 'activation')):  # one label cache per data folder
-        s.append((f'labels {method}', ['attribution.py', 'config/cocomix_shakespeare_char.py', f'--dataset={data}',
-                                       *models,
-                                       f'--label_method={method}', '--splits=train', f'--device={device}'],
-                  [f'{out}/sae/sae.pt'], f'{data}/labels_train.json'))
-    for seed in range(seeds):
-        for m in methods.split(','):
-            config, extra = METHODS[m]
-            data = act_data if m == 'activation' else py_data
-            width = [f'--n_embd={ntp_width}'] if config == 'ntp' else []
-            run = f'{out}/{m}_s{seed}'
-            s.append((f'{m} seed {seed}', ['train.py', f'config/{config}_shakespeare_char.py', f'--dataset={data}',
-                                            f'--out_dir={run}', f'--seed={seed}', f'--max_iters={student_iters}',
-                                            f'--lr_decay_iters={student_iters}', f'--eval_interval={eval_every}',
-                                            '--always_save_checkpoint=True', *student.split(), *width, *extra,
-                                            *models] + common,
-                      [f'{data}/labels_train.json'], f'{run}/ckpt.pt'))
-    for seed in range(seeds):  # the final loss of every run on the same val windows
-        for m in methods.split(','):
-            run = f'{out}/{m}_s{seed}'
-            s.append((f'eval {m} seed {seed}', ['eval.py', f'--out_dir={run}', '--tasks=ppl', f'--limit={eval_windows}',
-                                                 f'--json_out={run}/eval.json', f'--device={device}'],
-                      [f'{run}/ckpt.pt'], f'{run}/eval.json'))
+    s = [('teacher', ['train.py', 'config/teacher_shakespeare_char.py', *teacher.split(), f'--out_dir={out}/teacher',
+                      f'--max_iters={teacher_iters}', f'--lr_decay_iters={teacher_iters}', '--eval_interval=500',
+                      '--log_interval=100'] + common, [f'{data}/meta.json'], f'{out}/teacher/ckpt.pt'),
+         ('sae', ['sae.py', 'config/sae_shakespeare_char.py', f'--dataset={data}', f'--out_dir={out}/sae', models[0],
+                  f'--n_latents={sae_latents}', '--max_tokens=2000000', f'--device={device}'],
+          [f'{out}/teacher/ckpt.pt'], f'{out}/sae/sae.pt'),
+         ('labels', ['attribution.py', 'config/cocomix_shakespeare_char.py', f'--dataset={data}', *models,
+                     '--splits=train', f'--device={device}'], [f'{out}/sae/sae.pt'], f'{data}/labels_train.json')]
+    s.append(evaluation(f'{out}/teacher'))
+    width = {size: matched_width(student) for size, (student, _) in sizes().items()}
+    # the question first (NTP vs the paper's CoCoMix at the paper's shape), then scale, then the other methods
+    order = sorted(((size, m) for size, (_, methods) in sizes().items() for m in methods),
+                   key=lambda p: (p[1] not in ('ntp', 'cocomix'), p[0] != '8-layer'))
+    for size, m in order:
+        config, extra = METHODS[m]
+        needs = [f'{data}/labels_train.json'] if config == 'cocomix' else \
+            [f'{out}/teacher/ckpt.pt'] if m == 'kd' else [f'{data}/meta.json']
+        for seed in range(seeds):
+            run = f'{out}/{size}/{m}_s{seed}'
+            s.append((f'{size} {m} seed {seed}',
+                      ['train.py', f'config/{config}_shakespeare_char.py', f'--out_dir={run}', f'--seed={seed}',
+                       f'--max_iters={student_iters}', f'--lr_decay_iters={student_iters}',
+                       f'--eval_interval={eval_every}', '--log_interval=100', '--always_save_checkpoint=True',
+                       *sizes()[size][0], *([f'--n_embd={width[size]}'] if config == 'ntp' else []), *extra,
+                       *models] + common, needs, f'{run}/ckpt.pt'))
+            s.append(evaluation(run))
     return s
 
 
-def prepare_text():
-    """The study's training text: the first train_chars characters of input (written once)."""
-    path = f'{out}/train_text.txt'
-    if not os.path.exists(path):
-        os.makedirs(out, exist_ok=True)
-        with open(input, encoding='utf-8') as f:
-            text = f.read(train_chars)
-        with open(path, 'w', encoding='utf-8') as f:
-            f.write(text)
-    act = 'data/study_char_activation'  # the same data in a second folder, for the activation-label cache
-    os.makedirs(act, exist_ok=True)
-    for name in ('train.bin', 'val.bin', 'meta.json'):
-        if not os.path.exists(f'{act}/{name}') and os.path.exists(f'data/study_char/{name}'):
-            os.symlink(os.path.abspath(f'data/study_char/{name}'), f'{act}/{name}')
+def evaluation(run):
+    """The final loss of a run on the same val windows as every other run."""
+    return (f'eval {run}', ['eval.py', f'--out_dir={run}', '--tasks=ppl', f'--limit={eval_windows}',
+                            f'--json_out={run}/eval.json', f'--device={device}'], [f'{run}/ckpt.pt'], f'{run}/eval.json')
+
+
+def collect():
+    """Every finished run's curve and final loss -> the results file (kept in git, so the report outlives out/)."""
+    from common import load_model
+    from sae import load_sae
+    res = {'teacher': json.load(open(f'{out}/teacher/eval.json'))['results']['ppl']['loss'],
+           'sae': load_sae(f'{out}/sae/sae.pt')[1]['eval'], 'runs': {}}
+    for size, (_, methods) in sizes().items():
+        for m in methods:
+            for seed in range(seeds):
+                run = f'{out}/{size}/{m}_s{seed}'
+                if not os.path.exists(f'{run}/eval.json'):
+                    continue
+                model, ckpt = load_model(run)
+                c = ckpt['config']
+                tokens = c['batch_size'] * c['block_size'] * c['gradient_accumulation_steps']
+                res['runs'][f'{size}/{m}/{seed}'] = dict(
+                    final=json.load(open(f'{run}/eval.json'))['results']['ppl']['loss'],
+                    params=model.get_num_params(active=True), shape=f"{c['n_layer']} x {c['n_embd']}",
+                    curve=[(it * tokens, val) for it, _, val in ckpt['history']])
+    with open(results, 'w') as f:
+        json.dump(res, f, indent=0)
+    return res
 
 
 def tokens_to_reach(curve, loss):
@@ -112,58 +143,99 @@ def tokens_to_reach(curve, loss):
     return None
 
 
-def report():
-    import torch
-    results = {}
-    for m in methods.split(','):
-        runs = []
-        for seed in range(seeds):
-            ckpt = torch.load(f'{out}/{m}_s{seed}/ckpt.pt', map_location='cpu', weights_only=True)
-            c = ckpt['config']
-            tokens = c['batch_size'] * c['block_size'] * c['gradient_accumulation_steps']
-            runs.append([(it * tokens, val) for it, _, val in ckpt['history']])
-        results[m] = runs
-    loss = lambda m, seed: json.load(open(f'{out}/{m}_s{seed}/eval.json'))['results']['ppl']['loss']
-    final = {m: np.array([loss(m, seed) for seed in range(seeds)]) for m in results}
-    ntp_curve = np.mean([[v for _, v in r] for r in results['ntp']], axis=0)
-    ntp_curve = list(zip([t for t, _ in results['ntp'][0]], ntp_curve))
-    budget = ntp_curve[-1][0]
-    lines = [f"| method | val loss (mean ± std, {seeds} seeds) | val ppl | tokens NTP needs to reach this loss | "
-             "tokens this method needs to reach NTP's final loss |", '|---|---|---|---|---|']
-    share = lambda t: f"{t / budget:.2f} x {budget:,}" if t is not None else f"more than {budget:,}"
-    for m, v in final.items():  # the token measures compare curves measured alike: train.py's val estimates
-        curve = list(zip([t for t, _ in results[m][0]], np.mean([[y for _, y in r] for r in results[m]], axis=0)))
-        lines.append(f"| {m} | {v.mean():.4f} ± {v.std():.4f} | {math.exp(v.mean()):.3f} | "
-                     f"{share(tokens_to_reach(ntp_curve, curve[-1][1]))} | "
-                     f"{share(tokens_to_reach(curve, ntp_curve[-1][1]))} |")
+def interval(x):
+    """Mean and the half-width of its 95% t-interval."""
+    x = np.asarray(x, dtype=float)
+    return x.mean(), (T95.get(len(x) - 1, 1.96) * x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else float('nan'))
+
+
+def report(res):
+    runs = res['runs']
+    sae = res['sae']
+    lines = [f"Teacher {teacher.replace('--', '')}: val loss {res['teacher']:.4f}; SAE FVU {sae['fvu']:.4f}. "
+             f"Val loss in nats per character on WikiText-2's validation text ({eval_windows} x 128 characters).", '',
+             "| size | method | layers x width | active params | seeds | val loss (mean ± std) | "
+             "Δ vs NTP, paired (95% CI) | chars to reach NTP's final loss (95% CI) |", '|---|---|---|---|---|---|---|---|']
+    deltas = {}
+    for size, (_, methods) in sizes().items():
+        got = {m: {int(k.split('/')[2]): v for k, v in runs.items() if k.startswith(f'{size}/{m}/')} for m in methods}
+        for m in methods:
+            if not got[m]:
+                continue
+            r, finals = got[m], np.array([v['final'] for v in got[m].values()])
+            paired = [s for s in r if s in got['ntp']]
+            delta = reach = '—'
+            if m != 'ntp' and paired:
+                d = [r[s]['final'] - got['ntp'][s]['final'] for s in paired]
+                deltas[(size, m)] = dict(zip(paired, d))
+                mean, half = interval(d)
+                delta = f"{mean:+.4f} ({mean - half:+.4f}, {mean + half:+.4f})"
+                need = [tokens_to_reach(r[s]['curve'], got['ntp'][s]['curve'][-1][1]) for s in paired]
+                budget = r[paired[0]]['curve'][-1][0]
+                if all(t is not None for t in need):
+                    mean, half = interval([t / budget for t in need])
+                    reach = f"{mean:.2f} ({mean - half:.2f}, {mean + half:.2f}) x {budget / 1e6:.1f}M"
+                else:
+                    reach = f"not reached in {sum(t is None for t in need)} of {len(need)} seeds"
+            v = next(iter(r.values()))
+            lines.append(f"| {size} | {m} | {v['shape']} | {v['params'] / 1e3:.0f}K | {len(r)} | "
+                         f"{finals.mean():.4f} ± {finals.std(ddof=1) if len(r) > 1 else 0:.4f} | {delta} | {reach} |")
+    gaps = [deltas.get((size, 'cocomix'), {}) for size in sizes()]
+    if all(gaps) and len(gaps) == 2:  # the same seeds in both sizes: a paired difference of differences
+        common_seeds = [s for s in gaps[0] if s in gaps[1]]
+        mean, half = interval([gaps[0][s] - gaps[1][s] for s in common_seeds])
+        lines += ['', f"Scale: interleave − NTP at 8 layers minus at 4 layers: {mean:+.4f} "
+                      f"({mean - half:+.4f}, {mean + half:+.4f}); negative means the gap favours CoCoMix more "
+                      f"at the larger size."]
     table = '\n'.join(lines)
-    with open(f'{out}/results.md', 'w') as f:
-        f.write(table + '\n')
     print(table)
+    readme = open('README.md').read()
+    begin, end = '<!-- study:begin -->\n', '<!-- study:end -->'
+    if begin in readme and end in readme:
+        head, rest = readme.split(begin)
+        with open('README.md', 'w') as f:
+            f.write(head + begin + table + '\n' + end + rest.split(end, 1)[1])
+    plot(runs)
+
+
+def plot(runs):
     try:
         import matplotlib
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
     except ImportError:
         return print("(no plot: pip install matplotlib)")
-    plt.figure(figsize=(7, 4.5))
-    for m, runs in results.items():
-        t = [x for x, _ in runs[0]][1:]
-        v = np.array([[y for _, y in r][1:] for r in runs])
-        plt.plot(t, v.mean(0), label=m)
-        plt.fill_between(t, v.min(0), v.max(0), alpha=0.2)
-    plt.xlabel('training tokens (characters)'), plt.ylabel('val loss (nats per character)'), plt.legend()
-    plt.ylim(top=min(3.0, plt.ylim()[1])), plt.grid(alpha=0.3), plt.tight_layout()
-    plt.savefig(f'{out}/val_loss.png', dpi=120)
-    print(f"wrote {out}/results.md and {out}/val_loss.png")
+    fig, axes = plt.subplots(1, len(sizes()), figsize=(11, 4.2), sharey=True)
+    for ax, (size, (_, methods)) in zip(np.atleast_1d(axes), sizes().items()):
+        for m in methods:
+            curves = [v['curve'] for k, v in runs.items() if k.startswith(f'{size}/{m}/')]
+            if not curves:
+                continue
+            t = np.array([x for x, _ in curves[0]][1:]) / 1e6
+            v = np.array([[y for _, y in c][1:] for c in curves])
+            ax.plot(t, v.mean(0), label=f'{m} ({len(curves)} seeds)')
+            ax.fill_between(t, v.min(0), v.max(0), alpha=0.2)
+        ax.set_title(f'{size} students'), ax.set_xlabel('training characters (M)'), ax.grid(alpha=0.3)
+        ax.set_ylim(top=2.8), ax.legend()
+    np.atleast_1d(axes)[0].set_ylabel('val loss (nats per character)')
+    fig.tight_layout()
+    fig.savefig('assets/study_val_loss.png', dpi=110)
+    print("wrote assets/study_val_loss.png")
 
 
 if __name__ == '__main__':
     configure(globals())
-    if not os.path.exists(input) or not os.path.exists(val_input):
-        raise UserError("study.py needs --input=TRAIN_TEXT and --val_input=VAL_TEXT (see its docstring for which)")
-    prepare_text()
-    run_stages(stages()[:1], f'{out}/stamps.json')
-    prepare_text()  # link the prepared data for the activation-label cache
-    run_stages(stages(), f'{out}/stamps.json')
-    report()
+    if not report_only:
+        if not os.path.exists(input) or not os.path.exists(val_input):
+            raise UserError("study.py needs --input=TRAIN_TEXT and --val_input=VAL_TEXT (see its docstring for which)")
+        run_stages([('prepare', ['prepare.py', 'study_char', '--tokenizer=char', f'--input={input}',
+                                 f'--val_input={val_input}', '--out_dir=data/study_char'], [], 'data/study_char/meta.json')],
+                   f'{out}/stamps.json')
+        try:
+            run_stages(stages(), f'{out}/stamps.json', jobs)
+        finally:  # what finished so far is kept, whatever stopped the rest
+            if os.path.exists(f'{out}/teacher/eval.json') and os.path.exists(f'{out}/sae/sae.pt'):
+                collect()
+    if not os.path.exists(results):
+        raise UserError(f"no saved results at {results}: run the study first (see study.py's docstring)")
+    report(json.load(open(results)))

@@ -44,6 +44,8 @@ dataset = 'shakespeare'  # a name under data/ or a folder written by prepare.py
 gradient_accumulation_steps = 40  # micro-batches per optimizer step, over all processes together
 batch_size = 12  # sequences per micro-batch
 block_size = 1024
+window_grid = False  # windows start on multiples of block_size, as a label cache needs: with it, NTP and
+# CoCoMix runs of one seed train on the same windows in the same order (study.py)
 # model
 n_layer = 12
 n_head = 12
@@ -151,7 +153,7 @@ if __name__ == '__main__':
             raise UserError(f"the {split} split of {data_dir} has {len(data)} tokens, fewer than "
                             f"block_size + 1 = {block_size + 1}; use more text or a smaller block_size")
         g = torch.Generator().manual_seed(draw_seed(split, step, micro))
-        if labels is not None:
+        if labels is not None or window_grid:
             ix = (torch.randint((len(data) - 1) // block_size, (batch_size,), generator=g) * block_size).tolist()
         else:
             ix = torch.randint(len(data) - block_size, (batch_size,), generator=g).tolist()

@@ -29,3 +29,18 @@ def test_tokens_to_reach_interpolates():
     assert tokens_to_reach(curve, 1.75) == 250
     assert tokens_to_reach(curve, 4.5) == 0
     assert tokens_to_reach(curve, 1.0) is None
+
+
+def test_stages_run_in_parallel_after_their_inputs(tmp_path):
+    """With jobs=2, 'first' can only finish while 'second' runs beside it (it waits for second's marker), and
+    'last' starts only once both of its inputs exist."""
+    p = lambda name: str(tmp_path / name)
+    wait = f"import os, sys, time; t = time.time()\nwhile not os.path.exists({p('marker')!r}):\n" \
+           f"    time.sleep(0.05)\n    assert time.time() - t < 20\nopen({p('a')!r}, 'w').write('a')"
+    stages = [('first', ['-c', wait], [], p('a')),
+              ('second', ['-c', f"open({p('marker')!r}, 'w'); open({p('b')!r}, 'w').write('b')"], [], p('b')),
+              ('last', ['-c', f"open({p('c')!r}, 'w').write(open({p('a')!r}).read() + open({p('b')!r}).read())"],
+               [p('a'), p('b')], p('c'))]
+    run_stages(stages, p('stamps.json'), jobs=2)
+    assert (tmp_path / 'c').read_text() == 'ab'
+    assert sorted(os.listdir(tmp_path / 'logs')) == ['first.log', 'last.log', 'second.log']
