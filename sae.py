@@ -61,11 +61,13 @@ class TopKSAE(nn.Module):
         values, indices = self.encode_pre(x_norm).topk(self.k, dim=-1)
         return F.relu(values), indices, info
 
-    def decode_norm(self, values, indices):
+    def decode_norm(self, values, indices, rows=None):
         """Sum of the k active decoder columns weighted by their values, in normalised space, without pre_bias:
         a gather of k columns per vector, never the dense (..., n) x (n, d) product. The gather reads a row-major
-        copy of the decoder: gathering from the transposed view is about 20x slower on a CPU."""
-        flat = F.embedding_bag(indices.reshape(-1, indices.size(-1)), self.decoder.weight.t().contiguous(),
+        copy of the decoder (gathering from the transposed view is about 20x slower on a CPU): `rows`, when the
+        caller already made one."""
+        rows = self.decoder.weight.t().contiguous() if rows is None else rows
+        flat = F.embedding_bag(indices.reshape(-1, indices.size(-1)), rows,
                                per_sample_weights=values.reshape(-1, values.size(-1)).to(self.decoder.weight.dtype),
                                mode='sum')
         return flat.view(*indices.shape[:-1], self.n_inputs)
@@ -205,13 +207,14 @@ def sae_losses(sae, x, dead=None, k_aux=0):
             indices = torch.cat([indices, aux_indices], dim=-1)
     chosen = F.relu(GatheredLinear.apply(inputs, sae.encoder.weight, sae.latent_bias, pre, indices))
     values, indices = chosen[:, :sae.k], indices[:, :sae.k]
-    recon = sae.decode_norm(values, indices) + sae.pre_bias
+    rows = sae.decoder.weight.t().contiguous()  # one row-major copy for both decodes (differentiable)
+    recon = sae.decode_norm(values, indices, rows) + sae.pre_bias
     variance = (x_norm - x_norm.mean(0)).pow(2).sum(-1).mean()
     fvu = (recon - x_norm).pow(2).sum(-1).mean() / variance
     aux = torch.zeros((), device=x.device)
     if n_aux:
         residual = (x_norm - recon).detach()
-        aux_recon = sae.decode_norm(chosen[:, sae.k:], aux_indices)
+        aux_recon = sae.decode_norm(chosen[:, sae.k:], aux_indices, rows)
         aux = (aux_recon - residual).pow(2).sum(-1).mean() / (residual - residual.mean(0)).pow(2).sum(-1).mean()
     return fvu, aux, indices[values > 0]
 
