@@ -44,3 +44,27 @@ def test_stages_run_in_parallel_after_their_inputs(tmp_path):
     run_stages(stages, p('stamps.json'), jobs=2)
     assert (tmp_path / 'c').read_text() == 'ab'
     assert sorted(os.listdir(tmp_path / 'logs')) == ['first.log', 'last.log', 'second.log']
+
+
+def test_study_report_pairs_seeds_and_rewrites_the_readme_block(tmp_path, monkeypatch):
+    """Paired differences and characters-to-reach with 95% t-intervals (t = 4.303 at 2 degrees of freedom),
+    worked out by hand, in the table that replaces the README's study block."""
+    import study
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'README.md').write_text('intro\n<!-- study:begin -->\nold table\n<!-- study:end -->\nrest\n')
+    monkeypatch.setattr(study, 'plot', lambda runs: None)
+    monkeypatch.setattr(study, 'small_methods', 'ntp')
+    run = lambda final, curve: dict(final=final, params=1000, shape='8 x 48', curve=curve)
+    runs = {}
+    for seed, (ntp, cocomix, reach) in enumerate([(2.0, 2.05, 400_000), (2.1, 2.12, 600_000), (2.2, 2.23, 800_000)]):
+        runs[f'8-layer/ntp/{seed}'] = run(ntp, [(0, 3.0), (500_000, 2.2), (1_000_000, 2.0)])
+        runs[f'8-layer/cocomix/{seed}'] = run(cocomix, [(0, 3.0), (reach, 2.0), (1_000_000, 1.9)])
+        runs[f'4-layer/ntp/{seed}'] = run(ntp, [(0, 3.0), (1_000_000, 2.0)])
+    study.report({'teacher': 1.5, 'sae': {'fvu': 0.03}, 'runs': runs})
+    text = (tmp_path / 'README.md').read_text()
+    assert text.startswith('intro\n<!-- study:begin -->\n') and text.endswith('<!-- study:end -->\nrest\n')
+    assert 'old table' not in text
+    # final losses, d = (0.05, 0.02, 0.03): mean 0.03333, sd 0.015275, half-width 4.303 * 0.015275 / sqrt(3) = 0.03795
+    assert '+0.0333 (-0.0046, +0.0713)' in text
+    # NTP's final curve loss 2.0 reached at 0.4, 0.6, 0.8 of the budget: mean 0.6, half-width 4.303 * 0.2 / sqrt(3)
+    assert '0.60 (0.10, 1.10) x 1.0M' in text
