@@ -5,7 +5,8 @@ sizes trained on the same 8.2M characters in the same order per seed: NTP (widen
 parameters), CoCoMix interleaved (the paper's), CoCoMix added (its ablation) and KD, three seeds each.
 
     python study.py --input=enwiki_extract_clean.txt --val_input=wiki.valid.raw   # resumable, run by run
-    python study.py --report_only=True          # the README's table and plot again, from assets/study_results.json
+    python study.py --report_only=True    # the README's table and plot again, from assets/study_results.json
+                                          # (first refreshed from out-study/ where the runs are on this machine)
 
 The text: a plain-text English Wikipedia extract of about 10M characters (a WikiExtractor dump; the teacher
 reads it once, each student 0.77 times) and WikiText-2's validation file wiki.valid.raw as the val split.
@@ -108,7 +109,8 @@ def stages():
 def evaluation(run):
     """The final loss of a run on the same val windows as every other run."""
     return (f'eval {run}', ['eval.py', f'--out_dir={run}', '--tasks=ppl', f'--limit={eval_windows}',
-                            f'--json_out={run}/eval.json', f'--device={device}'], [f'{run}/ckpt.pt'], f'{run}/eval.json')
+                            f'--json_out={run}/eval.json', f'--device={device}'],
+            [f'{run}/ckpt.pt'], f'{run}/eval.json')
 
 
 def collect():
@@ -155,7 +157,7 @@ def report(res):
     lines = [f"Teacher {teacher.replace('--', '')}: val loss {res['teacher']:.4f}; SAE FVU {sae['fvu']:.4f}. "
              f"Val loss in nats per character on WikiText-2's validation text ({eval_windows} x 128 characters).", '',
              "| size | method | layers x width | active params | seeds | val loss (mean ± std) | "
-             "Δ vs NTP, paired (95% CI) | chars to reach NTP's final loss (95% CI) |", '|---|---|---|---|---|---|---|---|']
+             "Δ vs NTP, paired (95% CI) | chars to reach NTP's final loss (95% CI) |", '|---' * 8 + '|']
     deltas = {}
     for size, (_, methods) in sizes().items():
         got = {m: {int(k.split('/')[2]): v for k, v in runs.items() if k.startswith(f'{size}/{m}/')} for m in methods}
@@ -225,12 +227,14 @@ def plot(runs):
 
 if __name__ == '__main__':
     configure(globals())
-    if not report_only:
+    if report_only and os.path.exists(f'{out}/teacher/eval.json') and os.path.exists(f'{out}/sae/sae.pt'):
+        collect()  # the runs finished so far, while the study goes on in another process
+    elif not report_only:
         if not os.path.exists(input) or not os.path.exists(val_input):
             raise UserError("study.py needs --input=TRAIN_TEXT and --val_input=VAL_TEXT (see its docstring for which)")
-        run_stages([('prepare', ['prepare.py', 'study_char', '--tokenizer=char', f'--input={input}',
-                                 f'--val_input={val_input}', '--out_dir=data/study_char'], [], 'data/study_char/meta.json')],
-                   f'{out}/stamps.json')
+        prepare = ['prepare.py', 'study_char', '--tokenizer=char', f'--input={input}', f'--val_input={val_input}',
+                   '--out_dir=data/study_char']
+        run_stages([('prepare', prepare, [], 'data/study_char/meta.json')], f'{out}/stamps.json')
         try:
             run_stages(stages(), f'{out}/stamps.json', jobs)
         finally:  # what finished so far is kept, whatever stopped the rest

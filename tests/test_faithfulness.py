@@ -32,7 +32,7 @@ def official():
     sys.modules.setdefault('transformer_lens', lens)
     sys.path.insert(0, os.path.join(ROOT, 'projects', 'cocomix'))
     try:
-        return importlib.import_module('models.modeling_gpt2_cocomix'), importlib.import_module('models.concept_extractor')
+        return tuple(importlib.import_module(f'models.{m}') for m in ('modeling_gpt2_cocomix', 'concept_extractor'))
     except ImportError as e:
         pytest.skip(f"the authors' code does not import here ({e}); it pins transformers==4.44.2")
 
@@ -112,7 +112,8 @@ def test_labels_match_the_official_attribution(official, tmp_path):
     teacher = GPT.from_pretrained(str(tmp_path / 'teacher')).eval()
     W = F.normalize(torch.randn(d, n_latents), dim=0)
     state = {'encoder.weight': W.t() * 2.0, 'decoder.weight': W, 'pre_bias': torch.randn(d) * 0.1,
-             'latent_bias': torch.randn(n_latents) * 0.1, 'stats_last_nonzero': torch.zeros(n_latents, dtype=torch.long),
+             'latent_bias': torch.randn(n_latents) * 0.1,
+             'stats_last_nonzero': torch.zeros(n_latents, dtype=torch.long),
              'latents_activation_frequency': torch.ones(n_latents), 'latents_mean_square': torch.zeros(n_latents),
              'activation': 'TopK', 'activation_state_dict': {'k': k, 'postact_fn': 'ReLU'}}  # OpenAI's format
     torch.save(state, tmp_path / 'sae.pt')
