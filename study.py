@@ -158,7 +158,7 @@ def report(res):
              f"Val loss in nats per character on WikiText-2's validation text ({eval_windows} x 128 characters).", '',
              "| size | method | layers x width | active params | seeds | val loss (mean ± std) | "
              "Δ vs NTP, paired (95% CI) | chars to reach NTP's final loss (95% CI) |", '|---' * 8 + '|']
-    deltas = {}
+    deltas, leads = {}, []
     for size, (_, methods) in sizes().items():
         got = {m: {int(k.split('/')[2]): v for k, v in runs.items() if k.startswith(f'{size}/{m}/')} for m in methods}
         for m in methods:
@@ -182,6 +182,12 @@ def report(res):
             v = next(iter(r.values()))
             lines.append(f"| {size} | {m} | {v['shape']} | {v['params'] / 1e3:.0f}K | {len(r)} | "
                          f"{finals.mean():.4f} ± {finals.std(ddof=1) if len(r) > 1 else 0:.4f} | {delta} | {reach} |")
+            if m != 'ntp' and paired:  # when does NTP catch up? the paired mean of the val curves, point by point
+                gap = np.mean([[a[1] - b[1] for a, b in zip(r[s]['curve'], got['ntp'][s]['curve'])] for s in paired], 0)
+                ahead = [t for (t, _), g in zip(r[paired[0]]['curve'][1:], gap[1:]) if g < 0]
+                leads.append(f"{size} {m}: " + ('never ahead of NTP' if not ahead else 'ahead of NTP at the end' if
+                             gap[-1] < 0 else f"ahead of NTP until {ahead[-1] / 1e6:.1f}M characters, behind after"))
+    lines += ['', 'On the val curves (paired mean over seeds): ' + '; '.join(leads) + '.'] if leads else []
     gaps = [deltas.get((size, 'cocomix'), {}) for size in sizes()]
     if all(gaps) and len(gaps) == 2:  # the same seeds in both sizes: a paired difference of differences
         common_seeds = [s for s in gaps[0] if s in gaps[1]]
