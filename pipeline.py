@@ -82,7 +82,7 @@ def run_stages(stages, stamps_path, jobs=1):
                 log = open(os.path.join(logs, re.sub(r'[^\w.-]+', '_', stage) + '.log'), 'w')
             print(f"[{stage}] {line}" + (f"  (log: {log.name})" if log else ''), flush=True)
             proc = subprocess.Popen([py] + cmd, stdout=log, stderr=subprocess.STDOUT if log else None, env=env)
-            running[proc] = (stage, output, line, time.time())
+            running[proc] = (stage, output, line, time.time(), log)
         if not running:
             if failed or not pending:
                 break
@@ -90,7 +90,9 @@ def run_stages(stages, stamps_path, jobs=1):
         finished = [p for p in running if p.poll() is not None]
         time.sleep(0 if finished else 1)
         for proc in finished:
-            stage, output, line, t0 = running.pop(proc)
+            stage, output, line, t0, log = running.pop(proc)
+            if log:
+                log.close()
             if proc.returncode != 0:
                 failed.append(stage)
                 continue

@@ -63,7 +63,7 @@ def matched_width(student):
     """The NTP width (a multiple of n_head) whose parameters first reach the CoCoMix student's active ones."""
     from model import GPT, GPTConfig
     args = {k[2:]: int(v) for k, v in (a.split('=') for a in student)}
-    vocab = json.load(open('data/study_char/meta.json'))['vocab_size']
+    vocab = math.ceil(json.load(open('data/study_char/meta.json'))['vocab_size'] / 64) * 64  # padded as train.py does
     base = dict(block_size=128, vocab_size=vocab, n_layer=args['n_layer'], n_head=args['n_head'], bias=False)
     target = GPT(GPTConfig(**base, n_embd=args['n_embd'], n_concepts=sae_latents, concept_topk=16,
                            insert_layer=args['insert_layer'])).get_num_params(active=True)
@@ -88,9 +88,9 @@ def stages():
     s.append(evaluation(f'{out}/teacher'))
     width = {size: matched_width(student) for size, (student, _) in sizes().items()}
     # the question first (NTP vs the paper's CoCoMix at the paper's shape), then scale, then the other methods
-    order = sorted(((size, m) for size, (_, methods) in sizes().items() for m in methods),
-                   key=lambda p: (p[1] not in ('ntp', 'cocomix'), p[0] != '8-layer'))
-    for size, m in order:
+    order = sorted(((size, student, m) for size, (student, methods) in sizes().items() for m in methods),
+                   key=lambda p: (p[2] not in ('ntp', 'cocomix'), p[0] != '8-layer'))
+    for size, student, m in order:
         config, extra = METHODS[m]
         needs = [f'{data}/labels_train.json'] if config == 'cocomix' else \
             [f'{out}/teacher/ckpt.pt'] if m == 'kd' else [f'{data}/meta.json']
@@ -100,7 +100,7 @@ def stages():
                       ['train.py', f'config/{config}_shakespeare_char.py', f'--out_dir={run}', f'--seed={seed}',
                        f'--max_iters={student_iters}', f'--lr_decay_iters={student_iters}',
                        f'--eval_interval={eval_every}', '--log_interval=100', '--always_save_checkpoint=True',
-                       *sizes()[size][0], *([f'--n_embd={width[size]}'] if config == 'ntp' else []), *extra,
+                       *student, *([f'--n_embd={width[size]}'] if config == 'ntp' else []), *extra,
                        *models] + common, needs, f'{run}/ckpt.pt'))
             s.append(evaluation(run))
     return s
@@ -114,11 +114,16 @@ def evaluation(run):
 
 
 def collect():
-    """Every finished run's curve and final loss -> the results file (kept in git, so the report outlives out/)."""
+    """Every finished run's curve and final loss -> the results file (kept in git, so the report outlives out/).
+    Nothing to do before the teacher is evaluated and the SAE trained."""
+    if not (os.path.exists(f'{out}/teacher/eval.json') and os.path.exists(f'{out}/sae/sae.pt')):
+        return
     from common import load_model
     from sae import load_sae
-    res = {'teacher': json.load(open(f'{out}/teacher/eval.json'))['results']['ppl']['loss'],
-           'sae': load_sae(f'{out}/sae/sae.pt')[1]['eval'], 'runs': {}}
+    teacher_eval = json.load(open(f'{out}/teacher/eval.json'))['results']['ppl']
+    c = load_model(f'{out}/teacher')[1]['config']
+    res = {'teacher': teacher_eval['loss'], 'teacher_shape': f"{c['n_layer']} x {c['n_embd']}",
+           'val_chars': teacher_eval['tokens'], 'sae': load_sae(f'{out}/sae/sae.pt')[1]['eval'], 'runs': {}}
     for size, (_, methods) in sizes().items():
         for m in methods:
             for seed in range(seeds):
@@ -134,7 +139,6 @@ def collect():
                     curve=[(it * tokens, val) for it, _, val in ckpt['history']])
     with open(results, 'w') as f:
         json.dump(res, f, indent=0)
-    return res
 
 
 def tokens_to_reach(curve, loss):
@@ -154,8 +158,8 @@ def interval(x):
 def report(res):
     runs = res['runs']
     sae = res['sae']
-    lines = [f"Teacher {teacher.replace('--', '')}: val loss {res['teacher']:.4f}; SAE FVU {sae['fvu']:.4f}. "
-             f"Val loss in nats per character on WikiText-2's validation text ({eval_windows} x 128 characters).", '',
+    lines = [f"Teacher {res['teacher_shape']}: val loss {res['teacher']:.4f}; SAE FVU {sae['fvu']:.4f}. Val loss in "
+             f"nats per character on the first {res['val_chars']:,} characters of WikiText-2's validation text.", '',
              "| size | method | layers x width | active params | seeds | val loss (mean ± std) | "
              "Δ vs NTP, paired (95% CI) | chars to reach NTP's final loss (95% CI) |", '|---' * 8 + '|']
     deltas, leads = {}, []
@@ -233,9 +237,9 @@ def plot(runs):
 
 if __name__ == '__main__':
     configure(globals())
-    if report_only and os.path.exists(f'{out}/teacher/eval.json') and os.path.exists(f'{out}/sae/sae.pt'):
-        collect()  # the runs finished so far, while the study goes on in another process
-    elif not report_only:
+    if report_only:
+        collect()  # the runs finished so far on this machine, if any (the study may go on in another process)
+    else:
         if not os.path.exists(input) or not os.path.exists(val_input):
             raise UserError("study.py needs --input=TRAIN_TEXT and --val_input=VAL_TEXT (see its docstring for which)")
         prepare = ['prepare.py', 'study_char', '--tokenizer=char', f'--input={input}', f'--val_input={val_input}',
@@ -244,8 +248,7 @@ if __name__ == '__main__':
         try:
             run_stages(stages(), f'{out}/stamps.json', jobs)
         finally:  # what finished so far is kept, whatever stopped the rest
-            if os.path.exists(f'{out}/teacher/eval.json') and os.path.exists(f'{out}/sae/sae.pt'):
-                collect()
+            collect()
     if not os.path.exists(results):
         raise UserError(f"no saved results at {results}: run the study first (see study.py's docstring)")
     report(json.load(open(results)))

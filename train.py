@@ -146,8 +146,8 @@ if __name__ == '__main__':
                                                                   block_size, sae_model.n_latents))
 
     def get_batch(split, step, micro):
-        """(x, y, concept labels or None) of batch_size windows. With a label cache, windows start on the
-        block_size grid that attribution.py labelled."""
+        """(x, y, concept labels or None) of batch_size windows. With a label cache (or window_grid), windows start
+        on the block_size grid that attribution.py labelled."""
         data = load_tokens(data_dir, 'val' if split == 'val' else 'train')  # fresh memmap: flat resident memory
         if len(data) <= block_size:
             raise UserError(f"the {split} split of {data_dir} has {len(data)} tokens, fewer than "

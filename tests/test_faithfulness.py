@@ -21,6 +21,7 @@ import torch.nn.functional as F
 ROOT = os.environ.get('COCOMIX_OFFICIAL', '')
 pytestmark = pytest.mark.skipif(not ROOT, reason="set COCOMIX_OFFICIAL to a checkout of facebookresearch/RAM")
 B, T, V, d, C, K, K_ATTR, LAYERS, INSERT = 2, 16, 64, 32, 48, 8, 4, 3, 1
+TRANSPOSED = ('c_attn.weight', 'c_proj.weight', 'c_fc.weight', 'compress_layer.weight')  # theirs (in, out)
 
 
 @pytest.fixture(scope='module')
@@ -54,7 +55,6 @@ def ours_from(theirs):
              'concepts.concept_head.weight', 'transformer.concept_predictor.bias': 'concepts.concept_head.bias',
              'transformer.compress_layer.weight': 'concepts.compress.weight',
              'transformer.compress_layer.bias': 'concepts.compress_bias'}
-    transposed = ('c_attn.weight', 'c_proj.weight', 'c_fc.weight', 'compress_layer.weight')
     mapping = {}
     sd = model.state_dict()
     with torch.no_grad():
@@ -62,7 +62,7 @@ def ours_from(theirs):
             if k.endswith(('.attn.bias', '.attn.masked_bias')) or k == 'lm_head.weight':
                 continue
             mapping[k] = names.get(k, k)
-            sd[mapping[k]].copy_(w.t() if k.endswith(transposed) else w)
+            sd[mapping[k]].copy_(w.t() if k.endswith(TRANSPOSED) else w)
     assert set(mapping.values()) | {'lm_head.weight'} == set(sd)
     return model, mapping
 
@@ -95,7 +95,7 @@ def test_student_matches_the_official_model(official):
         if k == 'lm_head.weight':  # tied to wte: one gradient, compared there
             continue
         g = ours_params[mapping[k]].grad
-        g = g.t() if k.endswith(('c_attn.weight', 'c_proj.weight', 'c_fc.weight', 'compress_layer.weight')) else g
+        g = g.t() if k.endswith(TRANSPOSED) else g
         assert (g - p.grad).norm() <= 1e-4 * p.grad.norm() + 1e-8, k
 
 

@@ -61,7 +61,8 @@ def test_study_report_pairs_seeds_and_rewrites_the_readme_block(tmp_path, monkey
         runs[f'8-layer/cocomix/{seed}'] = run(cocomix, [(0, 3.0), (reach, 2.0), (1_000_000, 1.9)])
         runs[f'4-layer/ntp/{seed}'] = run(ntp, [(0, 3.0), (500_000, 2.2), (1_000_000, 2.0)])
         runs[f'4-layer/cocomix/{seed}'] = run(ntp + 0.01, [(0, 3.0), (500_000, 2.1), (1_000_000, 2.1)])
-    study.report({'teacher': 1.5, 'sae': {'fvu': 0.03}, 'runs': runs})
+    study.report({'teacher': 1.5, 'teacher_shape': '4 x 192', 'val_chars': 256000, 'sae': {'fvu': 0.03},
+                  'runs': runs})
     text = (tmp_path / 'README.md').read_text()
     assert text.startswith('intro\n<!-- study:begin -->\n') and text.endswith('<!-- study:end -->\nrest\n')
     assert 'old table' not in text
