@@ -4,7 +4,8 @@ character-level Wikipedia, one teacher clearly stronger than every student and i
 sizes trained on the same 8.2M characters in the same order per seed: NTP (widened to CoCoMix's active
 parameters), CoCoMix interleaved (the paper's), CoCoMix added (its ablation) and KD, three seeds each.
 
-    python study.py --input=enwiki_extract_clean.txt --val_input=wiki.valid.raw   # resumable, run by run
+    python study.py --input=enwiki_extract_clean.txt --val_input=wiki.valid.raw   # resumable, run by run; runs
+                                          # in assets/study_results.json count as done (with the same teacher)
     python study.py --report_only=True    # the README's table and plot again, from assets/study_results.json
                                           # (first refreshed from out-study/ where the runs are on this machine)
 
@@ -87,6 +88,7 @@ def stages():
                      '--splits=train', f'--device={device}'], [f'{out}/sae/sae.pt'], f'{data}/labels_train.json')]
     s.append(evaluation(f'{out}/teacher'))
     width = {size: matched_width(student) for size, (student, _) in sizes().items()}
+    done = saved()['runs']  # runs saved by an earlier machine count as done: only the missing ones run here
     # the question first (NTP vs the paper's CoCoMix at the paper's shape), then scale, then the other methods
     order = sorted(((size, student, m) for size, (student, methods) in sizes().items() for m in methods),
                    key=lambda p: (p[2] not in ('ntp', 'cocomix'), p[0] != '8-layer'))
@@ -94,7 +96,7 @@ def stages():
         config, extra = METHODS[m]
         needs = [f'{data}/labels_train.json'] if config == 'cocomix' else \
             [f'{out}/teacher/ckpt.pt'] if m == 'kd' else [f'{data}/meta.json']
-        for seed in range(seeds):
+        for seed in (seed for seed in range(seeds) if f'{size}/{m}/{seed}' not in done):
             run = f'{out}/{size}/{m}_s{seed}'
             s.append((f'{size} {m} seed {seed}',
                       ['train.py', f'config/{config}_shakespeare_char.py', f'--out_dir={run}', f'--seed={seed}',
@@ -113,8 +115,14 @@ def evaluation(run):
             [f'{run}/ckpt.pt'], f'{run}/eval.json')
 
 
+def saved():
+    return json.load(open(results)) if os.path.exists(results) else {'runs': {}}
+
+
 def collect():
-    """Every finished run's curve and final loss -> the results file (kept in git, so the report outlives out/).
+    """Every finished run's curve and final loss -> the results file (kept in git, so the report outlives out/),
+    beside the saved runs not made on this machine. Those are comparable only if this machine rebuilt the same
+    teacher: the build is deterministic (one thread, fixed seed), and a teacher whose val loss differs is an error.
     Nothing to do before the teacher is evaluated and the SAE trained."""
     if not (os.path.exists(f'{out}/teacher/eval.json') and os.path.exists(f'{out}/sae/sae.pt')):
         return
@@ -124,6 +132,11 @@ def collect():
     c = load_model(f'{out}/teacher')[1]['config']
     res = {'teacher': teacher_eval['loss'], 'teacher_shape': f"{c['n_layer']} x {c['n_embd']}",
            'val_chars': teacher_eval['tokens'], 'sae': load_sae(f'{out}/sae/sae.pt')[1]['eval'], 'runs': {}}
+    old = saved()
+    if old['runs'] and (old['teacher'], old['sae']['fvu']) != (res['teacher'], res['sae']['fvu']):
+        raise UserError(f"{results} was made with another teacher or SAE (val {old['teacher']}, FVU {old['sae']['fvu']};"
+                        f" here {res['teacher']}, {res['sae']['fvu']}): move it aside to rerun every run here")
+    res['runs'] = old['runs']
     for size, (_, methods) in sizes().items():
         for m in methods:
             for seed in range(seeds):

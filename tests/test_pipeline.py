@@ -74,3 +74,36 @@ def test_study_report_pairs_seeds_and_rewrites_the_readme_block(tmp_path, monkey
     assert '4-layer cocomix: ahead of NTP until 0.5M characters, behind after' in text
     # interleave's gap at 8 layers minus at 4: (0.04, 0.01, 0.02), mean 0.02333, half-width 0.03795
     assert 'Scale: interleave − NTP at 8 layers minus at 4 layers: +0.0233 (-0.0146, +0.0613)' in text
+
+
+def test_study_resumes_from_saved_results_only_with_the_same_teacher(tmp_path, monkeypatch):
+    """A run in the saved results is not run again; collect() keeps it beside this machine's runs, and refuses
+    when this machine's teacher (its val loss) is not the one the saved runs were made with."""
+    import json
+    import pytest
+    import common
+    import sae
+    import study
+    from common import UserError
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(study, 'matched_width', lambda student: 56)
+    saved = {'teacher': 1.8, 'teacher_shape': '4 x 192', 'val_chars': 1000, 'sae': {'fvu': 0.09},
+             'runs': {'8-layer/ntp/0': dict(final=2.2, params=1, shape='8 x 56', curve=[[0, 3.0]])}}
+    os.makedirs('assets')
+    json.dump(saved, open(study.results, 'w'))
+    names = [s[0] for s in study.stages()]
+    assert '8-layer ntp seed 0' not in names and '8-layer ntp seed 1' in names and '8-layer kd seed 0' in names
+    os.makedirs(f'{study.out}/teacher')
+    os.makedirs(f'{study.out}/sae')
+    open(f'{study.out}/sae/sae.pt', 'w').close()
+    config = {'config': dict(n_layer=4, n_embd=192)}
+    monkeypatch.setattr(common, 'load_model', lambda run: (None, config))
+    for teacher, fvu in ((1.8, 0.09), (1.7, 0.09)):
+        json.dump({'results': {'ppl': {'loss': teacher, 'tokens': 1000}}}, open(f'{study.out}/teacher/eval.json', 'w'))
+        monkeypatch.setattr(sae, 'load_sae', lambda path: (None, {'eval': {'fvu': fvu}}))
+        if teacher == 1.8:
+            study.collect()
+            assert json.load(open(study.results)) == saved
+        else:
+            with pytest.raises(UserError, match='another teacher'):
+                study.collect()
