@@ -134,8 +134,8 @@ def collect():
            'val_chars': teacher_eval['tokens'], 'sae': load_sae(f'{out}/sae/sae.pt')[1]['eval'], 'runs': {}}
     old = saved()
     if old['runs'] and (old['teacher'], old['sae']['fvu']) != (res['teacher'], res['sae']['fvu']):
-        raise UserError(f"{results} was made with another teacher or SAE (val {old['teacher']}, FVU {old['sae']['fvu']};"
-                        f" here {res['teacher']}, {res['sae']['fvu']}): move it aside to rerun every run here")
+        raise UserError(f"{results} was made with another teacher or SAE (val {old['teacher']}, FVU "
+                        f"{old['sae']['fvu']}; here {res['teacher']}, {res['sae']['fvu']}): move it aside to rerun all")
     res['runs'] = old['runs']
     for size, (_, methods) in sizes().items():
         for m in methods:
@@ -205,6 +205,13 @@ def report(res):
                 leads.append(f"{size} {m}: " + ('never ahead of NTP' if not ahead else 'ahead of NTP at the end' if
                              gap[-1] < 0 else f"ahead of NTP until {ahead[-1] / 1e6:.1f}M characters, behind after"))
     lines += ['', 'On the val curves (paired mean over seeds): ' + '; '.join(leads) + '.'] if leads else []
+    versus = []
+    for (size, m), d in deltas.items():  # the paper's method against its ablation and KD, seed by seed
+        ref = deltas.get((size, 'cocomix'), {})
+        if m != 'cocomix' and ref:  # (interleave - NTP) - (m - NTP) = interleave - m
+            mean, half = interval([ref[s] - d[s] for s in d if s in ref])
+            versus.append(f"{size} {m} {mean:+.4f} ({mean - half:+.4f}, {mean + half:+.4f})")
+    lines += ['', 'Interleave minus each other method, paired (95% CI): ' + '; '.join(versus) + '.'] if versus else []
     gaps = [deltas.get((size, 'cocomix'), {}) for size in sizes()]
     if all(gaps) and len(gaps) == 2:  # the same seeds in both sizes: a paired difference of differences
         common_seeds = [s for s in gaps[0] if s in gaps[1]]

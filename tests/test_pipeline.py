@@ -56,9 +56,11 @@ def test_study_report_pairs_seeds_and_rewrites_the_readme_block(tmp_path, monkey
     monkeypatch.setattr(study, 'small_methods', 'ntp,cocomix')
     run = lambda final, curve: dict(final=final, params=1000, shape='8 x 48', curve=curve)
     runs = {}
-    for seed, (ntp, cocomix, reach) in enumerate([(2.0, 2.05, 400_000), (2.1, 2.12, 600_000), (2.2, 2.23, 800_000)]):
+    for seed, (ntp, cocomix, add, reach) in enumerate([(2.0, 2.05, 2.02, 400_000), (2.1, 2.12, 2.15, 600_000),
+                                                       (2.2, 2.23, 2.22, 800_000)]):
         runs[f'8-layer/ntp/{seed}'] = run(ntp, [(0, 3.0), (500_000, 2.2), (1_000_000, 2.0)])
         runs[f'8-layer/cocomix/{seed}'] = run(cocomix, [(0, 3.0), (reach, 2.0), (1_000_000, 1.9)])
+        runs[f'8-layer/cocomix_add/{seed}'] = run(add, [(0, 3.0), (500_000, 2.2), (1_000_000, add)])
         runs[f'4-layer/ntp/{seed}'] = run(ntp, [(0, 3.0), (500_000, 2.2), (1_000_000, 2.0)])
         runs[f'4-layer/cocomix/{seed}'] = run(ntp + 0.01, [(0, 3.0), (500_000, 2.1), (1_000_000, 2.1)])
     study.report({'teacher': 1.5, 'teacher_shape': '4 x 192', 'val_chars': 256000, 'sae': {'fvu': 0.03},
@@ -72,6 +74,8 @@ def test_study_report_pairs_seeds_and_rewrites_the_readme_block(tmp_path, monkey
     assert '0.60 (0.10, 1.10) x 1.0M' in text
     assert '8-layer cocomix: ahead of NTP at the end' in text  # 1.9 against 2.0 at the last point
     assert '4-layer cocomix: ahead of NTP until 0.5M characters, behind after' in text
+    # interleave - add: (0.03, -0.03, 0.01), mean 0.00333, sd 0.030551, half-width 4.303 * 0.030551 / sqrt(3) = 0.07590
+    assert 'other method, paired (95% CI): 8-layer cocomix_add +0.0033 (-0.0726, +0.0792).' in text
     # interleave's gap at 8 layers minus at 4: (0.04, 0.01, 0.02), mean 0.02333, half-width 0.03795
     assert 'Scale: interleave − NTP at 8 layers minus at 4 layers: +0.0233 (-0.0146, +0.0613)' in text
 
