@@ -1,5 +1,5 @@
 """
-Does CoCoMix beat next-token prediction at equal tokens? A study sized for a 2-core CPU (about 2.5 hours):
+Does CoCoMix beat next-token prediction at equal tokens? A study sized for a 2-core CPU (about 2 hours):
 character-level Wikipedia, one teacher clearly stronger than every student and its SAE, then students of two
 sizes trained on the same 8.2M characters in the same order per seed: NTP (widened to CoCoMix's active
 parameters), CoCoMix interleaved (the paper's), CoCoMix added (its ablation) and KD, three seeds each.
