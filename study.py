@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 
-from common import UserError, configure
+from common import UserError, atomic_path, configure
 from pipeline import run_stages
 
 # -----------------------------------------------------------------------------
@@ -96,7 +96,9 @@ def stages():
         config, extra = METHODS[m]
         needs = [f'{data}/labels_train.json'] if config == 'cocomix' else \
             [f'{out}/teacher/ckpt.pt'] if m == 'kd' else [f'{data}/meta.json']
-        for seed in (seed for seed in range(seeds) if f'{size}/{m}/{seed}' not in done):
+        for seed in range(seeds):
+            if f'{size}/{m}/{seed}' in done:
+                continue
             run = f'{out}/{size}/{m}_s{seed}'
             s.append((f'{size} {m} seed {seed}',
                       ['train.py', f'config/{config}_shakespeare_char.py', f'--out_dir={run}', f'--seed={seed}',
@@ -122,7 +124,7 @@ def saved():
 def collect():
     """Every finished run's curve and final loss -> the results file (kept in git, so the report outlives out/),
     beside the saved runs not made on this machine. Those are comparable only if this machine rebuilt the same
-    teacher: the build is deterministic (one thread, fixed seed), and a teacher whose val loss differs is an error.
+    teacher and SAE: the build is deterministic (one thread, fixed seed); a differing val loss or FVU is an error.
     Nothing to do before the teacher is evaluated and the SAE trained."""
     if not (os.path.exists(f'{out}/teacher/eval.json') and os.path.exists(f'{out}/sae/sae.pt')):
         return
@@ -150,7 +152,7 @@ def collect():
                     final=json.load(open(f'{run}/eval.json'))['results']['ppl']['loss'],
                     params=model.get_num_params(active=True), shape=f"{c['n_layer']} x {c['n_embd']}",
                     curve=[(it * tokens, val) for it, _, val in ckpt['history']])
-    with open(results, 'w') as f:
+    with atomic_path(results) as tmp, open(tmp, 'w') as f:  # the file now holds runs from other machines too
         json.dump(res, f, indent=0)
 
 

@@ -102,12 +102,12 @@ def test_study_resumes_from_saved_results_only_with_the_same_teacher(tmp_path, m
     open(f'{study.out}/sae/sae.pt', 'w').close()
     config = {'config': dict(n_layer=4, n_embd=192)}
     monkeypatch.setattr(common, 'load_model', lambda run: (None, config))
-    for teacher, fvu in ((1.8, 0.09), (1.7, 0.09)):
-        json.dump({'results': {'ppl': {'loss': teacher, 'tokens': 1000}}}, open(f'{study.out}/teacher/eval.json', 'w'))
-        monkeypatch.setattr(sae, 'load_sae', lambda path: (None, {'eval': {'fvu': fvu}}))
-        if teacher == 1.8:
-            study.collect()
-            assert json.load(open(study.results)) == saved
-        else:
-            with pytest.raises(UserError, match='another teacher'):
-                study.collect()
+    monkeypatch.setattr(sae, 'load_sae', lambda path: (None, {'eval': {'fvu': 0.09}}))
+    teacher_eval = lambda loss: json.dump({'results': {'ppl': {'loss': loss, 'tokens': 1000}}},
+                                          open(f'{study.out}/teacher/eval.json', 'w'))
+    teacher_eval(1.8)  # the same teacher: the saved run is kept
+    study.collect()
+    assert json.load(open(study.results)) == saved
+    teacher_eval(1.7)  # another teacher: refused
+    with pytest.raises(UserError, match='another teacher'):
+        study.collect()
