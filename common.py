@@ -12,12 +12,14 @@ that reads another's configs, one of that script's: `ignore=`), or the run stops
 key. Values keep the type of the default (an int may stand for a float; a default of None takes anything).
 """
 import hashlib
+import json
 import os
 import socket
 import sys
 import tempfile
 import time
 import urllib.parse
+import ast
 from ast import literal_eval
 from contextlib import contextmanager, nullcontext
 
@@ -48,7 +50,18 @@ def settings(namespace):
             and isinstance(v, (int, float, bool, str, type(None), tuple, list))}
 
 
-def _set(config, key, value, source, ignore):
+def setting_names(script):
+    """Another script's settings, read without importing it: the names assigned between the two dashed
+    lines at its top, where every script keeps them. A script that accepts that script's config files
+    ignores these keys."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), script)) as f:
+        lines = f.read().split('\n')
+    start, end = [i for i, line in enumerate(lines) if line.startswith('# ---')][:2]
+    tree = ast.parse('\n'.join(lines[start + 1:end]))
+    return {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets}
+
+
+def _set(config, key, value, source, ignore, given):
     if key not in config:
         if key in ignore:
             return
@@ -61,12 +74,15 @@ def _set(config, key, value, source, ignore):
             raise UserError(f"config key '{key}' in {source} must be {type(default).__name__}, "
                             f"got {type(value).__name__} {value!r}")
     config[key] = value
+    given.add(key)
 
 
-def configure(script_globals, argv=None, ignore=()):
+def configure(script_globals, argv=None, ignore=(), given=None):
     """Apply config files and --key=value overrides (in argv order) to the script's settings. Returns the final
-    settings as a plain dict. ignore: keys accepted but unused (another script's settings)."""
+    settings as a plain dict. ignore: keys accepted but unused (another script's settings). given: a set that
+    receives the keys a config file or an override set, for checks of what was asked for explicitly."""
     argv = sys.argv[1:] if argv is None else argv
+    given = set() if given is None else given
     config = settings(script_globals)
     for arg in argv:
         if not arg.startswith('--'):
@@ -84,7 +100,7 @@ def configure(script_globals, argv=None, ignore=()):
                 raise UserError(f"config file {arg} failed: {type(e).__name__}: {e}")
             for key, value in namespace.items():
                 if not key.startswith('_') and not callable(value) and type(value).__name__ != 'module':
-                    _set(config, key, value, arg, ignore)
+                    _set(config, key, value, arg, ignore, given)
         else:
             key, eq, text = arg[2:].partition('=')
             if not eq and isinstance(config.get(key), bool):  # a bare --flag turns a boolean setting on
@@ -95,7 +111,7 @@ def configure(script_globals, argv=None, ignore=()):
                 value = literal_eval(text)
             except (SyntaxError, ValueError):
                 value = text  # a bare string such as --device=cuda
-            _set(config, key, value, f"override '{arg}'", ignore)
+            _set(config, key, value, f"override '{arg}'", ignore, given)
     script_globals.update(config)
     return config
 
@@ -138,18 +154,39 @@ def load_checkpoint(out_dir, device='cpu', name='ckpt.pt'):
                         "it is truncated or not a checkpoint: restore it or train again")
 
 
-def load_model(spec, device='cpu', dropout=0.0):
-    """'gpt2', 'gpt2-medium', ... (the hub), a folder of GPT-2 weights, or a train.py out_dir -> (model in eval
-    mode, the checkpoint or None)."""
+def load_model(spec, device='cpu', dropout=0.0, **extra):
+    """'gpt2', 'gpt2-medium', ... (the hub), a folder of GPT-2 weights, or a train.py out_dir -> (model in
+    eval mode, the checkpoint or None). extra: CoCoMix or pause settings added to a pretrained GPT-2."""
     if os.path.isdir(spec) and not os.path.exists(os.path.join(spec, 'config.json')):
         checkpoint = load_checkpoint(spec, device)
-        model = GPT(GPTConfig(**dict(checkpoint['model_args'], dropout=dropout)))
+        args = {k: v for k, v in checkpoint['model_args'].items() if k in GPTConfig.__dataclass_fields__}
+        model = GPT(GPTConfig(**dict(args, dropout=dropout)))
         model.load_state_dict(checkpoint['model'])
     elif spec.startswith('gpt2') or os.path.isdir(spec):
-        checkpoint, model = None, GPT.from_pretrained(spec if os.path.isdir(spec) else hub_folder(spec), dropout)
+        folder = spec if os.path.isdir(spec) else hub_folder(spec)
+        checkpoint, model = None, GPT.from_pretrained(folder, dropout, **extra)
     else:
         raise UserError(f"'{spec}' is neither gpt2* nor a folder holding ckpt.pt or a transformers config.json")
     return model.to(device).eval(), checkpoint
+
+
+GPT2_SHAPES = {'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024), 'gpt2-large': (36, 20, 1280),
+               'gpt2-xl': (48, 25, 1600)}  # n_layer, n_head, n_embd of OpenAI's four GPT-2s
+
+
+def pretrained_shape(spec):
+    """The architecture of a pretrained GPT-2 (hub name or folder), without loading its weights."""
+    if os.path.isdir(spec):
+        with open(os.path.join(spec, 'config.json')) as f:
+            hf = json.load(f)
+        shape = hf['n_layer'], hf['n_head'], hf['n_embd']
+        block_size, vocab_size = hf['n_positions'], hf['vocab_size']
+    else:
+        if spec not in GPT2_SHAPES:
+            raise UserError(f"unknown model '{spec}'; use one of {', '.join(GPT2_SHAPES)} or a folder")
+        shape, block_size, vocab_size = GPT2_SHAPES[spec], 1024, 50257
+    return dict(zip(('n_layer', 'n_head', 'n_embd'), shape), bias=True, block_size=block_size,
+                vocab_size=vocab_size)
 
 
 def check_hub(what, fix):
@@ -227,6 +264,10 @@ def load_teacher(spec, device, data_meta, data_dir):
 
 # -----------------------------------------------------------------------------
 # Devices
+
+DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'  # every script's default device and dtype
+DTYPE = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+
 
 def autocast(device, dtype):
     """The mixed-precision context of a script's `dtype` setting: none for float32, else torch.autocast."""

@@ -1,21 +1,24 @@
 """
-Tokenize a text dataset into the uint16 memmaps that train.py reads:
+Tokenize text into the uint16 token files that train.py reads, streaming: memory stays flat whatever
+the corpus size.
 
-    python prepare.py shakespeare [--input=PATH] [--out_dir=data/shakespeare]
-    python prepare.py wikitext2   [--input=wiki.train.raw --val_input=wiki.valid.raw]
-    python prepare.py openwebtext [--num_proc=8]
-    python prepare.py mytext --input='texts/*.txt' [--val_input=held_out.txt] [--val_fraction=0.1]
-    python prepare.py shakespeare_char --input=PATH --tokenizer=char      # one token per character
+    python prepare.py shakespeare [--tokenizer=char]          # shipped with the repository
+    python prepare.py openwebtext                             # the paper's data, nanoGPT's split
+    python prepare.py fineweb --hub=HuggingFaceFW/fineweb-edu --hub_config=sample-10BT --val_fraction=0.0005
+    python prepare.py mytext --input='texts/*.txt,more/*.jsonl' [--val_input=FILES]
+    python prepare.py wikitext2 [--input=wiki.train.raw --val_input=wiki.valid.raw]
 
-Writes OUT_DIR/train.bin, OUT_DIR/val.bin (GPT-2 BPE token ids, or character ids, uint16) and OUT_DIR/meta.json
-(tokenizer, vocab size, token counts, sources). Each document is followed by the end-of-text token. Local inputs: each
-file is one document; without --val_input the last val_fraction of the token stream is the val split, so
-train.bin + val.bin is exactly the tokenized text.
+Writes OUT_DIR/train.bin and val.bin (GPT-2 BPE or character ids, uint16) and, last, meta.json
+(tokenizer, vocabulary, token counts, sources): a folder without meta.json is not a finished dataset.
+Documents: a .txt file is one, so is a .jsonl line or a .parquet row (their text_field), or a row of a
+hub dataset; each is followed by the end-of-text token. Without a val split, the last val_fraction of
+the token stream is held out, so train.bin + val.bin is exactly the tokenized text.
 """
 import glob
 import json
 import os
 import sys
+import time
 import urllib.request
 
 import numpy as np
@@ -24,34 +27,51 @@ from tqdm import tqdm
 from common import UserError, atomic_path, check_hub, configure
 
 # -----------------------------------------------------------------------------
-input = ''  # comma-separated local files or globs (the train split, or both splits without val_input)
-val_input = ''  # comma-separated local files or globs for the val split
+input = ''  # local files or globs, comma-separated: .txt, .jsonl, .parquet (the train split)
+val_input = ''  # the same for the val split
+hub = ''  # a Hugging Face dataset, read streaming, e.g. HuggingFaceFW/fineweb-edu
+hub_config = ''  # its configuration, e.g. sample-10BT
+hub_split = 'train'
+local_hub = ''  # a local copy of a hub dataset's files (huggingface-cli download ... --local-dir),
+# for machines that cannot reach the hub: openwebtext reads its subsets/*.tar from there
+text_field = 'text'  # the text of a .jsonl line, a .parquet row or a hub row
 out_dir = ''  # default: data/NAME
-val_fraction = 0.1  # share of the token stream held out when no val_input is given
-num_proc = 8  # openwebtext: tokenizer processes
-tokenizer = 'gpt2'  # or 'char': one id per distinct character, as nanoGPT's shakespeare_char (local text only)
+val_fraction = 0.1  # share of the token stream held out when no val split is given
+max_tokens = 0  # stop after this many tokens (0: all), e.g. the first 1B of a large hub dataset
+num_proc = 8  # tokenizer threads
+tokenizer = 'gpt2'  # or 'char': one id per distinct character, as nanoGPT's shakespeare_char
 # -----------------------------------------------------------------------------
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets')
 SHAKESPEARE = os.path.join(ASSETS, 'tinyshakespeare.txt')  # Karpathy's char-rnn copy, public domain
 GPT2_BPE_SHA256 = {'vocab.bpe': '1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5',
                    'encoder.json': '196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783'}
 KNOWN = ('shakespeare', 'wikitext2', 'openwebtext')
+OPENWEBTEXT = 'Skylion007/openwebtext'  # 21 tar files of .xz archives of .txt documents
 
 
 class CharTokenizer:
-    """Character-level ids: one per distinct character of the text, then the end-of-text id. With a vocabulary
-    of ~100 instead of 50257 the output head costs almost nothing, so a CPU learns from ~10x more text per
-    minute (the same interface as tiktoken's encodings, for the methods this repository uses)."""
+    """Character-level ids: one per distinct character of the text, then the end-of-text id. With a
+    vocabulary of ~100 instead of 50257 the output head costs almost nothing, so a CPU learns from far
+    more text per minute (the interface of tiktoken's encodings, as far as this repository uses it)."""
 
     def __init__(self, chars):
         self.chars, self.stoi = chars, {c: i for i, c in enumerate(chars)}
         self.eot_token, self.n_vocab = len(chars), len(chars) + 1
+        codes = np.frombuffer(chars.encode('utf-32-le'), dtype=np.uint32)
+        self.table = np.full(int(codes.max(initial=0)) + 1, -1, dtype=np.int64)  # code point -> id
+        self.table[codes] = np.arange(len(chars))
 
     def encode_ordinary(self, text):
-        try:
-            return [self.stoi[c] for c in text]
-        except KeyError as e:
-            raise UserError(f"the character {e.args[0]!r} is not in this dataset's character vocabulary")
+        codes = np.frombuffer(text.encode('utf-32-le'), dtype=np.uint32)
+        ids = self.table[np.minimum(codes, len(self.table) - 1)]
+        bad = (ids < 0) | (codes >= len(self.table))
+        if bad.any():
+            char = text[int(np.argmax(bad))]
+            raise UserError(f"the character {char!r} is not in this dataset's character vocabulary")
+        return ids.tolist()
+
+    def encode_ordinary_batch(self, texts, num_threads=1):
+        return [self.encode_ordinary(t) for t in texts]
 
     def encode(self, text, allowed_special=()):
         return self.encode_ordinary(text)
@@ -68,157 +88,258 @@ def get_tokenizer(meta=None):
 
 
 def gpt2_tokenizer():
-    """GPT-2's BPE built from the repository's copy of OpenAI's two files (assets/gpt2), so that no code path needs
-    the network or a tiktoken cache; the same encoding as tiktoken.get_encoding('gpt2') (tests check known ids)."""
+    """GPT-2's BPE from the repository's copy of OpenAI's two files (assets/gpt2), so that nothing
+    needs the network or a tiktoken cache; the encoding of tiktoken.get_encoding('gpt2')."""
     import tiktoken
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
-    ranks = data_gym_to_mergeable_bpe_ranks(os.path.join(ASSETS, 'gpt2', 'vocab.bpe'),
-                                            os.path.join(ASSETS, 'gpt2', 'encoder.json'), GPT2_BPE_SHA256['vocab.bpe'],
-                                            GPT2_BPE_SHA256['encoder.json'])
+    files = [os.path.join(ASSETS, 'gpt2', name) for name in ('vocab.bpe', 'encoder.json')]
+    ranks = data_gym_to_mergeable_bpe_ranks(*files, *GPT2_BPE_SHA256.values())
     return tiktoken.Encoding('gpt2', pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={'<|endoftext|>': 50256}, explicit_n_vocab=50257)
 
 
 def download(url, path, desc):
-    """Fetch url into path with a progress bar, through a temporary file (atomic_path) so that a broken download
-    never carries the final name (shared by prepare.py, sae.py and eval.py). Raises OSError."""
+    """Fetch url into path with a progress bar, through a temporary file (atomic_path): a broken
+    download never carries the final name. Raises OSError."""
     with urllib.request.urlopen(url, timeout=30) as r, atomic_path(path) as tmp, open(tmp, 'wb') as f, \
             tqdm(total=int(r.headers.get('Content-Length', 0)), unit='B', unit_scale=True, desc=desc) as bar:
         while chunk := r.read(1 << 20):
             bar.update(f.write(chunk))
 
 
+# -----------------------------------------------------------------------------
+# Documents, as (text, ends the document) pieces
+
 def expand(spec, flag):
-    """'a.txt,dir/*.txt' -> sorted list of existing files; a pattern that matches nothing is an error."""
+    """'a.txt,dir/*.jsonl' -> the existing files, sorted per pattern; no match is an error."""
     files = []
     for pattern in filter(None, spec.split(',')):
         matched = sorted(glob.glob(os.path.expanduser(pattern)))
         if not matched:
             raise UserError(f"{flag} '{pattern}' matches no file; check the path")
+        for path in matched:
+            if os.path.isdir(path):
+                raise UserError(f"'{path}' is a folder; give files or a glob such as '{path}/*.txt'")
+            with open(path, encoding='utf-8', errors='replace') as f:  # before any progress bar
+                while (chunk := f.read(1 << 20)) and not chunk.strip():
+                    pass
+            if not chunk:
+                raise UserError(f"input file '{path}' is empty")
         files += matched
     return files
 
 
-def read_documents(files):
-    docs = []
+def safe_cut(text):
+    """Where a long text may be cut without changing its GPT-2 tokens: after a newline between two
+    letters or digits, a place where GPT-2's pre-tokenizer splits anyway. 0 where there is none."""
+    i = text.rfind('\n')
+    while i > 0 and not (i + 1 < len(text) and text[i - 1].isalnum() and text[i + 1].isalnum()):
+        i = text.rfind('\n', 0, i)
+    return max(i + 1, 0)
+
+
+def local_documents(files, block=1 << 24):
+    """The documents of local files: a .txt file is one (read in blocks, cut by safe_cut, so a huge
+    file never sits in memory whole), a .jsonl line or a .parquet row is one (its text_field)."""
     for path in files:
-        if os.path.isdir(path):
-            raise UserError(f"'{path}' is a folder; give files or a glob such as '{path}/*.txt'")
-        with open(path, encoding='utf-8') as f:
-            text = f.read()
-        if not text.strip():
-            raise UserError(f"input file '{path}' is empty")
-        docs.append(text)
-    return docs
+        if path.endswith('.jsonl'):
+            with open(path, encoding='utf-8') as f:
+                yield from ((json.loads(line)[text_field], True) for line in f if line.strip())
+        elif path.endswith('.parquet'):
+            import pyarrow.parquet as pq  # installed with datasets
+            for batch in pq.ParquetFile(path).iter_batches(columns=[text_field]):
+                yield from ((text, True) for text in batch.column(0).to_pylist())
+        else:
+            with open(path, encoding='utf-8') as f:
+                text = ''
+                while chunk := f.read(block):
+                    text += chunk
+                    cut = safe_cut(text)
+                    if cut:
+                        yield text[:cut], False
+                        text = text[cut:]
+                yield text, True
 
 
-def tokenize(docs, enc, desc):
-    """Documents -> one uint16 token stream, each document followed by the end-of-text token."""
-    ids = []
-    for doc in tqdm(docs, desc=f"tokenizing {desc}", unit='doc', disable=len(docs) < 2):
-        ids.extend(enc.encode_ordinary(doc))
-        ids.append(enc.eot_token)
-    return np.array(ids, dtype=np.uint16)  # GPT-2's 50257 ids fit in 16 bits
-
-
-def write_split(path, tokens):
-    with atomic_path(path) as tmp:  # a half-written file never carries the final name
-        tokens.astype(np.uint16).tofile(tmp)
-
-
-def openwebtext_splits(enc):
-    """nanoGPT's recipe: HF openwebtext, 0.0005 of the documents held out with seed 2357, tokenized in
-    parallel and written shard by shard, so memory stays flat."""
+def hub_documents(path, config, split):
+    """The rows of a hub dataset (or a local folder in the hub's layout), streamed."""
     from datasets import load_dataset
-    check_hub('openwebtext', "prepare it on a machine with internet and copy data/openwebtext here")
-    dataset = load_dataset('openwebtext', num_proc=num_proc)
-    split = dataset['train'].train_test_split(test_size=0.0005, seed=2357, shuffle=True)
-    split['val'] = split.pop('test')
+    if not os.path.isdir(path):
+        check_hub(path, "prepare the data on a machine with internet and copy the data folder here, or "
+                  "download the dataset's files and pass --local_hub=DIR")
+    try:
+        rows = load_dataset(path, config or None, split=split, streaming=True)
+    except Exception as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); check "
+                        "--hub, --hub_config and --hub_split")
+    for row in rows:
+        yield row[text_field], True
 
-    def process(example):
-        ids = enc.encode_ordinary(example['text']) + [enc.eot_token]
-        return {'ids': ids, 'len': len(ids)}
 
-    tokenized = split.map(process, remove_columns=['text'], desc='tokenizing', num_proc=num_proc)
-    out = {}
-    for name, dset in tokenized.items():
-        total = int(np.sum(dset['len'], dtype=np.uint64))
-        arr = np.empty(total, dtype=np.uint16)
-        idx = 0
-        n_shards = min(1024, len(dset))
-        for i in tqdm(range(n_shards), desc=f'collecting {name}'):
-            shard = dset.shard(num_shards=n_shards, index=i, contiguous=True).with_format('numpy')
-            batch = np.concatenate(shard['ids'])
-            arr[idx:idx + len(batch)] = batch
-            idx += len(batch)
-        out[name] = arr
-    return out, ['HF openwebtext']
+def openwebtext_documents(files):
+    """OpenWebText's documents in the order and form its former loading script gave them (the .txt
+    members of the .xz archives in each tar, runs of 3+ newlines squeezed, stripped), without running
+    any script. The order matters: nanoGPT's split is a seeded permutation of it."""
+    import lzma
+    import re
+    import tarfile
+
+    def members(tar):  # regular files, hidden ones skipped, as datasets' archive iterator
+        for info in tar:
+            if info.isreg() and not os.path.basename(info.name).startswith(('.', '__')):
+                yield info.name, tar.extractfile(info)
+    for path in files:
+        with tarfile.open(path, mode='r|*') as outer:
+            for name, f in members(outer):
+                if name.endswith('.xz'):
+                    with tarfile.open(fileobj=lzma.open(f), mode='r|') as inner:
+                        for txt, g in members(inner):
+                            if txt.endswith('.txt'):
+                                yield {'text': re.sub('\n\n\n+', '\n\n', g.read().decode('utf-8')).strip()}
+
+
+def openwebtext_splits():
+    """nanoGPT's OpenWebText split: 0.0005 of the documents held out by train_test_split with seed
+    2357, the train documents in that permuted order, as nanoGPT's train.bin has them."""
+    from datasets import Dataset
+    if local_hub:
+        files = sorted(glob.glob(os.path.join(local_hub, 'subsets', 'urlsf_subset*.tar')))
+        if not files:
+            raise UserError(f"no subsets/urlsf_subset*.tar in {local_hub}; download them with "
+                            f"huggingface-cli download {OPENWEBTEXT} --repo-type dataset --local-dir DIR")
+    else:
+        from huggingface_hub import hf_hub_download
+        check_hub('openwebtext', "download its files elsewhere (huggingface-cli download "
+                  f"{OPENWEBTEXT} --repo-type dataset --local-dir DIR) and pass --local_hub=DIR, or "
+                  "prepare it elsewhere and copy data/openwebtext here")
+        files = [hf_hub_download(OPENWEBTEXT, f'subsets/urlsf_subset{i:02d}.tar', repo_type='dataset')
+                 for i in range(21)]
+    docs = Dataset.from_generator(openwebtext_documents, gen_kwargs={'files': files})  # on disk
+    split = docs.train_test_split(test_size=0.0005, seed=2357, shuffle=True)
+    rows = lambda d: ((text, True) for batch in d.iter(1024) for text in batch['text'])
+    return rows(split['train']), rows(split['test']), [OPENWEBTEXT]
+
+
+# -----------------------------------------------------------------------------
+# Tokens, written as they come
+
+def tokenize_into(path, pieces, enc, desc, limit=0, batch_chars=1 << 23):
+    """Tokenize (text, ends document) pieces in batches of about batch_chars characters (num_proc
+    threads) and append them to the uint16 file `path`, the end-of-text token after each document.
+    Returns the number of tokens (at most `limit`, if set)."""
+    n, t0 = 0, time.time()
+    bar = tqdm(desc=f"tokenizing {desc}", unit=' tokens', unit_scale=True)
+
+    def flush(batch):
+        nonlocal n
+        ids = []
+        for tokens, (_, ends) in zip(enc.encode_ordinary_batch([t for t, _ in batch], num_threads=num_proc),
+                                     batch):
+            ids += tokens + [enc.eot_token] if ends else tokens
+        ids = np.array(ids[:limit - n] if limit else ids, dtype=np.uint16)  # GPT-2's ids fit 16 bits
+        f.write(ids.tobytes())
+        n += len(ids)
+        bar.update(len(ids))
+        bar.set_postfix_str(f"{n / max(time.time() - t0, 1e-9):,.0f} tokens/s", refresh=False)
+    with open(path, 'wb') as f:
+        batch, size = [], 0
+        for piece in pieces:
+            batch.append(piece)
+            size += len(piece[0])
+            if size >= batch_chars:
+                flush(batch)
+                batch, size = [], 0
+                if limit and n >= limit:
+                    break
+        if batch and not (limit and n >= limit):
+            flush(batch)
+    bar.close()
+    return n
+
+
+def hold_out(train_path, val_path, n_val):
+    """Move the last n_val tokens of train_path into val_path, a chunk at a time."""
+    tokens = np.memmap(train_path, dtype=np.uint16, mode='r')
+    start = len(tokens) - n_val
+    with open(val_path, 'wb') as f:
+        for i in range(start, len(tokens), 1 << 26):
+            f.write(tokens[i:min(i + (1 << 26), len(tokens))].tobytes())
+    del tokens
+    os.truncate(train_path, start * 2)
+
+
+def char_vocabulary(sources):
+    """Every character of the documents: the character-level vocabulary, one streaming pass."""
+    chars = set()
+    for pieces in sources:
+        for text, _ in pieces:
+            chars.update(text)
+    return CharTokenizer(''.join(sorted(chars)))
 
 
 def main(argv):
     positional = [a for a in argv if not a.startswith('--')]
     if len(positional) != 1:
-        raise UserError("usage: python prepare.py NAME [--input=FILES] [--val_input=FILES] [--out_dir=DIR]; "
-             f"NAME is one of {', '.join(KNOWN)} or any name for local --input files")
+        raise UserError("usage: python prepare.py NAME [--input=FILES | --hub=DATASET] [--out_dir=DIR]; "
+                        f"NAME is one of {', '.join(KNOWN)} or any name for your own data")
     name = positional[0]
     configure(globals(), [a for a in argv if a.startswith('--')])
-    if name not in KNOWN and not input:
-        raise UserError(f"unknown dataset '{name}': use one of {', '.join(KNOWN)}, or local files: --input=PATH")
+    if name not in KNOWN and not input and not hub:
+        raise UserError(f"unknown dataset '{name}': use one of {', '.join(KNOWN)}, local files "
+                        "(--input=PATH) or a hub dataset (--hub=NAME)")
     if not 0 < val_fraction < 1:
         raise UserError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if tokenizer not in ('gpt2', 'char'):
         raise UserError(f"unknown tokenizer '{tokenizer}'; use 'gpt2' or 'char'")
-    if tokenizer == 'char' and name in ('openwebtext', 'wikitext2') and not input:
-        raise UserError("tokenizer='char' needs local text: give it with --input=PATH")
-    enc = get_tokenizer() if tokenizer == 'gpt2' else None  # char: built from the text below
     target = out_dir or os.path.join('data', name)
 
-    if name == 'openwebtext' and not input:
-        splits, sources = openwebtext_splits(enc)
-    else:
-        if input:
-            train_files = expand(input, '--input')
-        elif name == 'shakespeare':  # shipped with the repository
-            train_files = [SHAKESPEARE]
-        else:  # wikitext2 from the HF hub: the raw text of each split is one document
-            from datasets import load_dataset
-            check_hub('wikitext-2', "give local files with --input=wiki.train.raw --val_input=wiki.valid.raw")
-            try:
-                ds = load_dataset('wikitext', 'wikitext-2-raw-v1')
-            except Exception as e:
-                raise UserError(f"cannot load wikitext-2-raw-v1 from the HF hub ({type(e).__name__}); "
-                     "give local files with --input=wiki.train.raw --val_input=wiki.valid.raw")
-            splits = {s: tokenize([''.join(ds[k]['text'])], enc, s)
-                      for s, k in (('train', 'train'), ('val', 'validation'))}
-            sources = ['HF wikitext/wikitext-2-raw-v1']
-            train_files = None
-        if train_files is not None:
-            sources = [os.path.abspath(f) for f in train_files]
-            docs = read_documents(train_files)
-            val_files = expand(val_input, '--val_input')
-            val_docs = read_documents(val_files)
-            if tokenizer == 'char':  # the vocabulary: every character of both splits
-                enc = CharTokenizer(''.join(sorted(set(''.join(docs + val_docs)))))
-            tokens = tokenize(docs, enc, 'train')
-            if val_input:
-                sources += [os.path.abspath(f) for f in val_files]
-                splits = {'train': tokens, 'val': tokenize(val_docs, enc, 'val')}
-            else:
-                n_val = max(1, int(len(tokens) * val_fraction))
-                splits = {'train': tokens[:-n_val], 'val': tokens[-n_val:]}
+    # the documents of each split; val None: the tail of the train stream
+    if input:
+        train_files, val_files = expand(input, '--input'), expand(val_input, '--val_input')
+        sources = [os.path.abspath(f) for f in train_files + val_files]
+        docs = lambda: (local_documents(train_files), local_documents(val_files) if val_files else None)
+    elif hub or name == 'wikitext2':
+        path, config, split = (hub, hub_config, hub_split) if hub else \
+            (local_hub or 'Salesforce/wikitext', 'wikitext-2-raw-v1', 'train')
+        join = not hub  # WikiText: the raw text of each split is one document
+        read = lambda s: hub_documents(path, config, s)
+        whole = lambda s: iter([(''.join(t for t, _ in read(s)), True)])
+        docs = lambda: (whole('train'), whole('validation')) if join else (read(split), None)
+        sources = [f"{path}{':' + config if config else ''}"]
+    elif name == 'openwebtext':
+        if tokenizer == 'char':
+            raise UserError("tokenizer='char' is for small local text: give it with --input=PATH")
+        train_docs, val_docs, sources = openwebtext_splits()
+        docs = lambda: (train_docs, val_docs)
+    else:  # shakespeare, shipped with the repository
+        sources = [SHAKESPEARE]
+        docs = lambda: (local_documents([SHAKESPEARE]), None)
+    enc = gpt2_tokenizer() if tokenizer == 'gpt2' else char_vocabulary(s for s in docs() if s)
 
+    # write: the token files first, meta.json last (it marks the dataset finished)
     os.makedirs(target, exist_ok=True)
-    for split, tokens in splits.items():
-        write_split(os.path.join(target, f'{split}.bin'), tokens)
+    if os.path.exists(os.path.join(target, 'meta.json')):
+        os.remove(os.path.join(target, 'meta.json'))
+    train_docs, val_docs = docs()
+    t0 = time.time()
+    with atomic_path(os.path.join(target, 'train.bin')) as train_tmp, \
+            atomic_path(os.path.join(target, 'val.bin')) as val_tmp:
+        n_train = tokenize_into(train_tmp, train_docs, enc, 'train', max_tokens)
+        if val_docs is not None:
+            n_val = tokenize_into(val_tmp, val_docs, enc, 'val')
+        else:
+            n_val = max(1, int(n_train * val_fraction))
+            hold_out(train_tmp, val_tmp, n_val)
+            n_train -= n_val
     meta = {'tokenizer': tokenizer, 'vocab_size': enc.n_vocab, 'eot_token': enc.eot_token, 'dtype': 'uint16',
-            'train_tokens': int(len(splits['train'])), 'val_tokens': int(len(splits['val'])), 'sources': sources}
+            'train_tokens': n_train, 'val_tokens': n_val, 'sources': sources}
     if tokenizer == 'char':
         meta['chars'] = enc.chars
-    with open(os.path.join(target, 'meta.json'), 'w') as f:
+    with atomic_path(os.path.join(target, 'meta.json')) as tmp, open(tmp, 'w') as f:
         json.dump(meta, f, indent=1)
-    print(f"wrote {target}: train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens")
-
+    rate = (n_train + n_val) / max(time.time() - t0, 1e-9)
+    print(f"wrote {target}: train {n_train:,} tokens, val {n_val:,} tokens ({rate:,.0f} tokens/s)")
 
 
 # -----------------------------------------------------------------------------
@@ -233,14 +354,20 @@ def read_meta(data_dir):
     path = os.path.join(data_dir, 'meta.json')
     if not os.path.exists(path):
         raise UserError(f"no prepared dataset at '{data_dir}' ({path} is missing); "
-                         f"run: python prepare.py NAME --out_dir={data_dir}")
+                        f"run: python prepare.py NAME --out_dir={data_dir}")
     with open(path) as f:
         return json.load(f)
 
 
+def windows(data, starts, length):
+    """(len(starts), length, ...) int64 tensor of a memmap's rows starts[i] .. starts[i] + length - 1."""
+    import torch
+    return torch.from_numpy(np.stack([data[s:s + length] for s in starts]).astype(np.int64))
+
+
 def load_tokens(data_dir, split):
-    """The split's tokens as a read-only uint16 memmap. Open a fresh one per batch in long loops: a memmap
-    kept open grows the resident memory as pages are touched (nanoGPT's fix)."""
+    """The split's tokens as a read-only uint16 memmap. Open a fresh one per batch in long loops: a
+    memmap kept open grows the resident memory as pages are touched (nanoGPT's fix)."""
     path = os.path.join(data_dir, f'{split}.bin')
     if not os.path.exists(path):
         raise UserError(f"{path} is missing; run prepare.py for this dataset")

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from common import UserError, autocast as autocast_context, configure, load_model
+from common import DEVICE, DTYPE, UserError, autocast, configure, load_model
 from prepare import get_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -24,12 +24,12 @@ top_k = 200  # keep only the top_k most likely tokens; 0 = all
 seed = 1337
 steer = ''  # CoCoMix: 'ID:ALPHA[,ID:ALPHA]' multiplies those concept logits by ALPHA before TopK (paper Sec. 4.4)
 show_concepts = False  # CoCoMix: print each generated token with the concepts it was predicted from
-device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+device = DEVICE
+dtype = DTYPE
 # -----------------------------------------------------------------------------
 configure(globals())
 torch.manual_seed(seed)
-autocast = autocast_context(device, dtype)
+ctx = autocast(device, dtype)
 SHOWN = 3  # concepts shown per token
 
 model, checkpoint = load_model(out_dir if init_from == 'resume' else init_from, device)
@@ -45,15 +45,15 @@ try:  # before any work, the checks generate() makes
     model.check_concepts(steer_map, show_concepts)
 except ValueError as e:
     raise UserError(f"{e} (this model was trained with mode '{mode}')")
-descriptions = {}  # written by `python sae.py --inspect=SAE --top=N` beside the SAE file
+descriptions = {}  # written beside the SAE file by tools/concepts.py
 if show_concepts:
     from sae import sae_file
-    path = sae_file(checkpoint['config']['sae'], download=False) + '.concepts.json'
+    path = sae_file(checkpoint['config']['sae'], fetch=False) + '.concepts.json'
     if os.path.exists(path):
         with open(path) as f:
             descriptions = json.load(f)
     else:
-        print(f"(no concept descriptions at {path}: `python sae.py --inspect=SAE --top=10` writes them)")
+        print(f"(no concept descriptions at {path}: tools/concepts.py --sae=FILE writes them)")
 
 enc = get_tokenizer(checkpoint and checkpoint.get('data_meta'))  # GPT-2 BPE, or the dataset's characters
 if start.startswith('FILE:'):
@@ -66,7 +66,7 @@ start_ids = enc.encode(start, allowed_special={'<|endoftext|>'}) or [enc.eot_tok
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
 decode = lambda ids: enc.decode([t for t in ids if t < enc.n_vocab])  # ids past the vocabulary are the head's padding
 
-with torch.no_grad(), autocast:
+with torch.no_grad(), ctx:
     for k in range(num_samples):
         out = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, steer=steer_map,
                              show_concepts=SHOWN if show_concepts else 0)

@@ -14,6 +14,12 @@ from sae import TopKSAE, init_sae, teacher_residual
 LAYER = 1
 
 
+
+def encode_dense(sae, x):
+    """The (..., n) sparse code of x: the k active values scattered into zeros."""
+    values, indices, _ = sae.encode(x)
+    return torch.zeros(*x.shape[:-1], sae.n_latents).scatter(-1, indices, values)
+
 def setup(seed=0):
     torch.manual_seed(seed)
     teacher = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=3, n_head=2, n_embd=32, bias=True)).eval()
@@ -67,7 +73,7 @@ def test_sparse_gather_equals_official_dense_formula():
     for method, sign in (('attribution', 1), ('attribution_neg', -1)):
         labels, scores = A.concept_labels(teacher, sae, idx, LAYER, k_attr=3, method=method, return_scores=True)
         h, g = grad_at_residual(teacher, idx)
-        c = sae.encode_dense(h)
+        c = encode_dense(sae, h)
         official = sign * (g @ sae.decoder.weight) * c  # the released code's (g @ W_dec) * c, dense (B, T, C)
         check_against(official.masked_fill(c == 0, -float('inf')), labels, scores)
 
@@ -76,7 +82,7 @@ def test_activation_and_preact_methods():
     teacher, sae, idx = setup(2)
     labels = A.concept_labels(teacher, sae, idx, LAYER, k_attr=4, method='activation')
     h = teacher_residual(teacher, idx, LAYER).detach()
-    assert torch.equal(labels, sae.encode_dense(h).topk(4).indices)  # top activations, last position included
+    assert torch.equal(labels, encode_dense(sae, h).topk(4).indices)  # top activations, last position included
     labels, scores = A.concept_labels(teacher, sae, idx, LAYER, k_attr=4, method='attribution_preact', return_scores=True)
     h, g = grad_at_residual(teacher, idx)
     check_against(sae.encode_pre(sae.preprocess(h)[0]) * (g @ sae.decoder.weight), labels, scores)
@@ -110,11 +116,11 @@ def test_offline_cache_equals_online_labels_resumes_and_refuses_mismatch(dataset
             f'--dataset={dataset}', '--block_size=24', '--batch_size=32', '--device=cpu', '--dtype=float32']
     p = run(args)
     assert 'tokens labelled' in p.stdout
-    expected = A.describe(dataset, 'val', fingerprint(teacher), fingerprint(sae), 1, 'attribution', 4, 24, 128)
-    cache = A.load_label_cache(dataset, 'val', expected)
+    identity = dict(teacher_id=fingerprint(teacher), sae_id=fingerprint(sae), sae_layer=1, n_concepts=128)
+    cache = A.load_label_cache(dataset, 'val', identity, 'attribution', 4, 24)
     assert cache.shape == (2000, 4) and cache.dtype == np.uint16
     starts = [0, 24 * 7, 24 * 82]  # window starts
-    cached = A.labels_from_cache(cache, starts, 24, 128)
+    cached = A.label_windows(cache, starts, 24)
     val = np.fromfile(os.path.join(dataset, 'val.bin'), dtype=np.uint16).astype(np.int64)
     idx = torch.from_numpy(np.stack([val[s:s + 24] for s in starts]))
     assert torch.equal(cached, A.concept_labels(teacher, sae, idx, 1))
@@ -142,7 +148,7 @@ def test_offline_cache_equals_online_labels_resumes_and_refuses_mismatch(dataset
     assert (resumed[:4] == 0).all() and np.array_equal(resumed[4:], reference[4:]) and not os.path.exists(path + '.done')
 
     with pytest.raises(SystemExit, match='was made with k_attr=4, this run has 2'):
-        A.load_label_cache(dataset, 'val', dict(expected, k_attr=2))
+        A.load_label_cache(dataset, 'val', identity, 'attribution', 2, 24)
     wrong = run(args[:1] + [f'--teacher={tmp_path / "teacher"}', f'--sae={tmp_path / "sae.pt"}', '--sae_layer=7',
                             f'--dataset={dataset}', '--device=cpu'], check=False)
     assert wrong.returncode != 0 and 'sae_layer=7 is out of range' in wrong.stderr

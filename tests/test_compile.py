@@ -7,13 +7,15 @@ from model import GPT, GPTConfig
 
 
 @pytest.mark.parametrize('kind', ['ntp', 'interleave', 'add', 'none', 'pause', 'chunked'])
-def test_every_mode_compiles_without_graph_breaks(kind):
+def test_every_mode_compiles_without_graph_breaks(monkeypatch, kind):
+    import model as M
+    if kind == 'chunked':  # both heads in chunks (chunked.py), as on a device without memory to spare
+        monkeypatch.setattr(M, 'device_memory', torch.compiler.assume_constant_result(lambda device_type: 0))
     torch.manual_seed(0)
     concepts = kind in ('interleave', 'add', 'none', 'chunked')
     model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32, insert_layer=1,
                           n_concepts=48 if concepts else 0, concept_topk=4, pause=kind == 'pause',
-                          mix=kind if kind in ('add', 'none') else 'interleave',
-                          max_logits=0 if kind == 'chunked' else 2 ** 26))  # chunked: both heads in chunked.py
+                          mix=kind if kind in ('add', 'none') else 'interleave'))
     x = torch.randint(0, 64, (2, 32))
     labels = torch.randint(-1, 48, (2, 32, 4)) if concepts else None
 

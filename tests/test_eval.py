@@ -78,19 +78,15 @@ def test_batched_padded_scoring_equals_one_forward_each():
 def test_readers_on_the_official_sample_files():
     if not os.path.isdir(BENCH):
         pytest.skip('no benchmark samples')
-    E.data_dir = BENCH
-    try:
-        for task, n_choices in (('hellaswag', 4), ('piqa', 2), ('siqa', 3), ('arc_easy', None)):
-            items = E.choice_items(task, E.task_file(task))
-            assert len(items) == 200 and all(0 <= g < len(c) for _, c, g in items), task
-            assert n_choices is None or all(len(c) == n_choices for _, c, _ in items)
-        first = E.choice_items('hellaswag', E.task_file('hellaswag'))[0]
-        assert first[0] == 'Roof shingle removal: A man is sitting on a roof. he' and first[2] == 3
-        assert E.choice_items('piqa', E.task_file('piqa'))[1][2] == 1  # from piqa_valid-labels (0, 1, 1, ...)
-        assert E.choice_items('siqa', E.task_file('siqa'))[0][2] == 2  # label 3 of 1..3
-        assert E.read_jsonl(E.task_file('winogrande'))[0]['answer'] == '2'
-    finally:
-        E.data_dir = ''
+    items = lambda task: E.choice_items(task, E.task_file(task, BENCH), BENCH)
+    for task, n_choices in (('hellaswag', 4), ('piqa', 2), ('siqa', 3), ('arc_easy', None)):
+        assert len(items(task)) == 200 and all(0 <= g < len(c) for _, c, g in items(task)), task
+        assert n_choices is None or all(len(c) == n_choices for _, c, _ in items(task))
+    first = items('hellaswag')[0]
+    assert first[0] == 'Roof shingle removal: A man is sitting on a roof. he' and first[2] == 3
+    assert items('piqa')[1][2] == 1  # from piqa_valid-labels (0, 1, 1, ...)
+    assert items('siqa')[0][2] == 2  # label 3 of 1..3
+    assert E.read_jsonl(E.task_file('winogrande', BENCH))[0]['answer'] == '2'
 
 
 def test_cli_every_task_and_json(tmp_path):
@@ -99,23 +95,23 @@ def test_cli_every_task_and_json(tmp_path):
     model = tiny_gpt()
     save_checkpoint({'model': model.state_dict(), 'model_args': dict(block_size=32, vocab_size=50304, n_layer=2,
                      n_head=2, n_embd=16), 'mode': 'ntp', 'iter_num': 0, 'config': {}}, str(tmp_path / 'out'))
-    p = run(['eval.py', f'--out_dir={tmp_path / "out"}', f'--data_dir={BENCH}', '--limit=4', '--device=cpu',
+    p = run(['tools/eval.py', f'--out_dir={tmp_path / "out"}', f'--data_dir={BENCH}', '--limit=4', '--device=cpu',
              '--dtype=float32', '--tasks=lambada,hellaswag,piqa,arc_easy,winogrande,siqa', f'--json_out={tmp_path / "r.json"}'])
     results = json.load(open(tmp_path / 'r.json'))['results']
     assert set(results) == {'lambada', 'hellaswag', 'piqa', 'arc_easy', 'winogrande', 'siqa'} and 'done:' in p.stdout
     assert all(0 <= r['acc'] <= 100 for r in results.values())
     (tmp_path / 'wiki').mkdir()
     (tmp_path / 'wiki' / 'wiki.valid.raw').write_text(' = Title = \n a short article about nothing at all . \n')
-    w = run(['eval.py', f'--out_dir={tmp_path / "out"}', f'--data_dir={tmp_path / "wiki"}', '--tasks=wikitext', '--device=cpu'])
+    w = run(['tools/eval.py', f'--out_dir={tmp_path / "out"}', f'--data_dir={tmp_path / "wiki"}', '--tasks=wikitext', '--device=cpu'])
     assert 'word_ppl' in w.stdout
-    bad = run(['eval.py', f'--out_dir={tmp_path / "out"}', f'--data_dir={tmp_path / "wiki"}', '--tasks=piqa'], check=False)
+    bad = run(['tools/eval.py', f'--out_dir={tmp_path / "out"}', f'--data_dir={tmp_path / "wiki"}', '--tasks=piqa'], check=False)
     assert bad.returncode != 0 and 'no file matching piqa_valid*.jsonl' in bad.stderr
 
 
 def test_perplexity_task_equals_mean_window_loss(dataset, tmp_path):
     from conftest import TINY
     run(['train.py', f'--dataset={dataset}', f'--out_dir={tmp_path / "out"}', '--max_iters=4', '--eval_interval=4'] + TINY)
-    p = run(['eval.py', f'--out_dir={tmp_path / "out"}', '--tasks=ppl', '--device=cpu', '--limit=10'])
+    p = run(['tools/eval.py', f'--out_dir={tmp_path / "out"}', '--tasks=ppl', '--device=cpu', '--limit=10'])
     loss = float(p.stdout.split('loss ')[1].split(',')[0])
     from common import load_model
     import numpy as np

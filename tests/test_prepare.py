@@ -92,3 +92,104 @@ def test_bad_inputs_are_one_line_errors(tmp_path, args, message):
     p = run(['prepare.py'] + args + [f'--out_dir={tmp_path / "out"}'], check=False)
     assert p.returncode != 0 and message in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+# -----------------------------------------------------------------------------
+# Corpora of any size: three formats, the hub's layout, OpenWebText's files, interrupted runs
+
+DOCS = ['First doc.\nIt has two lines.', 'Second: caf\u00e9 \u2014 10 + 20 = 30\n\n\nspaced', 'third']
+
+
+def write_formats(folder, docs=DOCS):
+    """The same documents as .txt files (one each), one .jsonl and one .parquet (a row each)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    os.makedirs(folder / 'txt')
+    for i, d in enumerate(docs):
+        (folder / 'txt' / f'{i:03d}.txt').write_text(d, encoding='utf-8')
+    with open(folder / 'docs.jsonl', 'w', encoding='utf-8') as f:
+        f.writelines(json.dumps({'text': d, 'id': i}) + '\n' for i, d in enumerate(docs))
+    pq.write_table(pa.table({'text': docs}), folder / 'docs.parquet')
+
+
+def test_txt_jsonl_parquet_and_hub_layout_give_identical_files(tmp_path):
+    write_formats(tmp_path)
+    hub = tmp_path / 'hub' / 'data'  # a local folder in the hub's layout, read by datasets, streaming
+    os.makedirs(hub)
+    (hub / 'train-00000-of-00001.parquet').write_bytes((tmp_path / 'docs.parquet').read_bytes())
+    outs = {}
+    sources = {'txt': f"--input={tmp_path / 'txt' / '*.txt'}", 'jsonl': f"--input={tmp_path / 'docs.jsonl'}",
+               'parquet': f"--input={tmp_path / 'docs.parquet'}", 'hub': f"--hub={tmp_path / 'hub'}"}
+    for name, arg in sources.items():
+        run(['prepare.py', name, f'--out_dir={tmp_path / name}', '--val_fraction=0.2', arg])
+        outs[name] = [(tmp_path / name / f'{s}.bin').read_bytes() for s in ('train', 'val')]
+    assert outs['txt'] == outs['jsonl'] == outs['parquet'] == outs['hub']
+    expected = sum((enc.encode_ordinary(d) + [enc.eot_token] for d in DOCS), [])
+    n_val = int(len(expected) * 0.2)
+    assert np.frombuffer(outs['txt'][0], dtype=np.uint16).tolist() == expected[:-n_val]
+    assert np.frombuffer(outs['txt'][1], dtype=np.uint16).tolist() == expected[-n_val:]
+
+
+def test_a_long_text_read_in_blocks_has_the_tokens_of_the_whole(tmp_path):
+    import prepare as P
+    text = open(os.path.join(ROOT, 'assets', 'tinyshakespeare.txt'), encoding='utf-8').read()[:100_000]
+    (tmp_path / 'long.txt').write_text(text, encoding='utf-8')
+    pieces = list(P.local_documents([str(tmp_path / 'long.txt')], block=997))
+    assert len(pieces) > 50 and ''.join(t for t, _ in pieces) == text  # cut in many places, nothing lost
+    assert [end for _, end in pieces] == [False] * (len(pieces) - 1) + [True]
+    assert sum((enc.encode_ordinary(t) for t, _ in pieces), []) == enc.encode_ordinary(text)
+
+
+def test_an_interrupted_run_leaves_nothing_that_looks_finished(tmp_path, monkeypatch):
+    import prepare as P
+    write_formats(tmp_path)
+    out = tmp_path / 'data'
+    P.main(['x', f"--input={tmp_path / 'docs.jsonl'}", f'--out_dir={out}'])  # a finished dataset
+    assert (out / 'meta.json').exists()
+
+    def killed(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(P, 'hold_out', killed)  # stopped after the train tokens, before the val split
+    with pytest.raises(KeyboardInterrupt):
+        P.main(['x', f"--input={tmp_path / 'docs.jsonl'}", f'--out_dir={out}'])
+    assert not (out / 'meta.json').exists() and sorted(os.listdir(out)) == ['train.bin', 'val.bin']
+    with pytest.raises(SystemExit, match='no prepared dataset'):
+        P.read_meta(str(out))
+
+
+def test_openwebtext_from_its_files_gives_nanogpts_split(tmp_path):
+    """A local copy of the hub's layout: subsets/*.tar of .xz tar archives of .txt documents. The split
+    must be nanoGPT's: datasets' train_test_split(test_size=0.0005, seed=2357) of the documents in the
+    old loading script's order and form."""
+    import io
+    import lzma
+    import re
+    import tarfile
+    from datasets import Dataset
+    rng = np.random.default_rng(0)
+    words = ['alpha', 'beta', 'gamma', 'delta', '\n', '\n\n\n\n', 'end.']
+    texts, order = {}, []
+    os.makedirs(tmp_path / 'hub' / 'subsets')
+    for t in range(2):
+        with tarfile.open(tmp_path / 'hub' / 'subsets' / f'urlsf_subset{t:02d}.tar', 'w') as outer:
+            for x in range(3):
+                inner_bytes = io.BytesIO()
+                with tarfile.open(fileobj=inner_bytes, mode='w') as inner:
+                    for d in range(400):
+                        text = ' '.join(rng.choice(words, 12)) + '\n'
+                        name = f'{t}-{x}-{d}.txt'
+                        info = tarfile.TarInfo(name)
+                        info.size = len(text.encode())
+                        inner.addfile(info, io.BytesIO(text.encode()))
+                        order.append(re.sub('\n\n\n+', '\n\n', text).strip())
+                xz = lzma.compress(inner_bytes.getvalue())
+                info = tarfile.TarInfo(f'openwebtext/urlsf_subset{t:02d}-{x}_data.xz')
+                info.size = len(xz)
+                outer.addfile(info, io.BytesIO(xz))
+    run(['prepare.py', 'openwebtext', f"--local_hub={tmp_path / 'hub'}", f'--out_dir={tmp_path / "owt"}'],
+        env={'HF_DATASETS_CACHE': str(tmp_path / 'cache')})
+    split = Dataset.from_dict({'text': order}).train_test_split(test_size=0.0005, seed=2357, shuffle=True)
+    tokens = lambda docs: sum((enc.encode_ordinary(d) + [enc.eot_token] for d in docs), [])
+    read = lambda s: np.fromfile(tmp_path / 'owt' / f'{s}.bin', dtype=np.uint16).tolist()
+    assert len(split['test']) == 2 and read('val') == tokens(split['test']['text'])
+    assert read('train') == tokens(split['train']['text'])

@@ -13,6 +13,12 @@ OPENAI_KEYS = {'pre_bias', 'encoder.weight', 'latent_bias', 'decoder.weight', 's
                'latents_activation_frequency', 'latents_mean_square'}
 
 
+
+def encode_dense(sae, x):
+    """The (..., n) sparse code of x: the k active values scattered into zeros."""
+    values, indices, _ = sae.encode(x)
+    return torch.zeros(*x.shape[:-1], sae.n_latents).scatter(-1, indices, values)
+
 def openai_file(path, d=16, n=64, k=4, seed=0):
     """An SAE state dict laid out as OpenAI's released files."""
     g = torch.Generator().manual_seed(seed)
@@ -42,7 +48,7 @@ def test_openai_file_matches_reference_and_round_trips(tmp_path):
     assert meta == {} and sae.k == 4 and sae.normalize
     x = torch.randn(3, 5, 16) * 3 + 1  # any leading shape
     latents, recon = openai_reference(sd, x, 4)
-    torch.testing.assert_close(sae.encode_dense(x), latents)
+    torch.testing.assert_close(encode_dense(sae, x), latents)
     torch.testing.assert_close(sae(x), recon, atol=1e-4, rtol=1e-4)
 
     sae.save(str(tmp_path / 'ours.pt'), {'teacher': 'gpt2', 'layer': 5})
@@ -174,15 +180,15 @@ def test_cli_trains_resumes_evaluates_and_inspects(dataset, tmp_path):
     sae_file = str(tmp_path / 'full' / 'sae.pt')
     ev = run(['sae.py', f'--evaluate={sae_file}', '--eval_tokens=2000', '--context=16'])  # teacher etc. from the file
     assert ev.stdout.strip().startswith('FVU')
-    ins = run(['sae.py', f'--inspect={sae_file}', '--top=3', '--inspect_tokens=2000', '--context=16'])
+    ins = run(['tools/concepts.py', f'--sae={sae_file}', '--top=3', '--tokens=2000', '--context=16'])
     assert 'most frequent latents' in ins.stdout
     latent = int(ins.stdout.splitlines()[1].split()[0])
-    one = run(['sae.py', f'--inspect={sae_file}', f'--latent={latent}', '--inspect_tokens=2000', '--context=16'])
+    one = run(['tools/concepts.py', f'--sae={sae_file}', f'--latent={latent}', '--tokens=2000', '--context=16'])
     assert f'latent {latent}: active on' in one.stdout and '[[' in one.stdout
     with open(sae_file + '.concepts.json') as f:  # the listing saved one description per latent
         desc = json.load(f)
     peak = one.stdout.split('[[')[1].split(']]')[0]  # the token of the latent's strongest activation
     promotes = ast.literal_eval(one.stdout.split('promotes: ')[1].splitlines()[0])
     assert len(desc) == 64 and desc[str(latent)] == f"on {peak}, promotes " + ' '.join(map(repr, promotes[:3]))
-    bad = run(['sae.py', f'--inspect={sae_file}', '--latent=64', '--context=16'], check=False)
+    bad = run(['tools/concepts.py', f'--sae={sae_file}', '--latent=64', '--context=16'], check=False)
     assert bad.returncode != 0 and 'latent 64 is out of range' in bad.stderr

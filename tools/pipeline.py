@@ -4,8 +4,8 @@ at character level, train a small teacher, its SAE, label the data, train CoCoMi
 added, its ablation) and the NTP baseline with matched active parameters on the same tokens, evaluate them, print
 the comparison and a steered sample of the paper's CoCoMix.
 
-    python pipeline.py                                 # Tiny Shakespeare, shipped with the repository
-    python pipeline.py --input='my_texts/*.txt' --name=mytext
+    python tools/pipeline.py                                 # Tiny Shakespeare, shipped with the repository
+    python tools/pipeline.py --input='my_texts/*.txt' --name=mytext
 
 Every stage is an ordinary command (printed before it runs; the configs are config/*_shakespeare_char.py) and
 skips itself when its output exists, is newer than its inputs and was made by the same command.
@@ -16,6 +16,8 @@ import re
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 from common import UserError, configure
 
@@ -38,7 +40,7 @@ STAGES = [  # (name, command, inputs, output)
      [f'{data}/meta.json', 'config/teacher_shakespeare_char.py'], f'{out}/teacher/ckpt.pt'),
     ('sae', ['sae.py', 'config/sae_shakespeare_char.py', f'--out_dir={out}/sae', models[0]] + common,
      [f'{out}/teacher/ckpt.pt', 'config/sae_shakespeare_char.py'], f'{out}/sae/sae.pt'),
-    ('concepts', ['sae.py', f'--inspect={out}/sae/sae.pt', '--top=5', f'--device={device}'],
+    ('concepts', ['tools/concepts.py', f'--sae={out}/sae/sae.pt', '--top=5', f'--device={device}'],
      [f'{out}/sae/sae.pt'], f'{out}/sae/sae.pt.concepts.json'),
     ('labels', ['attribution.py', 'config/cocomix_shakespeare_char.py', *models] + common,
      [f'{out}/sae/sae.pt'], f'{data}/labels_train.json'),
@@ -50,7 +52,7 @@ STAGES = [  # (name, command, inputs, output)
      [f'{data}/labels_train.json', 'config/cocomix_shakespeare_char.py'], f'{out}/cocomix_add/ckpt.pt'),
     ('ntp', ['train.py', 'config/ntp_shakespeare_char.py', f'--out_dir={out}/ntp'] + common,
      [f'{data}/meta.json', 'config/ntp_shakespeare_char.py'], f'{out}/ntp/ckpt.pt'),
-] + [(f'eval {m}', ['eval.py', f'--out_dir={out}/{m}', '--tasks=ppl', f'--json_out={out}/{m}/eval.json',
+] + [(f'eval {m}', ['tools/eval.py', f'--out_dir={out}/{m}', '--tasks=ppl', f'--json_out={out}/{m}/eval.json',
                     f'--device={device}'],
       [f'{out}/{m}/ckpt.pt'], f'{out}/{m}/eval.json') for m in MODELS]
 

@@ -3,8 +3,8 @@ Evaluate a checkpoint of any mode (or OpenAI's GPT-2) as the paper does: perplex
 LAMBADA, WikiText, HellaSwag, PIQA, ARC-Easy, WinoGrande and Social IQA, scored by comparing log-likelihoods
 the way EleutherAI's lm-evaluation-harness does (its prompts and acc / acc_norm).
 
-    python eval.py --out_dir=out-cocomix-shakespeare --tasks=ppl
-    python eval.py --init_from=gpt2 --tasks=lambada,hellaswag --data_dir=benchmarks/ --limit=200
+    python tools/eval.py --out_dir=out-cocomix-shakespeare --tasks=ppl
+    python tools/eval.py --init_from=gpt2 --tasks=lambada,hellaswag --data_dir=benchmarks/ --limit=200
 
 Task files are read from data_dir (official names or any file starting with them, e.g. lambada_test*.jsonl) or
 downloaded once from their usual public places into ~/.cache/cocomix/eval. For the harness itself:
@@ -17,12 +17,14 @@ import os
 import re
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import UserError, atomic_path, autocast, check_hub, configure, load_model
-from prepare import data_dir_of, download, get_tokenizer, load_tokens
+from common import DEVICE, DTYPE, UserError, atomic_path, autocast, check_hub, configure, load_model
+from prepare import data_dir_of, download, get_tokenizer, load_tokens, windows
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (the checkpoint in out_dir) or a gpt2 variant
@@ -33,8 +35,8 @@ data_dir = ''  # task files; default: download them
 limit = 0  # items per task (windows for ppl); 0 = all
 batch_size = 16  # sequences per forward pass
 json_out = ''  # also write the results here
-device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+device = DEVICE
+dtype = DTYPE
 # -----------------------------------------------------------------------------
 CACHE = os.path.expanduser('~/.cache/cocomix/eval')
 # (file pattern in data_dir, download URL, HF dataset (path, name, split) when no plain file is published)
@@ -134,7 +136,8 @@ def lm_eval_model(scorer):
 # -----------------------------------------------------------------------------
 # Task files and their items: (context, [choices], gold index)
 
-def task_file(name):
+def task_file(name, data_dir=''):
+    """The task's file: from data_dir, else downloaded once into CACHE."""
     pattern, source = SOURCES[name]
     if data_dir:
         found = sorted(glob.glob(os.path.join(data_dir, pattern)))
@@ -167,13 +170,13 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def labels_beside(path, name, rows, key):
+def labels_beside(path, name, rows, key, data_dir):
     """Gold labels from the rows' own field, else from the official .lst file beside them."""
     if rows and key in rows[0]:
         return [int(r[key]) for r in rows]
     pattern = os.path.basename(path).split('_first')[0].replace('.jsonl', '') + '-labels*.lst'
     found = sorted(glob.glob(os.path.join(os.path.dirname(path), pattern)))
-    lst = found[0] if found else task_file(name + '_labels')
+    lst = found[0] if found else task_file(name + '_labels', data_dir)
     with open(lst) as f:
         return [int(line) for line in f if line.strip()]
 
@@ -182,20 +185,20 @@ def hellaswag_text(text):  # the harness's cleanup of WikiHow artifacts
     return re.sub('\\[.*?\\]', '', text.strip().replace(' [title]', '. ')).replace('  ', ' ')
 
 
-def choice_items(name, path):
+def choice_items(name, path, data_dir=''):
     rows = read_jsonl(path)
     if name == 'hellaswag':
         ctx = lambda r: r['ctx_a'] + ' ' + r['ctx_b'].capitalize() if 'ctx_a' in r else r['ctx']
         return [(r['activity_label'] + ': ' + hellaswag_text(ctx(r)), [' ' + hellaswag_text(e) for e in r['endings']],
                  int(r['label'])) for r in rows]
     if name == 'piqa':
-        gold = labels_beside(path, 'piqa', rows, 'label')
+        gold = labels_beside(path, 'piqa', rows, 'label', data_dir)
         return [(f"Question: {r['goal']}\nAnswer:", [' ' + r['sol1'], ' ' + r['sol2']], g) for r, g in zip(rows, gold)]
     if name == 'arc_easy':
         return [(f"Question: {r['question']}\nAnswer:", [' ' + t for t in r['choices']['text']],
                  r['choices']['label'].index(r['answerKey'])) for r in rows]
     if name == 'siqa':
-        gold = labels_beside(path, 'siqa', rows, 'label')
+        gold = labels_beside(path, 'siqa', rows, 'label', data_dir)
         return [(f"Q: {r['context']} {r['question']}\nA:", [' ' + r['answer' + c] for c in 'ABC'], g - 1)
                 for r, g in zip(rows, gold)]
     raise ValueError(name)
@@ -232,7 +235,7 @@ def lambada(scorer, rows):
     return {'acc': 100 * np.mean([g for _, g in out]), 'ppl': math.exp(-np.mean([ll for ll, _ in out]))}
 
 
-def wikitext(scorer, path):
+def wikitext(scorer, path, limit=0):
     """Word perplexity (per whitespace word of the raw text, the paper's WikiText number), token perplexity and
     bits per byte, the whole file read as one rolling document."""
     with open(path, encoding='utf-8') as f:
@@ -245,14 +248,14 @@ def wikitext(scorer, path):
             'bits_per_byte': -ll / math.log(2) / len(text.encode('utf-8'))}
 
 
-def perplexity(model, data, block_size):
-    """Mean next-token loss over non-overlapping block_size windows of a prepared split (the paper's OWT number)."""
+def perplexity(model, data, block_size, batch_size, device, limit=0):
+    """Mean next-token loss over the first `limit` (0: all) non-overlapping block_size windows of a
+    prepared split (the paper's OpenWebText number)."""
     n = (len(data) - 1) // block_size
     starts = list(range(0, n * block_size, block_size))[:limit or None]
     total = 0.0
     for i in range(0, len(starts), batch_size):
-        w = torch.stack([torch.from_numpy(data[s:s + block_size + 1].astype(np.int64))
-                         for s in starts[i:i + batch_size]])
+        w = windows(data, starts[i:i + batch_size], block_size + 1)
         with torch.no_grad():
             total += model(w[:, :-1].to(device), w[:, 1:].to(device))[1].item() * len(w)
     loss = total / len(starts)
@@ -276,15 +279,17 @@ def main(argv):
                 ds = dataset or (checkpoint or {}).get('config', {}).get('dataset')
                 if not ds:
                     raise UserError("task ppl needs --dataset=NAME (a folder prepare.py wrote)")
-                results[task] = perplexity(model, load_tokens(data_dir_of(ds), 'val'), model.config.block_size)
+                results[task] = perplexity(model, load_tokens(data_dir_of(ds), 'val'), model.config.block_size,
+                                           batch_size, device, limit)
             elif task in ('hellaswag', 'piqa', 'arc_easy', 'siqa'):
-                results[task] = multiple_choice(scorer, choice_items(task, task_file(task))[:limit or None])
+                items = choice_items(task, task_file(task, data_dir), data_dir)
+                results[task] = multiple_choice(scorer, items[:limit or None])
             elif task == 'winogrande':
-                results[task] = winogrande(scorer, read_jsonl(task_file(task))[:limit or None])
+                results[task] = winogrande(scorer, read_jsonl(task_file(task, data_dir))[:limit or None])
             elif task == 'lambada':
-                results[task] = lambada(scorer, read_jsonl(task_file(task))[:limit or None])
+                results[task] = lambada(scorer, read_jsonl(task_file(task, data_dir))[:limit or None])
             else:
-                results[task] = wikitext(scorer, task_file(task))
+                results[task] = wikitext(scorer, task_file(task, data_dir), limit)
         shown = (f"{k} {v:,.4f}" if isinstance(v, float) else f"{k} {v:,}" for k, v in results[task].items())
         print(f"{task:>10}: " + ', '.join(shown), flush=True)
     headline = (f"{t} {next(iter(r))} {next(iter(r.values())):.4f}" for t, r in results.items())

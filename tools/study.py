@@ -4,9 +4,9 @@ character-level Wikipedia, one teacher clearly stronger than every student and i
 sizes trained on the same 8.2M characters in the same order per seed: NTP (widened to CoCoMix's active
 parameters), CoCoMix interleaved (the paper's), CoCoMix added (its ablation) and KD, three seeds each.
 
-    python study.py --input=enwiki_extract_clean.txt --val_input=wiki.valid.raw   # resumable, run by run; runs
+    python tools/study.py --input=enwiki_extract_clean.txt --val_input=wiki.valid.raw   # resumable, run by run; runs
                                           # in assets/study_results.json count as done (with the same teacher)
-    python study.py --report_only=True    # the README's table and plot again, from assets/study_results.json
+    python tools/study.py --report_only=True    # the README's table and plot again, from assets/study_results.json
                                           # (first refreshed from out-study/ where the runs are on this machine)
 
 The text: a plain-text English Wikipedia extract of about 10M characters (a WikiExtractor dump; the teacher
@@ -21,6 +21,9 @@ study markers of README.md and assets/study_val_loss.png (matplotlib, optional).
 import json
 import math
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 import numpy as np
 
@@ -112,7 +115,7 @@ def stages():
 
 def evaluation(run):
     """The final loss of a run on the same val windows as every other run."""
-    return (f'eval {run}', ['eval.py', f'--out_dir={run}', '--tasks=ppl', f'--limit={eval_windows}',
+    return (f'eval {run}', ['tools/eval.py', f'--out_dir={run}', '--tasks=ppl', f'--limit={eval_windows}',
                             f'--json_out={run}/eval.json', f'--device={device}'],
             [f'{run}/ckpt.pt'], f'{run}/eval.json')
 

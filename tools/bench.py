@@ -1,8 +1,8 @@
 """
 How fast each part is, as ratios measured in one run on this machine (CPU or GPU), with the repository's targets:
 
-    python bench.py config/cocomix_shakespeare.py --n_concepts=32768          # any train.py config
-    python bench.py --parts=ntp --nanogpt=PATH/TO/nanoGPT --n_layer=6 --n_embd=192 --n_head=6 --block_size=256
+    python tools/bench.py config/cocomix_shakespeare.py --n_concepts=32768          # any train.py config
+    python tools/bench.py --parts=ntp --nanogpt=PATH/TO/nanoGPT --n_layer=6 --n_embd=192 --n_head=6 --block_size=256
 
 parts (--parts=a,b):
   train     a training step of ntp, cocomix with cached labels and cocomix with online labels (each in its own
@@ -28,11 +28,12 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+
 import torch
 import torch.nn.functional as F
 
-import train
-from common import UserError, autocast, configure, settings
+from common import UserError, autocast, configure, setting_names
 from model import GPT, GPTConfig, sae_norm
 
 # -----------------------------------------------------------------------------
@@ -40,7 +41,6 @@ parts = 'train,labels,generate,sae'
 batch_size, block_size, vocab_size = 12, 1024, 50257
 n_layer, n_head, n_embd, bias, dropout = 12, 12, 768, True, 0.0
 insert_layer, concept_topk, mix, k_attr = 3, 32, 'interleave', 4
-max_logits = 2 ** 26  # the LM head's memory rule (model.GPTConfig): 0 = always chunked
 n_concepts, sae_k, sae_layer = 32768, 32, 5  # the SAE: OpenAI's GPT-2 SAEs are 768 -> 32768, k 32, layer 5
 teacher_layers, teacher_embd = 12, 768  # the teacher's shape (GPT-2 small)
 label_batch = 2  # sequences of block_size per labelling call
@@ -56,7 +56,7 @@ seed = 1337
 run_mode = ''  # internal: the training mode a child process measures
 # -----------------------------------------------------------------------------
 argv = sys.argv[1:]
-configure(globals(), argv, ignore=settings(vars(train)))  # a train.py config works as it is
+configure(globals(), argv, ignore=setting_names('train.py'))  # a train.py config works as it is
 torch.manual_seed(seed)
 cuda = 'cuda' in device
 ctx = autocast(device, dtype)
@@ -82,7 +82,7 @@ def timed(fn, n=steps, warmup=1):
 
 def gpt(layers=n_layer, width=n_embd, heads=n_head, T=block_size, **concepts):
     return GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=layers, n_head=heads, n_embd=width, bias=bias,
-                         dropout=dropout, max_logits=max_logits, **concepts)).to(device)
+                         dropout=dropout, **concepts)).to(device)
 
 
 def train_step(model, labels=None, labeller=None):

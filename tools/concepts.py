@@ -1,0 +1,110 @@
+"""
+What an SAE's latents (CoCoMix's concepts) mean: where they fire in the teacher's text and which tokens
+their decoder directions promote.
+
+    python tools/concepts.py --sae=out-sae-shakespeare/sae.pt --top=20     # the strongest and most
+                                  # frequent latents; writes a description of each beside the SAE file
+    python tools/concepts.py --sae=out-sae-shakespeare/sae.pt --latent=7   # one latent's top contexts
+
+The teacher, data and layer come from the SAE file (sae.py records them); sample.py --show_concepts
+prints the descriptions beside the concepts a CoCoMix model predicts.
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+
+import torch
+
+from common import DEVICE, DTYPE, UserError, configure, load_teacher
+from prepare import data_dir_of, get_tokenizer, read_meta
+from sae import load_sae, residuals, sae_file, split_windows
+
+# -----------------------------------------------------------------------------
+sae = ''  # an SAE file (any load_sae spec, with teacher and dataset given)
+teacher = ''  # default: the SAE file's own
+dataset = ''  # default: the SAE file's own
+sae_layer = -1  # default: the SAE file's own
+latent = -1  # show this latent's top contexts
+top = 10  # else list this many of the strongest and most frequent latents
+tokens = 100_000  # held-out tokens scanned
+context = 64  # tokens per window
+window = 10  # tokens shown on each side of a peak
+device = DEVICE
+dtype = DTYPE
+# -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def promoted(sae_model, teacher_model, enc, ids, n=8):
+    """The n tokens each latent's decoder direction raises most through the teacher's final LN and
+    unembedding: a list of token strings per id."""
+    out = []
+    for chunk in torch.tensor(ids).split(1024):  # (1024, V) logits at a time
+        direction = sae_model.decoder.weight[:, chunk].t()
+        direction = (direction - direction.mean(-1, keepdim=True)) * teacher_model.transformer.ln_f.weight
+        logits = teacher_model.lm_head(direction)[:, :enc.n_vocab]
+        out += [[enc.decode([t]) for t in row] for row in logits.topk(n).indices.tolist()]
+    return out
+
+
+@torch.no_grad()
+def scan(sae_model, teacher_model, data_dir, layer, n_tokens, context, dtype):
+    """The held-out windows (N, T) and the SAE's active values and latents there (N, T, k)."""
+    idx = split_windows(data_dir, 'val', max(1, n_tokens // context), context)
+    values, indices = [], []
+    for i in range(0, len(idx), 64):
+        v, ix, _ = sae_model.encode(residuals(teacher_model, idx[i:i + 64], layer, dtype))
+        values.append(v.cpu()), indices.append(ix.cpu())
+    return idx, torch.cat(values), torch.cat(indices)
+
+
+if __name__ == '__main__':
+    configure(globals())
+    if not sae:
+        raise UserError("give --sae=FILE (an SAE trained by sae.py, or OpenAI's with --teacher etc.)")
+    sae_model, meta = load_sae(sae)
+    teacher, dataset = teacher or meta.get('teacher', ''), dataset or meta.get('dataset', '')
+    sae_layer = sae_layer if sae_layer >= 0 else meta.get('layer', -1)
+    if not teacher or not dataset or sae_layer < 0:
+        raise UserError("this SAE file does not name its teacher, dataset and layer: give --teacher, "
+                        "--dataset and --sae_layer")
+    data_dir = data_dir_of(dataset)
+    teacher_model = load_teacher(teacher, device, read_meta(data_dir), data_dir)
+    sae_model = load_sae(sae, teacher_model.config.n_embd)[0].to(device)
+    enc = get_tokenizer(read_meta(data_dir))
+    idx, values, indices = scan(sae_model, teacher_model, data_dir, sae_layer, tokens, context, dtype)
+    n_tokens, on = values.shape[0] * values.shape[1], values > 0
+    count = torch.bincount(indices[on], minlength=sae_model.n_latents)
+    if latent < 0:
+        mean = torch.zeros(sae_model.n_latents).index_add_(0, indices[on], values[on]) / count.clamp_min(1)
+        for name, score in (('most frequent', count.float()), ('strongest (mean activation)', mean)):
+            print(f"{name} latents over {n_tokens:,} tokens:")
+            ids = score.topk(top).indices.tolist()
+            for i, promotes in zip(ids, promoted(sae_model, teacher_model, enc, ids, 5)):
+                print(f"  {i:6d}  freq {count[i] / n_tokens:.4f}  mean act {mean[i]:.3f}  promotes {promotes}")
+        # one short description per latent: the token of its strongest activation and what it promotes
+        peak = torch.zeros(sae_model.n_latents).scatter_reduce(0, indices[on], values[on], 'amax')
+        is_peak = on & (values == peak[indices])
+        peak_token = torch.zeros(sae_model.n_latents, dtype=torch.long)
+        peak_token[indices[is_peak]] = idx.unsqueeze(-1).expand_as(indices)[is_peak]
+        where = lambda i: f"on {enc.decode([peak_token[i].item()])!r}, " if count[i] else 'inactive, '
+        every = promoted(sae_model, teacher_model, enc, list(range(sae_model.n_latents)), 3)
+        desc = {i: where(i) + 'promotes ' + ' '.join(map(repr, p)) for i, p in enumerate(every)}
+        path = sae_file(sae) + '.concepts.json'
+        with open(path, 'w') as f:
+            json.dump(desc, f, indent=0)
+        print(f"saved a description of each of the {sae_model.n_latents} latents to {path}")
+        raise SystemExit
+    if not 0 <= latent < sae_model.n_latents:
+        raise UserError(f"latent {latent} is out of range: the SAE has latents 0 .. {sae_model.n_latents - 1}")
+    act = (values * (indices == latent)).sum(-1)  # (N, T)
+    print(f"latent {latent}: active on {count[latent]:,} of {n_tokens:,} tokens "
+          f"(freq {count[latent] / n_tokens:.5f})")
+    print(f"promotes: {promoted(sae_model, teacher_model, enc, [latent])[0]}")
+    for value, flat in zip(*act.flatten().topk(min(10, int(count[latent])))):
+        w, t = divmod(flat.item(), context)
+        left = enc.decode(idx[w, max(0, t - window):t].tolist())
+        right = enc.decode(idx[w, t + 1:t + 1 + window].tolist())
+        print(f"  {value.item():8.3f}  {left!r} [[{enc.decode([idx[w, t].item()])!r}]] {right!r}")
