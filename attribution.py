@@ -87,6 +87,18 @@ def concept_labels(teacher, sae, idx, sae_layer, k_attr=4, method='attribution',
     return (labels, top.values) if return_scores else labels
 
 
+def label_flops_per_token(cfg, sae_layer, n_concepts, T, backward=True):
+    """The FLOPs labelling must do per token (2 per multiply-add): the teacher's forward, the gradient
+    with respect to the inputs only (one matmul per weight) from the loss back to sae_layer, and the
+    SAE encoder. backward=False: the forward alone (KD's teacher). cfg: the teacher's GPTConfig."""
+    d, after = cfg.n_embd, cfg.n_layer - sae_layer - 1
+    block = 12 * d * d  # a block's matmul weights
+    forward = 2 * (cfg.n_layer * block + cfg.vocab_size * d) + 4 * cfg.n_layer * d * T
+    if not backward:
+        return forward
+    return forward + 2 * (after * block + cfg.vocab_size * d) + 8 * after * d * T + 2 * d * n_concepts
+
+
 def load_concepts(teacher_spec, sae_spec, sae_layer, device, data_meta, data_dir, k_attr=4,
                   method='attribution', concept_topk=0):
     """A run's frozen teacher and (unless sae_spec is None, for KD) its SAE, checked against each other

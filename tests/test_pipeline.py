@@ -81,33 +81,38 @@ def test_study_report_pairs_seeds_and_rewrites_the_readme_block(tmp_path, monkey
 
 
 def test_study_resumes_from_saved_results_only_with_the_same_teacher(tmp_path, monkeypatch):
-    """A run in the saved results is not run again; collect() keeps it beside this machine's runs, and refuses
-    when this machine's teacher (its val loss) is not the one the saved runs were made with."""
+    """A run in the saved results is not run again, nor is any run of a seed made on another kind of
+    machine (seeds are the pairing unit); collect() keeps the saved runs beside this machine's, and
+    refuses a teacher or SAE whose weights (fingerprints) differ from the saved ones."""
     import json
     import pytest
-    import common
-    import sae
+    import torch
     import study
-    from common import UserError
+    from common import UserError, fingerprint, save_checkpoint
+    from sae import TopKSAE
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(study, 'matched_width', lambda student: 56)
+    monkeypatch.setattr(study, 'machine', lambda: 'this cpu')
+    os.makedirs(f'{study.out}/teacher')
+    save_checkpoint({'model': {'w': torch.ones(2)}, 'config': dict(n_layer=4, n_embd=192)}, f'{study.out}/teacher')
+    TopKSAE(4, 8, 2).save(f'{study.out}/sae/sae.pt', {'eval': {'fvu': 0.09}})
+    teacher_id, sae_id = study.identity()
+    assert teacher_id == fingerprint({'w': torch.ones(2)})
+    run = lambda where: dict(final=2.2, params=1, shape='8 x 56', curve=[[0, 3.0]], machine=where)
     saved = {'teacher': 1.8, 'teacher_shape': '4 x 192', 'val_chars': 1000, 'sae': {'fvu': 0.09},
-             'runs': {'8-layer/ntp/0': dict(final=2.2, params=1, shape='8 x 56', curve=[[0, 3.0]])}}
+             'teacher_id': teacher_id, 'sae_id': sae_id,
+             'runs': {'8-layer/ntp/0': run('this cpu'), '8-layer/ntp/1': run('another cpu')}}
     os.makedirs('assets')
     json.dump(saved, open(study.results, 'w'))
     names = [s[0] for s in study.stages()]
-    assert '8-layer ntp seed 0' not in names and '8-layer ntp seed 1' in names and '8-layer kd seed 0' in names
-    os.makedirs(f'{study.out}/teacher')
-    os.makedirs(f'{study.out}/sae')
-    open(f'{study.out}/sae/sae.pt', 'w').close()
-    config = {'config': dict(n_layer=4, n_embd=192)}
-    monkeypatch.setattr(common, 'load_model', lambda run: (None, config))
-    monkeypatch.setattr(sae, 'load_sae', lambda path: (None, {'eval': {'fvu': 0.09}}))
-    teacher_eval = lambda loss: json.dump({'results': {'ppl': {'loss': loss, 'tokens': 1000}}},
-                                          open(f'{study.out}/teacher/eval.json', 'w'))
-    teacher_eval(1.8)  # the same teacher: the saved run is kept
+    assert '8-layer ntp seed 0' not in names and '8-layer kd seed 0' in names  # seed 0: this machine's
+    assert not any(' seed 1' in n for n in names) and '8-layer ntp seed 4' in names  # seed 1: elsewhere
+    json.dump({'results': {'ppl': {'loss': 1.8, 'tokens': 1000}}}, open(f'{study.out}/teacher/eval.json', 'w'))
+    monkeypatch.setattr('common.load_model', lambda run: (None, {'config': dict(n_layer=4, n_embd=192)}))
     study.collect()
-    assert json.load(open(study.results)) == saved
-    teacher_eval(1.7)  # another teacher: refused
-    with pytest.raises(UserError, match='another teacher'):
+    kept = json.load(open(study.results))
+    assert kept['runs'] == json.loads(json.dumps(saved['runs'])) and kept['teacher_id'] == teacher_id
+    torch.manual_seed(1)
+    TopKSAE(4, 8, 2).save(f'{study.out}/sae/sae.pt', {'eval': {'fvu': 0.09}})  # other weights, same FVU
+    with pytest.raises(UserError, match='another teacher or SAE'):
         study.collect()

@@ -33,24 +33,39 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch
 import torch.nn.functional as F
 
-from common import UserError, autocast, configure, setting_names
+from common import DEVICE, DTYPE, UserError, autocast, configure, setting_names
 from model import GPT, GPTConfig, sae_norm
 
 # -----------------------------------------------------------------------------
 parts = 'train,labels,generate,sae'
-batch_size, block_size, vocab_size = 12, 1024, 50257
-n_layer, n_head, n_embd, bias, dropout = 12, 12, 768, True, 0.0
-insert_layer, concept_topk, mix, k_attr = 3, 32, 'interleave', 4
-n_concepts, sae_k, sae_layer = 32768, 32, 5  # the SAE: OpenAI's GPT-2 SAEs are 768 -> 32768, k 32, layer 5
-teacher_layers, teacher_embd = 12, 768  # the teacher's shape (GPT-2 small)
+batch_size = 12
+block_size = 1024
+vocab_size = 50257
+n_layer = 12
+n_head = 12
+n_embd = 768
+bias = True
+dropout = 0.0
+insert_layer = 3
+concept_topk = 32
+mix = 'interleave'
+k_attr = 4
+n_concepts = 32768  # the SAE: OpenAI's GPT-2 SAEs are 768 -> 32768, k 32, layer 5
+sae_k = 32
+sae_layer = 5
+teacher = 'gpt2'  # smoke: a train.py config's teacher; its shape, with random weights
+teacher_layers = 12  # the teacher's shape (GPT-2 small) where `teacher` names no GPT-2
+teacher_embd = 768
 label_batch = 2  # sequences of block_size per labelling call
 gen_positions = 1024  # generate up to this many positions (16 of prompt)
-sae_tokens, sae_batch = 65536, 4096  # SAE training tokens and batch
+sae_tokens = 65536  # SAE training tokens
+sae_batch = 4096
 nanogpt = ''  # a checkout of karpathy/nanoGPT, for --parts=ntp
 rounds = 5  # alternating rounds (ntp, sae)
 steps = 5  # timed steps per measurement
-device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+smoke_tiny = False  # smoke: every shape shrunk, the same code path on a CPU in a minute
+device = DEVICE
+dtype = DTYPE
 compile = False
 seed = 1337
 run_mode = ''  # internal: the training mode a child process measures
@@ -177,17 +192,12 @@ def bench_ntp():
 
 
 def bench_labels():
-    from attribution import concept_labels
+    from attribution import concept_labels, label_flops_per_token
     teacher, sae = teacher_and_sae()
     idx = torch.randint(0, vocab_size, (label_batch, block_size), device=device)
     with ctx:
         dt = timed(lambda: concept_labels(teacher, sae, idx, sae_layer, k_attr), n=3)
-    block = sum(p.numel() for p in teacher.transformer.h[0].parameters())
-    forward = 2 * teacher.get_num_params() + 4 * teacher_layers * teacher_embd * block_size  # matmuls + attention
-    # the input gradient costs one matmul per weight (2 per parameter) and 8Td per layer in attention
-    backward = 2 * ((teacher_layers - sae_layer - 1) * block + V * teacher_embd) + \
-        8 * (teacher_layers - sae_layer - 1) * teacher_embd * block_size
-    flops = (forward + backward + 2 * teacher_embd * n_concepts) * idx.numel() / dt
+    flops = label_flops_per_token(teacher.config, sae_layer, n_concepts, block_size) * idx.numel() / dt
     ntp = gpt(teacher_layers, teacher_embd, teacher_embd // 64)
     ntp_flops = ntp.flops_per_token(block_size) * batch_size * block_size / timed(train_step(ntp), n=3)
     print(f"labels (teacher {teacher_layers} x {teacher_embd}, SAE -> {n_concepts}, k {sae_k}): "
@@ -265,12 +275,97 @@ def bench_sae():
     check('FVU sparsify / ours (higher: ours reconstructs better)', results['sparsify'][0] / results['ours'][0], 1.0)
 
 
+def bench_smoke():
+    """A machine's check before a long run: NTP and CoCoMix (cached and online labels) at the config's
+    shapes, dtype and compile, under this process count (torchrun), with a random teacher and SAE."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from attribution import concept_labels
+    from common import peak_flops, pretrained_shape, setup_distributed
+    from sae import TopKSAE, init_sae
+    rank, world, dev = setup_distributed(device)
+    shape = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, T=block_size, V=V, C=n_concepts, k=sae_k,
+                 B=batch_size, L=insert_layer, K=concept_topk, layer=sae_layer)
+    t_layers, t_embd = teacher_layers, teacher_embd
+    if teacher.startswith('gpt2'):
+        t_layers, t_embd = (pretrained_shape(teacher)[k] for k in ('n_layer', 'n_embd'))
+    if smoke_tiny:
+        shape = dict(n_layer=2, n_head=2, n_embd=64, T=64, V=512, C=256, k=8, B=2, L=1, K=8, layer=0)
+        t_layers, t_embd = 2, 64
+    g = torch.Generator().manual_seed(seed)
+    teacher_model = GPT(GPTConfig(block_size=shape['T'], vocab_size=shape['V'], n_layer=t_layers,
+                                  n_head=max(1, t_embd // 64), n_embd=t_embd)).to(dev).eval().requires_grad_(False)
+    sae = TopKSAE(t_embd, shape['C'], shape['k'])
+    init_sae(sae, torch.randn(1024, t_embd, generator=g))
+    sae = sae.to(dev).eval()
+    x = torch.randint(0, shape['V'], (shape['B'], shape['T']), generator=g).to(dev)
+    rows, problems = {}, []
+    for mode in ('ntp', 'cached', 'online'):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        concepts = dict(n_concepts=shape['C'], concept_topk=shape['K'], insert_layer=shape['L'], mix=mix)
+        model = GPT(GPTConfig(block_size=shape['T'], vocab_size=shape['V'], n_layer=shape['n_layer'], bias=bias,
+                              n_head=shape['n_head'], n_embd=shape['n_embd'], **(concepts if mode != 'ntp' else {})))
+        model.to(dev)
+        step_model = torch.compile(model) if compile else model
+        if world > 1:
+            step_model = DDP(step_model, device_ids=[torch.device(dev).index] if cuda else None)
+        opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 'cuda' if cuda else 'cpu')
+        cached = torch.randint(0, shape['C'], (*x.shape, k_attr), generator=g).to(dev)
+        seconds = dict(teacher=0.0)
+
+        def step():
+            t = time.perf_counter()
+            with ctx:
+                labels = concept_labels(teacher_model, sae, x, shape['layer'], k_attr) if mode == 'online' else \
+                    cached if mode == 'cached' else None
+                sync()
+                seconds['teacher'] += time.perf_counter() - t
+                _, loss, record = step_model(x, x, concept_labels=labels)
+                loss = loss + 0.1 * record['concept'] if labels is not None else loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            seconds['loss'] = loss.item()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(dev)
+        dt = timed(step, n=steps, warmup=2)  # the first steps compile
+        teacher_share = seconds['teacher'] / (steps + 2) / dt if mode == 'online' else 0.0
+        memory = torch.tensor(float(torch.cuda.max_memory_allocated(dev) if cuda else
+                                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024), device=dev)
+        if world > 1:
+            torch.distributed.all_reduce(memory, op=torch.distributed.ReduceOp.MAX)
+        breaks = sum(torch._dynamo.utils.counters['graph_break'].values())
+        flops = model.flops_per_token(shape['T']) * x.numel() * world / dt
+        rows[mode] = dict(tokens=x.numel() * world / dt, flops=flops, memory=memory.item(), breaks=breaks,
+                          teacher=teacher_share, loss=seconds['loss'])
+        if not math.isfinite(seconds['loss']):
+            problems.append(f"{mode}: loss {seconds['loss']}")
+        if breaks:
+            problems.append(f"{mode}: {breaks} graph breaks")
+    peak = peak_flops(dev, dtype)
+    if rank == 0:
+        print(f"smoke ({world} process{'es' if world > 1 else ''}, {dtype}, compile {compile}, "
+              f"{shape['n_layer']} x {shape['n_embd']}, {shape['B']} x {shape['T']} tokens per process, "
+              f"C = {shape['C']}, teacher {t_layers} x {t_embd}):")
+        for mode, r in rows.items():
+            speed = f"MFU {r['flops'] / (peak * world):.1%}" if peak else f"{r['flops'] / 1e9:,.1f} GFLOP/s"
+            print(f"  {mode:>6}: {r['tokens']:,.0f} tokens/s, {speed}, peak memory per process "
+                  f"{r['memory'] / 2 ** 30:.2f} GiB, graph breaks {r['breaks']}" +
+                  (f", teacher {r['teacher']:.0%} of the step" if mode == 'online' else ''))
+        print("smoke: " + ("OK, ready for the long run" if not problems else "FAILED: " + '; '.join(problems)))
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if problems:
+        raise SystemExit(1)
+
+
 if run_mode == 'none':
     print(json.dumps(dict(memory=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))
 elif run_mode:
     train_child(run_mode)
 else:
-    PARTS = dict(train=bench_train, ntp=bench_ntp, labels=bench_labels, generate=bench_generate, sae=bench_sae)
+    PARTS = dict(train=bench_train, ntp=bench_ntp, labels=bench_labels, generate=bench_generate, sae=bench_sae,
+                 smoke=bench_smoke)
     for part in parts.split(','):
         if part not in PARTS:
             raise UserError(f"unknown part '{part}'; use some of {','.join(PARTS)}")

@@ -37,16 +37,20 @@ dtype = DTYPE
 
 
 @torch.no_grad()
-def promoted(sae_model, teacher_model, enc, ids, n=8):
-    """The n tokens each latent's decoder direction raises most through the teacher's final LN and
-    unembedding: a list of token strings per id."""
+def promoted_ids(sae_model, teacher_model, ids, n, n_vocab):
+    """The n token ids (below n_vocab: the head's padding is no token) each latent's decoder direction
+    raises most through the teacher's final LN and unembedding: (len(ids), n)."""
     out = []
     for chunk in torch.tensor(ids).split(1024):  # (1024, V) logits at a time
         direction = sae_model.decoder.weight[:, chunk].t()
         direction = (direction - direction.mean(-1, keepdim=True)) * teacher_model.transformer.ln_f.weight
-        logits = teacher_model.lm_head(direction)[:, :enc.n_vocab]
-        out += [[enc.decode([t]) for t in row] for row in logits.topk(n).indices.tolist()]
-    return out
+        out.append(teacher_model.lm_head(direction)[:, :n_vocab].topk(n).indices)
+    return torch.cat(out)
+
+
+def promoted(sae_model, teacher_model, enc, ids, n=8):
+    """The same as token strings."""
+    return [[enc.decode([t]) for t in row] for row in promoted_ids(sae_model, teacher_model, ids, n, enc.n_vocab).tolist()]
 
 
 @torch.no_grad()

@@ -1,14 +1,18 @@
 """
-The whole CoCoMix pipeline in one command, sized for a laptop CPU (about 12 minutes on 2 cores): prepare the text
-at character level, train a small teacher, its SAE, label the data, train CoCoMix (interleaved, the paper's; and
-added, its ablation) and the NTP baseline with matched active parameters on the same tokens, evaluate them, print
-the comparison and a steered sample of the paper's CoCoMix.
+The whole CoCoMix pipeline in one command, the study's design at a size a newcomer waits for (about 12
+minutes on 2 idle cores): character-level Tiny Shakespeare, a 4 x 192 teacher clearly stronger than the
+students, its SAE, concept labels, then the paper's shape (8 layers, concepts after block 3) trained on
+the same characters in the same order: CoCoMix interleaved (the paper's), CoCoMix added (its ablation)
+and NTP widened to CoCoMix's active parameters; their evaluation beside the study's paired result, and
+a steered sample.
 
-    python tools/pipeline.py                                 # Tiny Shakespeare, shipped with the repository
+    python tools/pipeline.py                        # Tiny Shakespeare, shipped with the repository
     python tools/pipeline.py --input='my_texts/*.txt' --name=mytext
 
-Every stage is an ordinary command (printed before it runs; the configs are config/*_shakespeare_char.py) and
-skips itself when its output exists, is newer than its inputs and was made by the same command.
+Every stage is an ordinary command (printed before it runs; the configs are config/*_shakespeare_char.py)
+and skips itself when its output exists, is newer than its inputs and was made by the same command. The
+thread count of every stage is fixed (the teacher, SAE and labels 2, each student 1, two at a time), so a
+rerun on the same kind of machine gives the same numbers, whatever its number of cores.
 """
 import json
 import os
@@ -33,40 +37,40 @@ py, data, out = sys.executable, f'data/{name}', f'out-{name}'
 common = [f'--dataset={data}', f'--device={device}']
 models = f'--teacher={out}/teacher', f'--sae={out}/sae/sae.pt'
 MODELS = {'ntp': 'NTP', 'cocomix': 'CoCoMix (interleave, the paper)', 'cocomix_add': 'CoCoMix (add)'}
-STAGES = [  # (name, command, inputs, output)
+CONCEPTS = [  # (name, command, inputs, output): the teacher, its SAE and the labels, 2 threads each
     ('prepare', ['prepare.py', 'shakespeare', '--tokenizer=char', f'--out_dir={data}']
      + ([f'--input={input}'] if input else []), [], f'{data}/meta.json'),
     ('teacher', ['train.py', 'config/teacher_shakespeare_char.py', f'--out_dir={out}/teacher'] + common,
      [f'{data}/meta.json', 'config/teacher_shakespeare_char.py'], f'{out}/teacher/ckpt.pt'),
     ('sae', ['sae.py', 'config/sae_shakespeare_char.py', f'--out_dir={out}/sae', models[0]] + common,
      [f'{out}/teacher/ckpt.pt', 'config/sae_shakespeare_char.py'], f'{out}/sae/sae.pt'),
-    ('concepts', ['tools/concepts.py', f'--sae={out}/sae/sae.pt', '--top=5', f'--device={device}'],
-     [f'{out}/sae/sae.pt'], f'{out}/sae/sae.pt.concepts.json'),
     ('labels', ['attribution.py', 'config/cocomix_shakespeare_char.py', *models] + common,
      [f'{out}/sae/sae.pt'], f'{data}/labels_train.json'),
-    ('cocomix', ['train.py', 'config/cocomix_shakespeare_char.py', f'--out_dir={out}/cocomix', '--label_cache=True',
-                 *models] + common,
+]
+STUDENTS = [  # one thread each, two at a time
+    ('concepts', ['tools/concepts.py', f'--sae={out}/sae/sae.pt', '--top=5', f'--device={device}'],
+     [f'{out}/sae/sae.pt'], f'{out}/sae/sae.pt.concepts.json'),
+    ('cocomix', ['train.py', 'config/cocomix_shakespeare_char.py', f'--out_dir={out}/cocomix', *models] + common,
      [f'{data}/labels_train.json', 'config/cocomix_shakespeare_char.py'], f'{out}/cocomix/ckpt.pt'),
-    ('cocomix add', ['train.py', 'config/cocomix_shakespeare_char.py', f'--out_dir={out}/cocomix_add', '--mix=add',
-                     '--label_cache=True', *models] + common,
-     [f'{data}/labels_train.json', 'config/cocomix_shakespeare_char.py'], f'{out}/cocomix_add/ckpt.pt'),
     ('ntp', ['train.py', 'config/ntp_shakespeare_char.py', f'--out_dir={out}/ntp'] + common,
      [f'{data}/meta.json', 'config/ntp_shakespeare_char.py'], f'{out}/ntp/ckpt.pt'),
+    ('cocomix add', ['train.py', 'config/cocomix_shakespeare_char.py', f'--out_dir={out}/cocomix_add',
+                     '--mix=add', *models] + common,
+     [f'{data}/labels_train.json', 'config/cocomix_shakespeare_char.py'], f'{out}/cocomix_add/ckpt.pt'),
 ] + [(f'eval {m}', ['tools/eval.py', f'--out_dir={out}/{m}', '--tasks=ppl', f'--json_out={out}/{m}/eval.json',
-                    f'--device={device}'],
-      [f'{out}/{m}/ckpt.pt'], f'{out}/{m}/eval.json') for m in MODELS]
+                    f'--device={device}'], [f'{out}/{m}/ckpt.pt'], f'{out}/{m}/eval.json') for m in MODELS]
 
 
-def run_stages(stages, stamps_path, jobs=1):
-    """Run (name, command, inputs, output) stages, skipping each one whose output is current (the commands that
-    made the outputs are kept in stamps_path). A stage starts once the stages making its inputs are done; with
-    jobs > 1 that many run at once, each on cpu_count / jobs threads and logging to a file beside stamps_path:
-    two one-thread runs of a small model train ~1.3x more tokens per second than one two-thread run (2-core CPU).
-    Shared with study.py."""
+def run_stages(stages, stamps_path, jobs=1, threads=1):
+    """Run (name, command, inputs, output) stages, skipping each one whose output is current (the
+    commands that made the outputs are kept in stamps_path). A stage starts once the stages making its
+    inputs are done; `jobs` run at once, each on `threads` threads, logging to a file beside stamps_path
+    when jobs > 1. On a 2-core CPU two one-thread runs of a small model train more tokens per second
+    than one two-thread run. Shared with study.py."""
     stamps = json.load(open(stamps_path)) if os.path.exists(stamps_path) else {}
     made_by = {output: stage for stage, _, _, output in stages}
     pending, running, failed = list(stages), {}, []
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // jobs))) if jobs > 1 else None
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     while pending or running:
         waiting = {made_by[s[3]] for s in pending} | {s[0] for s in running.values()}
         ready = [s for s in pending if not any(made_by.get(i) in waiting for i in s[2])]
@@ -107,27 +111,53 @@ def run_stages(stages, stamps_path, jobs=1):
         raise UserError(f"stage '{failed[0]}' failed; fix the cause and run again (done stages are kept)")
 
 
+def readme_block(name, text):
+    """Replace README.md's text between <!-- NAME:begin --> and <!-- NAME:end --> (the study's tables,
+    the steering table) with text."""
+    readme = open('README.md').read()
+    begin, end = f'<!-- {name}:begin -->\n', f'<!-- {name}:end -->'
+    if begin in readme and end in readme:
+        head, rest = readme.split(begin)
+        with open('README.md', 'w') as f:
+            f.write(head + begin + text + '\n' + end + rest.split(end, 1)[1])
+
+
+def study_line(method):
+    """The study's paired result for a method at the same shape, from assets/study_results.json."""
+    import study
+    if method == 'ntp' or not os.path.exists(study.results):
+        return ''
+    runs = study.saved()['runs']
+    final = lambda m: {k.split('/')[2]: v['final'] for k, v in runs.items() if k.startswith(f'8-layer/{m}/')}
+    ntp, other = final('ntp'), final(method)
+    paired = [other[s] - ntp[s] for s in other if s in ntp]
+    return f"{study.ci(paired)}, {len(paired)} seeds" if len(paired) > 1 else ''
+
+
 def main():
     t0 = time.time()
-    run_stages(STAGES, f'{out}/pipeline_stamps.json')
+    stamps = f'{out}/pipeline_stamps.json'
+    run_stages(CONCEPTS, stamps, jobs=1, threads=2)
+    run_stages(STUDENTS, stamps, jobs=2, threads=1)
     import torch
     from common import load_model
-    print(f"\n{'model':<30} {'layers x width':>14} {'active params':>13} {'train tokens':>12} {'val loss':>8} "
-          f"{'val ppl':>7}")
+    print(f"\n{'model':<31} {'layers x width':>14} {'active':>7} {'chars':>10} {'val loss':>8}  "
+          "the study: Δ vs NTP at this shape (95% CI)")
     for m, title in MODELS.items():
         model, ckpt = load_model(f'{out}/{m}')
         c, r = ckpt['config'], json.load(open(f'{out}/{m}/eval.json'))['results']['ppl']
         tokens = c['max_iters'] * c['batch_size'] * c['block_size'] * c['gradient_accumulation_steps']
-        print(f"{title:<30} {model.config.n_layer:>6} x {model.config.n_embd:<6} "
-              f"{model.get_num_params(active=True) / 1e6:>12.2f}M {tokens:>12,} {r['loss']:>8.4f} {r['ppl']:>7.3f}")
+        print(f"{title:<31} {model.config.n_layer:>6} x {model.config.n_embd:<6} "
+              f"{model.get_num_params(active=True) / 1e6:>6.2f}M {tokens:>10,} {r['loss']:>8.4f}  "
+              f"{study_line(m)}")
     model, _ = load_model(f'{out}/cocomix')
     with torch.no_grad():  # steer the concept the student predicts most often on the val text
         from prepare import load_tokens
         x = torch.from_numpy(load_tokens(data, 'val')[:model.config.block_size].astype('int64'))[None]
         concept = model(x, x)[2]['concept_ids'][..., 0].flatten().mode().values.item()
     desc = json.load(open(f'{out}/sae/sae.pt.concepts.json')).get(str(concept), '')
-    sample = ['sample.py', f'--out_dir={out}/cocomix', '--num_samples=1', '--max_new_tokens=200', '--start=ROMEO:',
-              f'--device={device}']
+    sample = ['sample.py', f'--out_dir={out}/cocomix', '--num_samples=1', '--max_new_tokens=200',
+              '--start=ROMEO:', f'--device={device}']
     steered = f"steered: concept {concept} ({desc}) x {steer_alpha:g}"
     for title, extra in (('CoCoMix sample', []), (steered, [f'--steer={concept}:{steer_alpha}'])):
         print(f"\n--- {title}: python {' '.join(sample + extra)}")

@@ -1,26 +1,28 @@
 """
-Does CoCoMix beat next-token prediction at equal tokens? A study sized for a 2-core CPU (about 2 hours):
-character-level Wikipedia, one teacher clearly stronger than every student and its SAE, then students of two
-sizes trained on the same 8.2M characters in the same order per seed: NTP (widened to CoCoMix's active
-parameters), CoCoMix interleaved (the paper's), CoCoMix added (its ablation) and KD, three seeds each.
+Does CoCoMix beat next-token prediction, and at what cost? A study sized for a 2-core CPU: character-level
+Wikipedia, one teacher clearly stronger than every student and its SAE, then students of two sizes
+trained on the same 8.2M characters in the same order per seed: NTP (widened to CoCoMix's active
+parameters), CoCoMix interleaved (the paper's), and the paper's controls: CoCoMix added, predict-only
+(mix=none), activation labels instead of attribution, pause tokens (a learned vector interleaved in the
+concept vector's place, CoCoMix's shape) and KD.
 
-    python tools/study.py --input=enwiki_extract_clean.txt --val_input=wiki.valid.raw   # resumable, run by run; runs
-                                          # in assets/study_results.json count as done (with the same teacher)
-    python tools/study.py --report_only=True    # the README's table and plot again, from assets/study_results.json
-                                          # (first refreshed from out-study/ where the runs are on this machine)
+    python tools/study.py --input=enwiki_extract_clean.txt --val_input=wiki.valid.raw   # resumable
+    python tools/study.py --report_only=True   # the README's tables and plot from assets/study_results.json
+    python tools/study.py ... --teacher_from=ckpt.pt --sae_from=sae.pt   # another machine: add seeds
 
-The text: a plain-text English Wikipedia extract of about 10M characters (a WikiExtractor dump; the teacher
-reads it once, each student 0.77 times) and WikiText-2's validation file wiki.valid.raw as the val split.
-
-The report gives, per size: the final val loss of each method (mean +- std over seeds), its paired difference
-to NTP (the same seed: the same windows in the same order) with a 95% t-interval, and the characters the method
-needs to reach NTP's final loss (the paper's "fewer tokens" measure) with its interval. It writes
-assets/study_results.json (every run's curve and final loss: small, kept in git), the table between the
-study markers of README.md and assets/study_val_loss.png (matplotlib, optional).
+Runs already in assets/study_results.json count as done. Seeds are the pairing unit: every method of a
+seed runs on one kind of machine (floats differ across CPUs), so another machine adds whole new seeds on
+the same teacher and SAE, copied from the first machine (--teacher_from, --sae_from) and checked by
+their weights' fingerprints. The report gives, per size and method: the final val loss (mean, std), the
+paired difference to NTP with a 95% t-interval, the characters needed to reach NTP's final loss, and
+(8 layers) the compute: FLOPs per character with the teacher's labelling, measured time per step, and
+"to reach" at equal FLOPs and equal time. Results go to assets/study_results.json (kept in git), the
+README's study block and assets/study_val_loss.png (matplotlib, optional).
 """
 import json
 import math
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
@@ -28,88 +30,132 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import numpy as np
 
 from common import UserError, atomic_path, configure
-from pipeline import run_stages
+from pipeline import readme_block, run_stages
 
 # -----------------------------------------------------------------------------
 input = ''  # the training text
 val_input = ''  # the val text
 out = 'out-study'
 results = 'assets/study_results.json'
-seeds = 3
-jobs = 2  # runs at once (pipeline.run_stages)
+seeds = 3  # seeds per method, unless the method names its own (method:seeds)
+jobs = 2  # runs at once (pipeline.run_stages), one thread each
 teacher = '--n_layer=4 --n_head=4 --n_embd=192'  # 1.8M parameters, 4x the largest student
 teacher_iters = 2600  # x 4,096 characters: one pass over a 10.7M-character text
+teacher_from = ''  # instead of training: a teacher ckpt.pt copied from the first machine
+sae_from = ''  # likewise its sae.pt
 sae_latents = 1024  # the concept vocabulary
-student_iters = 2000  # x 4,096 characters = 8.2M per student, 5x the earlier study's
+student_iters = 2000  # x 4,096 characters = 8.2M per student
 eval_every = 100  # steps between val estimates (the curves that give "characters to reach")
-eval_windows = 2000  # final val loss: the first eval_windows x 128 characters of the val split, for every run
-large = '--n_layer=8 --n_head=4 --n_embd=48 --insert_layer=3'  # the paper's shape: concepts after block 3 of 8
-large_methods = 'ntp,cocomix,cocomix_add,kd'
-small = '--n_layer=4 --n_head=4 --n_embd=48 --insert_layer=1'  # half the depth: does the gap move with size?
+eval_windows = 2000  # final val loss: the first eval_windows x 128 characters of the val split
+timing_steps = 60  # steps of each method's timing run (the compute table)
+large = '--n_layer=8 --n_head=4 --n_embd=48 --insert_layer=3'  # the paper's shape: concepts after block 3
+large_methods = 'ntp:5,cocomix:5,cocomix_add,kd,pause,predict_only,activation'
+small = '--n_layer=4 --n_head=4 --n_embd=48 --insert_layer=1'  # half the depth: does the gap move?
 small_methods = 'ntp,cocomix'
 report_only = False
 device = 'cpu'
 # -----------------------------------------------------------------------------
-METHODS = {  # method -> (config, overrides)
-    'ntp': ('ntp', ['--mode=ntp', '--window_grid=True']),  # the grid: the windows CoCoMix's label cache uses
-    'kd': ('ntp', ['--mode=kd', '--window_grid=True']),
-    'cocomix': ('cocomix', ['--mix=interleave']),  # the paper's method
-    'cocomix_add': ('cocomix', ['--mix=add']),
+DATA = 'data/study_char'
+METHODS = {  # method -> (config, overrides, dataset); NTP and KD are widened to CoCoMix's active size
+    'ntp': ('ntp', ['--mode=ntp', '--window_grid=True'], DATA),  # the label cache's windows
+    'kd': ('ntp', ['--mode=kd', '--window_grid=True'], DATA),
+    'pause': ('ntp', ['--mode=pause', '--window_grid=True'], DATA),
+    'cocomix': ('cocomix', ['--mix=interleave'], DATA),  # the paper's method
+    'cocomix_add': ('cocomix', ['--mix=add'], DATA),
+    'predict_only': ('cocomix', ['--mix=none'], DATA),
+    'activation': ('cocomix', ['--mix=interleave', '--label_method=activation'], DATA + '_act'),
 }
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t_0.975
+WIDENED = ('ntp', 'kd')
+SAE_LAYER = 1  # config/sae_shakespeare_char.py's
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def sizes():
-    return {'8-layer': (large.split(), large_methods.split(',')), '4-layer': (small.split(), small_methods.split(','))}
+    """size -> (student overrides, {method: seeds})."""
+    methods = lambda spec: {m.split(':')[0]: int((m + f':{seeds}').split(':')[1]) for m in spec.split(',')}
+    return {'8-layer': (large.split(), methods(large_methods)), '4-layer': (small.split(), methods(small_methods))}
+
+
+def student_config(student, width=None, **extra):
+    """The GPTConfig of a study student (block 128, the padded character vocabulary)."""
+    from model import GPTConfig
+    args = {k[2:]: int(v) for k, v in (a.split('=') for a in student)}
+    vocab = math.ceil(json.load(open(f'{DATA}/meta.json'))['vocab_size'] / 64) * 64  # as train.py pads
+    return GPTConfig(block_size=128, vocab_size=vocab, n_layer=args['n_layer'], n_head=args['n_head'], bias=False,
+                     n_embd=width or args['n_embd'], insert_layer=args['insert_layer'], **extra)
 
 
 def matched_width(student):
-    """The NTP width (a multiple of n_head) whose parameters first reach the CoCoMix student's active ones."""
-    from model import GPT, GPTConfig
-    args = {k[2:]: int(v) for k, v in (a.split('=') for a in student)}
-    vocab = math.ceil(json.load(open('data/study_char/meta.json'))['vocab_size'] / 64) * 64  # padded as train.py does
-    base = dict(block_size=128, vocab_size=vocab, n_layer=args['n_layer'], n_head=args['n_head'], bias=False)
-    target = GPT(GPTConfig(**base, n_embd=args['n_embd'], n_concepts=sae_latents, concept_topk=16,
-                           insert_layer=args['insert_layer'])).get_num_params(active=True)
-    width = args['n_embd']
-    while GPT(GPTConfig(**base, n_embd=width)).get_num_params() < target:
-        width += args['n_head']
+    """The NTP width (a multiple of n_head) whose parameters first reach CoCoMix's active ones."""
+    from model import GPT
+    target = GPT(student_config(student, n_concepts=sae_latents, concept_topk=16)).get_num_params(active=True)
+    width = student_config(student).n_embd
+    while GPT(student_config(student, width)).get_num_params() < target:
+        width += student_config(student).n_head
     return width
 
 
+def machine():
+    """The kind of CPU and the torch build: runs of one seed must all come from one kind."""
+    import platform
+    import torch
+    cpu = platform.processor()
+    if os.path.exists('/proc/cpuinfo'):
+        names = re.findall(r'model name\s*:\s*(.*)', open('/proc/cpuinfo').read())
+        cpu = names[0] if names else cpu
+    return f"{cpu}, torch {torch.__version__}"
+
+
+def train_stage(name, run, config, data, extra, needs, iters, models):
+    return (name, ['train.py', f'config/{config}_shakespeare_char.py', f'--out_dir={run}', f'--max_iters={iters}',
+                   f'--lr_decay_iters={student_iters}', *extra, *models, f'--dataset={data}',
+                   f'--device={device}', '--eval_iters=10'], needs, f'{run}/ckpt.pt')
+
+
 def stages():
-    data = 'data/study_char'
-    common = [f'--dataset={data}', f'--device={device}', '--eval_iters=10']
     models = [f'--teacher={out}/teacher', f'--sae={out}/sae/sae.pt']
-    s = [('teacher', ['train.py', 'config/teacher_shakespeare_char.py', *teacher.split(), f'--out_dir={out}/teacher',
-                      f'--max_iters={teacher_iters}', f'--lr_decay_iters={teacher_iters}', '--eval_interval=500',
-                      '--log_interval=100'] + common, [f'{data}/meta.json'], f'{out}/teacher/ckpt.pt'),
-         ('sae', ['sae.py', 'config/sae_shakespeare_char.py', f'--dataset={data}', f'--out_dir={out}/sae', models[0],
-                  f'--n_latents={sae_latents}', '--max_tokens=2000000', f'--device={device}'],
-          [f'{out}/teacher/ckpt.pt'], f'{out}/sae/sae.pt'),
-         ('labels', ['attribution.py', 'config/cocomix_shakespeare_char.py', f'--dataset={data}', *models,
-                     '--splits=train', f'--device={device}'], [f'{out}/sae/sae.pt'], f'{data}/labels_train.json')]
+    copy = ['-c', 'import shutil, sys; shutil.copyfile(sys.argv[1], sys.argv[2])']
+    if teacher_from:  # the first machine's teacher and SAE, checked by fingerprint before any run
+        s = [('teacher', copy + [teacher_from, f'{out}/teacher/ckpt.pt'], [], f'{out}/teacher/ckpt.pt'),
+             ('sae', copy + [sae_from, f'{out}/sae/sae.pt'], [f'{out}/teacher/ckpt.pt'], f'{out}/sae/sae.pt')]
+    else:
+        s = [('teacher', ['train.py', 'config/teacher_shakespeare_char.py', *teacher.split(),
+                          f'--out_dir={out}/teacher', f'--max_iters={teacher_iters}',
+                          f'--lr_decay_iters={teacher_iters}', '--eval_interval=500', '--log_interval=100',
+                          f'--dataset={DATA}', f'--device={device}', '--eval_iters=10'],
+              [f'{DATA}/meta.json'], f'{out}/teacher/ckpt.pt'),
+             ('sae', ['sae.py', 'config/sae_shakespeare_char.py', f'--dataset={DATA}', f'--out_dir={out}/sae',
+                      models[0], f'--n_latents={sae_latents}', '--max_tokens=2000000', f'--device={device}'],
+              [f'{out}/teacher/ckpt.pt'], f'{out}/sae/sae.pt')]
+    for data, method in ((DATA, 'attribution'), (DATA + '_act', 'activation')):
+        s.append((f'labels {method}', ['attribution.py', 'config/cocomix_shakespeare_char.py', f'--dataset={data}',
+                                       *models, '--splits=train', f'--label_method={method}', f'--device={device}'],
+                  [f'{out}/sae/sae.pt', f'{data}/meta.json'], f'{data}/labels_train.json'))
     s.append(evaluation(f'{out}/teacher'))
     width = {size: matched_width(student) for size, (student, _) in sizes().items()}
-    done = saved()['runs']  # runs saved by an earlier machine count as done: only the missing ones run here
-    # the question first (NTP vs the paper's CoCoMix at the paper's shape), then scale, then the other methods
-    order = sorted(((size, student, m) for size, (student, methods) in sizes().items() for m in methods),
+    done, here = saved()['runs'], machine()
+    elsewhere = {k.split('/')[2] for k, v in done.items() if v.get('machine', here) != here}
+    # the question first (NTP vs the paper's CoCoMix at the paper's shape), then scale, then the controls
+    order = sorted(((size, student, m, n) for size, (student, methods) in sizes().items()
+                    for m, n in methods.items()),
                    key=lambda p: (p[2] not in ('ntp', 'cocomix'), p[0] != '8-layer'))
-    for size, student, m in order:
-        config, extra = METHODS[m]
-        needs = [f'{data}/labels_train.json'] if config == 'cocomix' else \
-            [f'{out}/teacher/ckpt.pt'] if m == 'kd' else [f'{data}/meta.json']
-        for seed in range(seeds):
-            if f'{size}/{m}/{seed}' in done:
+    for size, student, m, n in order:
+        config, extra, data = METHODS[m]
+        labels = [f'{data}/labels_train.json'] if config == 'cocomix' else []
+        student_args = student + ([f'--n_embd={width[size]}'] if m in WIDENED else [])
+        for seed in range(n):
+            if f'{size}/{m}/{seed}' in done or str(seed) in elsewhere:  # a seed stays on its machine kind
                 continue
             run = f'{out}/{size}/{m}_s{seed}'
-            s.append((f'{size} {m} seed {seed}',
-                      ['train.py', f'config/{config}_shakespeare_char.py', f'--out_dir={run}', f'--seed={seed}',
-                       f'--max_iters={student_iters}', f'--lr_decay_iters={student_iters}',
-                       f'--eval_interval={eval_every}', '--log_interval=100', '--always_save_checkpoint=True',
-                       *student, *([f'--n_embd={width[size]}'] if config == 'ntp' else []), *extra,
-                       *models] + common, needs, f'{run}/ckpt.pt'))
+            s.append(train_stage(f'{size} {m} seed {seed}', run, config, data,
+                                 [f'--seed={seed}', f'--eval_interval={eval_every}', '--log_interval=100',
+                                  '--always_save_checkpoint=True', *student_args, *extra],
+                                 labels + [f'{out}/teacher/ckpt.pt'], student_iters, models))
             s.append(evaluation(run))
+        if size == '8-layer':  # a short run per method, timed in the same conditions: the compute table
+            s.append(train_stage(f'timing {m}', f'{out}/timing/{m}', config, data,
+                                 ['--eval_interval=100000', '--log_interval=1', *student_args, *extra],
+                                 labels + [f'{out}/teacher/ckpt.pt'], timing_steps, models))
     return s
 
 
@@ -124,43 +170,61 @@ def saved():
     return json.load(open(results)) if os.path.exists(results) else {'runs': {}}
 
 
+def identity():
+    """The fingerprints of this machine's teacher and SAE weights."""
+    import torch
+    from common import fingerprint
+    teacher = torch.load(f'{out}/teacher/ckpt.pt', map_location='cpu', weights_only=True)['model']
+    sae = {k: v for k, v in torch.load(f'{out}/sae/sae.pt', weights_only=True).items() if torch.is_tensor(v)}
+    return fingerprint(teacher), fingerprint(sae)
+
+
+def check_identity(old, teacher_id, sae_id):
+    if old['runs'] and (old.get('teacher_id'), old.get('sae_id')) != (teacher_id, sae_id):
+        raise UserError(f"{results} was made with another teacher or SAE (weights {old.get('teacher_id')}, "
+                        f"{old.get('sae_id')}; here {teacher_id}, {sae_id}): copy the first machine's with "
+                        "--teacher_from and --sae_from, or move the results aside to start over")
+
+
 def collect():
-    """Every finished run's curve and final loss -> the results file (kept in git, so the report outlives out/),
-    beside the saved runs not made on this machine. Those are comparable only if this machine rebuilt the same
-    teacher and SAE: the build is deterministic (one thread, fixed seed); a differing val loss or FVU is an error.
-    Nothing to do before the teacher is evaluated and the SAE trained."""
+    """Every finished run's curve and final loss, and the timing runs' ms per step -> the results file
+    (kept in git), beside the saved runs of any machine. Nothing to do before the teacher and SAE exist."""
     if not (os.path.exists(f'{out}/teacher/eval.json') and os.path.exists(f'{out}/sae/sae.pt')):
         return
     from common import load_model
     from sae import load_sae
+    old, here = saved(), machine()
     teacher_eval = json.load(open(f'{out}/teacher/eval.json'))['results']['ppl']
     c = load_model(f'{out}/teacher')[1]['config']
-    res = {'teacher': teacher_eval['loss'], 'teacher_shape': f"{c['n_layer']} x {c['n_embd']}",
-           'val_chars': teacher_eval['tokens'], 'sae': load_sae(f'{out}/sae/sae.pt')[1]['eval'], 'runs': {}}
-    old = saved()
-    if old['runs'] and (old['teacher'], old['sae']['fvu']) != (res['teacher'], res['sae']['fvu']):
-        raise UserError(f"{results} was made with another teacher or SAE (val {old['teacher']}, FVU "
-                        f"{old['sae']['fvu']}; here {res['teacher']}, {res['sae']['fvu']}): move it aside to rerun all")
-    res['runs'] = old['runs']
+    res = dict(old, teacher=teacher_eval['loss'], teacher_shape=f"{c['n_layer']} x {c['n_embd']}",
+               val_chars=teacher_eval['tokens'], sae=load_sae(f'{out}/sae/sae.pt')[1]['eval'])
+    res['teacher_id'], res['sae_id'] = identity()
+    check_identity(old, res['teacher_id'], res['sae_id'])
+    res['runs'], res['timing'] = dict(old['runs']), dict(old.get('timing', {}))
     for size, (_, methods) in sizes().items():
-        for m in methods:
-            for seed in range(seeds):
+        for m, n in methods.items():
+            for seed in range(n):
                 run = f'{out}/{size}/{m}_s{seed}'
-                if not os.path.exists(f'{run}/eval.json'):
-                    continue
-                model, ckpt = load_model(run)
-                c = ckpt['config']
-                tokens = c['batch_size'] * c['block_size'] * c['gradient_accumulation_steps']
-                res['runs'][f'{size}/{m}/{seed}'] = dict(
-                    final=json.load(open(f'{run}/eval.json'))['results']['ppl']['loss'],
-                    params=model.get_num_params(active=True), shape=f"{c['n_layer']} x {c['n_embd']}",
-                    curve=[(it * tokens, val) for it, _, val in ckpt['history']])
-    with atomic_path(results) as tmp, open(tmp, 'w') as f:  # the file now holds runs from other machines too
+                if os.path.exists(f'{run}/eval.json') and f'{size}/{m}/{seed}' not in old['runs']:
+                    model, ckpt = load_model(run)
+                    c = ckpt['config']
+                    tokens = c['batch_size'] * c['block_size'] * c['gradient_accumulation_steps']
+                    res['runs'][f'{size}/{m}/{seed}'] = dict(
+                        final=json.load(open(f'{run}/eval.json'))['results']['ppl']['loss'], machine=here,
+                        params=model.get_num_params(active=True), shape=f"{c['n_layer']} x {c['n_embd']}",
+                        flops=model.flops_per_token(c['block_size']),
+                        curve=[(it * tokens, val) for it, _, val in ckpt['history']])
+            log = f'{out}/logs/timing_{m}.log'
+            if size == '8-layer' and os.path.exists(log) and os.path.exists(f'{out}/timing/{m}/ckpt.pt'):
+                ms = [float(t) for t in re.findall(r'^iter (\d+):.*time ([\d.]+)ms', open(log).read(), re.M)
+                      for t in [t[1]] if int(t[0]) >= 10]  # after the first steps warm up
+                res['timing'][m] = dict(ms_per_step=float(np.median(ms)), machine=here)
+    with atomic_path(results) as tmp, open(tmp, 'w') as f:
         json.dump(res, f, indent=0)
 
 
 def tokens_to_reach(curve, loss):
-    """Tokens at which a (tokens, val loss) curve first reaches `loss`, linearly interpolated; None if never."""
+    """Tokens at which a (tokens, val loss) curve first reaches `loss`, interpolated; None if never."""
     for (t0, l0), (t1, l1) in zip(curve, curve[1:]):
         if l1 <= loss:
             return t0 + (t1 - t0) * (l0 - loss) / (l0 - l1) if l0 > loss else t0
@@ -173,65 +237,96 @@ def interval(x):
     return x.mean(), (T95.get(len(x) - 1, 1.96) * x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else float('nan'))
 
 
+def ci(x, fmt='+.4f'):
+    mean, half = interval(x)
+    return f"{mean:{fmt}} ({mean - half:{fmt}}, {mean + half:{fmt}})"
+
+
+def compute_rows(res, got, reach):
+    """The 8-layer compute table: FLOPs per character of the student (forward and backward) and of the
+    teacher's work (labels online: every step; cached: the corpus labelled once, charged to one run),
+    the measured ms per step, and 'to reach NTP's final loss' in NTP's characters, FLOPs and time."""
+    from attribution import label_flops_per_token
+    from model import GPTConfig
+    t = res['teacher_shape'].split(' x ')
+    teacher_cfg = GPTConfig(n_layer=int(t[0]), n_embd=int(t[1]), vocab_size=student_config(large.split()).vocab_size)
+    label = label_flops_per_token(teacher_cfg, SAE_LAYER, sae_latents, 128)
+    forward = label_flops_per_token(teacher_cfg, SAE_LAYER, sae_latents, 128, backward=False)
+    corpus = json.load(open(f'{DATA}/meta.json'))['train_tokens']
+    lines = ["| method | student FLOPs/char | + teacher, online | + teacher, cached | ms/step | "
+             "to reach NTP: chars | FLOPs (cached) | time |", '|---' * 8 + '|']
+    ntp = next(iter(got['ntp'].values()))
+    ms_ntp = res.get('timing', {}).get('ntp', {}).get('ms_per_step')
+    for m, r in got.items():
+        v = next(iter(r.values()))
+        budget = v['curve'][-1][0]
+        teacher_cost = label if METHODS[m][0] == 'cocomix' else forward if m == 'kd' else 0
+        cached = v['flops'] + (teacher_cost * corpus / budget if METHODS[m][0] == 'cocomix' else teacher_cost)
+        ms = res.get('timing', {}).get(m, {}).get('ms_per_step')
+        row = [m, f"{v['flops'] / 1e6:.2f}M", f"{(v['flops'] + teacher_cost) / 1e6:.2f}M", f"{cached / 1e6:.2f}M",
+               f"{ms:.0f}" if ms else '—']
+        need = reach.get(m)
+        if m == 'ntp' or not need or any(x is None for x in need):
+            row += ['—' if m == 'ntp' else 'not reached'] * 3
+        else:
+            row += [ci(need, '.2f'), ci([x * cached / ntp['flops'] for x in need], '.2f'),
+                    ci([x * ms / ms_ntp for x in need], '.2f') if ms and ms_ntp else '—']
+        lines.append('| ' + ' | '.join(row) + ' |')
+    return lines
+
+
 def report(res):
-    runs = res['runs']
-    sae = res['sae']
-    lines = [f"Teacher {res['teacher_shape']}: val loss {res['teacher']:.4f}; SAE FVU {sae['fvu']:.4f}. Val loss in "
-             f"nats per character on the first {res['val_chars']:,} characters of WikiText-2's validation text.", '',
-             "| size | method | layers x width | active params | seeds | val loss (mean ± std) | "
+    runs, sae = res['runs'], res['sae']
+    lines = [f"Teacher {res['teacher_shape']}: val loss {res['teacher']:.4f}; SAE FVU {sae['fvu']:.4f}. Val loss "
+             f"in nats per character on the first {res['val_chars']:,} characters of WikiText-2's validation text.",
+             '', "| size | method | layers x width | active params | seeds | val loss (mean ± std) | "
              "Δ vs NTP, paired (95% CI) | chars to reach NTP's final loss (95% CI) |", '|---' * 8 + '|']
-    deltas, leads = {}, []
+    deltas, leads, compute = {}, [], []
     for size, (_, methods) in sizes().items():
         got = {m: {int(k.split('/')[2]): v for k, v in runs.items() if k.startswith(f'{size}/{m}/')} for m in methods}
-        for m in methods:
-            if not got[m]:
-                continue
-            r, finals = got[m], np.array([v['final'] for v in got[m].values()])
-            paired = [s for s in r if s in got['ntp']]
-            delta = reach = '—'
+        got = {m: r for m, r in got.items() if r}
+        reach = {}
+        for m, r in got.items():
+            finals = np.array([v['final'] for v in r.values()])
+            paired = [s for s in r if s in got.get('ntp', {})]
+            delta = need_text = '—'
             if m != 'ntp' and paired:
-                d = [r[s]['final'] - got['ntp'][s]['final'] for s in paired]
-                deltas[(size, m)] = dict(zip(paired, d))
-                mean, half = interval(d)
-                delta = f"{mean:+.4f} ({mean - half:+.4f}, {mean + half:+.4f})"
-                need = [tokens_to_reach(r[s]['curve'], got['ntp'][s]['curve'][-1][1]) for s in paired]
+                deltas[(size, m)] = {s: r[s]['final'] - got['ntp'][s]['final'] for s in paired}
+                delta = ci(list(deltas[(size, m)].values()))
                 budget = r[paired[0]]['curve'][-1][0]
-                if all(t is not None for t in need):
-                    mean, half = interval([t / budget for t in need])
-                    reach = f"{mean:.2f} ({mean - half:.2f}, {mean + half:.2f}) x {budget / 1e6:.1f}M"
-                else:
-                    reach = f"not reached in {sum(t is None for t in need)} of {len(need)} seeds"
-            v = next(iter(r.values()))
-            lines.append(f"| {size} | {m} | {v['shape']} | {v['params'] / 1e3:.0f}K | {len(r)} | "
-                         f"{finals.mean():.4f} ± {finals.std(ddof=1) if len(r) > 1 else 0:.4f} | {delta} | {reach} |")
-            if m != 'ntp' and paired:  # when does NTP catch up? the paired mean of the val curves, point by point
+                need = [tokens_to_reach(r[s]['curve'], got['ntp'][s]['curve'][-1][1]) for s in paired]
+                reach[m] = [x / budget if x is not None else None for x in need]
+                need_text = f"{ci(reach[m], '.2f')} x {budget / 1e6:.1f}M" if None not in need else \
+                    f"not reached in {need.count(None)} of {len(need)} seeds"
+                # when does NTP catch up? the paired mean of the val curves, point by point
                 gap = np.mean([[a[1] - b[1] for a, b in zip(r[s]['curve'], got['ntp'][s]['curve'])] for s in paired], 0)
                 ahead = [t for (t, _), g in zip(r[paired[0]]['curve'][1:], gap[1:]) if g < 0]
                 leads.append(f"{size} {m}: " + ('never ahead of NTP' if not ahead else 'ahead of NTP at the end' if
                              gap[-1] < 0 else f"ahead of NTP until {ahead[-1] / 1e6:.1f}M characters, behind after"))
+            v = next(iter(r.values()))
+            lines.append(f"| {size} | {m} | {v['shape']} | {v['params'] / 1e3:.0f}K | {len(r)} | {finals.mean():.4f} ± "
+                         f"{finals.std(ddof=1) if len(r) > 1 else 0:.4f} | {delta} | {need_text} |")
+        if size == '8-layer' and 'ntp' in got and all('flops' in v for r in got.values() for v in r.values()):
+            compute = compute_rows(res, got, reach)
     lines += ['', 'On the val curves (paired mean over seeds): ' + '; '.join(leads) + '.'] if leads else []
     versus = []
-    for (size, m), d in deltas.items():  # the paper's method against its ablation and KD, seed by seed
+    for (size, m), d in deltas.items():  # the paper's method against each control, seed by seed
         ref = deltas.get((size, 'cocomix'), {})
-        if m != 'cocomix' and ref:  # (interleave - NTP) - (m - NTP) = interleave - m
-            mean, half = interval([ref[s] - d[s] for s in d if s in ref])
-            versus.append(f"{size} {m} {mean:+.4f} ({mean - half:+.4f}, {mean + half:+.4f})")
+        common = [s for s in d if s in ref]
+        if m != 'cocomix' and len(common) > 1:  # (interleave - NTP) - (m - NTP) = interleave - m
+            versus.append(f"{size} {m} {ci([ref[s] - d[s] for s in common])}")
     lines += ['', 'Interleave minus each other method, paired (95% CI): ' + '; '.join(versus) + '.'] if versus else []
     gaps = [deltas.get((size, 'cocomix'), {}) for size in sizes()]
-    if all(gaps) and len(gaps) == 2:  # the same seeds in both sizes: a paired difference of differences
-        common_seeds = [s for s in gaps[0] if s in gaps[1]]
-        mean, half = interval([gaps[0][s] - gaps[1][s] for s in common_seeds])
-        lines += ['', f"Scale: interleave − NTP at 8 layers minus at 4 layers: {mean:+.4f} "
-                      f"({mean - half:+.4f}, {mean + half:+.4f}); negative means the gap favours CoCoMix more "
-                      f"at the larger size."]
+    common = [s for s in gaps[0] if all(s in g for g in gaps)]
+    if len(gaps) == 2 and len(common) > 1:  # the same seeds in both sizes: a paired difference of differences
+        lines += ['', f"Scale: interleave − NTP at 8 layers minus at 4 layers: {ci([gaps[0][s] - gaps[1][s] for s in common])}"
+                      "; negative means the gap favours CoCoMix more at the larger size."]
+    if compute:
+        lines += ['', "Compute at 8 layers (per training character; the study's CoCoMix runs read cached labels; "
+                  "'to reach' in units of NTP's whole run, 95% CI):", ''] + compute
     table = '\n'.join(lines)
     print(table)
-    readme = open('README.md').read()
-    begin, end = '<!-- study:begin -->\n', '<!-- study:end -->'
-    if begin in readme and end in readme:
-        head, rest = readme.split(begin)
-        with open('README.md', 'w') as f:
-            f.write(head + begin + table + '\n' + end + rest.split(end, 1)[1])
+    readme_block('study', table)
     plot(runs)
 
 
@@ -253,7 +348,7 @@ def plot(runs):
             ax.plot(t, v.mean(0), label=f'{m} ({len(curves)} seeds)')
             ax.fill_between(t, v.min(0), v.max(0), alpha=0.2)
         ax.set_title(f'{size} students'), ax.set_xlabel('training characters (M)'), ax.grid(alpha=0.3)
-        ax.set_ylim(top=2.8), ax.legend()
+        ax.set_ylim(top=2.8), ax.legend(fontsize=8)
     np.atleast_1d(axes)[0].set_ylabel('val loss (nats per character)')
     fig.tight_layout()
     fig.savefig('assets/study_val_loss.png', dpi=110)
@@ -263,17 +358,25 @@ def plot(runs):
 if __name__ == '__main__':
     configure(globals())
     if report_only:
-        collect()  # the runs finished so far on this machine, if any (the study may go on in another process)
+        collect()  # the runs finished so far on this machine, if any (the study may go on elsewhere)
     else:
         if not os.path.exists(input) or not os.path.exists(val_input):
-            raise UserError("study.py needs --input=TRAIN_TEXT and --val_input=VAL_TEXT (see its docstring for which)")
+            raise UserError("study.py needs --input=TRAIN_TEXT and --val_input=VAL_TEXT (see its docstring)")
+        if bool(teacher_from) != bool(sae_from):
+            raise UserError("give both --teacher_from and --sae_from (the first machine's files), or neither")
         prepare = ['prepare.py', 'study_char', '--tokenizer=char', f'--input={input}', f'--val_input={val_input}',
-                   '--out_dir=data/study_char']
-        run_stages([('prepare', prepare, [], 'data/study_char/meta.json')], f'{out}/stamps.json')
+                   f'--out_dir={DATA}']
+        link = ['-c', "import os, sys; os.makedirs(sys.argv[2], exist_ok=True); [os.link(f'{sys.argv[1]}/{n}', "
+                "f'{sys.argv[2]}/{n}') for n in ('train.bin', 'val.bin', 'meta.json')]", DATA, DATA + '_act']
+        run_stages([('prepare', prepare, [], f'{DATA}/meta.json'),
+                    ('activation data', link, [f'{DATA}/meta.json'], f'{DATA}_act/meta.json')], f'{out}/stamps.json')
+        all_stages = stages()
+        run_stages(all_stages[:2], f'{out}/stamps.json')  # the teacher and SAE first, then their identity
+        check_identity(saved(), *identity())
         try:
-            run_stages(stages(), f'{out}/stamps.json', jobs)
+            run_stages(all_stages, f'{out}/stamps.json', jobs)
         finally:  # what finished so far is kept, whatever stopped the rest
             collect()
     if not os.path.exists(results):
-        raise UserError(f"no saved results at {results}: run the study first (see study.py's docstring)")
+        raise UserError(f"no saved results at {results}: run the study first (see its docstring)")
     report(json.load(open(results)))
