@@ -1,7 +1,7 @@
 """
-Concept labels for CoCoMix: which SAE latents of the teacher matter for its next-token loss (METHOD.md,
-section 2). Online, train.py calls concept_labels() on each batch; offline, this script labels a
-prepared dataset once, in fixed windows of block_size tokens (a train.py config works as it is):
+Concept labels (METHOD.md, section 2): which of the teacher's SAE latents matter for its next-token
+loss. train.py labels each batch online with concept_labels(); this script labels a prepared dataset
+once, in fixed windows of block_size tokens, for --label_cache=True (a train.py config works as is):
 
     python attribution.py config/cocomix_shakespeare.py     # data/NAME/labels_{train,val}.bin + .json
     torchrun --standalone --nproc_per_node=8 attribution.py config/cocomix_gpt2.py
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import DEVICE, DTYPE, UserError, atomic_path, autocast, configure, fingerprint, load_teacher
-from common import setting_names, setup_distributed
+from common import DEVICE, DTYPE, UserError, atomic_path, autocast, configure, fingerprint
+from common import load_teacher, setting_names, setup_distributed
 from prepare import data_dir_of, load_tokens, read_meta, windows
 from sae import load_sae, teacher_residual
 
@@ -37,7 +37,7 @@ LABEL_METHODS = ('attribution', 'activation', 'attribution_preact', 'attribution
 
 
 def check_setup(teacher, sae, sae_layer, k_attr, method):
-    """A teacher and an SAE that can label together, in one-line errors."""
+    """A teacher and an SAE that can label together, or a one-line error."""
     if method not in LABEL_METHODS:
         raise UserError(f"unknown label_method '{method}'; use one of {', '.join(LABEL_METHODS)}")
     if sae.n_inputs != teacher.config.n_embd:
@@ -51,32 +51,30 @@ def check_setup(teacher, sae, sae_layer, k_attr, method):
 
 
 def concept_labels(teacher, sae, idx, sae_layer, k_attr=4, method='attribution', return_scores=False):
-    """idx (B, T) token ids -> labels (B, T, k_attr): the latents with the largest positive scores; -1
-    where fewer than k_attr latents score above 0, and at each sequence's last position for the
-    gradient methods (it predicts nothing: its gradient is zero). The teacher gets no gradient."""
+    """idx (B, T) -> labels (B, T, k_attr): the latents with the largest positive scores; -1 where
+    fewer score above 0, and at the last position for the gradient methods (it predicts nothing)."""
     check_setup(teacher, sae, sae_layer, k_attr, method)
     with torch.no_grad():
         h = teacher_residual(teacher, idx, sae_layer)
-    if method == 'activation':
-        grad = None
-    else:  # g = dL/dh, L = the teacher's mean next-token loss; backward stops at h
+    grad = None
+    if method != 'activation':  # g = dL/dh for the teacher's mean next-token loss L
         h.requires_grad_(True)
-        with torch.enable_grad():
-            targets = F.pad(idx[:, 1:], (0, 1), value=-1)
-            _, loss = teacher.head(teacher.run_blocks(h, start=sae_layer + 1), targets)
+        with torch.enable_grad():  # backward to h only: the teacher's weights get no gradient
+            _, loss = teacher.head(teacher.run_blocks(h, start=sae_layer + 1),
+                                   F.pad(idx[:, 1:], (0, 1), value=-1))
             grad = torch.autograd.grad(loss, h)[0]
         h = h.detach()
     with torch.no_grad():
-        values, indices, info = sae.encode(h)  # (B, T, k) active latents
+        values, indices, _ = sae.encode(h)  # (B, T, k) active latents
         W = sae.decoder.weight.t()  # (C, d): row i is latent i's decoder direction
         if method == 'attribution_preact':  # Eq. 1 on every latent: a dense (B, T, C) product
             indices = torch.arange(sae.n_latents, device=idx.device).expand(*idx.shape, -1)
             scores = sae.encode_pre(sae.preprocess(h)[0]) * (grad @ W.t())
         elif method == 'activation':
             scores = values
-        else:  # a_i = c_i * (g . W_dec[:, i]) over the k active latents: k gathers, no (d x C) product.
-            # (The exact dL/dc_i also carries the position's std > 0 from the SAE's de-normalisation;
-            # it cannot change the ranking within a position, so it is left out.)
+        else:  # a_i = c_i (g . W_dec[:, i]) on the k active latents: k gathers, no (d x C) product.
+            # The exact dL/dc_i carries the position's std > 0 too (the SAE's de-normalisation): it
+            # cannot change the order within a position, so it is left out.
             scores = values * torch.stack([(W[indices[..., j]] * grad).sum(-1) for j in range(sae.k)], -1)
             if method == 'attribution_neg':  # the concepts whose removal would raise the loss most
                 scores = -scores
@@ -88,11 +86,10 @@ def concept_labels(teacher, sae, idx, sae_layer, k_attr=4, method='attribution',
 
 
 def label_flops_per_token(cfg, sae_layer, n_concepts, T, backward=True):
-    """The FLOPs labelling must do per token (2 per multiply-add): the teacher's forward, the gradient
-    with respect to the inputs only (one matmul per weight) from the loss back to sae_layer, and the
-    SAE encoder. backward=False: the forward alone (KD's teacher). cfg: the teacher's GPTConfig."""
-    d, after = cfg.n_embd, cfg.n_layer - sae_layer - 1
-    block = 12 * d * d  # a block's matmul weights
+    """The FLOPs labelling must do per token: the teacher's forward, the gradient with respect to
+    the inputs only (one matmul per weight) back to sae_layer, the SAE encoder. backward=False: the
+    forward alone (KD's teacher). cfg: the teacher's GPTConfig."""
+    d, after, block = cfg.n_embd, cfg.n_layer - sae_layer - 1, 12 * cfg.n_embd ** 2
     forward = 2 * (cfg.n_layer * block + cfg.vocab_size * d) + 4 * cfg.n_layer * d * T
     if not backward:
         return forward
@@ -101,12 +98,11 @@ def label_flops_per_token(cfg, sae_layer, n_concepts, T, backward=True):
 
 def load_concepts(teacher_spec, sae_spec, sae_layer, device, data_meta, data_dir, k_attr=4,
                   method='attribution', concept_topk=0):
-    """A run's frozen teacher and (unless sae_spec is None, for KD) its SAE, checked against each other
-    and against the data: the SAE's width, its layer and the teacher it was trained on (its file records
-    both), the tokenizer. Returns (teacher, SAE, identity): the fingerprints and settings that
-    checkpoints and label caches record, so that a different teacher or SAE is noticed."""
+    """A run's frozen teacher and its SAE (none for KD: sae_spec None), checked against each other
+    and the data. Returns (teacher, SAE, identity): the fingerprints and settings that checkpoints
+    and label caches record, so that another teacher or SAE is noticed."""
     sae, sae_meta = load_sae(sae_spec) if sae_spec else (None, {})
-    if sae is not None:  # the SAE file first: it is small, and its mismatches need no teacher
+    if sae is not None:  # the SAE file first: small, and its own mismatches need no teacher
         layer = int(sae_spec.split(':')[2]) if sae_spec.startswith('openai:') else \
             sae_meta.get('layer', sae_layer)
         if layer != sae_layer:
@@ -114,23 +110,23 @@ def load_concepts(teacher_spec, sae_spec, sae_layer, device, data_meta, data_dir
                             f"sae_layer={sae_layer}; set --sae_layer={layer} or use another SAE")
         if concept_topk > sae.n_latents:
             raise UserError(f"concept_topk={concept_topk} is more than the SAE's {sae.n_latents} "
-                            "concepts; use a smaller concept_topk")
+                            "concepts")
     teacher = load_teacher(teacher_spec, device, data_meta, data_dir)
     identity = dict(teacher_id=fingerprint(teacher))
     if sae is not None:
         check_setup(teacher, sae, sae_layer, k_attr, method)
         if sae_meta.get('teacher_id', identity['teacher_id']) != identity['teacher_id']:
             raise UserError(f"the SAE {sae_spec} was trained on another teacher (weights "
-                            f"{sae_meta['teacher_id']}, this run's teacher has {identity['teacher_id']}); "
-                            "use the teacher it was trained on or retrain the SAE")
+                            f"{sae_meta['teacher_id']}, this one's {identity['teacher_id']}); use "
+                            "that teacher or retrain the SAE")
         identity.update(n_concepts=sae.n_latents, sae_layer=sae_layer, sae_id=fingerprint(sae))
         sae = sae.to(device)
     return teacher, sae, identity
 
 
 # -----------------------------------------------------------------------------
-# The offline cache: labels_<split>.bin, (N_tokens, k_attr) ids in fixed windows, "no label" = the
-# dtype's maximum, and labels_<split>.json describing exactly what was labelled.
+# The offline cache: labels_<split>.bin, (N_tokens, k_attr) ids in fixed windows ("no label" = the
+# dtype's maximum), and labels_<split>.json, what was labelled
 
 def cache_paths(data_dir, split):
     return os.path.join(data_dir, f'labels_{split}.bin'), os.path.join(data_dir, f'labels_{split}.json')
@@ -141,8 +137,8 @@ def cache_dtype(n_concepts):
 
 
 def describe(data_dir, split, identity, label_method, k_attr, block_size):
-    """What a cache must match to be used: the data file, the teacher's and the SAE's weights (their
-    fingerprints: a file retrained at the same path is noticed) and every setting of the labels."""
+    """What a cache must match to be used: the data file, the teacher's and SAE's weights and every
+    setting of the labels."""
     data_file = os.path.join(data_dir, f'{split}.bin')
     return dict(data_file=os.path.abspath(data_file), data_bytes=os.path.getsize(data_file),
                 teacher_id=identity['teacher_id'], sae_id=identity['sae_id'],
@@ -162,20 +158,20 @@ def load_label_cache(data_dir, split, identity, label_method, k_attr, block_size
             raise UserError(f"the label cache {path} was made with {key}={meta.get(key)!r}, this run "
                             f"has {value!r}; relabel with attribution.py or set label_cache=False")
     if not meta.get('complete'):
-        raise UserError(f"the label cache {path} is unfinished; run attribution.py again to complete it")
+        raise UserError(f"the label cache {path} is unfinished; run attribution.py again")
     return np.memmap(path, dtype=cache_dtype(meta['n_concepts']), mode='r').reshape(-1, k_attr)
 
 
 def label_windows(cache, starts, length):
-    """(B, length, k_attr) labels of the windows starting at `starts`, the marker turned into -1."""
+    """(B, length, k_attr) labels of the windows at `starts`, the marker turned into -1."""
     out = windows(cache, starts, length)
     return out.masked_fill(out == np.iinfo(cache.dtype).max, -1)
 
 
-def label_split(teacher, sae, data_dir, split, expected, device, dtype, batch_size, rank=0, world_size=1):
-    """Label one split in windows of expected['block_size'] tokens, batch_size windows per teacher
-    pass; process `rank` of `world_size` takes every world_size-th batch. A byte per batch in
-    labels_<split>.bin.done records what is written, so a stopped run resumes, on any process count."""
+def label_split(teacher, sae, data_dir, split, expected, device, dtype, batch_size, rank=0, world=1):
+    """Label a split in windows of expected['block_size'] tokens, batch_size windows per pass;
+    process `rank` of `world` takes every world-th batch. labels_<split>.bin.done holds a byte per
+    batch written, so a stopped run resumes, on any number of processes."""
     block_size, k_attr = expected['block_size'], expected['k_attr']
     path, meta_path = cache_paths(data_dir, split)
     n_tokens = len(load_tokens(data_dir, split))
@@ -194,18 +190,17 @@ def label_split(teacher, sae, data_dir, split, expected, device, dtype, batch_si
     barrier()
     labels = np.memmap(path, dtype=dt, mode='r+', shape=(n_tokens, k_attr))
     done = np.memmap(path + '.done', dtype=np.uint8, mode='r+')
-    todo = [b for b in range(rank, n_batches, world_size) if not done[b]]
+    todo = [b for b in range(rank, n_batches, world) if not done[b]]
     t0 = time.time()
-    desc = f'labelling {split}' + (f' (rank {rank})' if world_size > 1 else '')
-    for b in tqdm(todo, desc=desc, position=rank, unit='batch'):
-        w, stop = b * batch_size, min((b + 1) * batch_size, n_windows)
-        idx = windows(load_tokens(data_dir, split), range(w * block_size, stop * block_size, block_size),
-                      block_size)
+    for b in tqdm(todo, desc=f'labelling {split}' + (f' (rank {rank})' if world > 1 else ''),
+                  position=rank, unit='batch'):
+        w, stop = b * batch_size * block_size, min((b + 1) * batch_size, n_windows) * block_size
+        idx = windows(load_tokens(data_dir, split), range(w, stop, block_size), block_size)
         with autocast(device, dtype):
             out = concept_labels(teacher, sae, idx.to(device), expected['sae_layer'], k_attr,
                                  expected['label_method'])
         out = out.reshape(-1, k_attr).cpu().numpy()
-        labels[w * block_size:stop * block_size] = np.where(out < 0, np.iinfo(dt).max, out).astype(dt)
+        labels[w:stop] = np.where(out < 0, np.iinfo(dt).max, out).astype(dt)
         labels.flush()
         done[b] = 1  # only once its labels are on disk
         done.flush()
@@ -214,13 +209,12 @@ def label_split(teacher, sae, data_dir, split, expected, device, dtype, batch_si
     barrier()
     if rank == 0:
         if not done.all():
-            raise UserError(f"{path}: {int((done == 0).sum())} batches are missing; run attribution.py "
-                            "again")
+            raise UserError(f"{path}: {int((done == 0).sum())} batches are missing; run again")
         write_meta(meta_path, dict(expected, complete=True))
-        if os.path.exists(path + '.done'):  # another writer of the same cache may have finished first
+        if os.path.exists(path + '.done'):  # another writer of this cache may have finished first
             os.remove(path + '.done')
-        print(f"{path}: {n_windows * block_size:,} tokens labelled ({rate * world_size:,.0f} tokens/s "
-              f"over {world_size} process{'es' if world_size > 1 else ''})")
+        print(f"{path}: {n_windows * block_size:,} tokens labelled ({rate * world:,.0f} tokens/s, "
+              f"{world} process{'es' if world > 1 else ''})")
 
 
 def barrier():
@@ -234,14 +228,14 @@ def write_meta(path, meta):
 
 
 if __name__ == '__main__':
-    configure(globals(), ignore=setting_names('train.py'))  # a train.py config works as it is
-    rank, world_size, device = setup_distributed(device)  # torchrun: each labels a share of batches
+    configure(globals(), ignore=setting_names('train.py'))
+    rank, world, device = setup_distributed(device)  # torchrun: each process labels its share
     data_dir = data_dir_of(dataset)
     teacher_model, sae_model, identity = load_concepts(teacher, sae, sae_layer, device, read_meta(data_dir),
                                                        data_dir, k_attr, label_method)
     for split in splits.split(','):
         expected = describe(data_dir, split, identity, label_method, k_attr, block_size)
         label_split(teacher_model, sae_model, data_dir, split, expected, device, dtype, batch_size, rank,
-                    world_size)
-    if world_size > 1:
+                    world)
+    if world > 1:
         torch.distributed.destroy_process_group()

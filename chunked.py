@@ -16,8 +16,8 @@ CHUNK_ELEMENTS = 2 ** 25  # logits per chunk in LinearCrossEntropy: 128 MiB in f
 
 
 def gathered_grads(grad, ids, x, weight):
-    """out = (x W^T + b).gather(-1, ids), ids (N, K): given grad = dL/dout (N, K), returns dL/dx (N, d),
-    a sum of K rows of W; dL/dW (C, d), a sparse (C, N) matrix times x; dL/db (C,)."""
+    """out = (x W^T + b).gather(-1, ids), ids (N, K): given grad = dL/dout (N, K), returns dL/dx (N,
+    d), a sum of K rows of W; dL/dW (C, d), a sparse (C, N) matrix times x; dL/db (C,)."""
     grad, x = grad.to(weight.dtype), x.to(weight.dtype)
     grad_x = F.embedding_bag(ids, weight, per_sample_weights=grad, mode='sum')
     if torch.compiler.is_compiling():  # torch.compile cannot trace sparse tensors: K scatters of (N, d)

@@ -1,16 +1,14 @@
 """
-What every script shares: settings (nanoGPT's configurator, but strict), one-line errors, atomic files,
-checkpoints and model loading, mixed precision, torchrun setup and the device's peak FLOP/s.
+What every script shares: settings, one-line errors, atomic files, checkpoints and model loading,
+devices.
 
-Settings are the lower-case globals of a script above its `configure(globals())` call; config files are plain
-Python and `--key=value` overrides both, in order:
+Settings are the globals a script keeps between the two dashed lines at its top. Config files are plain
+Python; they and --key=value overrides apply in order, and a key the script does not have, or a value of
+another type, is a one-line error:
 
     python train.py config/ntp_shakespeare.py --batch_size=32 --compile=False
-
-Every name a config file defines, and every override, must be one of the script's settings (or, for a script
-that reads another's configs, one of that script's: `ignore=`), or the run stops with a one-line error naming the
-key. Values keep the type of the default (an int may stand for a float; a default of None takes anything).
 """
+import ast
 import hashlib
 import json
 import os
@@ -19,19 +17,20 @@ import sys
 import tempfile
 import time
 import urllib.parse
-import ast
-from ast import literal_eval
 from contextlib import contextmanager, nullcontext
 
 import torch
 
 from model import GPT, GPTConfig
 
+DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'  # every script's default device and dtype
+DTYPE = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+
 
 class UserError(SystemExit):
-    """Bad input: exit with status 1 and one line, "error: <what is wrong and how to fix it>", no traceback.
-    Under torchrun every process meets the same bad input, so only rank 0 prints it; the others wait a moment
-    (so that torchrun does not stop rank 0 before it has printed) and exit quietly."""
+    """Bad input: exit with status 1 and one line, "error: <what is wrong and how to fix it>". Under
+    torchrun every process meets the same bad input, so only rank 0 prints it; the others wait a
+    moment (torchrun would stop rank 0 before it printed) and exit quietly."""
 
     def __init__(self, message):
         if int(os.environ.get('RANK', '0')) != 0:
@@ -44,16 +43,9 @@ class UserError(SystemExit):
 # -----------------------------------------------------------------------------
 # Settings
 
-def settings(namespace):
-    """The settings among a script's globals: lower-case names bound to plain data."""
-    return {k: v for k, v in namespace.items() if not k.startswith('_') and not k.isupper()
-            and isinstance(v, (int, float, bool, str, type(None), tuple, list))}
-
-
 def setting_names(script):
-    """Another script's settings, read without importing it: the names assigned between the two dashed
-    lines at its top, where every script keeps them. A script that accepts that script's config files
-    ignores these keys."""
+    """Another script's settings, read from its source without importing it (a script that accepts
+    that script's config files ignores these keys)."""
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), script)) as f:
         lines = f.read().split('\n')
     start, end = [i for i, line in enumerate(lines) if line.startswith('# ---')][:2]
@@ -61,30 +53,28 @@ def setting_names(script):
     return {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets}
 
 
-def _set(config, key, value, source, ignore, given):
-    if key not in config:
-        if key in ignore:
-            return
-        raise UserError(f"unknown config key '{key}' in {source}; known keys: {', '.join(sorted(config))}")
-    default = config[key]
-    if default is not None and value is not None and type(value) is not type(default):
-        if isinstance(default, float) and type(value) is int:
-            value = float(value)
-        else:
-            raise UserError(f"config key '{key}' in {source} must be {type(default).__name__}, "
-                            f"got {type(value).__name__} {value!r}")
-    config[key] = value
-    given.add(key)
-
-
 def configure(script_globals, argv=None, ignore=(), given=None):
-    """Apply config files and --key=value overrides (in argv order) to the script's settings. Returns the final
-    settings as a plain dict. ignore: keys accepted but unused (another script's settings). given: a set that
-    receives the keys a config file or an override set, for checks of what was asked for explicitly."""
-    argv = sys.argv[1:] if argv is None else argv
+    """Apply config files and --key=value overrides, in argv order, to the script's settings (its
+    lower-case globals of plain data) and return them as a dict. ignore: keys accepted but unused
+    (another script's settings); given: a set that receives the keys set explicitly."""
+    config = {k: v for k, v in script_globals.items() if not k.startswith('_') and k.islower()
+              and isinstance(v, (int, float, bool, str, type(None), tuple, list))}
     given = set() if given is None else given
-    config = settings(script_globals)
-    for arg in argv:
+
+    def put(key, value, source):
+        if key not in config:
+            if key in ignore:
+                return
+            raise UserError(f"unknown config key '{key}' in {source}; known keys: {', '.join(sorted(config))}")
+        default = config[key]
+        if default is not None and value is not None and type(value) is not type(default):
+            if not (isinstance(default, float) and type(value) is int):  # an int may stand for a float
+                raise UserError(f"config key '{key}' in {source} must be {type(default).__name__}, "
+                                f"got {type(value).__name__} {value!r}")
+            value = float(value)
+        config[key] = value
+        given.add(key)
+    for arg in sys.argv[1:] if argv is None else argv:
         if not arg.startswith('--'):
             try:
                 with open(arg) as f:
@@ -96,22 +86,22 @@ def configure(script_globals, argv=None, ignore=(), given=None):
                 exec(compile(source, arg, 'exec'), namespace)
             except SyntaxError as e:
                 raise UserError(f"config file {arg}, line {e.lineno}: {e.msg}; fix the Python there")
-            except Exception as e:  # a config file is plain Python: report where it broke, in one line
+            except Exception as e:  # plain Python: say where it broke, in one line
                 raise UserError(f"config file {arg} failed: {type(e).__name__}: {e}")
             for key, value in namespace.items():
                 if not key.startswith('_') and not callable(value) and type(value).__name__ != 'module':
-                    _set(config, key, value, arg, ignore, given)
+                    put(key, value, arg)
         else:
             key, eq, text = arg[2:].partition('=')
-            if not eq and isinstance(config.get(key), bool):  # a bare --flag turns a boolean setting on
+            if not eq and isinstance(config.get(key), bool):  # a bare --flag turns a boolean on
                 eq, text = '=', 'True'
             if not eq:
                 raise UserError(f"override '{arg}' needs the form --key=value")
             try:
-                value = literal_eval(text)
+                value = ast.literal_eval(text)
             except (SyntaxError, ValueError):
                 value = text  # a bare string such as --device=cuda
-            _set(config, key, value, f"override '{arg}'", ignore, given)
+            put(key, value, f"override '{arg}'")
     script_globals.update(config)
     return config
 
@@ -121,9 +111,10 @@ def configure(script_globals, argv=None, ignore=(), given=None):
 
 @contextmanager
 def atomic_path(path):
-    """with atomic_path(path) as tmp: write tmp. The file appears at `path` only once the block succeeded, through
-    a rename: a crash mid-write leaves the previous file intact. The temporary name is this process's own, so a
-    file left by a killed run is never in the way (and never taken for a finished one)."""
+    """with atomic_path(path) as tmp: write tmp. The file appears at `path` only if the block
+    succeeds, by a rename: a crash mid-write leaves the previous file intact. The temporary name is
+    this process's own, so a file left by a killed run is never in the way, nor taken for a finished
+    one."""
     folder = os.path.dirname(path) or '.'
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + '.', suffix='.tmp')
@@ -148,15 +139,15 @@ def load_checkpoint(out_dir, device='cpu', name='ckpt.pt'):
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}; train one with train.py (out_dir={out_dir})")
     try:
-        return torch.load(path, map_location=device, weights_only=True)  # plain data only: no code runs on load
-    except Exception as e:  # truncated or not a checkpoint: say so in one line
-        raise UserError(f"cannot read the checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                        "it is truncated or not a checkpoint: restore it or train again")
+        return torch.load(path, map_location=device, weights_only=True)  # data only: no code runs
+    except Exception as e:
+        raise UserError(f"cannot read the checkpoint {path} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120]}); it is truncated or not a checkpoint")
 
 
 def load_model(spec, device='cpu', dropout=0.0, **extra):
-    """'gpt2', 'gpt2-medium', ... (the hub), a folder of GPT-2 weights, or a train.py out_dir -> (model in
-    eval mode, the checkpoint or None). extra: CoCoMix or pause settings added to a pretrained GPT-2."""
+    """'gpt2*' (the hub), a folder of GPT-2 weights or a train.py out_dir -> (model in eval mode,
+    its checkpoint or None). extra: CoCoMix or pause settings added to a pretrained GPT-2."""
     if os.path.isdir(spec) and not os.path.exists(os.path.join(spec, 'config.json')):
         checkpoint = load_checkpoint(spec, device)
         args = {k: v for k, v in checkpoint['model_args'].items() if k in GPTConfig.__dataclass_fields__}
@@ -166,32 +157,26 @@ def load_model(spec, device='cpu', dropout=0.0, **extra):
         folder = spec if os.path.isdir(spec) else hub_folder(spec)
         checkpoint, model = None, GPT.from_pretrained(folder, dropout, **extra)
     else:
-        raise UserError(f"'{spec}' is neither gpt2* nor a folder holding ckpt.pt or a transformers config.json")
+        raise UserError(f"'{spec}' is neither gpt2* nor a folder with ckpt.pt or a transformers config.json")
     return model.to(device).eval(), checkpoint
 
 
-GPT2_SHAPES = {'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024), 'gpt2-large': (36, 20, 1280),
-               'gpt2-xl': (48, 25, 1600)}  # n_layer, n_head, n_embd of OpenAI's four GPT-2s
-
-
 def pretrained_shape(spec):
-    """The architecture of a pretrained GPT-2 (hub name or folder), without loading its weights."""
+    """A pretrained GPT-2's architecture (a hub name or a folder), without loading its weights."""
+    shapes = {'gpt2': (12, 12, 768, 1024), 'gpt2-medium': (24, 16, 1024, 1024),
+              'gpt2-large': (36, 20, 1280, 1024), 'gpt2-xl': (48, 25, 1600, 1024)}
     if os.path.isdir(spec):
         with open(os.path.join(spec, 'config.json')) as f:
             hf = json.load(f)
-        shape = hf['n_layer'], hf['n_head'], hf['n_embd']
-        block_size, vocab_size = hf['n_positions'], hf['vocab_size']
-    else:
-        if spec not in GPT2_SHAPES:
-            raise UserError(f"unknown model '{spec}'; use one of {', '.join(GPT2_SHAPES)} or a folder")
-        shape, block_size, vocab_size = GPT2_SHAPES[spec], 1024, 50257
-    return dict(zip(('n_layer', 'n_head', 'n_embd'), shape), bias=True, block_size=block_size,
-                vocab_size=vocab_size)
+        shapes[spec] = hf['n_layer'], hf['n_head'], hf['n_embd'], hf['n_positions']
+    if spec not in shapes:
+        raise UserError(f"unknown model '{spec}'; use one of {', '.join(shapes)} or a folder")
+    return dict(zip(('n_layer', 'n_head', 'n_embd', 'block_size'), shapes[spec]), bias=True)
 
 
 def check_hub(what, fix):
-    """Fail at once, in one line, when the Hugging Face hub cannot be reached, instead of after minutes of retries
-    and screens of tracebacks. With HF_HUB_OFFLINE=1 the libraries read their caches: nothing to check."""
+    """Fail at once, in one line, when the Hugging Face hub cannot be reached, rather than after
+    minutes of retries. With HF_HUB_OFFLINE=1 the libraries read their caches: nothing to check."""
     from huggingface_hub import constants  # installed with datasets
     if constants.HF_HUB_OFFLINE:
         return
@@ -203,15 +188,15 @@ def check_hub(what, fix):
 
 
 def hub_folder(name):
-    """The local folder of a GPT-2 model on the Hugging Face hub: from the hub cache, else downloaded."""
+    """The local folder of a GPT-2 model on the Hugging Face hub: cached, else downloaded."""
     from huggingface_hub import snapshot_download
     patterns = ['config.json', 'model.safetensors']
     try:
         return snapshot_download(name, allow_patterns=patterns, local_files_only=True)
     except Exception:  # not cached yet
         pass
-    fix = (f"on a machine with internet run `huggingface-cli download {name} config.json model.safetensors "
-           f"--local-dir DIR`, copy DIR here and pass its path instead of '{name}'")
+    fix = (f"on a machine with internet run `huggingface-cli download {name} config.json "
+           f"model.safetensors --local-dir DIR`, copy DIR here and pass its path instead of '{name}'")
     check_hub(f"'{name}'", fix)
     try:
         return snapshot_download(name, allow_patterns=patterns)
@@ -220,8 +205,9 @@ def hub_folder(name):
 
 
 def fingerprint(tensors):
-    """A short hash of a module's weights or a state dict: the identity of a teacher or an SAE, recorded in
-    checkpoints and label caches so that a different one (even at the same path) is refused."""
+    """A short hash of a module's weights or a state dict: a teacher's or an SAE's identity,
+    recorded in checkpoints and label caches so that another one, even at the same path, is
+    refused."""
     h = hashlib.sha256()
     items = tensors.state_dict() if isinstance(tensors, torch.nn.Module) else tensors
     for k in sorted(items):
@@ -231,29 +217,25 @@ def fingerprint(tensors):
     return h.hexdigest()[:16]
 
 
-def tokenizer_of(meta):
-    """What identifies a dataset's or a checkpoint's tokenizer: its kind and, for characters, the character set
-    (two char datasets with different texts number their characters differently)."""
-    return (meta['tokenizer'], tuple(meta['chars'])) if meta['tokenizer'] == 'char' else (meta['tokenizer'],)
-
-
 def check_tokenizers(meta, name, other, other_name):
-    """Refuse to pair data and a model (or two models) that tokenize differently. `other` is a dataset meta, or
-    {'vocab_size': V} for a checkpoint that predates recorded tokenizers: then only the sizes can be compared."""
+    """Refuse to pair data and a model (or two models) that tokenize differently: by kind, and for
+    characters by character set (two texts number their characters differently). `other` may be
+    {'vocab_size': V}, a checkpoint older than recorded tokenizers: then only sizes compare."""
     if 'tokenizer' not in other:
         if meta['vocab_size'] > other['vocab_size']:
-            raise UserError(f"{name} has {meta['vocab_size']} token ids but {other_name} only {other['vocab_size']}: "
-                            "they use different tokenizers")
-    elif tokenizer_of(meta) != tokenizer_of(other):
-        kind = lambda m: 'a different character set' if tokenizer_of(m)[0] == 'char' else f"'{m['tokenizer']}'"
-        raise UserError(f"{name} is tokenized with {kind(meta)} but {other_name} with {kind(other)}; "
+            raise UserError(f"{name} has {meta['vocab_size']} token ids but {other_name} only "
+                            f"{other['vocab_size']}: they use different tokenizers")
+        return
+    kind = lambda m: (m['tokenizer'], tuple(m['chars'])) if m['tokenizer'] == 'char' else (m['tokenizer'],)
+    if kind(meta) != kind(other):
+        say = lambda m: 'a different character set' if m['tokenizer'] == 'char' else f"'{m['tokenizer']}'"
+        raise UserError(f"{name} is tokenized with {say(meta)} but {other_name} with {say(other)}; "
                         "prepare the data with the model's tokenizer (prepare.py --tokenizer=...)")
 
 
 def load_teacher(spec, device, data_meta, data_dir):
-    """A frozen teacher in eval mode (any load_model spec), refused when it tokenizes differently from the data:
-    OpenAI's weights use GPT-2's BPE, our checkpoints record their tokenizer (only the vocabulary size in those
-    that predate it)."""
+    """A frozen teacher in eval mode (any load_model spec), refused when it tokenizes differently
+    from the data (OpenAI's weights use GPT-2's BPE; our checkpoints record their tokenizer)."""
     model, checkpoint = load_model(spec, device)
     model.requires_grad_(False)
     tokens = {'tokenizer': 'gpt2'} if checkpoint is None else \
@@ -265,12 +247,8 @@ def load_teacher(spec, device, data_meta, data_dir):
 # -----------------------------------------------------------------------------
 # Devices
 
-DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'  # every script's default device and dtype
-DTYPE = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
-
-
 def autocast(device, dtype):
-    """The mixed-precision context of a script's `dtype` setting: none for float32, else torch.autocast."""
+    """The mixed-precision context of a `dtype` setting: none for float32, else torch.autocast."""
     if dtype not in ('float32', 'bfloat16', 'float16'):
         raise UserError(f"unknown dtype '{dtype}'; use float32, bfloat16 or float16")
     return nullcontext() if dtype == 'float32' else \
@@ -278,8 +256,8 @@ def autocast(device, dtype):
 
 
 def setup_distributed(device):
-    """Under torchrun (RANK set): join the process group (nccl on CUDA, gloo on CPU) and take this process's GPU.
-    Returns (rank, world_size, device); (0, 1, device) without torchrun."""
+    """Under torchrun (RANK set): join the process group (nccl on CUDA, gloo on CPU) and take this
+    process's GPU. Returns (rank, world_size, device)."""
     if 'RANK' not in os.environ:
         return 0, 1, device
     torch.distributed.init_process_group(backend='nccl' if 'cuda' in device else 'gloo')
@@ -290,12 +268,31 @@ def setup_distributed(device):
 
 
 def peak_flops(device, dtype):
-    """The datasheet's peak dense FLOP/s of common GPUs for MFU, or None where none is known (CPUs included: a
-    guess, or a quick matmul benchmark on a busy machine, puts MFU above 100%; FLOP/s are shown instead)."""
+    """The datasheet's peak dense FLOP/s of common GPUs, for MFU; None where unknown (CPUs too: a
+    guessed peak misleads, so FLOP/s are shown instead)."""
     if 'cuda' in str(device):
         name = torch.cuda.get_device_name(device)
         bf16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12, '4090': 165e12}
         for key, flops in bf16.items():
             if key in name:
-                return flops if dtype != 'float32' else flops / 16  # TF32 off: roughly the fp32 CUDA-core rate
+                return flops if dtype != 'float32' else flops / 16  # TF32 off: about the fp32 rate
     return None
+
+
+SAFETENSORS_DTYPES = {'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16}
+
+
+def read_safetensors(path):
+    """A .safetensors file -> {name: tensor}: an 8-byte header length, a JSON header of dtypes,
+    shapes and byte offsets, then the raw bytes (simple enough to need no package)."""
+    with open(path, 'rb') as f:
+        header, data = json.loads(f.read(int.from_bytes(f.read(8), 'little'))), bytearray(f.read())
+    out = {}
+    for name, info in header.items():
+        if name != '__metadata__':
+            start, end = info['data_offsets']
+            dtype = SAFETENSORS_DTYPES[info['dtype']]
+            raw = data[start:end]
+            tensor = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+            out[name] = tensor.view(info['shape'])
+    return out

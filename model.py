@@ -7,7 +7,6 @@ which concepts (latents of a teacher's sparse autoencoder) are active, compresse
 one continuous vector, and GPT.forward mixes that vector into the hidden states of the later blocks.
 Shapes: B batch, T time, d = n_embd channels, V vocabulary, C = n_concepts, K = concept_topk.
 """
-import inspect
 import json
 import math
 import os
@@ -230,9 +229,8 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def get_num_params(self, non_embedding=True, active=False):
-        """Parameters, without the position embeddings by default (the token embeddings count once:
-        they are the output head too). active: as the paper counts CoCoMix, only the K compression
-        rows a token uses, not all C."""
+        """Parameters, without the position embeddings by default (the tied token embeddings count
+        once). active: as the paper counts CoCoMix, only the K compression rows a token uses."""
         n_params = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n_params -= self.transformer.wpe.weight.numel()
@@ -320,6 +318,7 @@ class GPT(nn.Module):
                               n_layer=hf['n_layer'], n_head=hf['n_head'], n_embd=hf['n_embd'],
                               dropout=dropout, **extra))
         path = os.path.join(folder, 'model.safetensors')
+        from common import read_safetensors  # here: common imports this file
         sd_hf = read_safetensors(path) if os.path.exists(path) else torch.load(
             os.path.join(folder, 'pytorch_model.bin'), map_location='cpu', weights_only=True)
         # the hub's files name GPT2Model's weights (h.0...), save_pretrained GPT2LMHeadModel's
@@ -328,8 +327,7 @@ class GPT(nn.Module):
                  if not k.endswith(('.attn.masked_bias', '.attn.bias', 'lm_head.weight'))}
         sd_hf['lm_head.weight'] = sd_hf['transformer.wte.weight']
         # OpenAI's checkpoints use Conv1D modules, which store these weights transposed
-        transposed = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight',
-                      'mlp.c_proj.weight')
+        transposed = ('c_attn.weight', 'attn.c_proj.weight', 'c_fc.weight', 'mlp.c_proj.weight')
         sd = {k: v for k, v in model.state_dict().items()  # the new parts keep their initialisation
               if not k.startswith(('concepts.', 'pause'))}
         assert set(sd_hf) == set(sd), f"mismatched keys: {sorted(set(sd_hf) ^ set(sd))}"
@@ -346,16 +344,15 @@ class GPT(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
                   {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
-        fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
-        extra = {'fused': True} if fused else {}
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+        fused = device_type == 'cuda' or None  # None: PyTorch's default kernel
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
     def flops_per_token(self, T):
         """Training FLOPs (forward and backward) per token at context T: 6 per active parameter plus
         attention (PaLM, appendix B). Interleaving runs the blocks after insert_layer on 2 positions
         per token, each attending over 2T: twice their matmul, four times their attention FLOPs."""
         cfg = self.config
-        interleaved = self.pause is not None or (self.concepts and cfg.mix == 'interleave')
+        interleaved = cfg.pause or (cfg.n_concepts and cfg.mix == 'interleave')
         L_2T = cfg.n_layer - cfg.insert_layer if interleaved else 0
         block = sum(p.numel() for p in self.transformer.h[0].parameters())
         return 6 * (self.get_num_params(active=True) + L_2T * block) + \
@@ -364,8 +361,7 @@ class GPT(nn.Module):
     def check_concepts(self, steer, show_concepts):  # generate's checks; sample.py makes them first
         C = self.config.n_concepts
         if (steer or show_concepts) and not C:
-            raise ValueError("this model predicts no concepts (n_concepts=0 or pause): "
-                             "nothing to steer or show")
+            raise ValueError("this model predicts no concepts: nothing to steer or show")
         if steer and not all(0 <= i < C for i in steer):
             raise ValueError(f"concept ids must be in [0, {C}); got {sorted(steer)}")
 
@@ -402,21 +398,3 @@ class GPT(nn.Module):
             idx = torch.cat((idx, idx_next), dim=1)
         return (idx, torch.stack(shown, 1)) if show_concepts else idx
 
-
-SAFETENSORS_DTYPES = {'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16}
-
-
-def read_safetensors(path):
-    """A .safetensors file -> {name: tensor}: an 8-byte header length, a JSON header of dtypes,
-    shapes and byte offsets, then the raw bytes (simple enough to need no package)."""
-    with open(path, 'rb') as f:
-        header, data = json.loads(f.read(int.from_bytes(f.read(8), 'little'))), bytearray(f.read())
-    out = {}
-    for name, info in header.items():
-        if name != '__metadata__':
-            start, end = info['data_offsets']
-            dtype = SAFETENSORS_DTYPES[info['dtype']]
-            raw = data[start:end]
-            tensor = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-            out[name] = tensor.view(info['shape'])
-    return out

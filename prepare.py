@@ -51,8 +51,9 @@ OPENWEBTEXT = 'Skylion007/openwebtext'  # 21 tar files of .xz archives of .txt d
 
 class CharTokenizer:
     """Character-level ids: one per distinct character of the text, then the end-of-text id. With a
-    vocabulary of ~100 instead of 50257 the output head costs almost nothing, so a CPU learns from far
-    more text per minute (the interface of tiktoken's encodings, as far as this repository uses it)."""
+    vocabulary of ~100 instead of 50257 the output head costs almost nothing, so a CPU learns from
+    far more text per minute (the interface of tiktoken's encodings, as far as this repository uses
+    it)."""
 
     def __init__(self, chars):
         self.chars, self.stoi = chars, {c: i for i, c in enumerate(chars)}
@@ -179,8 +180,8 @@ def hub_documents(path, config, split):
 
 def openwebtext_documents(files):
     """OpenWebText's documents in the order and form its former loading script gave them (the .txt
-    members of the .xz archives in each tar, runs of 3+ newlines squeezed, stripped), without running
-    any script. The order matters: nanoGPT's split is a seeded permutation of it."""
+    members of the .xz archives in each tar, runs of 3+ newlines squeezed, stripped), without
+    running any script. The order matters: nanoGPT's split is a seeded permutation of it."""
     import lzma
     import re
     import tarfile
@@ -360,7 +361,8 @@ def read_meta(data_dir):
 
 
 def windows(data, starts, length):
-    """(len(starts), length, ...) int64 tensor of a memmap's rows starts[i] .. starts[i] + length - 1."""
+    """(len(starts), length, ...) int64 tensor of a memmap's rows starts[i] .. starts[i] + length -
+    1."""
     import torch
     return torch.from_numpy(np.stack([data[s:s + length] for s in starts]).astype(np.int64))
 

@@ -1,12 +1,9 @@
 """
-TopK sparse autoencoders (Gao et al. 2024, OpenAI's architecture and file format): their latents are
-CoCoMix's concepts.
+TopK sparse autoencoders (Gao et al. 2024, OpenAI's format): their latents are CoCoMix's concepts.
 
     python sae.py config/sae_shakespeare.py               # train on a teacher's residual stream
     python sae.py --evaluate=out-sae-shakespeare/sae.pt   # FVU, dead latents, teacher loss spliced
     python tools/concepts.py --sae=out-sae-shakespeare/sae.pt --top=20   # what the latents mean
-
-load_sae() takes a file (OpenAI's or ours) or 'openai:LOCATION:LAYER[:32k|128k]' (downloaded once).
 """
 import math
 import os
@@ -26,18 +23,18 @@ from prepare import data_dir_of, download, load_tokens, read_meta, windows
 # -----------------------------------------------------------------------------
 out_dir = 'out-sae'
 init_from = 'scratch'  # or 'resume' (out_dir/sae_ckpt.pt)
-teacher = ''  # 'gpt2*' or a train.py out_dir; --evaluate reads it from the SAE file by default
-sae_layer = -1  # the block whose output the SAE reads (0-based; GPT-2 small's 5 = block 6 of 12)
+teacher = ''  # 'gpt2*' or a train.py out_dir; --evaluate: the SAE file's by default
+sae_layer = -1  # the block whose output the SAE reads (0-based)
 dataset = ''  # a prepared dataset (prepare.py)
 n_latents = 32768
 k = 32
 normalize = True
 k_aux = 0  # latents in the AuxK loss; 0 = n_inputs // 2
 aux_coef = 1 / 32
-dead_tokens = 10_000_000  # a latent with no activation in this many training tokens is dead
+dead_tokens = 10_000_000  # a latent inactive for this many training tokens is dead
 batch_size = 4096  # activation vectors per step
 context = 64  # tokens per teacher window
-buffer_size = 131072  # activation vectors per refill of the shuffle buffer
+buffer_size = 131072  # activation vectors per shuffle buffer
 max_tokens = 200_000_000
 learning_rate = 0.0  # 0 = Gao et al.'s 2e-4 / sqrt(n_latents / 2^14)
 eval_tokens = 65536  # held-out tokens for evaluation
@@ -53,8 +50,8 @@ OPENAI_URL = 'https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2
 
 
 class TopKSAE(nn.Module):
-    """x -> LN -> pre = W_enc (x - pre_bias) + latent_bias -> keep the k largest, ReLU -> x_hat =
-    W_dec c + pre_bias -> undo the LN. Parameter names and shapes are OpenAI's: their files load."""
+    """x -> LN -> W_enc (x - pre_bias) + latent_bias -> the k largest, ReLU -> W_dec c + pre_bias ->
+    undo the LN. OpenAI's parameter names and shapes: their files load."""
 
     def __init__(self, n_inputs, n_latents, k, normalize=True):
         super().__init__()
@@ -62,14 +59,14 @@ class TopKSAE(nn.Module):
         self.pre_bias = nn.Parameter(torch.zeros(n_inputs))
         self.encoder = nn.Linear(n_inputs, n_latents, bias=False)  # weight (n, d)
         self.latent_bias = nn.Parameter(torch.zeros(n_latents))
-        self.decoder = nn.Linear(n_latents, n_inputs, bias=False)  # weight (d, n): column i, latent i
-        # tokens since each latent was last active (dead latents), and two statistics OpenAI's files keep
+        self.decoder = nn.Linear(n_latents, n_inputs, bias=False)  # column i: latent i's direction
+        # tokens since each latent was last active, and two statistics OpenAI's files keep
         self.register_buffer('stats_last_nonzero', torch.zeros(n_latents, dtype=torch.long))
         self.register_buffer('latents_activation_frequency', torch.ones(n_latents))
         self.register_buffer('latents_mean_square', torch.zeros(n_latents))
 
     def preprocess(self, x):
-        """OpenAI's LN (model.sae_norm). Returns x and what decode needs to undo it."""
+        """OpenAI's LN (model.sae_norm): x and what decode needs to undo it."""
         if not self.normalize:
             return x, None
         x_norm, mu, std = sae_norm(x)
@@ -79,19 +76,19 @@ class TopKSAE(nn.Module):
         return F.linear(x_norm - self.pre_bias, self.encoder.weight, self.latent_bias)  # (..., n)
 
     def encode(self, x):
-        """x (..., d) -> values (..., k), indices (..., k) of the active latents, and info for decode."""
+        """x (..., d) -> the active latents' values and indices (..., k), and info for decode."""
         x_norm, info = self.preprocess(x)
         values, indices = self.encode_pre(x_norm).topk(self.k, dim=-1)
         return F.relu(values), indices, info
 
     def decode_norm(self, values, indices, rows=None):
-        """The k active decoder columns weighted by their values, in normalised space, without
-        pre_bias: a gather of k columns per vector, never the dense (..., n) x (n, d) product. The
-        gather reads a row-major copy of the decoder (`rows`, when the caller already made one):
-        gathering from the transposed view is many times slower on a CPU."""
+        """The k active decoder columns weighted by their values (normalised space, no pre_bias): a
+        gather, not the dense (..., n) x (n, d) product. It reads a row-major copy of the decoder
+        (`rows`, if the caller made one): gathering from the transposed view is slow on a CPU."""
         rows = self.decoder.weight.t().contiguous() if rows is None else rows
-        flat = F.embedding_bag(indices.reshape(-1, indices.size(-1)), rows, mode='sum',
-                               per_sample_weights=values.reshape(-1, values.size(-1)).to(rows.dtype))
+        k = indices.size(-1)
+        flat = F.embedding_bag(indices.reshape(-1, k), rows, mode='sum',
+                               per_sample_weights=values.reshape(-1, k).to(rows.dtype))
         return flat.view(*indices.shape[:-1], self.n_inputs)
 
     def decode(self, values, indices, info):
@@ -103,10 +100,10 @@ class TopKSAE(nn.Module):
         return self.decode(values, indices, info)
 
     def save(self, path, meta=None):
-        """OpenAI's format. Their loader reads only k and postact_fn from activation_state_dict and
-        loads every other top-level key strictly, so our metadata rides inside activation_state_dict."""
+        """OpenAI's format; our metadata rides inside activation_state_dict, where their loader
+        (strict about other keys) reads only k and postact_fn."""
         sd = {k: v.detach().cpu() for k, v in self.state_dict().items()}
-        sd['activation'] = 'TopK'  # OpenAI's loader takes it to mean normalize=True; ours reads the flag
+        sd['activation'] = 'TopK'  # to OpenAI's loader: normalize=True; ours reads the flag
         sd['activation_state_dict'] = {'k': self.k, 'postact_fn': 'ReLU',
                                        'cocomix': dict(meta or {}, normalize=self.normalize)}
         with atomic_path(path) as tmp:
@@ -114,7 +111,7 @@ class TopKSAE(nn.Module):
 
 
 def sae_file(spec, fetch=True, cache_dir=os.path.expanduser('~/.cache/cocomix')):
-    """The local file of an SAE spec: the path itself, or OpenAI's SAE, downloaded once."""
+    """The file of an SAE spec: a path, or 'openai:LOCATION:LAYER[:32k|128k]' downloaded once."""
     if spec.startswith('openai:'):
         parts = spec.split(':')
         if len(parts) not in (3, 4) or not parts[2].isdigit():
@@ -125,16 +122,15 @@ def sae_file(spec, fetch=True, cache_dir=os.path.expanduser('~/.cache/cocomix'))
             try:
                 download(url, path, 'SAE')
             except OSError as e:
-                raise UserError(f"cannot download {url} ({e}); download it elsewhere and pass its path")
+                raise UserError(f"cannot download {url} ({e}); fetch it elsewhere, pass its path")
         spec = path
     if not os.path.exists(spec) and fetch:
-        raise UserError(f"no SAE file at '{spec}'; train one with sae.py or use openai:LOCATION:LAYER")
+        raise UserError(f"no SAE file at '{spec}'; train one with sae.py or use openai:LOC:LAYER")
     return spec
 
 
 def load_sae(spec, n_inputs=None):
-    """A file (OpenAI's or ours) or 'openai:LOCATION:LAYER[:32k|128k]' -> (TopKSAE, our metadata or
-    {}). With n_inputs, an SAE of another width is refused."""
+    """An SAE spec -> (TopKSAE, our metadata or {}); a width other than n_inputs is refused."""
     spec = sae_file(spec)
     sd = torch.load(spec, map_location='cpu', weights_only=True)
     if sd.get('activation') != 'TopK' or 'encoder.weight' not in sd:
@@ -142,24 +138,24 @@ def load_sae(spec, n_inputs=None):
     act, _ = sd.pop('activation_state_dict'), sd.pop('activation')
     n_latents, d = sd['encoder.weight'].shape
     if n_inputs is not None and d != n_inputs:
-        raise UserError(f"the SAE '{spec}' reads {d}-wide vectors but the teacher is {n_inputs} wide; "
-                        "use an SAE trained on this teacher's residual stream")
+        raise UserError(f"the SAE '{spec}' reads {d}-wide vectors but the teacher is {n_inputs} "
+                        "wide; use an SAE trained on this teacher's residual stream")
     sae = TopKSAE(d, n_latents, act['k'], normalize=act.get('cocomix', {}).get('normalize', True))
     sae.load_state_dict(sd)
     return sae.eval(), act.get('cocomix', {})
 
 
 def teacher_residual(teacher, idx, layer):
-    """The residual stream after block `layer` (0-based) of a GPT, what the SAE reads: (B, T, d)."""
+    """The residual stream after block `layer` (0-based), what the SAE reads: (B, T, d)."""
     if not 0 <= layer < teacher.config.n_layer:
-        raise UserError(f"sae_layer={layer} is out of range for a teacher of {teacher.config.n_layer} "
-                        "blocks")
+        raise UserError(f"sae_layer={layer} is out of range for a teacher of "
+                        f"{teacher.config.n_layer} blocks")
     return teacher.run_blocks(teacher.embed(idx), stop=layer + 1)
 
 
 @torch.no_grad()
 def residuals(teacher, idx, layer, dtype, chunk=64):
-    """Teacher residuals after block `layer` of (N, T) windows -> (N, T, d) in fp32, chunk by chunk."""
+    """Teacher residuals of (N, T) windows -> (N, T, d) in fp32, chunk by chunk."""
     device = teacher.lm_head.weight.device
     with autocast(device, dtype):
         return torch.cat([teacher_residual(teacher, idx[i:i + chunk].to(device), layer).float()
@@ -167,18 +163,19 @@ def residuals(teacher, idx, layer, dtype, chunk=64):
 
 
 def split_windows(data_dir, split, n_windows, length, generator=None):
-    """(n_windows, length) token windows: random starts with a generator, else consecutive ones."""
+    """(n_windows, length) token windows: random starts with a generator, else consecutive."""
     data = load_tokens(data_dir, split)
     if len(data) < length + 1:
-        raise UserError(f"the {split} split of {data_dir} has {len(data)} tokens, fewer than {length + 1}")
+        raise UserError(f"the {split} split of {data_dir} has {len(data)} tokens, under {length + 1}")
     if generator is None:
-        return windows(data, range(0, min(n_windows, (len(data) - 1) // length) * length, length), length)
-    return windows(data, torch.randint(len(data) - length, (n_windows,), generator=generator).tolist(),
-                   length)
+        starts = range(0, min(n_windows, (len(data) - 1) // length) * length, length)
+    else:
+        starts = torch.randint(len(data) - length, (n_windows,), generator=generator).tolist()
+    return windows(data, starts, length)
 
 
 def fvu(x, x_hat):
-    """Fraction of variance unexplained: squared error over the variance around the batch mean."""
+    """Fraction of variance unexplained: squared error over variance around the batch mean."""
     return (x_hat - x).pow(2).sum(-1).mean() / (x - x.mean(0)).pow(2).sum(-1).mean()
 
 
@@ -196,17 +193,16 @@ def geometric_median(x, iters=50):
 
 @torch.no_grad()
 def init_sae(sae, sample):
-    """Random unit-norm decoder columns, the encoder their transpose at 1/sqrt(3) of their norm (the
-    norm of nn.Linear's default rows, where sparsify starts: a better FVU early, RESULTS.md), and
-    pre_bias the geometric median of a sample in normalised space."""
+    """Unit-norm random decoder columns, the encoder their transpose at 1/sqrt(3) (the norm of
+    nn.Linear's default rows, where sparsify starts), pre_bias a sample's geometric median."""
     sae.decoder.weight.copy_(F.normalize(torch.randn_like(sae.decoder.weight), dim=0))
     sae.encoder.weight.copy_(sae.decoder.weight.t() / math.sqrt(3))
     sae.pre_bias.copy_(geometric_median(sae.preprocess(sample)[0]))
 
 
 class GatheredLinear(torch.autograd.Function):
-    """(x W^T + b) at the chosen latents idx (N, K), from the product `pre` computed without autograd:
-    the backward touches only the chosen latents (chunked.gathered_grads), not a dense (N, C) gradient."""
+    """(x W^T + b) at the chosen latents idx (N, K), from `pre` computed without autograd: the
+    backward touches the chosen latents only (chunked.gathered_grads), no dense (N, C) gradient."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, pre, idx):
@@ -221,11 +217,11 @@ class GatheredLinear(torch.autograd.Function):
 
 
 def sae_losses(sae, x, dead=None, k_aux=0):
-    """Normalised MSE (the batch's FVU) and the AuxK loss: the top k_aux dead latents reconstruct the
-    detached residual, decoded without the bias (Gao et al. 2024, A.2). Also the active indices."""
+    """The batch's FVU and the AuxK loss (the top k_aux dead latents reconstruct the detached
+    residual without the bias, Gao et al. A.2), and the active indices."""
     x_norm, _ = sae.preprocess(x)
     inputs = x_norm - sae.pre_bias
-    with torch.no_grad():  # choose the latents on the dense product; gradients reach the chosen only
+    with torch.no_grad():  # choose on the dense product; gradients reach the chosen only
         pre = F.linear(inputs, sae.encoder.weight, sae.latent_bias)
         indices = pre.topk(sae.k, dim=-1).indices
         n_aux = min(k_aux, int(dead.sum())) if dead is not None else 0
@@ -244,7 +240,7 @@ def sae_losses(sae, x, dead=None, k_aux=0):
 
 
 def train_step(sae, optimizer, x, k_aux, dead_tokens, aux_coef, dtype='float32'):
-    """One Adam step on a batch of vectors x (N, d); returns the batch FVU and AuxK loss."""
+    """One Adam step on vectors x (N, d): the batch FVU and AuxK loss."""
     with autocast(x.device, dtype):
         fvu_, aux, active = sae_losses(sae, x, sae.stats_last_nonzero > dead_tokens, k_aux)
     optimizer.zero_grad(set_to_none=True)
@@ -252,7 +248,7 @@ def train_step(sae, optimizer, x, k_aux, dead_tokens, aux_coef, dtype='float32')
     with torch.no_grad():
         sae.stats_last_nonzero += len(x)
         sae.stats_last_nonzero[active] = 0
-        # keep only the part of each decoder column's gradient orthogonal to the column, then renormalise
+        # each decoder column keeps the part of its gradient orthogonal to it, then unit norm
         W = sae.decoder.weight
         W.grad -= (W.grad * W).sum(0, keepdim=True) * W
         optimizer.step()
@@ -262,9 +258,8 @@ def train_step(sae, optimizer, x, k_aux, dead_tokens, aux_coef, dtype='float32')
 
 @torch.no_grad()
 def evaluate_sae(sae, teacher, layer, data_dir, n_tokens, context=64, dtype='float32'):
-    """On held-out windows: FVU in normalised and raw space, the fraction of latents never active, and
-    the teacher's next-token loss clean and with the reconstruction spliced in at `layer` (and the KL
-    between the two)."""
+    """On held-out windows: FVU (normalised and raw), the fraction of latents never active, and the
+    teacher's loss clean and with the reconstruction spliced in at `layer`, and their KL."""
     idx = split_windows(data_dir, 'val', max(1, n_tokens // (context + 1)), context + 1)
     pairs, losses = {'norm': ([], []), 'raw': ([], [])}, dict(clean=0.0, spliced=0.0, kl=0.0)
     device = sae.encoder.weight.device
@@ -275,9 +270,10 @@ def evaluate_sae(sae, teacher, layer, data_dir, n_tokens, context=64, dtype='flo
             h = teacher_residual(teacher, x_in, layer).float()
             values, indices, info = sae.encode(h)
             h_hat = sae.decode(values, indices, info).float()
-            logits = [teacher.head(teacher.run_blocks(z, start=layer + 1))[0].float() for z in (h, h_hat)]
+            logits = [teacher.head(teacher.run_blocks(z, start=layer + 1))[0].float()
+                      for z in (h, h_hat)]
         active[indices[values > 0]] = True
-        norm = (lambda z: (z - info[0]) / (info[1] + 1e-5)) if info else (lambda z: z)  # h's own LN
+        norm = (lambda z: (z - info[0]) / (info[1] + 1e-5)) if info else (lambda z: z)  # h's LN
         for name, a, b in (('norm', norm(h), norm(h_hat)), ('raw', h, h_hat)):
             pairs[name][0].append(a.flatten(0, 1)), pairs[name][1].append(b.flatten(0, 1))
         logp = [F.log_softmax(l, -1).flatten(0, 1) for l in logits]
@@ -287,34 +283,34 @@ def evaluate_sae(sae, teacher, layer, data_dir, n_tokens, context=64, dtype='flo
     fvus = {name: fvu(torch.cat(a), torch.cat(b)).item() for name, (a, b) in pairs.items()}
     n = len(idx) * (idx.size(1) - 1)
     return dict(fvu=fvus['norm'], fvu_raw=fvus['raw'], dead_fraction=1 - active.float().mean().item(),
-                loss_clean=losses['clean'] / n, loss_spliced=losses['spliced'] / n, kl=losses['kl'] / n,
-                tokens=n)
+                loss_clean=losses['clean'] / n, loss_spliced=losses['spliced'] / n,
+                kl=losses['kl'] / n, tokens=n)
 
 
 def report(m):
-    return (f"FVU {m['fvu']:.4f} (raw {m['fvu_raw']:.4f}), dead {m['dead_fraction'] * 100:.1f}% of latents, "
-            f"teacher loss {m['loss_clean']:.4f} -> {m['loss_spliced']:.4f} spliced "
-            f"(+{m['loss_spliced'] - m['loss_clean']:.4f}, KL {m['kl']:.4f}) on {m['tokens']:,} held-out tokens")
+    return (f"FVU {m['fvu']:.4f} (raw {m['fvu_raw']:.4f}), dead {m['dead_fraction']:.1%} of latents, "
+            f"teacher loss {m['loss_clean']:.4f} -> {m['loss_spliced']:.4f} spliced (+"
+            f"{m['loss_spliced'] - m['loss_clean']:.4f}, KL {m['kl']:.4f}) on {m['tokens']:,} held-out tokens")
 
 
 if __name__ == '__main__':
     config = configure(globals())
     torch.manual_seed(seed)
-    meta = load_sae(evaluate)[1] if evaluate else {}  # an SAE file knows its teacher, data and layer
+    meta = load_sae(evaluate)[1] if evaluate else {}  # a file of ours names its teacher, data, layer
     teacher, dataset = teacher or meta.get('teacher', ''), dataset or meta.get('dataset', '')
     sae_layer = sae_layer if sae_layer >= 0 else meta.get('layer', -1)
     if not teacher or not dataset or sae_layer < 0:
-        raise UserError("set teacher, dataset and sae_layer (a config such as config/sae_shakespeare.py)")
+        raise UserError("set teacher, dataset and sae_layer (see config/sae_shakespeare.py)")
     data_dir = data_dir_of(dataset)
     teacher_model = load_teacher(teacher, device, read_meta(data_dir), data_dir)
-    if context > teacher_model.config.block_size:
-        raise UserError(f"context={context} is longer than the teacher's block_size "
-                        f"{teacher_model.config.block_size}; use --context={teacher_model.config.block_size}")
+    T = teacher_model.config.block_size
+    if context > T:
+        raise UserError(f"context={context} is longer than the teacher's block_size {T}; use --context={T}")
     if evaluate:
         sae = load_sae(evaluate, teacher_model.config.n_embd)[0].to(device)
         print(report(evaluate_sae(sae, teacher_model, sae_layer, data_dir, eval_tokens, context, dtype)))
         raise SystemExit
-    teacher_residual(teacher_model, torch.zeros(1, 1, dtype=torch.long, device=device), sae_layer)  # checks
+    teacher_residual(teacher_model, torch.zeros(1, 1, dtype=torch.long, device=device), sae_layer)
 
     # the SAE, its optimiser, and the shuffled buffers of teacher activations it trains on
     d = teacher_model.config.n_embd
@@ -350,15 +346,16 @@ if __name__ == '__main__':
         if step % log_interval == 0:
             dead = (sae.stats_last_nonzero > dead_tokens).float().mean().item()
             rate = (step + 1 - bar.initial) * batch_size / (time.time() - t0)
-            bar.set_postfix_str(f"FVU {fvu_.item():.4f} aux {aux.item():.3f} dead {dead:.1%} {rate:,.0f} tok/s")
+            bar.set_postfix_str(f"FVU {fvu_.item():.4f} aux {aux.item():.3f} dead {dead:.1%} "
+                                f"{rate:,.0f} tok/s")
         if (step + 1) % ckpt_interval == 0 or step + 1 == steps:
-            save_checkpoint({'sae': sae.state_dict(), 'optimizer': optimizer.state_dict(), 'step': step + 1,
-                             'config': config}, out_dir, 'sae_ckpt.pt')
+            save_checkpoint(dict(sae=sae.state_dict(), optimizer=optimizer.state_dict(), step=step + 1,
+                                 config=config), out_dir, 'sae_ckpt.pt')
     bar.close()
     tokens_per_s = (steps - bar.initial) * batch_size / max(time.time() - t0, 1e-9)
     sae.eval()
     metrics = evaluate_sae(sae, teacher_model, sae_layer, data_dir, eval_tokens, context, dtype)
-    sae.save(os.path.join(out_dir, 'sae.pt'), dict(teacher=teacher, teacher_id=fingerprint(teacher_model),
-                                                    layer=sae_layer, location='resid_post', dataset=dataset,
-                                                    tokens_trained=steps * batch_size, eval=metrics))
-    print(f"done: {report(metrics)}; trained at {tokens_per_s:,.0f} tokens/s; saved {out_dir}/sae.pt")
+    sae.save(os.path.join(out_dir, 'sae.pt'), dict(
+        teacher=teacher, teacher_id=fingerprint(teacher_model), layer=sae_layer, location='resid_post',
+        dataset=dataset, tokens_trained=steps * batch_size, eval=metrics))
+    print(f"done: {report(metrics)}; {tokens_per_s:,.0f} tokens/s; saved {out_dir}/sae.pt")

@@ -1,13 +1,8 @@
 """
-One training loop for every mode, on one CPU or GPU or many through torchrun.
+One training loop for every mode, on one CPU or GPU or many through torchrun:
 
     python train.py config/ntp_shakespeare.py --max_iters=100
     torchrun --standalone --nproc_per_node=8 train.py config/cocomix_gpt2.py
-    # two nodes, on each: torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --master_addr=IP ...
-
-Settings are the globals below; config files and --key=value override them (common.configure).
-gradient_accumulation_steps counts the micro-batches of all processes together, so the batch does not
-depend on the number of processes.
 """
 import glob
 import math
@@ -17,7 +12,8 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from attribution import LABEL_METHODS, concept_labels, label_windows, load_concepts, load_label_cache
+from attribution import LABEL_METHODS, concept_labels, label_windows, load_concepts
+from attribution import load_label_cache
 from common import DEVICE, DTYPE, UserError, autocast, check_tokenizers, configure, load_checkpoint
 from common import load_model, peak_flops, pretrained_shape, save_checkpoint, setup_distributed
 from model import GPT, GPTConfig, concept_accuracy, kd_loss
@@ -32,9 +28,8 @@ eval_iters = 200  # batches per split (per process) in each evaluation
 eval_only = False  # evaluate once and stop
 always_save_checkpoint = True  # else save only when val loss improves
 init_from = 'scratch'  # 'scratch', 'resume' (from out_dir), 'gpt2', 'gpt2-medium', ... or a folder
-# 'ntp' next-token prediction; 'cocomix' plus concept prediction and mixing; the paper's baselines:
-# 'kd' NTP plus distillation from the teacher, 'pause' a learned vector interleaved after insert_layer
-# blocks, 'kd_pause' both
+# 'ntp', 'cocomix' (concepts predicted and mixed), or the paper's baselines: 'kd' (distillation
+# from the teacher), 'pause' (a learned vector interleaved after insert_layer blocks), 'kd_pause'
 mode = 'ntp'
 # wandb logging (optional package, imported only when on)
 wandb_log = False
@@ -42,11 +37,10 @@ wandb_project = 'cocomix'
 wandb_run_name = 'run'
 # data
 dataset = 'shakespeare'  # a name under data/ or a folder written by prepare.py
-gradient_accumulation_steps = 40  # micro-batches per optimizer step, all processes together
+gradient_accumulation_steps = 40  # micro-batches per step, all processes together
 batch_size = 12  # sequences per micro-batch
 block_size = 1024
-window_grid = False  # windows start on multiples of block_size, as a label cache's do: NTP and
-# CoCoMix runs of one seed then train on the same windows in the same order
+window_grid = False  # windows on the label cache's grid: NTP sees CoCoMix's windows
 # model
 n_layer = 12
 n_head = 12
@@ -88,35 +82,29 @@ given = set()  # the settings that a config file or an override set explicitly
 config = configure(globals(), given=given)
 
 # the settings against each other, before any work
-MODES = ('ntp', 'cocomix', 'kd', 'pause', 'kd_pause')
-if mode not in MODES:
-    raise UserError(f"unknown mode '{mode}'; use one of {', '.join(MODES)}")
+if mode not in ('ntp', 'cocomix', 'kd', 'pause', 'kd_pause'):
+    raise UserError(f"unknown mode '{mode}'; use ntp, cocomix, kd, pause or kd_pause")
+concepts, kd, pause = mode == 'cocomix', mode in ('kd', 'kd_pause'), mode in ('pause', 'kd_pause')
 if mix not in ('interleave', 'add', 'none'):
-    raise UserError(f"unknown mix '{mix}'; use interleave, add or none "
-                    "(the pause-token baseline is --mode=pause)")
-if mix != 'interleave' and mode != 'cocomix':
-    raise UserError(f"mix='{mix}' applies to mode=cocomix only (this run has mode={mode}; the pause "
-                    "baselines interleave); drop --mix or use --mode=cocomix")
-if label_cache and mode != 'cocomix':
-    raise UserError(f"label_cache=True applies to mode=cocomix only (this run has mode={mode})")
-if mode == 'cocomix' and mix == 'none' and lam_concept == 0:
-    raise UserError("lam_concept=0.0 with mix=none leaves the concept head untrained and unused; "
-                    "set lam_concept > 0 or another mix")
-if mode == 'cocomix' and label_method not in LABEL_METHODS:
+    raise UserError(f"unknown mix '{mix}'; use interleave, add or none (pause: --mode=pause)")
+if mix != 'interleave' and not concepts:
+    raise UserError(f"mix='{mix}' applies to mode=cocomix only (this run: {mode})")
+if label_cache and not concepts:
+    raise UserError(f"label_cache=True applies to mode=cocomix only (this run: {mode})")
+if concepts and mix == 'none' and lam_concept == 0:
+    raise UserError("lam_concept=0.0 with mix=none leaves the concept head untrained and unused")
+if concepts and label_method not in LABEL_METHODS:
     raise UserError(f"unknown label_method '{label_method}'; use one of {', '.join(LABEL_METHODS)}")
 if init_from not in ('scratch', 'resume') and not init_from.startswith('gpt2') and \
         not os.path.exists(os.path.join(init_from, 'config.json')):
-    raise UserError(f"unknown init_from '{init_from}'; use scratch, resume, gpt2* or a folder of "
-                    "GPT-2 weights")
-concepts, kd = mode == 'cocomix', mode in ('kd', 'kd_pause')
-pause = mode in ('pause', 'kd_pause')
+    raise UserError(f"unknown init_from '{init_from}'; use scratch, resume, gpt2* or a folder")
 
 # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
 rank, world_size, device = setup_distributed(device)
 ddp, master = 'RANK' in os.environ, rank == 0  # the master logs and saves checkpoints
 if gradient_accumulation_steps % world_size:
-    raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} is not a multiple "
-                    f"of the {world_size} processes; make it one")
+    raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} is no multiple of "
+                    f"the {world_size} processes")
 accum_steps = gradient_accumulation_steps // world_size  # this process's micro-batches per step
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 device_type = 'cuda' if 'cuda' in device else 'cpu'
@@ -126,6 +114,24 @@ ctx = autocast(device, dtype)
 data_dir = data_dir_of(dataset)
 meta = read_meta(data_dir)
 
+
+
+def continued_architecture():
+    """What a resumed run or a GPT-2 start fixes: (its architecture, its source, the checkpoint),
+    once checked that it can continue here; ({}, None, None) from scratch."""
+    if init_from == 'scratch':
+        return {}, None, None
+    if init_from != 'resume':
+        check_tokenizers(meta, f"the data in {data_dir}", {'tokenizer': 'gpt2'}, init_from)
+        return pretrained_shape(init_from), init_from, None
+    checkpoint = load_checkpoint(out_dir, device)
+    if checkpoint['mode'] != mode:
+        raise UserError(f"{out_dir}/ckpt.pt was trained with mode='{checkpoint['mode']}', this run "
+                        f"has mode='{mode}'; set --mode={checkpoint['mode']} or use a new out_dir")
+    check_tokenizers(meta, f"the data in {data_dir}", checkpoint['data_meta'], f"{out_dir}/ckpt.pt")
+    return checkpoint['model_args'], f"{out_dir}/ckpt.pt", checkpoint
+
+
 # the student's shape: this run's settings, or the checkpoint's or pretrained model's it continues
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=math.ceil(meta['vocab_size'] / 64) * 64,  # a multiple of 64: fast
@@ -134,34 +140,20 @@ if concepts:
     model_args.update(concept_topk=concept_topk, insert_layer=insert_layer, mix=mix)
 if pause:
     model_args.update(insert_layer=insert_layer, pause=True)
-checkpoint = load_checkpoint(out_dir, device) if init_from == 'resume' else None
-if checkpoint is not None:
-    if checkpoint.get('mode', 'ntp') != mode:
-        raise UserError(f"{out_dir}/ckpt.pt was trained with mode='{checkpoint.get('mode')}', this "
-                        f"run has mode='{mode}'; set --mode={checkpoint.get('mode')} or use a new out_dir")
-    check_tokenizers(meta, f"the data in {data_dir}", checkpoint['data_meta'], f"{out_dir}/ckpt.pt")
-    fixed, source = checkpoint['model_args'], f"{out_dir}/ckpt.pt"
-elif init_from != 'scratch':
-    check_tokenizers(meta, f"the data in {data_dir}", {'tokenizer': 'gpt2'}, init_from)
-    fixed, source = pretrained_shape(init_from), init_from
-else:
-    fixed, source = {}, None
-ARCH = ('n_layer', 'n_head', 'n_embd', 'bias', 'concept_topk', 'insert_layer', 'mix')  # block_size: crop
+fixed, source, checkpoint = continued_architecture()
+ARCH = ('n_layer', 'n_head', 'n_embd', 'bias', 'concept_topk', 'insert_layer', 'mix')
 asked = {k: config[k] for k in ARCH if k in given and k in fixed and fixed[k] != config[k]}
-if asked:  # a setting the run cannot honour: say so rather than silently train something else
+if asked:  # a setting the run cannot honour: say so, rather than train something else
     had = ', '.join(f"{k}={fixed[k]!r}" for k in asked)
     raise UserError(f"this run asks for {', '.join(f'{k}={v!r}' for k, v in asked.items())} but "
                     f"{source} has {had}; leave those settings out or start a new out_dir")
 if fixed.get('block_size', block_size) < block_size:
-    raise UserError(f"block_size={block_size} is longer than {source}'s {fixed['block_size']}; "
-                    f"use a block_size up to that")
-model_args.update({k: v for k, v in fixed.items() if k in GPTConfig.__dataclass_fields__ and
-                   k not in ('dropout', 'block_size')})
+    raise UserError(f"block_size={block_size} is longer than {source}'s {fixed['block_size']}")
+model_args.update({k: v for k, v in fixed.items() if k in ARCH + ('vocab_size', 'pause')})
 config.update({k: v for k, v in model_args.items() if k in config})  # the record says what ran
 globals().update(config)
-if (concepts or pause) and not 0 <= model_args['insert_layer'] <= model_args['n_layer']:
-    raise UserError(f"insert_layer={model_args['insert_layer']} is outside the student's 0 .. "
-                    f"{model_args['n_layer']} blocks")
+if (concepts or pause) and not 0 <= insert_layer <= n_layer:
+    raise UserError(f"insert_layer={insert_layer} is outside the student's 0 .. {n_layer} blocks")
 
 # the teacher and the SAE: frozen, never wrapped in DDP nor saved (only their fingerprints)
 teacher_model, sae_model, identity, labels = None, None, {}, None
@@ -171,12 +163,13 @@ if concepts or kd:
         concept_topk if concepts else 0)
     if teacher_model.config.block_size < block_size:
         raise UserError(f"block_size={block_size} is longer than the teacher's context "
-                        f"({teacher_model.config.block_size}); use a block_size up to that")
+                        f"({teacher_model.config.block_size})")
 if checkpoint is not None:  # the same teacher, SAE and layer as the run it continues
     for key, value in identity.items():
         if checkpoint['identity'].get(key, value) != value:
-            raise UserError(f"{out_dir}/ckpt.pt was trained with {key}={checkpoint['identity'][key]}, "
-                            f"this run has {value}; use the same teacher and SAE, or a new out_dir")
+            raise UserError(f"{out_dir}/ckpt.pt was trained with {key}="
+                            f"{checkpoint['identity'][key]}, this run has {value}; use the same "
+                            "teacher and SAE, or a new out_dir")
 if concepts:
     model_args['n_concepts'] = sae_model.n_latents
     if label_cache:
@@ -187,14 +180,14 @@ torch.manual_seed(seed)  # the same initial weights on every process and every r
 if init_from in ('scratch', 'resume'):
     model = GPT(GPTConfig(**model_args))
 else:  # OpenAI's weights; the CoCoMix or pause parts on top start freshly initialised
-    extra = {k: model_args[k] for k in ('n_concepts', 'concept_topk', 'insert_layer', 'mix', 'pause')
-             if k in model_args}
+    added = ('n_concepts', 'concept_topk', 'insert_layer', 'mix', 'pause')
+    extra = {k: model_args[k] for k in added if k in model_args}
     model = load_model(init_from, 'cpu', dropout, **extra)[0].train()
     model_args.update(vocab_size=model.config.vocab_size)
 if meta['vocab_size'] > model_args['vocab_size']:
     raise UserError(f"{data_dir} has {meta['vocab_size']} token ids but the model only "
                     f"{model_args['vocab_size']}; prepare the data with the model's tokenizer")
-iter_num, best_val_loss, history, saved_step = 0, float('inf'), [], None  # history: (step, train, val)
+iter_num, best_val_loss, history, saved_step = 0, float('inf'), [], None  # (step, train, val)
 if checkpoint is not None:
     model.load_state_dict(checkpoint['model'])
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
@@ -207,7 +200,7 @@ if master:
     print(f"tokens per iteration: {tokens_per_iter:,} "
           f"({gradient_accumulation_steps} x {batch_size} x {block_size})")
     total, active = model.get_num_params(), model.get_num_params(active=True)
-    print(f"parameters: {total / 1e6:.2f}M" + (f", {active / 1e6:.2f}M active" if active != total else ''))
+    print(f"parameters: {total / 1e6:.2f}M, {active / 1e6:.2f}M active")
     os.makedirs(out_dir, exist_ok=True)
     for stale in glob.glob(os.path.join(out_dir, 'ckpt.pt.*.tmp')):  # left by a killed run
         os.remove(stale)
@@ -223,7 +216,7 @@ raw_model = model  # checkpoints hold the plain module's weights, without wrappe
 if compile:
     model = torch.compile(model)
 if ddp:
-    model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
+    model = DDP(model, device_ids=[torch.device(device).index] if device_type == 'cuda' else None)
 
 # every random draw is a function of (seed, what is drawn, step, global micro-batch) alone, so
 # neither resuming nor the number of processes changes a batch or a dropout mask
@@ -330,24 +323,26 @@ while True:
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
         losses = estimate_loss()
         if master:
-            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            train_loss, val_loss = losses['train'], losses['val']
+            print(f"step {iter_num}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
             if not history or history[-1][0] < iter_num:
-                history.append((iter_num, losses['train'], losses['val']))
+                history.append((iter_num, train_loss, val_loss))
             if wandb_log:
                 speed = {'mfu': running_flops / peak} if peak else {'flops': running_flops}
-                wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'],
+                wandb.log({'iter': iter_num, 'train/loss': train_loss, 'val/loss': val_loss,
                            'lr': get_lr(iter_num) if decay_lr else learning_rate, **speed})
         # every process holds the same averaged losses, so all take the same decision
         if not all(map(math.isfinite, losses.values())):  # never save a blown-up model
             stop(f"the evaluation at step {iter_num} is not finite ({losses})")
-        if iter_num > 0 and not eval_only and (losses['val'] < best_val_loss or always_save_checkpoint):
+        better = losses['val'] < best_val_loss or always_save_checkpoint
+        if iter_num > 0 and not eval_only and better:
             best_val_loss = min(best_val_loss, losses['val'])
             if master:  # the data position and every random draw follow from (seed, iter_num)
-                save_checkpoint({'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
-                                 'scaler': scaler.state_dict(), 'model_args': model_args, 'mode': mode,
-                                 'iter_num': iter_num, 'seed': seed, 'best_val_loss': best_val_loss,
-                                 'config': config, 'data_meta': meta, 'history': history,
-                                 'identity': identity}, out_dir)  # teacher, SAE: a resume uses the same
+                save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                                     scaler=scaler.state_dict(), model_args=model_args, mode=mode,
+                                     iter_num=iter_num, seed=seed, best_val_loss=best_val_loss,
+                                     config=config, data_meta=meta, history=history,
+                                     identity=identity), out_dir)  # a resume needs the same teacher
                 print(f"saved checkpoint to {out_dir}/ckpt.pt")
             saved_step = iter_num
             if ddp:  # no process exits (tearing the group down) before the checkpoint is on disk

@@ -101,7 +101,8 @@ def gpt(layers=n_layer, width=n_embd, heads=n_head, T=block_size, **concepts):
 
 
 def train_step(model, labels=None, labeller=None):
-    """A closure running one AdamW step of model on a random batch; labeller(x) gives online labels."""
+    """A closure running one AdamW step of model on a random batch; labeller(x) gives online
+    labels."""
     opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 'cuda' if cuda else 'cpu')
     step_model = torch.compile(model) if compile else model
     x = torch.randint(0, vocab_size, (batch_size, block_size), device=device)
@@ -276,8 +277,9 @@ def bench_sae():
 
 
 def bench_smoke():
-    """A machine's check before a long run: NTP and CoCoMix (cached and online labels) at the config's
-    shapes, dtype and compile, under this process count (torchrun), with a random teacher and SAE."""
+    """A machine's check before a long run: NTP and CoCoMix (cached and online labels) at the
+    config's shapes, dtype and compile, under this process count (torchrun), with a random teacher
+    and SAE."""
     from torch.nn.parallel import DistributedDataParallel as DDP
     from attribution import concept_labels
     from common import peak_flops, pretrained_shape, setup_distributed

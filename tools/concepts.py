@@ -3,7 +3,8 @@ What an SAE's latents (CoCoMix's concepts) mean: where they fire in the teacher'
 their decoder directions promote.
 
     python tools/concepts.py --sae=out-sae-shakespeare/sae.pt --top=20     # the strongest and most
-                                  # frequent latents; writes a description of each beside the SAE file
+                                  # frequent latents; writes a description of each beside the SAE
+                                  # file
     python tools/concepts.py --sae=out-sae-shakespeare/sae.pt --latent=7   # one latent's top contexts
 
 The teacher, data and layer come from the SAE file (sae.py records them); sample.py --show_concepts
@@ -38,8 +39,8 @@ dtype = DTYPE
 
 @torch.no_grad()
 def promoted_ids(sae_model, teacher_model, ids, n, n_vocab):
-    """The n token ids (below n_vocab: the head's padding is no token) each latent's decoder direction
-    raises most through the teacher's final LN and unembedding: (len(ids), n)."""
+    """The n token ids (below n_vocab: the head's padding is no token) each latent's decoder
+    direction raises most through the teacher's final LN and unembedding: (len(ids), n)."""
     out = []
     for chunk in torch.tensor(ids).split(1024):  # (1024, V) logits at a time
         direction = sae_model.decoder.weight[:, chunk].t()
@@ -88,7 +89,8 @@ if __name__ == '__main__':
             ids = score.topk(top).indices.tolist()
             for i, promotes in zip(ids, promoted(sae_model, teacher_model, enc, ids, 5)):
                 print(f"  {i:6d}  freq {count[i] / n_tokens:.4f}  mean act {mean[i]:.3f}  promotes {promotes}")
-        # one short description per latent: the token of its strongest activation and what it promotes
+        # one short description per latent: the token of its strongest activation and what it
+        # promotes
         peak = torch.zeros(sae_model.n_latents).scatter_reduce(0, indices[on], values[on], 'amax')
         is_peak = on & (values == peak[indices])
         peak_token = torch.zeros(sae_model.n_latents, dtype=torch.long)

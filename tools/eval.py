@@ -39,7 +39,8 @@ device = DEVICE
 dtype = DTYPE
 # -----------------------------------------------------------------------------
 CACHE = os.path.expanduser('~/.cache/cocomix/eval')
-# (file pattern in data_dir, download URL, HF dataset (path, name, split) when no plain file is published)
+# (file pattern in data_dir, download URL, HF dataset (path, name, split) when no plain file is
+# published)
 SOURCES = {
     'lambada': ('lambada_test*.jsonl', 'https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl'),
     'hellaswag': ('hellaswag_val*.jsonl', 'https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl'),
@@ -53,17 +54,18 @@ SOURCES = {
 
 
 class Scorer:
-    """Log-likelihoods of text under one of our models: the three calls lm-evaluation-harness makes. Requests
-    are tuples of arguments, or harness Instances (their .args)."""
+    """Log-likelihoods of text under one of our models: the three calls lm-evaluation-harness makes.
+    Requests are tuples of arguments, or harness Instances (their .args)."""
 
     def __init__(self, model, enc, device, batch_size=16):
         self.model, self.enc, self.device, self.batch_size = model, enc, device, batch_size
         self.block_size = model.config.block_size
 
     def score(self, pieces):
-        """pieces: (token ids, n): the log-probability of the last n tokens given the ones before, and whether
-        each of them is the greedy choice. Left-truncated to block_size + 1 tokens (a continuation longer than
-        that is scored on its last block_size tokens); batched, padded right."""
+        """pieces: (token ids, n): the log-probability of the last n tokens given the ones before,
+        and whether each of them is the greedy choice. Left-truncated to block_size + 1 tokens (a
+        continuation longer than that is scored on its last block_size tokens); batched, padded
+        right."""
         out = []
         for i in range(0, len(pieces), self.batch_size):
             batch = [(ids[-(self.block_size + 1):], min(n, len(ids) - 1, self.block_size))
@@ -96,8 +98,8 @@ class Scorer:
         return self.score(pieces)
 
     def loglikelihood_rolling(self, requests):
-        """[(text,)] -> [log p(text)]: every token scored once, after the end-of-text token, in disjoint
-        block_size windows (the harness's rolling windows with one token of context)."""
+        """[(text,)] -> [log p(text)]: every token scored once, after the end-of-text token, in
+        disjoint block_size windows (the harness's rolling windows with one token of context)."""
         out = []
         for r in requests:
             ids = [self.enc.eot_token] + self.encode(getattr(r, 'args', r)[0])
@@ -107,7 +109,8 @@ class Scorer:
         return out
 
     def generate_until(self, requests):
-        """[(context, {'until': [...], 'max_gen_toks': n})] -> [greedy continuation, cut at the first stop string]."""
+        """[(context, {'until': [...], 'max_gen_toks': n})] -> [greedy continuation, cut at the
+        first stop string]."""
         out = []
         for r in requests:
             context, kwargs = getattr(r, 'args', r)
@@ -122,7 +125,8 @@ class Scorer:
 
 
 def lm_eval_model(scorer):
-    """The Scorer as an lm-evaluation-harness model: lm_eval.simple_evaluate(model=lm_eval_model(s), tasks=[...])."""
+    """The Scorer as an lm-evaluation-harness model: lm_eval.simple_evaluate(model=lm_eval_model(s),
+    tasks=[...])."""
     try:
         from lm_eval.api.model import LM
     except ImportError:
@@ -205,7 +209,8 @@ def choice_items(name, path, data_dir=''):
 
 
 def multiple_choice(scorer, items):
-    """acc: the highest log-likelihood is gold; acc_norm: the same per character of the choice (the harness's)."""
+    """acc: the highest log-likelihood is gold; acc_norm: the same per character of the choice (the
+    harness's)."""
     requests = [(ctx, c) for ctx, choices, _ in items for c in choices]
     ll = iter(scorer.loglikelihood(requests))
     acc = acc_norm = 0
@@ -217,7 +222,8 @@ def multiple_choice(scorer, items):
 
 
 def winogrande(scorer, rows):
-    """Partial scoring, as the harness: the sentence after the blank, given its start with each option filled in."""
+    """Partial scoring, as the harness: the sentence after the blank, given its start with each
+    option filled in."""
     requests, gold = [], []
     for r in rows:
         i = r['sentence'].index('_')
@@ -229,15 +235,16 @@ def winogrande(scorer, rows):
 
 
 def lambada(scorer, rows):
-    """OpenAI's LAMBADA: predict the last word; acc = every token of it greedy; ppl = exp(-mean log p(word))."""
+    """OpenAI's LAMBADA: predict the last word; acc = every token of it greedy; ppl = exp(-mean log
+    p(word))."""
     requests = [(r['text'].rsplit(' ', 1)[0], ' ' + r['text'].rsplit(' ', 1)[1]) for r in rows]
     out = scorer.loglikelihood(requests)
     return {'acc': 100 * np.mean([g for _, g in out]), 'ppl': math.exp(-np.mean([ll for ll, _ in out]))}
 
 
 def wikitext(scorer, path, limit=0):
-    """Word perplexity (per whitespace word of the raw text, the paper's WikiText number), token perplexity and
-    bits per byte, the whole file read as one rolling document."""
+    """Word perplexity (per whitespace word of the raw text, the paper's WikiText number), token
+    perplexity and bits per byte, the whole file read as one rolling document."""
     with open(path, encoding='utf-8') as f:
         text = f.read()
     if limit:

@@ -63,10 +63,10 @@ STUDENTS = [  # one thread each, two at a time
 
 def run_stages(stages, stamps_path, jobs=1, threads=1):
     """Run (name, command, inputs, output) stages, skipping each one whose output is current (the
-    commands that made the outputs are kept in stamps_path). A stage starts once the stages making its
-    inputs are done; `jobs` run at once, each on `threads` threads, logging to a file beside stamps_path
-    when jobs > 1. On a 2-core CPU two one-thread runs of a small model train more tokens per second
-    than one two-thread run. Shared with study.py."""
+    commands that made the outputs are kept in stamps_path). A stage starts once the stages making
+    its inputs are done; `jobs` run at once, each on `threads` threads, logging to a file beside
+    stamps_path when jobs > 1. On a 2-core CPU two one-thread runs of a small model train more
+    tokens per second than one two-thread run. Shared with study.py."""
     stamps = json.load(open(stamps_path)) if os.path.exists(stamps_path) else {}
     made_by = {output: stage for stage, _, _, output in stages}
     pending, running, failed = list(stages), {}, []
@@ -112,8 +112,8 @@ def run_stages(stages, stamps_path, jobs=1, threads=1):
 
 
 def readme_block(name, text):
-    """Replace README.md's text between <!-- NAME:begin --> and <!-- NAME:end --> (the study's tables,
-    the steering table) with text."""
+    """Replace README.md's text between <!-- NAME:begin --> and <!-- NAME:end --> (the study's
+    tables, the steering table) with text."""
     readme = open('README.md').read()
     begin, end = f'<!-- {name}:begin -->\n', f'<!-- {name}:end -->'
     if begin in readme and end in readme:

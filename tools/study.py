@@ -135,7 +135,8 @@ def stages():
     width = {size: matched_width(student) for size, (student, _) in sizes().items()}
     done, here = saved()['runs'], machine()
     elsewhere = {k.split('/')[2] for k, v in done.items() if v.get('machine', here) != here}
-    # the question first (NTP vs the paper's CoCoMix at the paper's shape), then scale, then the controls
+    # the question first (NTP vs the paper's CoCoMix at the paper's shape), then scale, then the
+    # controls
     order = sorted(((size, student, m, n) for size, (student, methods) in sizes().items()
                     for m, n in methods.items()),
                    key=lambda p: (p[2] not in ('ntp', 'cocomix'), p[0] != '8-layer'))
@@ -187,8 +188,9 @@ def check_identity(old, teacher_id, sae_id):
 
 
 def collect():
-    """Every finished run's curve and final loss, and the timing runs' ms per step -> the results file
-    (kept in git), beside the saved runs of any machine. Nothing to do before the teacher and SAE exist."""
+    """Every finished run's curve and final loss, and the timing runs' ms per step -> the results
+    file (kept in git), beside the saved runs of any machine. Nothing to do before the teacher and
+    SAE exist."""
     if not (os.path.exists(f'{out}/teacher/eval.json') and os.path.exists(f'{out}/sae/sae.pt')):
         return
     from common import load_model
@@ -224,7 +226,8 @@ def collect():
 
 
 def tokens_to_reach(curve, loss):
-    """Tokens at which a (tokens, val loss) curve first reaches `loss`, interpolated; None if never."""
+    """Tokens at which a (tokens, val loss) curve first reaches `loss`, interpolated; None if
+    never."""
     for (t0, l0), (t1, l1) in zip(curve, curve[1:]):
         if l1 <= loss:
             return t0 + (t1 - t0) * (l0 - loss) / (l0 - l1) if l0 > loss else t0
@@ -243,9 +246,10 @@ def ci(x, fmt='+.4f'):
 
 
 def compute_rows(res, got, reach):
-    """The 8-layer compute table: FLOPs per character of the student (forward and backward) and of the
-    teacher's work (labels online: every step; cached: the corpus labelled once, charged to one run),
-    the measured ms per step, and 'to reach NTP's final loss' in NTP's characters, FLOPs and time."""
+    """The 8-layer compute table: FLOPs per character of the student (forward and backward) and of
+    the teacher's work (labels online: every step; cached: the corpus labelled once, charged to one
+    run), the measured ms per step, and 'to reach NTP's final loss' in NTP's characters, FLOPs and
+    time."""
     from attribution import label_flops_per_token
     from model import GPTConfig
     t = res['teacher_shape'].split(' x ')
