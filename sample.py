@@ -1,9 +1,9 @@
 """
-Sample from a trained model (a train.py out_dir of any mode) or from OpenAI's GPT-2 weights.
+Sample from a train.py out_dir (any mode) or from OpenAI's GPT-2 weights.
 
     python sample.py --out_dir=out-shakespeare --start="ROMEO:" --num_samples=3
     python sample.py --init_from=gpt2 --start=FILE:prompt.txt --temperature=0.8 --top_k=200
-    python sample.py --out_dir=out-cocomix-shakespeare --steer=299:4 --show_concepts   # CoCoMix: steer, show concepts
+    python sample.py --out_dir=out-cocomix-shakespeare --steer=299:4 --show_concepts   # CoCoMix
 """
 import json
 import os
@@ -22,8 +22,8 @@ max_new_tokens = 200
 temperature = 0.8  # 1.0 = the model's distribution, < 1 sharper, 0 = greedy
 top_k = 200  # keep only the top_k most likely tokens; 0 = all
 seed = 1337
-steer = ''  # CoCoMix: 'ID:ALPHA[,ID:ALPHA]' multiplies those concept logits by ALPHA before TopK (paper Sec. 4.4)
-show_concepts = False  # CoCoMix: print each generated token with the concepts it was predicted from
+steer = ''  # CoCoMix: 'ID:ALPHA[,ID:ALPHA]' scales those concept logits before TopK (Sec. 4.4)
+show_concepts = False  # CoCoMix: print each token with the concepts it was predicted from
 device = DEVICE
 dtype = DTYPE
 # -----------------------------------------------------------------------------
@@ -38,7 +38,8 @@ if checkpoint is not None:
     print(f"loaded {out_dir}/ckpt.pt: mode '{mode}', step {checkpoint['iter_num']}, "
           f"val loss {checkpoint['best_val_loss']:.4f}")
 try:  # '12:4,7:0.5' -> {12: 4.0, 7: 0.5}
-    steer_map = {int(i): float(a) for i, a in (pair.split(':') for pair in steer.split(','))} if steer else None
+    pairs = (pair.split(':') for pair in steer.split(',')) if steer else []
+    steer_map = {int(i): float(a) for i, a in pairs} or None
 except ValueError:
     raise UserError(f"--steer='{steer}' must look like ID:ALPHA[,ID:ALPHA], e.g. --steer=299:4")
 try:  # before any work, the checks generate() makes
@@ -55,7 +56,7 @@ if show_concepts:
     else:
         print(f"(no concept descriptions at {path}: tools/concepts.py --sae=FILE writes them)")
 
-enc = get_tokenizer(checkpoint and checkpoint.get('data_meta'))  # GPT-2 BPE, or the dataset's characters
+enc = get_tokenizer(checkpoint and checkpoint.get('data_meta'))  # BPE or the data's characters
 if start.startswith('FILE:'):
     path = start[5:]
     if not os.path.exists(path):
@@ -64,12 +65,12 @@ if start.startswith('FILE:'):
         start = f.read()
 start_ids = enc.encode(start, allowed_special={'<|endoftext|>'}) or [enc.eot_token]
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
-decode = lambda ids: enc.decode([t for t in ids if t < enc.n_vocab])  # ids past the vocabulary are the head's padding
+decode = lambda ids: enc.decode([t for t in ids if t < enc.n_vocab])  # drop the head's padding ids
 
 with torch.no_grad(), ctx:
     for k in range(num_samples):
-        out = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, steer=steer_map,
-                             show_concepts=SHOWN if show_concepts else 0)
+        out = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None,
+                             steer=steer_map, show_concepts=SHOWN if show_concepts else 0)
         y, concepts = out if show_concepts else (out, None)
         print(decode(y[0].tolist()))
         if show_concepts:  # token t+1 was read out at the concept slot of position t
