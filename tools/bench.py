@@ -16,6 +16,9 @@ parts (--parts=a,b):
             set by reading every weight once per token at the measured memory bandwidth
   sae       SAE training (768 -> 32768, k 32 by default) against EleutherAI's sparsify (pip install eai-sparsify)
             on the same synthetic data: tokens/s (target >= 1x) and FVU of the raw vectors after the same tokens
+  prepare   prepare.py on synthetic .jsonl corpora of prepare_mb and 10 x prepare_mb (GPT-2 BPE): peak memory
+            (target: the larger at most 1.5 x the smaller's + 100 MB, i.e. flat in the corpus size) and tokens/s
+  smoke     a machine's check before a long run (below)
 Weights are random: timing does not depend on them, and nothing is downloaded.
 """
 import importlib.util
@@ -68,6 +71,7 @@ device = DEVICE
 dtype = DTYPE
 compile = False
 seed = 1337
+prepare_mb = 15  # the smaller synthetic corpus for --parts=prepare
 run_mode = ''  # internal: the training mode a child process measures
 # -----------------------------------------------------------------------------
 argv = sys.argv[1:]
@@ -76,6 +80,7 @@ torch.manual_seed(seed)
 cuda = 'cuda' in device
 ctx = autocast(device, dtype)
 V = math.ceil(vocab_size / 64) * 64
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def sync():
@@ -205,6 +210,22 @@ def bench_labels():
           f"{idx.numel() / dt:,.0f} tokens/s, {flops / 1e9:.1f} GFLOP/s; NTP step of the teacher's shape "
           f"{ntp_flops / 1e9:.1f} GFLOP/s")
     check('labelling FLOP/s / NTP FLOP/s', flops / ntp_flops, 0.8)
+    # with the LM head in chunks (forced here; large label batches get it): the frozen head gets no
+    # weight gradient (after); making it require one redoes what the chunked backward once did (before)
+    import model
+    plain_rule, model.chunked_head = model.chunked_head, lambda *args: True
+    useful = label_flops_per_token(teacher.config, sae_layer, n_concepts, block_size) * idx.numel()
+    seconds = {'before': [], 'after': []}
+    for _ in range(2):  # alternating
+        for name in seconds:
+            teacher.lm_head.weight.requires_grad_(name == 'before')
+            with ctx:
+                seconds[name].append(timed(lambda: concept_labels(teacher, sae, idx, sae_layer, k_attr), n=3))
+    teacher.lm_head.weight.requires_grad_(False)
+    model.chunked_head = plain_rule
+    rate = {k: useful / min(v) / 1e9 for k, v in seconds.items()}
+    print(f"  labelling with a chunked head: {rate['before']:.1f} GFLOP/s with the frozen head's weight "
+          f"gradient (before), {rate['after']:.1f} without (after): {rate['after'] / rate['before']:.2f}x")
 
 
 def bench_generate():
@@ -274,6 +295,35 @@ def bench_sae():
               f"(layer-normalised: {results[name][1]:.4f})")
     check('SAE training tokens/s ours / sparsify', rate['ours'] / rate['sparsify'], 1.0)
     check('FVU sparsify / ours (higher: ours reconstructs better)', results['sparsify'][0] / results['ours'][0], 1.0)
+
+
+def bench_prepare():
+    """prepare.py's peak memory and speed on two synthetic corpora, one 10x the other."""
+    import random
+    import tempfile
+    words = [''.join(random.Random(i).choices('abcdefghijklmnopqrstuvwxyz', k=1 + i % 9)) for i in range(5000)]
+    rng = random.Random(seed)
+    measure = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
+               "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)")
+    peaks = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for mb in (prepare_mb, 10 * prepare_mb):
+            with open(f'{tmp}/corpus.jsonl', 'w') as f:  # documents of 200 to 2,000 words
+                while f.tell() < mb * 2 ** 20:
+                    f.write(json.dumps({'text': ' '.join(rng.choices(words, k=rng.randint(200, 2000)))}) + '\n')
+            t0 = time.perf_counter()
+            peak = subprocess.run([sys.executable, '-c', measure, sys.executable, 'prepare.py', 'bench',
+                                   f'--input={tmp}/corpus.jsonl', f'--out_dir={tmp}/out'], check=True,
+                                  capture_output=True, text=True, cwd=REPO).stdout
+            seconds = time.perf_counter() - t0
+            tokens = sum(json.load(open(f'{tmp}/out/meta.json'))[k] for k in ('train_tokens', 'val_tokens'))
+            peaks.append(int(peak))
+            print(f"  prepare {mb} MB: {tokens:,} tokens, {tokens / seconds:,.0f} tokens/s, "
+                  f"peak memory {peaks[-1] / 2 ** 20:,.0f} MB")
+    limit = 1.5 * peaks[0] + 100 * 2 ** 20
+    print(f"  peak memory at 10x the text: {peaks[1] / peaks[0]:.2f}x (target <= 1.5x + 100 MB: "
+          f"{'met' if peaks[1] <= limit else 'MISSED'})")
 
 
 def bench_smoke():
@@ -367,7 +417,7 @@ elif run_mode:
     train_child(run_mode)
 else:
     PARTS = dict(train=bench_train, ntp=bench_ntp, labels=bench_labels, generate=bench_generate, sae=bench_sae,
-                 smoke=bench_smoke)
+                 prepare=bench_prepare, smoke=bench_smoke)
     for part in parts.split(','):
         if part not in PARTS:
             raise UserError(f"unknown part '{part}'; use some of {','.join(PARTS)}")

@@ -1,0 +1,31 @@
+"""tools/steer.py, the steering measure, on a tiny CoCoMix model with its teacher and SAE."""
+import os
+import re
+
+from conftest import ROOT, TINY, run
+from test_cocomix import teacher_and_sae
+
+
+def test_steer_measures_paired_generations(dataset, tmp_path):
+    spec = teacher_and_sae(dataset, tmp_path)
+    model = tmp_path / 'cocomix'
+    run(['train.py', f'--out_dir={model}', f'--dataset={dataset}', '--mode=cocomix', '--insert_layer=1',
+         '--concept_topk=4', '--n_layer=3', '--max_iters=20', '--eval_interval=20'] + TINY + spec)
+    (tmp_path / 'README.md').write_text('before\n<!-- steer:begin -->\nold\n<!-- steer:end -->\nafter\n')
+    steer = [os.path.join(ROOT, 'tools', 'steer.py'), f'--runs={model}', '--concepts=3', '--prompts=4',
+             '--prompt_len=4', '--new_tokens=8']
+    # alpha 1 multiplies by one: the steered generations are the plain ones, draw for draw
+    out = run(steer + ['--alpha=1.0'], cwd=tmp_path).stdout
+    rows = [l for l in out.splitlines() if l.startswith('| cocomix |')]
+    assert len(rows) == 3
+    for row in rows:  # each measure reads "plain → steered" with the two equal
+        pairs = re.findall(r'([\d.]+) → ([\d.]+)', row)
+        assert len(pairs) == 3 and all(a == b for a, b in pairs), row
+    assert 'active +0.000' in out and 'promoted tokens +0.000' in out
+    readme = (tmp_path / 'README.md').read_text()
+    assert readme.startswith('before\n<!-- steer:begin -->\nalpha 1,') and readme.endswith('<!-- steer:end -->\nafter\n')
+    # a large alpha changes what is generated, so some measure moves
+    out = run(steer + ['--alpha=50'], cwd=tmp_path).stdout
+    assert any(a != b for a, b in re.findall(r'([\d.]+) → ([\d.]+)', out)), out
+    bad = run(steer + [f'--runs={tmp_path / "teacher"}'], cwd=tmp_path, check=False)
+    assert bad.returncode != 0 and 'nothing to steer' in bad.stderr
