@@ -1,9 +1,10 @@
 """
-Concept labels (METHOD.md, section 2): which of the teacher's SAE latents matter for its next-token
-loss. train.py labels each batch online with concept_labels(); this script labels a prepared dataset
-once, in fixed windows of block_size tokens, for --label_cache=True (a train.py config works as is):
+Concept labels (METHOD.md, section 2): an active latent i of the teacher's SAE, activation c_i,
+scores a_i = c_i (g . W_dec[:, i]) (Eq. 1), with g = dL/dh the gradient of the teacher's mean
+next-token loss L at the residual h the SAE reads; a position's labels are its k_attr best latents.
+train.py labels each batch online; this script labels a dataset once, for --label_cache=True:
 
-    python attribution.py config/cocomix_shakespeare.py     # data/NAME/labels_{train,val}.bin + .json
+    python attribution.py config/cocomix_shakespeare.py  # data/NAME/labels_{train,val}.bin + .json
     torchrun --standalone --nproc_per_node=8 attribution.py config/cocomix_gpt2.py
 """
 import json
@@ -21,7 +22,7 @@ from prepare import data_dir_of, load_tokens, read_meta, windows
 from sae import load_sae, teacher_residual
 
 # -----------------------------------------------------------------------------
-teacher = 'gpt2'  # 'gpt2*', a folder of GPT-2 weights or a train.py out_dir
+teacher = 'gpt2'  # any spec common.load_model takes
 sae = 'openai:resid_post_mlp:5'  # any spec sae.load_sae takes
 sae_layer = 5
 dataset = 'openwebtext'
@@ -50,14 +51,15 @@ def check_setup(teacher, sae, sae_layer, k_attr, method):
         raise UserError(f"k_attr={k_attr} is more than the SAE's {sae.k} active latents")
 
 
-def concept_labels(teacher, sae, idx, sae_layer, k_attr=4, method='attribution', return_scores=False):
-    """idx (B, T) -> labels (B, T, k_attr): the latents with the largest positive scores; -1 where
-    fewer score above 0, and at the last position for the gradient methods (it predicts nothing)."""
+def concept_labels(teacher, sae, idx, sae_layer, k_attr=4, method='attribution',
+                   return_scores=False):
+    """idx (B, T) -> labels (B, T, k_attr), best first; -1 where fewer score above 0, and at the
+    last position for the gradient methods (it predicts nothing)."""
     check_setup(teacher, sae, sae_layer, k_attr, method)
     with torch.no_grad():
         h = teacher_residual(teacher, idx, sae_layer)
     grad = None
-    if method != 'activation':  # g = dL/dh for the teacher's mean next-token loss L
+    if method != 'activation':
         h.requires_grad_(True)
         with torch.enable_grad():  # backward to h only: the teacher's weights get no gradient
             _, loss = teacher.head(teacher.run_blocks(h, start=sae_layer + 1),
@@ -66,16 +68,16 @@ def concept_labels(teacher, sae, idx, sae_layer, k_attr=4, method='attribution',
         h = h.detach()
     with torch.no_grad():
         values, indices, _ = sae.encode(h)  # (B, T, k) active latents
-        W = sae.decoder.weight.t()  # (C, d): row i is latent i's decoder direction
-        if method == 'attribution_preact':  # Eq. 1 on every latent: a dense (B, T, C) product
+        W = sae.decoder.weight.t()  # (C, d): row i is W_dec[:, i]
+        if method == 'attribution_preact':  # the paper's Eq. 1: c_pre, so every latent scores
             indices = torch.arange(sae.n_latents, device=idx.device).expand(*idx.shape, -1)
             scores = sae.encode_pre(sae.preprocess(h)[0]) * (grad @ W.t())
         elif method == 'activation':
             scores = values
-        else:  # a_i = c_i (g . W_dec[:, i]) on the k active latents: k gathers, no (d x C) product.
-            # The exact dL/dc_i carries the position's std > 0 too (the SAE's de-normalisation): it
-            # cannot change the order within a position, so it is left out.
-            scores = values * torch.stack([(W[indices[..., j]] * grad).sum(-1) for j in range(sae.k)], -1)
+        else:  # Eq. 1 on the k active latents. The exact dL/dc_i also carries the position's
+            # std > 0 (the SAE's de-normalisation), which cannot change the order within a position.
+            scores = values * torch.stack([(W[indices[..., j]] * grad).sum(-1)
+                                           for j in range(sae.k)], -1)
             if method == 'attribution_neg':  # the concepts whose removal would raise the loss most
                 scores = -scores
         top = scores.float().topk(k_attr, dim=-1)
@@ -86,28 +88,27 @@ def concept_labels(teacher, sae, idx, sae_layer, k_attr=4, method='attribution',
 
 
 def label_flops_per_token(cfg, sae_layer, n_concepts, T, backward=True):
-    """The FLOPs labelling must do per token: the teacher's forward, the gradient with respect to
-    the inputs only (one matmul per weight) back to sae_layer, the SAE encoder. backward=False: the
-    forward alone (KD's teacher). cfg: the teacher's GPTConfig."""
+    """Labelling's FLOPs per token: the teacher's forward, the input gradient back to sae_layer (one
+    matmul per weight), the SAE encoder. backward=False: the forward alone (KD's teacher)."""
     d, after, block = cfg.n_embd, cfg.n_layer - sae_layer - 1, 12 * cfg.n_embd ** 2
     forward = 2 * (cfg.n_layer * block + cfg.vocab_size * d) + 4 * cfg.n_layer * d * T
     if not backward:
         return forward
-    return forward + 2 * (after * block + cfg.vocab_size * d) + 8 * after * d * T + 2 * d * n_concepts
+    return (forward + 2 * (after * block + cfg.vocab_size * d) + 8 * after * d * T
+            + 2 * d * n_concepts)
 
 
 def load_concepts(teacher_spec, sae_spec, sae_layer, device, data_meta, data_dir, k_attr=4,
                   method='attribution', concept_topk=0):
-    """A run's frozen teacher and its SAE (none for KD: sae_spec None), checked against each other
-    and the data. Returns (teacher, SAE, identity): the fingerprints and settings that checkpoints
-    and label caches record, so that another teacher or SAE is noticed."""
+    """A run's frozen teacher and SAE (None for KD), checked against each other and the data ->
+    (teacher, SAE, identity: the fingerprints and settings that checkpoints and caches record)."""
     sae, sae_meta = load_sae(sae_spec) if sae_spec else (None, {})
-    if sae is not None:  # the SAE file first: small, and its own mismatches need no teacher
+    if sae is not None:  # the SAE first: its own mismatches need no teacher
         layer = int(sae_spec.split(':')[2]) if sae_spec.startswith('openai:') else \
             sae_meta.get('layer', sae_layer)
         if layer != sae_layer:
-            raise UserError(f"the SAE {sae_spec} reads layer {layer} of its teacher but this run has "
-                            f"sae_layer={sae_layer}; set --sae_layer={layer} or use another SAE")
+            raise UserError(f"the SAE {sae_spec} reads layer {layer} of its teacher but this run "
+                            f"has sae_layer={sae_layer}; use --sae_layer={layer} or another SAE")
         if concept_topk > sae.n_latents:
             raise UserError(f"concept_topk={concept_topk} is more than the SAE's {sae.n_latents} "
                             "concepts")
@@ -115,30 +116,28 @@ def load_concepts(teacher_spec, sae_spec, sae_layer, device, data_meta, data_dir
     identity = dict(teacher_id=fingerprint(teacher))
     if sae is not None:
         check_setup(teacher, sae, sae_layer, k_attr, method)
-        if sae_meta.get('teacher_id', identity['teacher_id']) != identity['teacher_id']:
-            raise UserError(f"the SAE {sae_spec} was trained on another teacher (weights "
-                            f"{sae_meta['teacher_id']}, this one's {identity['teacher_id']}); use "
-                            "that teacher or retrain the SAE")
+        trained_on = sae_meta.get('teacher_id', identity['teacher_id'])
+        if trained_on != identity['teacher_id']:
+            raise UserError(f"the SAE {sae_spec} was trained on another teacher ({trained_on}, not "
+                            f"{identity['teacher_id']}); use that teacher or retrain the SAE")
         identity.update(n_concepts=sae.n_latents, sae_layer=sae_layer, sae_id=fingerprint(sae))
         sae = sae.to(device)
     return teacher, sae, identity
 
 
 # -----------------------------------------------------------------------------
-# The offline cache: labels_<split>.bin, (N_tokens, k_attr) ids in fixed windows ("no label" = the
-# dtype's maximum), and labels_<split>.json, what was labelled
+# The cache: labels_<split>.bin, (N_tokens, k_attr) ids (no label: the dtype's max), and its .json
 
 def cache_paths(data_dir, split):
-    return os.path.join(data_dir, f'labels_{split}.bin'), os.path.join(data_dir, f'labels_{split}.json')
+    return tuple(os.path.join(data_dir, f'labels_{split}.{ext}') for ext in ('bin', 'json'))
 
 
 def cache_dtype(n_concepts):
-    return np.uint16 if n_concepts < 2 ** 16 else np.uint32  # the top id is the "no label" marker
+    return np.uint16 if n_concepts < 2 ** 16 else np.uint32
 
 
 def describe(data_dir, split, identity, label_method, k_attr, block_size):
-    """What a cache must match to be used: the data file, the teacher's and SAE's weights and every
-    setting of the labels."""
+    """What a cache must match: the data file, the teacher's and SAE's weights, the settings."""
     data_file = os.path.join(data_dir, f'{split}.bin')
     return dict(data_file=os.path.abspath(data_file), data_bytes=os.path.getsize(data_file),
                 teacher_id=identity['teacher_id'], sae_id=identity['sae_id'],
@@ -147,16 +146,16 @@ def describe(data_dir, split, identity, label_method, k_attr, block_size):
 
 
 def load_label_cache(data_dir, split, identity, label_method, k_attr, block_size):
-    """A finished cache's labels as a memmap (N_tokens, k_attr); one made differently is refused."""
+    """A finished cache's labels as a memmap (N_tokens, k_attr); one made otherwise is refused."""
     path, meta_path = cache_paths(data_dir, split)
     if not os.path.exists(meta_path):
-        raise UserError(f"no label cache at {path}; run: python attribution.py with this run's config")
+        raise UserError(f"no label cache at {path}; run attribution.py with this run's config")
     with open(meta_path) as f:
         meta = json.load(f)
     for key, value in describe(data_dir, split, identity, label_method, k_attr, block_size).items():
         if meta.get(key) != value:
-            raise UserError(f"the label cache {path} was made with {key}={meta.get(key)!r}, this run "
-                            f"has {value!r}; relabel with attribution.py or set label_cache=False")
+            raise UserError(f"the label cache {path} was made with {key}={meta.get(key)!r}, "
+                            f"this run has {value!r}; run attribution.py or set label_cache=False")
     if not meta.get('complete'):
         raise UserError(f"the label cache {path} is unfinished; run attribution.py again")
     return np.memmap(path, dtype=cache_dtype(meta['n_concepts']), mode='r').reshape(-1, k_attr)
@@ -168,10 +167,10 @@ def label_windows(cache, starts, length):
     return out.masked_fill(out == np.iinfo(cache.dtype).max, -1)
 
 
-def label_split(teacher, sae, data_dir, split, expected, device, dtype, batch_size, rank=0, world=1):
-    """Label a split in windows of expected['block_size'] tokens, batch_size windows per pass;
-    process `rank` of `world` takes every world-th batch. labels_<split>.bin.done holds a byte per
-    batch written, so a stopped run resumes, on any number of processes."""
+def label_split(teacher, sae, data_dir, split, expected, device, dtype, batch_size, rank=0,
+                world=1):
+    """Label a split, process `rank` of `world` taking every world-th batch. A byte per batch in
+    labels_<split>.bin.done marks it written: a stopped run resumes on any number of processes."""
     block_size, k_attr = expected['block_size'], expected['k_attr']
     path, meta_path = cache_paths(data_dir, split)
     n_tokens = len(load_tokens(data_dir, split))
@@ -229,13 +228,13 @@ def write_meta(path, meta):
 
 if __name__ == '__main__':
     configure(globals(), ignore=setting_names('train.py'))
-    rank, world, device = setup_distributed(device)  # torchrun: each process labels its share
+    rank, world, device = setup_distributed(device)
     data_dir = data_dir_of(dataset)
-    teacher_model, sae_model, identity = load_concepts(teacher, sae, sae_layer, device, read_meta(data_dir),
-                                                       data_dir, k_attr, label_method)
+    teacher_model, sae_model, identity = load_concepts(
+        teacher, sae, sae_layer, device, read_meta(data_dir), data_dir, k_attr, label_method)
     for split in splits.split(','):
         expected = describe(data_dir, split, identity, label_method, k_attr, block_size)
-        label_split(teacher_model, sae_model, data_dir, split, expected, device, dtype, batch_size, rank,
-                    world)
+        label_split(teacher_model, sae_model, data_dir, split, expected, device, dtype, batch_size,
+                    rank, world)
     if world > 1:
         torch.distributed.destroy_process_group()

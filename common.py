@@ -1,13 +1,5 @@
-"""
-What every script shares: settings, one-line errors, atomic files, checkpoints and model loading,
-devices.
-
-Settings are the globals a script keeps between the two dashed lines at its top. Config files are plain
-Python; they and --key=value overrides apply in order, and a key the script does not have, or a value of
-another type, is a one-line error:
-
-    python train.py config/ntp_shakespeare.py --batch_size=32 --compile=False
-"""
+"""What every script shares: settings (a script's globals between its two dashed lines, set by
+config files and --key=value overrides in order), one-line errors, atomic files, models, devices."""
 import ast
 import hashlib
 import json
@@ -17,35 +9,29 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 
 import torch
 
 from model import GPT, GPTConfig
 
-DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'  # every script's default device and dtype
+DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 DTYPE = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
 
 
 class UserError(SystemExit):
-    """Bad input: exit with status 1 and one line, "error: <what is wrong and how to fix it>". Under
-    torchrun every process meets the same bad input, so only rank 0 prints it; the others wait a
-    moment (torchrun would stop rank 0 before it printed) and exit quietly."""
+    """Bad input: exit 1 with one line, "error: <problem and fix>", printed by rank 0 alone."""
 
     def __init__(self, message):
         if int(os.environ.get('RANK', '0')) != 0:
-            time.sleep(2)
+            time.sleep(2)  # let rank 0 print before torchrun stops it
             super().__init__(1)
         else:
             super().__init__(f"error: {message}")
 
 
-# -----------------------------------------------------------------------------
-# Settings
-
 def setting_names(script):
-    """Another script's settings, read from its source without importing it (a script that accepts
-    that script's config files ignores these keys)."""
+    """Another script's settings, read from its source without importing it."""
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), script)) as f:
         lines = f.read().split('\n')
     start, end = [i for i, line in enumerate(lines) if line.startswith('# ---')][:2]
@@ -54,9 +40,8 @@ def setting_names(script):
 
 
 def configure(script_globals, argv=None, ignore=(), given=None):
-    """Apply config files and --key=value overrides, in argv order, to the script's settings (its
-    lower-case globals of plain data) and return them as a dict. ignore: keys accepted but unused
-    (another script's settings); given: a set that receives the keys set explicitly."""
+    """Apply config files and overrides to the script's settings; return them.
+    ignore: keys accepted but unused; given: receives the keys set explicitly."""
     config = {k: v for k, v in script_globals.items() if not k.startswith('_') and k.islower()
               and isinstance(v, (int, float, bool, str, type(None), tuple, list))}
     given = set() if given is None else given
@@ -65,10 +50,11 @@ def configure(script_globals, argv=None, ignore=(), given=None):
         if key not in config:
             if key in ignore:
                 return
-            raise UserError(f"unknown config key '{key}' in {source}; known keys: {', '.join(sorted(config))}")
+            raise UserError(f"unknown config key '{key}' in {source}; "
+                            f"known keys: {', '.join(sorted(config))}")
         default = config[key]
         if default is not None and value is not None and type(value) is not type(default):
-            if not (isinstance(default, float) and type(value) is int):  # an int may stand for a float
+            if not (isinstance(default, float) and type(value) is int):  # ints may be floats
                 raise UserError(f"config key '{key}' in {source} must be {type(default).__name__}, "
                                 f"got {type(value).__name__} {value!r}")
             value = float(value)
@@ -85,11 +71,11 @@ def configure(script_globals, argv=None, ignore=(), given=None):
             try:
                 exec(compile(source, arg, 'exec'), namespace)
             except SyntaxError as e:
-                raise UserError(f"config file {arg}, line {e.lineno}: {e.msg}; fix the Python there")
-            except Exception as e:  # plain Python: say where it broke, in one line
+                raise UserError(f"config file {arg}, line {e.lineno}: {e.msg}; fix it there")
+            except Exception as e:
                 raise UserError(f"config file {arg} failed: {type(e).__name__}: {e}")
             for key, value in namespace.items():
-                if not key.startswith('_') and not callable(value) and type(value).__name__ != 'module':
+                if not (key.startswith('_') or callable(value) or type(value).__name__ == 'module'):
                     put(key, value, arg)
         else:
             key, eq, text = arg[2:].partition('=')
@@ -100,21 +86,16 @@ def configure(script_globals, argv=None, ignore=(), given=None):
             try:
                 value = ast.literal_eval(text)
             except (SyntaxError, ValueError):
-                value = text  # a bare string such as --device=cuda
+                value = text  # a bare string: --device=cuda
             put(key, value, f"override '{arg}'")
     script_globals.update(config)
     return config
 
 
-# -----------------------------------------------------------------------------
-# Files, checkpoints and models
-
 @contextmanager
 def atomic_path(path):
-    """with atomic_path(path) as tmp: write tmp. The file appears at `path` only if the block
-    succeeds, by a rename: a crash mid-write leaves the previous file intact. The temporary name is
-    this process's own, so a file left by a killed run is never in the way, nor taken for a finished
-    one."""
+    """with atomic_path(path) as tmp: write tmp; it becomes `path` only if the block succeeds.
+    tmp is unique to the call, so two processes writing one path never share a temporary file."""
     folder = os.path.dirname(path) or '.'
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + '.', suffix='.tmp')
@@ -122,7 +103,7 @@ def atomic_path(path):
     try:
         yield tmp
         with open(tmp, 'rb+') as f:
-            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+            os.fsync(f.fileno())  # on disk before the rename
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -139,30 +120,31 @@ def load_checkpoint(out_dir, device='cpu', name='ckpt.pt'):
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}; train one with train.py (out_dir={out_dir})")
     try:
-        return torch.load(path, map_location=device, weights_only=True)  # data only: no code runs
+        return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         raise UserError(f"cannot read the checkpoint {path} ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:120]}); it is truncated or not a checkpoint")
 
 
 def load_model(spec, device='cpu', dropout=0.0, **extra):
-    """'gpt2*' (the hub), a folder of GPT-2 weights or a train.py out_dir -> (model in eval mode,
-    its checkpoint or None). extra: CoCoMix or pause settings added to a pretrained GPT-2."""
+    """'gpt2*', a folder of GPT-2 weights or a train.py out_dir -> (model in eval mode, checkpoint
+    or None). extra: CoCoMix or pause settings for a pretrained GPT-2."""
     if os.path.isdir(spec) and not os.path.exists(os.path.join(spec, 'config.json')):
         checkpoint = load_checkpoint(spec, device)
-        args = {k: v for k, v in checkpoint['model_args'].items() if k in GPTConfig.__dataclass_fields__}
+        fields = GPTConfig.__dataclass_fields__
+        args = {k: v for k, v in checkpoint['model_args'].items() if k in fields}
         model = GPT(GPTConfig(**dict(args, dropout=dropout)))
         model.load_state_dict(checkpoint['model'])
     elif spec.startswith('gpt2') or os.path.isdir(spec):
         folder = spec if os.path.isdir(spec) else hub_folder(spec)
         checkpoint, model = None, GPT.from_pretrained(folder, dropout, **extra)
     else:
-        raise UserError(f"'{spec}' is neither gpt2* nor a folder with ckpt.pt or a transformers config.json")
+        raise UserError(f"'{spec}' is neither gpt2* nor a folder with ckpt.pt or config.json")
     return model.to(device).eval(), checkpoint
 
 
 def pretrained_shape(spec):
-    """A pretrained GPT-2's architecture (a hub name or a folder), without loading its weights."""
+    """A pretrained GPT-2's architecture (hub name or folder), without its weights."""
     shapes = {'gpt2': (12, 12, 768, 1024), 'gpt2-medium': (24, 16, 1024, 1024),
               'gpt2-large': (36, 20, 1280, 1024), 'gpt2-xl': (48, 25, 1600, 1024)}
     if os.path.isdir(spec):
@@ -175,9 +157,8 @@ def pretrained_shape(spec):
 
 
 def check_hub(what, fix):
-    """Fail at once, in one line, when the Hugging Face hub cannot be reached, rather than after
-    minutes of retries. With HF_HUB_OFFLINE=1 the libraries read their caches: nothing to check."""
-    from huggingface_hub import constants  # installed with datasets
+    """Fail at once, not after minutes of retries, when the hub cannot be reached."""
+    from huggingface_hub import constants
     if constants.HF_HUB_OFFLINE:
         return
     url = urllib.parse.urlparse(constants.ENDPOINT)
@@ -188,26 +169,23 @@ def check_hub(what, fix):
 
 
 def hub_folder(name):
-    """The local folder of a GPT-2 model on the Hugging Face hub: cached, else downloaded."""
+    """A hub GPT-2 model's local folder: cached, else downloaded."""
     from huggingface_hub import snapshot_download
     patterns = ['config.json', 'model.safetensors']
-    try:
+    with suppress(Exception):  # not cached yet
         return snapshot_download(name, allow_patterns=patterns, local_files_only=True)
-    except Exception:  # not cached yet
-        pass
     fix = (f"on a machine with internet run `huggingface-cli download {name} config.json "
-           f"model.safetensors --local-dir DIR`, copy DIR here and pass its path instead of '{name}'")
+           f"model.safetensors --local-dir DIR`, copy DIR here, pass its path instead of '{name}'")
     check_hub(f"'{name}'", fix)
     try:
         return snapshot_download(name, allow_patterns=patterns)
     except Exception as e:
-        raise UserError(f"cannot download '{name}' from the Hugging Face hub ({type(e).__name__}); {fix}")
+        raise UserError(f"cannot download '{name}' from the Hugging Face hub "
+                        f"({type(e).__name__}); {fix}")
 
 
 def fingerprint(tensors):
-    """A short hash of a module's weights or a state dict: a teacher's or an SAE's identity,
-    recorded in checkpoints and label caches so that another one, even at the same path, is
-    refused."""
+    """A short hash of a module's weights or a state dict: tells teachers and SAEs apart."""
     h = hashlib.sha256()
     items = tensors.state_dict() if isinstance(tensors, torch.nn.Module) else tensors
     for k in sorted(items):
@@ -218,24 +196,21 @@ def fingerprint(tensors):
 
 
 def check_tokenizers(meta, name, other, other_name):
-    """Refuse to pair data and a model (or two models) that tokenize differently: by kind, and for
-    characters by character set (two texts number their characters differently). `other` may be
-    {'vocab_size': V}, a checkpoint older than recorded tokenizers: then only sizes compare."""
+    """Refuse data and a model that tokenize differently (old checkpoints: by vocabulary size)."""
     if 'tokenizer' not in other:
         if meta['vocab_size'] > other['vocab_size']:
             raise UserError(f"{name} has {meta['vocab_size']} token ids but {other_name} only "
                             f"{other['vocab_size']}: they use different tokenizers")
         return
-    kind = lambda m: (m['tokenizer'], tuple(m['chars'])) if m['tokenizer'] == 'char' else (m['tokenizer'],)
-    if kind(meta) != kind(other):
-        say = lambda m: 'a different character set' if m['tokenizer'] == 'char' else f"'{m['tokenizer']}'"
+    chars = lambda m: tuple(m['chars']) if m['tokenizer'] == 'char' else None
+    if (meta['tokenizer'], chars(meta)) != (other['tokenizer'], chars(other)):
+        say = lambda m: f"'{m['tokenizer']}'" if chars(m) is None else 'a different character set'
         raise UserError(f"{name} is tokenized with {say(meta)} but {other_name} with {say(other)}; "
                         "prepare the data with the model's tokenizer (prepare.py --tokenizer=...)")
 
 
 def load_teacher(spec, device, data_meta, data_dir):
-    """A frozen teacher in eval mode (any load_model spec), refused when it tokenizes differently
-    from the data (OpenAI's weights use GPT-2's BPE; our checkpoints record their tokenizer)."""
+    """A frozen teacher in eval mode, refused when it tokenizes differently from the data."""
     model, checkpoint = load_model(spec, device)
     model.requires_grad_(False)
     tokens = {'tokenizer': 'gpt2'} if checkpoint is None else \
@@ -244,11 +219,7 @@ def load_teacher(spec, device, data_meta, data_dir):
     return model
 
 
-# -----------------------------------------------------------------------------
-# Devices
-
 def autocast(device, dtype):
-    """The mixed-precision context of a `dtype` setting: none for float32, else torch.autocast."""
     if dtype not in ('float32', 'bfloat16', 'float16'):
         raise UserError(f"unknown dtype '{dtype}'; use float32, bfloat16 or float16")
     return nullcontext() if dtype == 'float32' else \
@@ -256,8 +227,7 @@ def autocast(device, dtype):
 
 
 def setup_distributed(device):
-    """Under torchrun (RANK set): join the process group (nccl on CUDA, gloo on CPU) and take this
-    process's GPU. Returns (rank, world_size, device)."""
+    """Under torchrun: join the process group and take a GPU -> (rank, world, device)."""
     if 'RANK' not in os.environ:
         return 0, 1, device
     torch.distributed.init_process_group(backend='nccl' if 'cuda' in device else 'gloo')
@@ -268,30 +238,27 @@ def setup_distributed(device):
 
 
 def peak_flops(device, dtype):
-    """The datasheet's peak dense FLOP/s of common GPUs, for MFU; None where unknown (CPUs too: a
-    guessed peak misleads, so FLOP/s are shown instead)."""
+    """Datasheet peak dense FLOP/s, for MFU; None where unknown."""
     if 'cuda' in str(device):
         name = torch.cuda.get_device_name(device)
-        bf16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12, '4090': 165e12}
+        bf16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12,
+                '4090': 165e12}
         for key, flops in bf16.items():
             if key in name:
                 return flops if dtype != 'float32' else flops / 16  # TF32 off: about the fp32 rate
     return None
 
 
-SAFETENSORS_DTYPES = {'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16}
-
-
 def read_safetensors(path):
-    """A .safetensors file -> {name: tensor}: an 8-byte header length, a JSON header of dtypes,
-    shapes and byte offsets, then the raw bytes (simple enough to need no package)."""
+    """A .safetensors file -> {name: tensor}: an 8-byte length, a JSON header, the raw bytes."""
+    dtypes = {'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16}
     with open(path, 'rb') as f:
         header, data = json.loads(f.read(int.from_bytes(f.read(8), 'little'))), bytearray(f.read())
     out = {}
     for name, info in header.items():
         if name != '__metadata__':
             start, end = info['data_offsets']
-            dtype = SAFETENSORS_DTYPES[info['dtype']]
+            dtype = dtypes[info['dtype']]
             raw = data[start:end]
             tensor = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
             out[name] = tensor.view(info['shape'])

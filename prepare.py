@@ -1,18 +1,8 @@
 """
-Tokenize text into the uint16 token files that train.py reads, streaming: memory stays flat whatever
-the corpus size.
-
-    python prepare.py shakespeare [--tokenizer=char]          # shipped with the repository
-    python prepare.py openwebtext                             # the paper's data, nanoGPT's split
-    python prepare.py fineweb --hub=HuggingFaceFW/fineweb-edu --hub_config=sample-10BT --val_fraction=0.0005
-    python prepare.py mytext --input='texts/*.txt,more/*.jsonl' [--val_input=FILES]
-    python prepare.py wikitext2 [--input=wiki.train.raw --val_input=wiki.valid.raw]
-
-Writes OUT_DIR/train.bin and val.bin (GPT-2 BPE or character ids, uint16) and, last, meta.json
-(tokenizer, vocabulary, token counts, sources): a folder without meta.json is not a finished dataset.
-Documents: a .txt file is one, so is a .jsonl line or a .parquet row (their text_field), or a row of a
-hub dataset; each is followed by the end-of-text token. Without a val split, the last val_fraction of
-the token stream is held out, so train.bin + val.bin is exactly the tokenized text.
+Tokenize text into the uint16 token files train.py reads, streaming (usage: README.md), e.g.
+python prepare.py shakespeare. Writes OUT_DIR/train.bin, val.bin and, last, meta.json: a folder
+without meta.json is unfinished. Each document (a .txt file, a .jsonl line, a .parquet or hub row)
+ends with the end-of-text token. Without a val split, the last val_fraction of tokens is held out.
 """
 import glob
 import json
@@ -27,36 +17,33 @@ from tqdm import tqdm
 from common import UserError, atomic_path, check_hub, configure
 
 # -----------------------------------------------------------------------------
-input = ''  # local files or globs, comma-separated: .txt, .jsonl, .parquet (the train split)
+input = ''  # train files or globs, comma-separated: .txt, .jsonl, .parquet
 val_input = ''  # the same for the val split
-hub = ''  # a Hugging Face dataset, read streaming, e.g. HuggingFaceFW/fineweb-edu
-hub_config = ''  # its configuration, e.g. sample-10BT
+hub = ''  # a Hugging Face dataset, streamed, e.g. HuggingFaceFW/fineweb-edu
+hub_config = ''  # e.g. sample-10BT
 hub_split = 'train'
-local_hub = ''  # a local copy of a hub dataset's files (huggingface-cli download ... --local-dir),
-# for machines that cannot reach the hub: openwebtext reads its subsets/*.tar from there
-text_field = 'text'  # the text of a .jsonl line, a .parquet row or a hub row
+local_hub = ''  # a hub dataset's files, downloaded elsewhere (huggingface-cli download --local-dir)
+text_field = 'text'  # of a .jsonl line, a .parquet row or a hub row
 out_dir = ''  # default: data/NAME
-val_fraction = 0.1  # share of the token stream held out when no val split is given
-max_tokens = 0  # stop after this many tokens (0: all), e.g. the first 1B of a large hub dataset
+val_fraction = 0.1  # held out of the token stream when no val split is given
+max_tokens = 0  # stop after this many tokens (0: all)
 num_proc = 8  # tokenizer threads
 tokenizer = 'gpt2'  # or 'char': one id per distinct character, as nanoGPT's shakespeare_char
 # -----------------------------------------------------------------------------
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets')
 SHAKESPEARE = os.path.join(ASSETS, 'tinyshakespeare.txt')  # Karpathy's char-rnn copy, public domain
-GPT2_BPE_SHA256 = {'vocab.bpe': '1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5',
-                   'encoder.json': '196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783'}
+GPT2_BPE_SHA256 = {
+    'vocab.bpe': '1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5',
+    'encoder.json': '196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783'}
 KNOWN = ('shakespeare', 'wikitext2', 'openwebtext')
-OPENWEBTEXT = 'Skylion007/openwebtext'  # 21 tar files of .xz archives of .txt documents
+OPENWEBTEXT = 'Skylion007/openwebtext'
 
 
 class CharTokenizer:
-    """Character-level ids: one per distinct character of the text, then the end-of-text id. With a
-    vocabulary of ~100 instead of 50257 the output head costs almost nothing, so a CPU learns from
-    far more text per minute (the interface of tiktoken's encodings, as far as this repository uses
-    it)."""
+    """Character ids behind tiktoken's interface; ~100 ids make the output head cheap on a CPU."""
 
     def __init__(self, chars):
-        self.chars, self.stoi = chars, {c: i for i, c in enumerate(chars)}
+        self.chars = chars
         self.eot_token, self.n_vocab = len(chars), len(chars) + 1
         codes = np.frombuffer(chars.encode('utf-32-le'), dtype=np.uint32)
         self.table = np.full(int(codes.max(initial=0)) + 1, -1, dtype=np.int64)  # code point -> id
@@ -89,8 +76,7 @@ def get_tokenizer(meta=None):
 
 
 def gpt2_tokenizer():
-    """GPT-2's BPE from the repository's copy of OpenAI's two files (assets/gpt2), so that nothing
-    needs the network or a tiktoken cache; the encoding of tiktoken.get_encoding('gpt2')."""
+    """tiktoken's 'gpt2' encoding from OpenAI's files in assets/gpt2: no network or cache needed."""
     import tiktoken
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
@@ -101,19 +87,18 @@ def gpt2_tokenizer():
 
 
 def download(url, path, desc):
-    """Fetch url into path with a progress bar, through a temporary file (atomic_path): a broken
-    download never carries the final name. Raises OSError."""
-    with urllib.request.urlopen(url, timeout=30) as r, atomic_path(path) as tmp, open(tmp, 'wb') as f, \
-            tqdm(total=int(r.headers.get('Content-Length', 0)), unit='B', unit_scale=True, desc=desc) as bar:
-        while chunk := r.read(1 << 20):
-            bar.update(f.write(chunk))
+    """url -> path, with a progress bar; a broken download never gets the final name."""
+    with urllib.request.urlopen(url, timeout=30) as r, atomic_path(path) as tmp:
+        total = int(r.headers.get('Content-Length', 0))
+        with open(tmp, 'wb') as f, tqdm(total=total, unit='B', unit_scale=True, desc=desc) as bar:
+            while chunk := r.read(1 << 20):
+                bar.update(f.write(chunk))
 
 
-# -----------------------------------------------------------------------------
 # Documents, as (text, ends the document) pieces
 
 def expand(spec, flag):
-    """'a.txt,dir/*.jsonl' -> the existing files, sorted per pattern; no match is an error."""
+    """'a.txt,dir/*.jsonl' -> the files, sorted per pattern."""
     files = []
     for pattern in filter(None, spec.split(',')):
         matched = sorted(glob.glob(os.path.expanduser(pattern)))
@@ -121,7 +106,7 @@ def expand(spec, flag):
             raise UserError(f"{flag} '{pattern}' matches no file; check the path")
         for path in matched:
             if os.path.isdir(path):
-                raise UserError(f"'{path}' is a folder; give files or a glob such as '{path}/*.txt'")
+                raise UserError(f"'{path}' is a folder; give files or a glob, e.g. '{path}/*.txt'")
             with open(path, encoding='utf-8', errors='replace') as f:  # before any progress bar
                 while (chunk := f.read(1 << 20)) and not chunk.strip():
                     pass
@@ -132,8 +117,8 @@ def expand(spec, flag):
 
 
 def safe_cut(text):
-    """Where a long text may be cut without changing its GPT-2 tokens: after a newline between two
-    letters or digits, a place where GPT-2's pre-tokenizer splits anyway. 0 where there is none."""
+    """Where text may be cut without changing its GPT-2 tokens (0: nowhere): after a newline between
+    two letters or digits, where GPT-2's pre-tokenizer splits anyway."""
     i = text.rfind('\n')
     while i > 0 and not (i + 1 < len(text) and text[i - 1].isalnum() and text[i + 1].isalnum()):
         i = text.rfind('\n', 0, i)
@@ -141,8 +126,7 @@ def safe_cut(text):
 
 
 def local_documents(files, block=1 << 24):
-    """The documents of local files: a .txt file is one (read in blocks, cut by safe_cut, so a huge
-    file never sits in memory whole), a .jsonl line or a .parquet row is one (its text_field)."""
+    """The documents of local files; a .txt file is read in blocks, cut by safe_cut."""
     for path in files:
         if path.endswith('.jsonl'):
             with open(path, encoding='utf-8') as f:
@@ -164,81 +148,76 @@ def local_documents(files, block=1 << 24):
 
 
 def hub_documents(path, config, split):
-    """The rows of a hub dataset (or a local folder in the hub's layout), streamed."""
+    """A hub dataset's rows (or a local folder in the hub's layout), streamed."""
     from datasets import load_dataset
     if not os.path.isdir(path):
-        check_hub(path, "prepare the data on a machine with internet and copy the data folder here, or "
-                  "download the dataset's files and pass --local_hub=DIR")
+        check_hub(path, "prepare the data elsewhere and copy its folder here, or download the "
+                  "dataset's files and pass --local_hub=DIR")
     try:
         rows = load_dataset(path, config or None, split=split, streaming=True)
     except Exception as e:
-        raise UserError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); check "
-                        "--hub, --hub_config and --hub_split")
+        raise UserError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                        "check --hub, --hub_config and --hub_split")
     for row in rows:
         yield row[text_field], True
 
 
 def openwebtext_documents(files):
-    """OpenWebText's documents in the order and form its former loading script gave them (the .txt
-    members of the .xz archives in each tar, runs of 3+ newlines squeezed, stripped), without
-    running any script. The order matters: nanoGPT's split is a seeded permutation of it."""
+    """OpenWebText as its old loading script gave it, in the order nanoGPT's split permutes: the
+    .txt files of each tar's .xz archives, 3+ newlines squeezed, stripped."""
     import lzma
     import re
     import tarfile
 
-    def members(tar):  # regular files, hidden ones skipped, as datasets' archive iterator
+    def members(tar, suffix):  # regular files, hidden ones skipped, as datasets' archive iterator
         for info in tar:
-            if info.isreg() and not os.path.basename(info.name).startswith(('.', '__')):
-                yield info.name, tar.extractfile(info)
+            name = os.path.basename(info.name)
+            if info.isreg() and not name.startswith(('.', '__')) and name.endswith(suffix):
+                yield tar.extractfile(info)
     for path in files:
         with tarfile.open(path, mode='r|*') as outer:
-            for name, f in members(outer):
-                if name.endswith('.xz'):
-                    with tarfile.open(fileobj=lzma.open(f), mode='r|') as inner:
-                        for txt, g in members(inner):
-                            if txt.endswith('.txt'):
-                                yield {'text': re.sub('\n\n\n+', '\n\n', g.read().decode('utf-8')).strip()}
+            for f in members(outer, '.xz'):
+                with tarfile.open(fileobj=lzma.open(f), mode='r|') as inner:
+                    for g in members(inner, '.txt'):
+                        text = g.read().decode('utf-8')
+                        yield {'text': re.sub('\n\n\n+', '\n\n', text).strip()}
 
 
 def openwebtext_splits():
-    """nanoGPT's OpenWebText split: 0.0005 of the documents held out by train_test_split with seed
-    2357, the train documents in that permuted order, as nanoGPT's train.bin has them."""
+    """nanoGPT's split, the train documents in its permuted order."""
     from datasets import Dataset
+    get = f"huggingface-cli download {OPENWEBTEXT} --repo-type dataset --local-dir DIR"
     if local_hub:
         files = sorted(glob.glob(os.path.join(local_hub, 'subsets', 'urlsf_subset*.tar')))
         if not files:
-            raise UserError(f"no subsets/urlsf_subset*.tar in {local_hub}; download them with "
-                            f"huggingface-cli download {OPENWEBTEXT} --repo-type dataset --local-dir DIR")
+            raise UserError(f"no subsets/urlsf_subset*.tar in {local_hub}; get them with {get}")
     else:
         from huggingface_hub import hf_hub_download
-        check_hub('openwebtext', "download its files elsewhere (huggingface-cli download "
-                  f"{OPENWEBTEXT} --repo-type dataset --local-dir DIR) and pass --local_hub=DIR, or "
-                  "prepare it elsewhere and copy data/openwebtext here")
-        files = [hf_hub_download(OPENWEBTEXT, f'subsets/urlsf_subset{i:02d}.tar', repo_type='dataset')
-                 for i in range(21)]
+        check_hub('openwebtext', f"download its files elsewhere ({get}) and pass --local_hub=DIR, "
+                  "or prepare it elsewhere and copy data/openwebtext here")
+        files = [hf_hub_download(OPENWEBTEXT, f'subsets/urlsf_subset{i:02d}.tar',
+                                 repo_type='dataset') for i in range(21)]
     docs = Dataset.from_generator(openwebtext_documents, gen_kwargs={'files': files})  # on disk
     split = docs.train_test_split(test_size=0.0005, seed=2357, shuffle=True)
     rows = lambda d: ((text, True) for batch in d.iter(1024) for text in batch['text'])
     return rows(split['train']), rows(split['test']), [OPENWEBTEXT]
 
 
-# -----------------------------------------------------------------------------
 # Tokens, written as they come
 
 def tokenize_into(path, pieces, enc, desc, limit=0, batch_chars=1 << 23):
-    """Tokenize (text, ends document) pieces in batches of about batch_chars characters (num_proc
-    threads) and append them to the uint16 file `path`, the end-of-text token after each document.
-    Returns the number of tokens (at most `limit`, if set)."""
+    """Append the tokens of the pieces, end-of-text after each document, to `path`; return their
+    count (at most limit, if set)."""
     n, t0 = 0, time.time()
     bar = tqdm(desc=f"tokenizing {desc}", unit=' tokens', unit_scale=True)
 
     def flush(batch):
         nonlocal n
         ids = []
-        for tokens, (_, ends) in zip(enc.encode_ordinary_batch([t for t, _ in batch], num_threads=num_proc),
-                                     batch):
+        encoded = enc.encode_ordinary_batch([t for t, _ in batch], num_threads=num_proc)
+        for tokens, (_, ends) in zip(encoded, batch):
             ids += tokens + [enc.eot_token] if ends else tokens
-        ids = np.array(ids[:limit - n] if limit else ids, dtype=np.uint16)  # GPT-2's ids fit 16 bits
+        ids = np.array(ids[:limit - n] if limit else ids, dtype=np.uint16)  # all ids < 2**16
         f.write(ids.tobytes())
         n += len(ids)
         bar.update(len(ids))
@@ -265,13 +244,12 @@ def hold_out(train_path, val_path, n_val):
     start = len(tokens) - n_val
     with open(val_path, 'wb') as f:
         for i in range(start, len(tokens), 1 << 26):
-            f.write(tokens[i:min(i + (1 << 26), len(tokens))].tobytes())
+            f.write(tokens[i:i + (1 << 26)].tobytes())
     del tokens
     os.truncate(train_path, start * 2)
 
 
 def char_vocabulary(sources):
-    """Every character of the documents: the character-level vocabulary, one streaming pass."""
     chars = set()
     for pieces in sources:
         for text, _ in pieces:
@@ -282,8 +260,8 @@ def char_vocabulary(sources):
 def main(argv):
     positional = [a for a in argv if not a.startswith('--')]
     if len(positional) != 1:
-        raise UserError("usage: python prepare.py NAME [--input=FILES | --hub=DATASET] [--out_dir=DIR]; "
-                        f"NAME is one of {', '.join(KNOWN)} or any name for your own data")
+        raise UserError("usage: python prepare.py NAME [--input=FILES | --hub=DATASET] "
+                        f"[--out_dir=DIR]; NAME: one of {', '.join(KNOWN)} or your data's name")
     name = positional[0]
     configure(globals(), [a for a in argv if a.startswith('--')])
     if name not in KNOWN and not input and not hub:
@@ -299,7 +277,8 @@ def main(argv):
     if input:
         train_files, val_files = expand(input, '--input'), expand(val_input, '--val_input')
         sources = [os.path.abspath(f) for f in train_files + val_files]
-        docs = lambda: (local_documents(train_files), local_documents(val_files) if val_files else None)
+        val_docs = lambda: local_documents(val_files) if val_files else None
+        docs = lambda: (local_documents(train_files), val_docs())
     elif hub or name == 'wikitext2':
         path, config, split = (hub, hub_config, hub_split) if hub else \
             (local_hub or 'Salesforce/wikitext', 'wikitext-2-raw-v1', 'train')
@@ -318,10 +297,10 @@ def main(argv):
         docs = lambda: (local_documents([SHAKESPEARE]), None)
     enc = gpt2_tokenizer() if tokenizer == 'gpt2' else char_vocabulary(s for s in docs() if s)
 
-    # write: the token files first, meta.json last (it marks the dataset finished)
     os.makedirs(target, exist_ok=True)
-    if os.path.exists(os.path.join(target, 'meta.json')):
-        os.remove(os.path.join(target, 'meta.json'))
+    meta_path = os.path.join(target, 'meta.json')  # written last: it marks the dataset finished
+    if os.path.exists(meta_path):
+        os.remove(meta_path)
     train_docs, val_docs = docs()
     t0 = time.time()
     with atomic_path(os.path.join(target, 'train.bin')) as train_tmp, \
@@ -333,17 +312,16 @@ def main(argv):
             n_val = max(1, int(n_train * val_fraction))
             hold_out(train_tmp, val_tmp, n_val)
             n_train -= n_val
-    meta = {'tokenizer': tokenizer, 'vocab_size': enc.n_vocab, 'eot_token': enc.eot_token, 'dtype': 'uint16',
-            'train_tokens': n_train, 'val_tokens': n_val, 'sources': sources}
+    meta = {'tokenizer': tokenizer, 'vocab_size': enc.n_vocab, 'eot_token': enc.eot_token,
+            'dtype': 'uint16', 'train_tokens': n_train, 'val_tokens': n_val, 'sources': sources}
     if tokenizer == 'char':
         meta['chars'] = enc.chars
-    with atomic_path(os.path.join(target, 'meta.json')) as tmp, open(tmp, 'w') as f:
+    with atomic_path(meta_path) as tmp, open(tmp, 'w') as f:
         json.dump(meta, f, indent=1)
     rate = (n_train + n_val) / max(time.time() - t0, 1e-9)
     print(f"wrote {target}: train {n_train:,} tokens, val {n_val:,} tokens ({rate:,.0f} tokens/s)")
 
 
-# -----------------------------------------------------------------------------
 # Reading a prepared dataset (train.py, sae.py, attribution.py)
 
 def data_dir_of(dataset):
@@ -361,8 +339,7 @@ def read_meta(data_dir):
 
 
 def windows(data, starts, length):
-    """(len(starts), length, ...) int64 tensor of a memmap's rows starts[i] .. starts[i] + length -
-    1."""
+    """An int64 tensor of the rows data[s:s + length] for s in starts."""
     import torch
     return torch.from_numpy(np.stack([data[s:s + length] for s in starts]).astype(np.int64))
 

@@ -57,7 +57,7 @@ class TopKSAE(nn.Module):
         super().__init__()
         self.n_inputs, self.n_latents, self.k, self.normalize = n_inputs, n_latents, k, normalize
         self.pre_bias = nn.Parameter(torch.zeros(n_inputs))
-        self.encoder = nn.Linear(n_inputs, n_latents, bias=False)  # weight (n, d)
+        self.encoder = nn.Linear(n_inputs, n_latents, bias=False)
         self.latent_bias = nn.Parameter(torch.zeros(n_latents))
         self.decoder = nn.Linear(n_latents, n_inputs, bias=False)  # column i: latent i's direction
         # tokens since each latent was last active, and two statistics OpenAI's files keep
@@ -82,9 +82,8 @@ class TopKSAE(nn.Module):
         return F.relu(values), indices, info
 
     def decode_norm(self, values, indices, rows=None):
-        """The k active decoder columns weighted by their values (normalised space, no pre_bias): a
-        gather, not the dense (..., n) x (n, d) product. It reads a row-major copy of the decoder
-        (`rows`, if the caller made one): gathering from the transposed view is slow on a CPU."""
+        """The value-weighted sum of the active decoder columns (normalised, no pre_bias), gathered
+        from `rows`, a row-major copy of the decoder: the transposed view is slow on a CPU."""
         rows = self.decoder.weight.t().contiguous() if rows is None else rows
         k = indices.size(-1)
         flat = F.embedding_bag(indices.reshape(-1, k), rows, mode='sum',
@@ -96,14 +95,13 @@ class TopKSAE(nn.Module):
         return x_hat if info is None else x_hat * info[1] + info[0]
 
     def forward(self, x):
-        values, indices, info = self.encode(x)
-        return self.decode(values, indices, info)
+        return self.decode(*self.encode(x))
 
     def save(self, path, meta=None):
-        """OpenAI's format; our metadata rides inside activation_state_dict, where their loader
-        (strict about other keys) reads only k and postact_fn."""
+        """OpenAI's format; our metadata rides in activation_state_dict, where their strict loader
+        reads only k and postact_fn."""
         sd = {k: v.detach().cpu() for k, v in self.state_dict().items()}
-        sd['activation'] = 'TopK'  # to OpenAI's loader: normalize=True; ours reads the flag
+        sd['activation'] = 'TopK'  # OpenAI's loader reads normalize=True; ours reads the flag
         sd['activation_state_dict'] = {'k': self.k, 'postact_fn': 'ReLU',
                                        'cocomix': dict(meta or {}, normalize=self.normalize)}
         with atomic_path(path) as tmp:
@@ -136,13 +134,14 @@ def load_sae(spec, n_inputs=None):
     if sd.get('activation') != 'TopK' or 'encoder.weight' not in sd:
         raise UserError(f"'{spec}' is not a TopK SAE in OpenAI's format")
     act, _ = sd.pop('activation_state_dict'), sd.pop('activation')
+    meta = act.get('cocomix', {})
     n_latents, d = sd['encoder.weight'].shape
     if n_inputs is not None and d != n_inputs:
         raise UserError(f"the SAE '{spec}' reads {d}-wide vectors but the teacher is {n_inputs} "
                         "wide; use an SAE trained on this teacher's residual stream")
-    sae = TopKSAE(d, n_latents, act['k'], normalize=act.get('cocomix', {}).get('normalize', True))
+    sae = TopKSAE(d, n_latents, act['k'], normalize=meta.get('normalize', True))
     sae.load_state_dict(sd)
-    return sae.eval(), act.get('cocomix', {})
+    return sae.eval(), meta
 
 
 def teacher_residual(teacher, idx, layer):
@@ -166,7 +165,7 @@ def split_windows(data_dir, split, n_windows, length, generator=None):
     """(n_windows, length) token windows: random starts with a generator, else consecutive."""
     data = load_tokens(data_dir, split)
     if len(data) < length + 1:
-        raise UserError(f"the {split} split of {data_dir} has {len(data)} tokens, under {length + 1}")
+        raise UserError(f"{data_dir}'s {split} split has {len(data)} tokens, under {length + 1}")
     if generator is None:
         starts = range(0, min(n_windows, (len(data) - 1) // length) * length, length)
     else:
@@ -175,7 +174,7 @@ def split_windows(data_dir, split, n_windows, length, generator=None):
 
 
 def fvu(x, x_hat):
-    """Fraction of variance unexplained: squared error over variance around the batch mean."""
+    """Fraction of variance unexplained: squared error over variance about the batch mean."""
     return (x_hat - x).pow(2).sum(-1).mean() / (x - x.mean(0)).pow(2).sum(-1).mean()
 
 
@@ -193,16 +192,16 @@ def geometric_median(x, iters=50):
 
 @torch.no_grad()
 def init_sae(sae, sample):
-    """Unit-norm random decoder columns, the encoder their transpose at 1/sqrt(3) (the norm of
-    nn.Linear's default rows, where sparsify starts), pre_bias a sample's geometric median."""
+    """Unit-norm random decoder columns, the encoder their transpose at nn.Linear's default row
+    norm 1/sqrt(3) (as sparsify), pre_bias a sample's geometric median."""
     sae.decoder.weight.copy_(F.normalize(torch.randn_like(sae.decoder.weight), dim=0))
     sae.encoder.weight.copy_(sae.decoder.weight.t() / math.sqrt(3))
     sae.pre_bias.copy_(geometric_median(sae.preprocess(sample)[0]))
 
 
 class GatheredLinear(torch.autograd.Function):
-    """(x W^T + b) at the chosen latents idx (N, K), from `pre` computed without autograd: the
-    backward touches the chosen latents only (chunked.gathered_grads), no dense (N, C) gradient."""
+    """(x W^T + b) at latents idx (N, K), gathered from `pre`; the backward touches only those
+    latents (chunked.gathered_grads), never a dense (N, C) gradient."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, pre, idx):
@@ -217,11 +216,11 @@ class GatheredLinear(torch.autograd.Function):
 
 
 def sae_losses(sae, x, dead=None, k_aux=0):
-    """The batch's FVU and the AuxK loss (the top k_aux dead latents reconstruct the detached
-    residual without the bias, Gao et al. A.2), and the active indices."""
+    """The batch's FVU, the AuxK loss (the top k_aux dead latents reconstruct the detached
+    residual, Gao et al. A.2) and the active indices."""
     x_norm, _ = sae.preprocess(x)
     inputs = x_norm - sae.pre_bias
-    with torch.no_grad():  # choose on the dense product; gradients reach the chosen only
+    with torch.no_grad():
         pre = F.linear(inputs, sae.encoder.weight, sae.latent_bias)
         indices = pre.topk(sae.k, dim=-1).indices
         n_aux = min(k_aux, int(dead.sum())) if dead is not None else 0
@@ -230,7 +229,7 @@ def sae_losses(sae, x, dead=None, k_aux=0):
             indices = torch.cat([indices, aux_indices], dim=-1)
     chosen = F.relu(GatheredLinear.apply(inputs, sae.encoder.weight, sae.latent_bias, pre, indices))
     values, indices = chosen[:, :sae.k], indices[:, :sae.k]
-    rows = sae.decoder.weight.t().contiguous()  # one row-major copy for both decodes
+    rows = sae.decoder.weight.t().contiguous()
     recon = sae.decode_norm(values, indices, rows) + sae.pre_bias
     aux = torch.zeros((), device=x.device)
     if n_aux:
@@ -240,7 +239,7 @@ def sae_losses(sae, x, dead=None, k_aux=0):
 
 
 def train_step(sae, optimizer, x, k_aux, dead_tokens, aux_coef, dtype='float32'):
-    """One Adam step on vectors x (N, d): the batch FVU and AuxK loss."""
+    """One Adam step on vectors x (N, d); returns the FVU and AuxK loss."""
     with autocast(x.device, dtype):
         fvu_, aux, active = sae_losses(sae, x, sae.stats_last_nonzero > dead_tokens, k_aux)
     optimizer.zero_grad(set_to_none=True)
@@ -248,7 +247,7 @@ def train_step(sae, optimizer, x, k_aux, dead_tokens, aux_coef, dtype='float32')
     with torch.no_grad():
         sae.stats_last_nonzero += len(x)
         sae.stats_last_nonzero[active] = 0
-        # each decoder column keeps the part of its gradient orthogonal to it, then unit norm
+        # decoder columns stay unit norm: drop the gradient along each, renormalise after the step
         W = sae.decoder.weight
         W.grad -= (W.grad * W).sum(0, keepdim=True) * W
         optimizer.step()
@@ -258,8 +257,8 @@ def train_step(sae, optimizer, x, k_aux, dead_tokens, aux_coef, dtype='float32')
 
 @torch.no_grad()
 def evaluate_sae(sae, teacher, layer, data_dir, n_tokens, context=64, dtype='float32'):
-    """On held-out windows: FVU (normalised and raw), the fraction of latents never active, and the
-    teacher's loss clean and with the reconstruction spliced in at `layer`, and their KL."""
+    """On held-out windows: FVU (normalised and raw), the fraction of latents never active, and
+    the teacher's loss clean, with the reconstruction spliced in at `layer`, and their KL."""
     idx = split_windows(data_dir, 'val', max(1, n_tokens // (context + 1)), context + 1)
     pairs, losses = {'norm': ([], []), 'raw': ([], [])}, dict(clean=0.0, spliced=0.0, kl=0.0)
     device = sae.encoder.weight.device
@@ -282,21 +281,22 @@ def evaluate_sae(sae, teacher, layer, data_dir, n_tokens, context=64, dtype='flo
         losses['kl'] += (logp[0].exp() * (logp[0] - logp[1])).sum().item()
     fvus = {name: fvu(torch.cat(a), torch.cat(b)).item() for name, (a, b) in pairs.items()}
     n = len(idx) * (idx.size(1) - 1)
-    return dict(fvu=fvus['norm'], fvu_raw=fvus['raw'], dead_fraction=1 - active.float().mean().item(),
-                loss_clean=losses['clean'] / n, loss_spliced=losses['spliced'] / n,
-                kl=losses['kl'] / n, tokens=n)
+    return dict(fvu=fvus['norm'], fvu_raw=fvus['raw'],
+                dead_fraction=1 - active.float().mean().item(), loss_clean=losses['clean'] / n,
+                loss_spliced=losses['spliced'] / n, kl=losses['kl'] / n, tokens=n)
 
 
 def report(m):
-    return (f"FVU {m['fvu']:.4f} (raw {m['fvu_raw']:.4f}), dead {m['dead_fraction']:.1%} of latents, "
-            f"teacher loss {m['loss_clean']:.4f} -> {m['loss_spliced']:.4f} spliced (+"
-            f"{m['loss_spliced'] - m['loss_clean']:.4f}, KL {m['kl']:.4f}) on {m['tokens']:,} held-out tokens")
+    return (f"FVU {m['fvu']:.4f} (raw {m['fvu_raw']:.4f}), dead {m['dead_fraction']:.1%} of "
+            f"latents, teacher loss {m['loss_clean']:.4f} -> {m['loss_spliced']:.4f} spliced "
+            f"(+{m['loss_spliced'] - m['loss_clean']:.4f}, KL {m['kl']:.4f}) on {m['tokens']:,} "
+            "held-out tokens")
 
 
 if __name__ == '__main__':
     config = configure(globals())
     torch.manual_seed(seed)
-    meta = load_sae(evaluate)[1] if evaluate else {}  # a file of ours names its teacher, data, layer
+    meta = load_sae(evaluate)[1] if evaluate else {}  # our files name teacher, data, layer
     teacher, dataset = teacher or meta.get('teacher', ''), dataset or meta.get('dataset', '')
     sae_layer = sae_layer if sae_layer >= 0 else meta.get('layer', -1)
     if not teacher or not dataset or sae_layer < 0:
@@ -305,21 +305,21 @@ if __name__ == '__main__':
     teacher_model = load_teacher(teacher, device, read_meta(data_dir), data_dir)
     T = teacher_model.config.block_size
     if context > T:
-        raise UserError(f"context={context} is longer than the teacher's block_size {T}; use --context={T}")
+        raise UserError(f"context={context} is longer than the teacher's block_size {T}; "
+                        f"use --context={T}")
     if evaluate:
         sae = load_sae(evaluate, teacher_model.config.n_embd)[0].to(device)
-        print(report(evaluate_sae(sae, teacher_model, sae_layer, data_dir, eval_tokens, context, dtype)))
+        metrics = evaluate_sae(sae, teacher_model, sae_layer, data_dir, eval_tokens, context, dtype)
+        print(report(metrics))
         raise SystemExit
     teacher_residual(teacher_model, torch.zeros(1, 1, dtype=torch.long, device=device), sae_layer)
-
-    # the SAE, its optimiser, and the shuffled buffers of teacher activations it trains on
     d = teacher_model.config.n_embd
     lr = learning_rate or 2e-4 / math.sqrt(n_latents / 2 ** 14)
     steps, per_buffer = max_tokens // batch_size, buffer_size // batch_size
     sae = TopKSAE(d, n_latents, k, normalize).to(device)
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
 
-    def fill(r):  # the r-th shuffled buffer: a function of (seed, r) alone, so resuming is exact
+    def fill(r):  # the r-th shuffled buffer depends on (seed, r) alone: resuming is exact
         g = torch.Generator().manual_seed(seed * 1_000_003 + r)
         idx = split_windows(data_dir, 'train', buffer_size // context + 1, context, g)
         h = residuals(teacher_model, idx, sae_layer, dtype).reshape(-1, d)
@@ -333,8 +333,6 @@ if __name__ == '__main__':
         step = ckpt['step']
     else:
         init_sae(sae, fill(0)[:32768])
-
-    # the loop
     bar = tqdm(range(step, steps), initial=step, total=steps, desc='SAE', unit='step')
     t0 = time.time()
     for step in bar:
@@ -349,13 +347,13 @@ if __name__ == '__main__':
             bar.set_postfix_str(f"FVU {fvu_.item():.4f} aux {aux.item():.3f} dead {dead:.1%} "
                                 f"{rate:,.0f} tok/s")
         if (step + 1) % ckpt_interval == 0 or step + 1 == steps:
-            save_checkpoint(dict(sae=sae.state_dict(), optimizer=optimizer.state_dict(), step=step + 1,
-                                 config=config), out_dir, 'sae_ckpt.pt')
+            save_checkpoint(dict(sae=sae.state_dict(), optimizer=optimizer.state_dict(),
+                                 step=step + 1, config=config), out_dir, 'sae_ckpt.pt')
     bar.close()
     tokens_per_s = (steps - bar.initial) * batch_size / max(time.time() - t0, 1e-9)
     sae.eval()
     metrics = evaluate_sae(sae, teacher_model, sae_layer, data_dir, eval_tokens, context, dtype)
     sae.save(os.path.join(out_dir, 'sae.pt'), dict(
-        teacher=teacher, teacher_id=fingerprint(teacher_model), layer=sae_layer, location='resid_post',
-        dataset=dataset, tokens_trained=steps * batch_size, eval=metrics))
+        teacher=teacher, teacher_id=fingerprint(teacher_model), layer=sae_layer,
+        location='resid_post', dataset=dataset, tokens_trained=steps * batch_size, eval=metrics))
     print(f"done: {report(metrics)}; {tokens_per_s:,.0f} tokens/s; saved {out_dir}/sae.pt")

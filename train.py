@@ -24,14 +24,14 @@ from prepare import data_dir_of, load_tokens, read_meta, windows
 out_dir = 'out'
 eval_interval = 2000
 log_interval = 1
-eval_iters = 200  # batches per split (per process) in each evaluation
+eval_iters = 200  # batches per split and process in each evaluation
 eval_only = False  # evaluate once and stop
 always_save_checkpoint = True  # else save only when val loss improves
-init_from = 'scratch'  # 'scratch', 'resume' (from out_dir), 'gpt2', 'gpt2-medium', ... or a folder
-# 'ntp', 'cocomix' (concepts predicted and mixed), or the paper's baselines: 'kd' (distillation
-# from the teacher), 'pause' (a learned vector interleaved after insert_layer blocks), 'kd_pause'
+init_from = 'scratch'  # 'scratch', 'resume' (from out_dir), 'gpt2*' or a folder of GPT-2 weights
+# 'ntp', 'cocomix' (concepts predicted and mixed), or the paper's baselines 'kd' (distillation),
+# 'pause' (a learned vector interleaved after insert_layer blocks) and 'kd_pause'
 mode = 'ntp'
-# wandb logging (optional package, imported only when on)
+# wandb logging
 wandb_log = False
 wandb_project = 'cocomix'
 wandb_run_name = 'run'
@@ -58,7 +58,7 @@ lam_concept = 0.1  # loss = NTP + lam_concept * concept (Eq. 4)
 concept_topk = 32
 insert_layer = 3
 mix = 'interleave'  # 'interleave' (the paper's), 'add', 'none' (predict only)
-lam_kd = 0.1  # modes 'kd', 'kd_pause': loss = CE + lam_kd * KL(teacher || student)
+lam_kd = 0.1  # loss = CE + lam_kd * KL(teacher || student)
 # AdamW
 learning_rate = 6e-4
 max_iters = 600000  # optimizer steps
@@ -78,10 +78,10 @@ compile = torch.cuda.is_available()  # torch.compile the model (slow to start on
 seed = 1337
 device_peak_flops = 0.0  # for MFU; 0 = the datasheet's for known GPUs, else FLOP/s are shown
 # -----------------------------------------------------------------------------
-given = set()  # the settings that a config file or an override set explicitly
+given = set()  # the settings a config file or an override set
 config = configure(globals(), given=given)
 
-# the settings against each other, before any work
+# settings that contradict each other stop the run before any work
 if mode not in ('ntp', 'cocomix', 'kd', 'pause', 'kd_pause'):
     raise UserError(f"unknown mode '{mode}'; use ntp, cocomix, kd, pause or kd_pause")
 concepts, kd, pause = mode == 'cocomix', mode in ('kd', 'kd_pause'), mode in ('pause', 'kd_pause')
@@ -114,6 +114,14 @@ ctx = autocast(device, dtype)
 data_dir = data_dir_of(dataset)
 meta = read_meta(data_dir)
 
+# the student's shape: this run's settings, or what the checkpoint or GPT-2 weights it continues fix
+model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                  vocab_size=math.ceil(meta['vocab_size'] / 64) * 64,  # a multiple of 64: fast
+                  dropout=dropout)
+if concepts:
+    model_args.update(concept_topk=concept_topk, insert_layer=insert_layer, mix=mix)
+if pause:
+    model_args.update(insert_layer=insert_layer, pause=True)
 
 
 def continued_architecture():
@@ -124,33 +132,25 @@ def continued_architecture():
     if init_from != 'resume':
         check_tokenizers(meta, f"the data in {data_dir}", {'tokenizer': 'gpt2'}, init_from)
         return pretrained_shape(init_from), init_from, None
-    checkpoint = load_checkpoint(out_dir, device)
+    source, checkpoint = f"{out_dir}/ckpt.pt", load_checkpoint(out_dir, device)
     if checkpoint['mode'] != mode:
-        raise UserError(f"{out_dir}/ckpt.pt was trained with mode='{checkpoint['mode']}', this run "
-                        f"has mode='{mode}'; set --mode={checkpoint['mode']} or use a new out_dir")
-    check_tokenizers(meta, f"the data in {data_dir}", checkpoint['data_meta'], f"{out_dir}/ckpt.pt")
-    return checkpoint['model_args'], f"{out_dir}/ckpt.pt", checkpoint
+        raise UserError(f"{source} was trained with mode='{checkpoint['mode']}', this run has "
+                        f"mode='{mode}'; set --mode={checkpoint['mode']} or use a new out_dir")
+    check_tokenizers(meta, f"the data in {data_dir}", checkpoint['data_meta'], source)
+    return checkpoint['model_args'], source, checkpoint
 
 
-# the student's shape: this run's settings, or the checkpoint's or pretrained model's it continues
-model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                  vocab_size=math.ceil(meta['vocab_size'] / 64) * 64,  # a multiple of 64: fast
-                  dropout=dropout)
-if concepts:
-    model_args.update(concept_topk=concept_topk, insert_layer=insert_layer, mix=mix)
-if pause:
-    model_args.update(insert_layer=insert_layer, pause=True)
 fixed, source, checkpoint = continued_architecture()
 ARCH = ('n_layer', 'n_head', 'n_embd', 'bias', 'concept_topk', 'insert_layer', 'mix')
 asked = {k: config[k] for k in ARCH if k in given and k in fixed and fixed[k] != config[k]}
-if asked:  # a setting the run cannot honour: say so, rather than train something else
+if asked:  # refuse rather than train something else
     had = ', '.join(f"{k}={fixed[k]!r}" for k in asked)
     raise UserError(f"this run asks for {', '.join(f'{k}={v!r}' for k, v in asked.items())} but "
                     f"{source} has {had}; leave those settings out or start a new out_dir")
 if fixed.get('block_size', block_size) < block_size:
     raise UserError(f"block_size={block_size} is longer than {source}'s {fixed['block_size']}")
 model_args.update({k: v for k, v in fixed.items() if k in ARCH + ('vocab_size', 'pause')})
-config.update({k: v for k, v in model_args.items() if k in config})  # the record says what ran
+config.update({k: v for k, v in model_args.items() if k in config})  # record what ran
 globals().update(config)
 if (concepts or pause) and not 0 <= insert_layer <= n_layer:
     raise UserError(f"insert_layer={insert_layer} is outside the student's 0 .. {n_layer} blocks")
@@ -164,19 +164,18 @@ if concepts or kd:
     if teacher_model.config.block_size < block_size:
         raise UserError(f"block_size={block_size} is longer than the teacher's context "
                         f"({teacher_model.config.block_size})")
-if checkpoint is not None:  # the same teacher, SAE and layer as the run it continues
+if checkpoint is not None:  # a resume needs the same teacher, SAE and layer
     for key, value in identity.items():
         if checkpoint['identity'].get(key, value) != value:
-            raise UserError(f"{out_dir}/ckpt.pt was trained with {key}="
-                            f"{checkpoint['identity'][key]}, this run has {value}; use the same "
-                            "teacher and SAE, or a new out_dir")
+            raise UserError(f"{source} was trained with {key}={checkpoint['identity'][key]}, this "
+                            f"run has {value}; use the same teacher and SAE, or a new out_dir")
 if concepts:
     model_args['n_concepts'] = sae_model.n_latents
     if label_cache:
         labels = load_label_cache(data_dir, 'train', identity, label_method, k_attr, block_size)
 
 # the student
-torch.manual_seed(seed)  # the same initial weights on every process and every run
+torch.manual_seed(seed)  # the same initial weights on every process
 if init_from in ('scratch', 'resume'):
     model = GPT(GPTConfig(**model_args))
 else:  # OpenAI's weights; the CoCoMix or pause parts on top start freshly initialised
@@ -212,14 +211,14 @@ if checkpoint is not None:
     scaler.load_state_dict(checkpoint['scaler'])
 checkpoint = None  # free the memory
 
-raw_model = model  # checkpoints hold the plain module's weights, without wrapper prefixes
+raw_model = model  # checkpoints hold the unwrapped module's weights
 if compile:
     model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[torch.device(device).index] if device_type == 'cuda' else None)
 
-# every random draw is a function of (seed, what is drawn, step, global micro-batch) alone, so
-# neither resuming nor the number of processes changes a batch or a dropout mask
+# every random draw is a function of (seed, kind, step, global micro-batch) alone: no RNG state to
+# checkpoint, and neither resuming nor the number of processes changes a batch or a dropout mask
 DRAWS = {'train': 0, 'val': 1, 'eval_train': 2, 'dropout': 3}
 
 
@@ -228,12 +227,12 @@ def draw_seed(kind, step, micro):
 
 
 def get_batch(split, step, micro):
-    """(x, y, concept labels or None): batch_size windows of the split. With a label cache (or
-    window_grid) the windows start on the block_size grid that attribution.py labelled."""
+    """(x, y, concept labels or None). With a label cache (or window_grid) the windows start on the
+    block_size grid that attribution.py labelled."""
     data = load_tokens(data_dir, 'val' if split == 'val' else 'train')  # a fresh memmap per batch
     if len(data) <= block_size:
-        raise UserError(f"the {split} split of {data_dir} has {len(data)} tokens, fewer than "
-                        f"block_size + 1 = {block_size + 1}; use more text or a smaller block_size")
+        raise UserError(f"the {split} split of {data_dir} has only {len(data)} tokens; use more "
+                        "text or a smaller block_size")
     g = torch.Generator().manual_seed(draw_seed(split, step, micro))
     if labels is not None or window_grid:
         ix = torch.randint((len(data) - 1) // block_size, (batch_size,), generator=g) * block_size
@@ -243,20 +242,20 @@ def get_batch(split, step, micro):
     if device_type == 'cuda':  # pinned memory lets the copy run asynchronously
         xy = xy.pin_memory().to(device, non_blocking=True)
     x, y = xy[:, :-1].to(device), xy[:, 1:].to(device)
-    c = None  # labels only for training: evaluation measures the plain next-token loss
+    c = None  # evaluation measures the plain next-token loss
     if split == 'train' and labels is not None:
         c = label_windows(labels, ix.tolist(), block_size).to(device)
     return x, y, c
 
 
 def teach(x):
-    """The teacher's online work on a training batch: (concept labels, teacher logits), or None."""
+    """The teacher's online work on a training batch: (concept labels, logits), each or None."""
     c = logits = None
     with ctx:
-        if concepts and labels is None:  # as the official code: a teacher forward and backward
+        if concepts and labels is None:  # a forward and backward, as the official code
             c = concept_labels(teacher_model, sae_model, x, sae_layer, k_attr, label_method)
         if kd:
-            with torch.no_grad():  # every position's logits
+            with torch.no_grad():
                 logits = teacher_model.head(teacher_model.run_blocks(teacher_model.embed(x)))[0]
     return c, logits
 
@@ -315,11 +314,12 @@ if wandb_log and master:
         raise UserError("wandb_log=True needs the optional package wandb: pip install wandb")
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
-# the loop: evaluate (and checkpoint) every eval_interval steps and at the end, then step
 peak = device_peak_flops or peak_flops(device, dtype)  # None: FLOP/s instead of MFU
 flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
-t_start, t0, tokens_seen, running_flops, local_iter = time.time(), time.time(), 0, -1.0, 0
+online = teacher_model is not None and labels is None  # the teacher works on every batch
+t_start, t0, running_flops, local_iter = time.time(), time.time(), -1.0, 0
 while True:
+    # evaluate, and checkpoint, every eval_interval steps and at the end
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
         losses = estimate_loss()
         if master:
@@ -332,20 +332,20 @@ while True:
                 wandb.log({'iter': iter_num, 'train/loss': train_loss, 'val/loss': val_loss,
                            'lr': get_lr(iter_num) if decay_lr else learning_rate, **speed})
         # every process holds the same averaged losses, so all take the same decision
-        if not all(map(math.isfinite, losses.values())):  # never save a blown-up model
+        if not all(map(math.isfinite, losses.values())):
             stop(f"the evaluation at step {iter_num} is not finite ({losses})")
         better = losses['val'] < best_val_loss or always_save_checkpoint
         if iter_num > 0 and not eval_only and better:
             best_val_loss = min(best_val_loss, losses['val'])
-            if master:  # the data position and every random draw follow from (seed, iter_num)
+            if master:
                 save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                                      scaler=scaler.state_dict(), model_args=model_args, mode=mode,
                                      iter_num=iter_num, seed=seed, best_val_loss=best_val_loss,
                                      config=config, data_meta=meta, history=history,
-                                     identity=identity), out_dir)  # a resume needs the same teacher
+                                     identity=identity), out_dir)
                 print(f"saved checkpoint to {out_dir}/ckpt.pt")
             saved_step = iter_num
-            if ddp:  # no process exits (tearing the group down) before the checkpoint is on disk
+            if ddp:  # no process tears the group down before the checkpoint is on disk
                 torch.distributed.barrier()
         t0 = time.time()  # time the training steps only
     if iter_num >= max_iters or eval_only:
@@ -355,12 +355,12 @@ while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
     for param_group in optimizer.param_groups:
         param_group['lr'] = lr
-    parts, teacher_time = {}, 0.0  # the step's loss terms (for the log) and the teacher's seconds
+    parts, teacher_time = {}, 0.0  # the step's mean loss terms and the teacher's seconds
     for micro_step in range(accum_steps):
         micro = rank * accum_steps + micro_step  # the global micro-batch: its data and dropout
         torch.manual_seed(draw_seed('dropout', iter_num, micro))
         X, Y, C = get_batch('train', iter_num, micro)
-        if teacher_model is not None and C is None:
+        if online:
             t = time.time()
             C, teacher_logits = teach(X)
             if device_type == 'cuda':
@@ -371,18 +371,18 @@ while True:
         with ctx:
             logits, loss, record = model(X, Y, concept_labels=C, logits=kd)
             terms = {'ntp': loss}
-            if concepts:  # Eq. 4: NTP + lam_concept * concept loss
+            if concepts:
                 terms.update(concept=record['concept'],
                              concept_acc=concept_accuracy(record['concept_ids'], C))
                 loss = loss + lam_concept * record['concept']
             if kd:
                 terms['kd'] = kd_loss(logits, teacher_logits)
                 loss = loss + lam_kd * terms['kd']
-        for k, v in dict(terms, loss=loss).items():  # each term's mean over the micro-batches
+        for k, v in dict(terms, loss=loss).items():
             parts[k] = parts.get(k, 0.0) + v.detach() / accum_steps
         scaler.scale(loss / accum_steps).backward()  # DDP averages over processes
-    loss_value = all_mean(parts['loss'])  # one sync per step: a bad loss stops the step it happens
-    if not math.isfinite(loss_value):  # before the weights are touched
+    loss_value = all_mean(parts['loss'])  # one sync per step: a bad loss stops it before the update
+    if not math.isfinite(loss_value):
         stop(f"loss is {loss_value} at step {iter_num}")
     if grad_clip != 0.0:
         scaler.unscale_(optimizer)
@@ -394,16 +394,14 @@ while True:
     # timing and logging
     t1 = time.time()
     dt, t0 = t1 - t0, t1
-    tokens_seen += tokens_per_iter
     if iter_num % log_interval == 0 and master:
-        if local_iter >= 3:  # let the first steps (compilation, warm caches) pass
+        if local_iter >= 3:  # let compilation and warm-up pass
             flops = flops_per_iter / dt
             running_flops = flops if running_flops < 0 else 0.9 * running_flops + 0.1 * flops
-        # rank 0's terms: ntp, concept (its loss), concept_acc (labels among the kept concepts), kd
+        # this process's terms where there are several: ntp, concept, concept_acc, kd
         shown = {k: v for k, v in parts.items() if k != 'loss'} if len(parts) > 2 else {}
         terms = ''.join(f", {k} {v:.2%}" if k == 'concept_acc' else f", {k} {v:.4f}"
                         for k, v in shown.items())
-        online = teacher_model is not None and labels is None
         share = f", teacher {teacher_time / dt:.0%} of the time" if online else ''
         speed = '' if running_flops < 0 else f", mfu {running_flops / peak:.1%}" if peak else \
             f", {running_flops / 1e9:.1f} GFLOP/s"
@@ -415,7 +413,7 @@ while True:
 if master:
     saved = f"checkpoint of step {saved_step} in {out_dir}" if saved_step is not None else \
         'no checkpoint written'
-    print(f"done: {local_iter} steps, {tokens_seen:,} tokens in {time.time() - t_start:.1f}s, "
-          f"best val loss {best_val_loss:.4f}, {saved}")
+    print(f"done: {local_iter} steps, {local_iter * tokens_per_iter:,} tokens in "
+          f"{time.time() - t_start:.1f}s, best val loss {best_val_loss:.4f}, {saved}")
 if ddp:
     torch.distributed.destroy_process_group()
