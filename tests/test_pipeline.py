@@ -104,6 +104,8 @@ def test_study_resumes_from_saved_results_only_with_the_same_teacher(tmp_path, m
              'runs': {'8-layer/ntp/0': run('this cpu'), '8-layer/ntp/1': run('another cpu')}}
     os.makedirs('assets')
     json.dump(saved, open(study.results, 'w'))
+    os.makedirs(study.DATA)  # the prepared data's size and vocabulary go into the results too
+    json.dump({'train_tokens': 10_000, 'vocab_size': 65}, open(f'{study.DATA}/meta.json', 'w'))
     names = [s[0] for s in study.stages()]
     assert '8-layer ntp seed 0' not in names and '8-layer kd seed 0' in names  # seed 0: this machine's
     assert not any(' seed 1' in n for n in names) and '8-layer ntp seed 4' in names  # seed 1: elsewhere
@@ -112,6 +114,7 @@ def test_study_resumes_from_saved_results_only_with_the_same_teacher(tmp_path, m
     study.collect()
     kept = json.load(open(study.results))
     assert kept['runs'] == json.loads(json.dumps(saved['runs'])) and kept['teacher_id'] == teacher_id
+    assert (kept['train_chars'], kept['vocab_size']) == (10_000, 128)  # 65 padded to a multiple of 64
     torch.manual_seed(1)
     TopKSAE(4, 8, 2).save(f'{study.out}/sae/sae.pt', {'eval': {'fvu': 0.09}})  # other weights, same FVU
     with pytest.raises(UserError, match='another teacher or SAE'):

@@ -1,37 +1,33 @@
 """
-How fast each part is, as ratios measured in one run on this machine (CPU or GPU), with the repository's targets:
+Each speed target as a ratio measured in one run on this machine (CPU or GPU), with random weights:
 
     python tools/bench.py config/cocomix_shakespeare.py --n_concepts=32768          # any train.py config
-    python tools/bench.py --parts=ntp --nanogpt=PATH/TO/nanoGPT --n_layer=6 --n_embd=192 --n_head=6 --block_size=256
 
 parts (--parts=a,b):
-  train     a training step of ntp, cocomix with cached labels and cocomix with online labels (each in its own
-            process, so that its peak memory is its own): ms/iter, FLOP/s; target cocomix FLOP/s >= 0.9 x NTP's
-  ntp       our NTP step against nanoGPT's model.py (--nanogpt=its checkout), the same shapes, alternating
-            rounds, median ms/iter; target >= 0.97 x nanoGPT's speed
-  labels    online labelling at the teacher's width, counting only the FLOPs it must do (teacher forward, the
-            input-gradient backward from the loss down to sae_layer, the SAE encoder); target >= 0.8 x the
-            achieved FLOP/s of an NTP step of the teacher's shape
-  generate  greedy generation with the KV cache to gen_positions positions, NTP and CoCoMix, beside the bound
-            set by reading every weight once per token at the measured memory bandwidth
-  sae       SAE training (768 -> 32768, k 32 by default) against EleutherAI's sparsify (pip install eai-sparsify)
-            on the same synthetic data: tokens/s (target >= 1x) and FVU of the raw vectors after the same tokens
-  prepare   prepare.py on synthetic .jsonl corpora of prepare_mb and 10 x prepare_mb (GPT-2 BPE): peak memory
-            (target: the larger at most 1.5 x the smaller's + 100 MB, i.e. flat in the corpus size) and tokens/s
-  smoke     a machine's check before a long run (below)
-Weights are random: timing does not depend on them, and nothing is downloaded.
+  train     a training step of ntp, cocomix with cached and with online labels, each in its own
+            process (its own peak memory): ms/iter, FLOP/s; target cocomix FLOP/s >= 0.9 x NTP's
+  ntp       our NTP step vs nanoGPT's model.py (--nanogpt=DIR): median ms/iter; target >= 0.97x
+  labels    online labelling, counting only the FLOPs it must do (teacher forward, input-gradient
+            backward to sae_layer, SAE encoder); target >= 0.8 x a teacher-shaped NTP step's FLOP/s
+  generate  KV-cache greedy generation, NTP and CoCoMix, beside reading every weight once per token
+  sae       SAE training vs EleutherAI's sparsify (pip install eai-sparsify), same synthetic data:
+            tokens/s (target >= 1x) and FVU of the raw vectors after the same tokens
+  prepare   prepare.py on synthetic .jsonl corpora of prepare_mb and 10x that: tokens/s, peak memory
+            (target: the larger <= 1.5 x the smaller's + 100 MB, flat in the corpus size)
+  smoke     a machine's check before a long run (bench_smoke)
 """
 import importlib.util
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
+from resource import RUSAGE_SELF, getrusage
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +60,7 @@ gen_positions = 1024  # generate up to this many positions (16 of prompt)
 sae_tokens = 65536  # SAE training tokens
 sae_batch = 4096
 nanogpt = ''  # a checkout of karpathy/nanoGPT, for --parts=ntp
-rounds = 5  # alternating rounds (ntp, sae)
+rounds = 5  # alternating rounds (ntp)
 steps = 5  # timed steps per measurement
 smoke_tiny = False  # smoke: every shape shrunk, the same code path on a CPU in a minute
 device = DEVICE
@@ -80,7 +76,7 @@ torch.manual_seed(seed)
 cuda = 'cuda' in device
 ctx = autocast(device, dtype)
 V = math.ceil(vocab_size / 64) * 64
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COCOMIX = dict(n_concepts=n_concepts, concept_topk=concept_topk, insert_layer=insert_layer, mix=mix)
 
 
 def sync():
@@ -100,27 +96,39 @@ def timed(fn, n=steps, warmup=1):
     return (time.perf_counter() - t0) / n
 
 
+def peak_memory(dev=None):  # bytes allocated on the GPU, else the process's peak resident set
+    return torch.cuda.max_memory_allocated(dev) if cuda else getrusage(RUSAGE_SELF).ru_maxrss * 1024
+
+
 def gpt(layers=n_layer, width=n_embd, heads=n_head, T=block_size, **concepts):
     return GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=layers, n_head=heads, n_embd=width, bias=bias,
                          dropout=dropout, **concepts)).to(device)
 
 
-def train_step(model, labels=None, labeller=None):
-    """A closure running one AdamW step of model on a random batch; labeller(x) gives online
-    labels."""
+def adamw_step(model, loss_fn):
+    """One AdamW step of model on loss_fn() under autocast, as a closure that returns the loss."""
     opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 'cuda' if cuda else 'cpu')
-    step_model = torch.compile(model) if compile else model
-    x = torch.randint(0, vocab_size, (batch_size, block_size), device=device)
 
     def step():
         with ctx:
-            c = labeller(x) if labeller else labels
-            logits, loss, out = step_model(x, x, concept_labels=c)
-            loss = loss + 0.1 * out['concept'] if c is not None else loss
+            loss = loss_fn()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss
     return step
+
+
+def train_step(model, labels=None, labeller=None):
+    """One AdamW step of model on a random batch; labeller(x) gives online labels."""
+    step_model = torch.compile(model) if compile else model
+    x = torch.randint(0, vocab_size, (batch_size, block_size), device=device)
+
+    def loss():
+        c = labeller(x) if labeller else labels
+        _, ntp_loss, out = step_model(x, x, concept_labels=c)
+        return ntp_loss + 0.1 * out['concept'] if c is not None else ntp_loss
+    return adamw_step(model, loss)
 
 
 def teacher_and_sae():
@@ -136,8 +144,7 @@ def check(name, value, target):
 def train_child(mode):
     """One mode's training step in this process: prints a JSON line for the parent."""
     from attribution import concept_labels
-    concepts = dict(n_concepts=n_concepts, concept_topk=concept_topk, insert_layer=insert_layer, mix=mix)
-    model = gpt(**(concepts if mode != 'ntp' else {}))
+    model = gpt(**(COCOMIX if mode != 'ntp' else {}))
     labels = torch.randint(0, n_concepts, (batch_size, block_size, k_attr), device=device)
     teacher, sae = teacher_and_sae() if mode == 'online' else (None, None)
     labeller = (lambda x: concept_labels(teacher, sae, x, sae_layer, k_attr)) if teacher else None
@@ -145,9 +152,8 @@ def train_child(mode):
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     dt = timed(step)
-    memory = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps(dict(ms=dt * 1e3, flops=model.flops_per_token(block_size) * batch_size * block_size / dt,
-                          memory=memory)))
+    flops = model.flops_per_token(block_size) * batch_size * block_size / dt
+    print(json.dumps(dict(ms=dt * 1e3, flops=flops, memory=peak_memory())))
 
 
 def child(mode):
@@ -168,26 +174,20 @@ def bench_train():
 
 
 def bench_ntp():
-    if not os.path.exists(os.path.join(nanogpt, 'model.py')):
-        raise UserError(f"--parts=ntp needs --nanogpt=DIR, a checkout of karpathy/nanoGPT (no model.py in '{nanogpt}')")
-    spec = importlib.util.spec_from_file_location('nanogpt_model', os.path.join(nanogpt, 'model.py'))
-    theirs_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(theirs_module)
+    path = os.path.join(nanogpt, 'model.py')
+    if not nanogpt or not os.path.exists(path):  # '' would find our own model.py
+        raise UserError(f"no {path}: --parts=ntp needs --nanogpt=DIR, a karpathy/nanoGPT checkout")
+    spec = importlib.util.spec_from_file_location('nanogpt_model', path)
+    nano = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nano)
     ours = train_step(gpt())
-    theirs_model = theirs_module.GPT(theirs_module.GPTConfig(block_size=block_size, vocab_size=V, n_layer=n_layer,
-                                                             n_head=n_head, n_embd=n_embd, dropout=dropout, bias=bias))
-    theirs_model.to(device)
-    opt = theirs_model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 'cuda' if cuda else 'cpu')
+    config = nano.GPTConfig(block_size=block_size, vocab_size=V, n_layer=n_layer, n_head=n_head,
+                            n_embd=n_embd, dropout=dropout, bias=bias)
+    theirs_model = nano.GPT(config).to(device)
     x = torch.randint(0, vocab_size, (batch_size, block_size), device=device)
-
-    def theirs():
-        with ctx:
-            _, loss = theirs_model(x, x)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    theirs = adamw_step(theirs_model, lambda: theirs_model(x, x)[1])
     times = {'ours': [], 'nanoGPT': []}
-    for r in range(rounds):  # alternating, each first in every other round, so that neither gains from the order
+    for r in range(rounds):  # each first in every other round: neither gains from the order
         pair = (('ours', ours), ('nanoGPT', theirs))
         for name, step in pair if r % 2 == 0 else pair[::-1]:
             times[name].append(timed(step))
@@ -198,29 +198,30 @@ def bench_ntp():
 
 
 def bench_labels():
+    import model
     from attribution import concept_labels, label_flops_per_token
     teacher, sae = teacher_and_sae()
     idx = torch.randint(0, vocab_size, (label_batch, block_size), device=device)
+    label = lambda: concept_labels(teacher, sae, idx, sae_layer, k_attr)
     with ctx:
-        dt = timed(lambda: concept_labels(teacher, sae, idx, sae_layer, k_attr), n=3)
-    flops = label_flops_per_token(teacher.config, sae_layer, n_concepts, block_size) * idx.numel() / dt
+        dt = timed(label, n=3)
+    useful = label_flops_per_token(teacher.config, sae_layer, n_concepts, block_size) * idx.numel()
+    flops = useful / dt
     ntp = gpt(teacher_layers, teacher_embd, teacher_embd // 64)
     ntp_flops = ntp.flops_per_token(block_size) * batch_size * block_size / timed(train_step(ntp), n=3)
     print(f"labels (teacher {teacher_layers} x {teacher_embd}, SAE -> {n_concepts}, k {sae_k}): "
           f"{idx.numel() / dt:,.0f} tokens/s, {flops / 1e9:.1f} GFLOP/s; NTP step of the teacher's shape "
           f"{ntp_flops / 1e9:.1f} GFLOP/s")
     check('labelling FLOP/s / NTP FLOP/s', flops / ntp_flops, 0.8)
-    # with the LM head in chunks (forced here; large label batches get it): the frozen head gets no
-    # weight gradient (after); making it require one redoes what the chunked backward once did (before)
-    import model
+    # the LM head in chunks (forced; large label batches get it): the frozen head gets no weight
+    # gradient (after); making it require one redoes what the chunked backward once did (before)
     plain_rule, model.chunked_head = model.chunked_head, lambda *args: True
-    useful = label_flops_per_token(teacher.config, sae_layer, n_concepts, block_size) * idx.numel()
     seconds = {'before': [], 'after': []}
     for _ in range(2):  # alternating
         for name in seconds:
             teacher.lm_head.weight.requires_grad_(name == 'before')
             with ctx:
-                seconds[name].append(timed(lambda: concept_labels(teacher, sae, idx, sae_layer, k_attr), n=3))
+                seconds[name].append(timed(label, n=3))
     teacher.lm_head.weight.requires_grad_(False)
     model.chunked_head = plain_rule
     rate = {k: useful / min(v) / 1e9 for k, v in seconds.items()}
@@ -234,8 +235,7 @@ def bench_generate():
     prompt = torch.randint(0, vocab_size, (1, 16), device=device)
     new = gen_positions - 16
     print(f"generate (to {gen_positions} positions, batch 1, greedy, {dtype}; memory {bandwidth / 1e9:.1f} GB/s):")
-    for name, concepts in (('ntp', {}), ('cocomix', dict(n_concepts=n_concepts, concept_topk=concept_topk,
-                                                          insert_layer=insert_layer, mix=mix))):
+    for name, concepts in (('ntp', {}), ('cocomix', COCOMIX)):
         model = gpt(T=gen_positions, **concepts).eval()
         with torch.no_grad(), ctx:
             rate = new / timed(lambda: model.generate(prompt, new, temperature=0), n=1, warmup=0)
@@ -321,15 +321,13 @@ def bench_prepare():
             peaks.append(int(peak))
             print(f"  prepare {mb} MB: {tokens:,} tokens, {tokens / seconds:,.0f} tokens/s, "
                   f"peak memory {peaks[-1] / 2 ** 20:,.0f} MB")
-    limit = 1.5 * peaks[0] + 100 * 2 ** 20
     print(f"  peak memory at 10x the text: {peaks[1] / peaks[0]:.2f}x (target <= 1.5x + 100 MB: "
-          f"{'met' if peaks[1] <= limit else 'MISSED'})")
+          f"{'met' if peaks[1] <= 1.5 * peaks[0] + 100 * 2 ** 20 else 'MISSED'})")
 
 
 def bench_smoke():
     """A machine's check before a long run: NTP and CoCoMix (cached and online labels) at the
-    config's shapes, dtype and compile, under this process count (torchrun), with a random teacher
-    and SAE."""
+    config's shapes, dtype and compile, in this process count (torchrun), random teacher and SAE."""
     from torch.nn.parallel import DistributedDataParallel as DDP
     from attribution import concept_labels
     from common import peak_flops, pretrained_shape, setup_distributed
@@ -350,69 +348,63 @@ def bench_smoke():
     init_sae(sae, torch.randn(1024, t_embd, generator=g))
     sae = sae.to(dev).eval()
     x = torch.randint(0, shape['V'], (shape['B'], shape['T']), generator=g).to(dev)
-    rows, problems = {}, []
-    for mode in ('ntp', 'cached', 'online'):
-        torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()
-        concepts = dict(n_concepts=shape['C'], concept_topk=shape['K'], insert_layer=shape['L'], mix=mix)
-        model = GPT(GPTConfig(block_size=shape['T'], vocab_size=shape['V'], n_layer=shape['n_layer'], bias=bias,
-                              n_head=shape['n_head'], n_embd=shape['n_embd'], **(concepts if mode != 'ntp' else {})))
-        model.to(dev)
-        step_model = torch.compile(model) if compile else model
-        if world > 1:
-            step_model = DDP(step_model, device_ids=[torch.device(dev).index] if cuda else None)
-        opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 'cuda' if cuda else 'cpu')
-        cached = torch.randint(0, shape['C'], (*x.shape, k_attr), generator=g).to(dev)
-        seconds = dict(teacher=0.0)
-
-        def step():
-            t = time.perf_counter()
-            with ctx:
-                labels = concept_labels(teacher_model, sae, x, shape['layer'], k_attr) if mode == 'online' else \
-                    cached if mode == 'cached' else None
-                sync()
-                seconds['teacher'] += time.perf_counter() - t
-                _, loss, record = step_model(x, x, concept_labels=labels)
-                loss = loss + 0.1 * record['concept'] if labels is not None else loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            seconds['loss'] = loss.item()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(dev)
-        dt = timed(step, n=steps, warmup=2)  # the first steps compile
-        teacher_share = seconds['teacher'] / (steps + 2) / dt if mode == 'online' else 0.0
-        memory = torch.tensor(float(torch.cuda.max_memory_allocated(dev) if cuda else
-                                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024), device=dev)
-        if world > 1:
-            torch.distributed.all_reduce(memory, op=torch.distributed.ReduceOp.MAX)
-        breaks = sum(torch._dynamo.utils.counters['graph_break'].values())
-        flops = model.flops_per_token(shape['T']) * x.numel() * world / dt
-        rows[mode] = dict(tokens=x.numel() * world / dt, flops=flops, memory=memory.item(), breaks=breaks,
-                          teacher=teacher_share, loss=seconds['loss'])
-        if not math.isfinite(seconds['loss']):
-            problems.append(f"{mode}: loss {seconds['loss']}")
-        if breaks:
-            problems.append(f"{mode}: {breaks} graph breaks")
-    peak = peak_flops(dev, dtype)
+    cocomix = dict(n_concepts=shape['C'], concept_topk=shape['K'], insert_layer=shape['L'], mix=mix)
+    peak, problems = peak_flops(dev, dtype), []
     if rank == 0:
         print(f"smoke ({world} process{'es' if world > 1 else ''}, {dtype}, compile {compile}, "
               f"{shape['n_layer']} x {shape['n_embd']}, {shape['B']} x {shape['T']} tokens per process, "
               f"C = {shape['C']}, teacher {t_layers} x {t_embd}):")
-        for mode, r in rows.items():
-            speed = f"MFU {r['flops'] / (peak * world):.1%}" if peak else f"{r['flops'] / 1e9:,.1f} GFLOP/s"
-            print(f"  {mode:>6}: {r['tokens']:,.0f} tokens/s, {speed}, peak memory per process "
-                  f"{r['memory'] / 2 ** 30:.2f} GiB, graph breaks {r['breaks']}" +
-                  (f", teacher {r['teacher']:.0%} of the step" if mode == 'online' else ''))
+    for mode, extra in (('ntp', {}), ('cached', cocomix), ('online', cocomix)):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        config = GPTConfig(block_size=shape['T'], vocab_size=shape['V'], n_layer=shape['n_layer'],
+                           n_head=shape['n_head'], n_embd=shape['n_embd'], bias=bias, **extra)
+        model = GPT(config).to(dev)
+        step_model = torch.compile(model) if compile else model
+        if world > 1:
+            step_model = DDP(step_model, device_ids=[torch.device(dev).index] if cuda else None)
+        cached = torch.randint(0, shape['C'], (*x.shape, k_attr), generator=g).to(dev)
+        seconds = dict(teacher=0.0)
+
+        def loss():
+            t = time.perf_counter()
+            labels = concept_labels(teacher_model, sae, x, shape['layer'], k_attr) \
+                if mode == 'online' else cached if mode == 'cached' else None
+            sync()
+            seconds['teacher'] += time.perf_counter() - t
+            _, ntp_loss, record = step_model(x, x, concept_labels=labels)
+            return ntp_loss + 0.1 * record['concept'] if labels is not None else ntp_loss
+        step = adamw_step(model, loss)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(dev)
+        dt = timed(lambda: seconds.update(loss=step().item()), n=steps, warmup=2)  # they compile
+        memory = torch.tensor(float(peak_memory(dev)), device=dev)
+        if world > 1:
+            torch.distributed.all_reduce(memory, op=torch.distributed.ReduceOp.MAX)
+        breaks = sum(torch._dynamo.utils.counters['graph_break'].values())
+        flops = model.flops_per_token(shape['T']) * x.numel() * world / dt
+        if rank == 0:
+            speed = f"MFU {flops / (peak * world):.1%}" if peak else f"{flops / 1e9:,.1f} GFLOP/s"
+            teacher_share = seconds['teacher'] / (steps + 2) / dt
+            print(f"  {mode:>6}: {x.numel() * world / dt:,.0f} tokens/s, {speed}, peak memory per "
+                  f"process {memory.item() / 2 ** 30:.2f} GiB, graph breaks {breaks}" +
+                  (f", teacher {teacher_share:.0%} of the step" if mode == 'online' else ''))
+        if not math.isfinite(seconds['loss']):
+            problems.append(f"{mode}: loss {seconds['loss']}")
+        if breaks:
+            problems.append(f"{mode}: {breaks} graph breaks")
+    if rank == 0:
         print("smoke: " + ("OK, ready for the long run" if not problems else "FAILED: " + '; '.join(problems)))
-    if world > 1:
+    if world > 1:  # DDP's reducer must go first: freed after the group, it can hang the exit
+        del step, loss, step_model
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     if problems:
         raise SystemExit(1)
 
 
 if run_mode == 'none':
-    print(json.dumps(dict(memory=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))
+    print(json.dumps(dict(memory=peak_memory())))
 elif run_mode:
     train_child(run_mode)
 else:

@@ -1,14 +1,12 @@
 """
-What an SAE's latents (CoCoMix's concepts) mean: where they fire in the teacher's text and which tokens
-their decoder directions promote.
+What an SAE's latents (CoCoMix's concepts) mean: where they fire in the teacher's text and which
+tokens their decoder directions promote. The teacher, data and layer come from the SAE file.
 
-    python tools/concepts.py --sae=out-sae-shakespeare/sae.pt --top=20     # the strongest and most
-                                  # frequent latents; writes a description of each beside the SAE
-                                  # file
-    python tools/concepts.py --sae=out-sae-shakespeare/sae.pt --latent=7   # one latent's top contexts
+    python tools/concepts.py --sae=out-sae-shakespeare/sae.pt --top=20    # the top latents
+    python tools/concepts.py --sae=out-sae-shakespeare/sae.pt --latent=7  # one latent's contexts
 
-The teacher, data and layer come from the SAE file (sae.py records them); sample.py --show_concepts
-prints the descriptions beside the concepts a CoCoMix model predicts.
+The first also writes a description of every latent beside the SAE file: sample.py --show_concepts
+prints them beside the concepts a CoCoMix model predicts.
 """
 import json
 import os
@@ -89,8 +87,7 @@ if __name__ == '__main__':
             ids = score.topk(top).indices.tolist()
             for i, promotes in zip(ids, promoted(sae_model, teacher_model, enc, ids, 5)):
                 print(f"  {i:6d}  freq {count[i] / n_tokens:.4f}  mean act {mean[i]:.3f}  promotes {promotes}")
-        # one short description per latent: the token of its strongest activation and what it
-        # promotes
+        # one short description per latent: the token of its strongest activation, what it promotes
         peak = torch.zeros(sae_model.n_latents).scatter_reduce(0, indices[on], values[on], 'amax')
         is_peak = on & (values == peak[indices])
         peak_token = torch.zeros(sae_model.n_latents, dtype=torch.long)

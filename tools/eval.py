@@ -1,14 +1,13 @@
 """
-Evaluate a checkpoint of any mode (or OpenAI's GPT-2) as the paper does: perplexity on the dataset's val split,
-LAMBADA, WikiText, HellaSwag, PIQA, ARC-Easy, WinoGrande and Social IQA, scored by comparing log-likelihoods
-the way EleutherAI's lm-evaluation-harness does (its prompts and acc / acc_norm).
+Evaluate a checkpoint of any mode (or OpenAI's GPT-2) as the paper does: perplexity on the dataset's
+val split, LAMBADA, WikiText, HellaSwag, PIQA, ARC-Easy, WinoGrande and Social IQA, scored by
+log-likelihood as EleutherAI's lm-evaluation-harness does (its prompts and acc / acc_norm).
 
     python tools/eval.py --out_dir=out-cocomix-shakespeare --tasks=ppl
     python tools/eval.py --init_from=gpt2 --tasks=lambada,hellaswag --data_dir=benchmarks/ --limit=200
 
-Task files are read from data_dir (official names or any file starting with them, e.g. lambada_test*.jsonl) or
-downloaded once from their usual public places into ~/.cache/cocomix/eval. For the harness itself:
-`lm_eval_model(scorer)` wraps a Scorer as an lm_eval LM (pip install lm_eval).
+Task files: from data_dir (official names, or files starting with them: lambada_test*.jsonl), else
+downloaded once into ~/.cache/cocomix/eval. lm_eval_model(scorer) wraps a Scorer for the harness.
 """
 import glob
 import json
@@ -39,8 +38,7 @@ device = DEVICE
 dtype = DTYPE
 # -----------------------------------------------------------------------------
 CACHE = os.path.expanduser('~/.cache/cocomix/eval')
-# (file pattern in data_dir, download URL, HF dataset (path, name, split) when no plain file is
-# published)
+# (file pattern in data_dir, URL, or HF (path, name, split) where no plain file is published)
 SOURCES = {
     'lambada': ('lambada_test*.jsonl', 'https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl'),
     'hellaswag': ('hellaswag_val*.jsonl', 'https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl'),
@@ -54,18 +52,17 @@ SOURCES = {
 
 
 class Scorer:
-    """Log-likelihoods of text under one of our models: the three calls lm-evaluation-harness makes.
-    Requests are tuples of arguments, or harness Instances (their .args)."""
+    """Log-likelihoods under one of our models: the three calls lm-evaluation-harness makes.
+    Requests are argument tuples or harness Instances (their .args)."""
 
     def __init__(self, model, enc, device, batch_size=16):
         self.model, self.enc, self.device, self.batch_size = model, enc, device, batch_size
         self.block_size = model.config.block_size
 
     def score(self, pieces):
-        """pieces: (token ids, n): the log-probability of the last n tokens given the ones before,
-        and whether each of them is the greedy choice. Left-truncated to block_size + 1 tokens (a
-        continuation longer than that is scored on its last block_size tokens); batched, padded
-        right."""
+        """pieces: (token ids, n) -> (log-probability of the last n tokens given the ones before,
+        whether each is the greedy choice). Left-truncated to block_size + 1 tokens (a longer
+        continuation is scored on its last block_size tokens); batched, padded right."""
         out = []
         for i in range(0, len(pieces), self.batch_size):
             batch = [(ids[-(self.block_size + 1):], min(n, len(ids) - 1, self.block_size))
@@ -109,8 +106,7 @@ class Scorer:
         return out
 
     def generate_until(self, requests):
-        """[(context, {'until': [...], 'max_gen_toks': n})] -> [greedy continuation, cut at the
-        first stop string]."""
+        """[(context, {'until': stops, 'max_gen_toks': n})] -> [greedy text up to a stop]."""
         out = []
         for r in requests:
             context, kwargs = getattr(r, 'args', r)
@@ -125,16 +121,14 @@ class Scorer:
 
 
 def lm_eval_model(scorer):
-    """The Scorer as an lm-evaluation-harness model: lm_eval.simple_evaluate(model=lm_eval_model(s),
-    tasks=[...])."""
+    """The Scorer as an lm_eval LM: lm_eval.simple_evaluate(model=lm_eval_model(s), tasks=[...])."""
     try:
         from lm_eval.api.model import LM
     except ImportError:
         raise UserError("the harness adapter needs the optional package lm_eval: pip install lm_eval")
     calls = ('loglikelihood', 'loglikelihood_rolling', 'generate_until')
     method = lambda name: lambda self, requests, disable_tqdm=False: getattr(scorer, name)(requests)
-    adapter = type('CoCoMixLM', (LM,), {name: method(name) for name in calls})
-    return adapter()
+    return type('CoCoMixLM', (LM,), {name: method(name) for name in calls})()
 
 
 # -----------------------------------------------------------------------------
@@ -209,8 +203,7 @@ def choice_items(name, path, data_dir=''):
 
 
 def multiple_choice(scorer, items):
-    """acc: the highest log-likelihood is gold; acc_norm: the same per character of the choice (the
-    harness's)."""
+    """acc: the highest log-likelihood is gold; acc_norm: the same per character (the harness's)."""
     requests = [(ctx, c) for ctx, choices, _ in items for c in choices]
     ll = iter(scorer.loglikelihood(requests))
     acc = acc_norm = 0
@@ -222,7 +215,7 @@ def multiple_choice(scorer, items):
 
 
 def winogrande(scorer, rows):
-    """Partial scoring, as the harness: the sentence after the blank, given its start with each
+    """Partial scoring, as the harness: the text after the blank, given its start with each
     option filled in."""
     requests, gold = [], []
     for r in rows:
@@ -235,8 +228,7 @@ def winogrande(scorer, rows):
 
 
 def lambada(scorer, rows):
-    """OpenAI's LAMBADA: predict the last word; acc = every token of it greedy; ppl = exp(-mean log
-    p(word))."""
+    """OpenAI's LAMBADA: the last word; acc: all its tokens greedy; ppl = exp(-mean log p(word))."""
     requests = [(r['text'].rsplit(' ', 1)[0], ' ' + r['text'].rsplit(' ', 1)[1]) for r in rows]
     out = scorer.loglikelihood(requests)
     return {'acc': 100 * np.mean([g for _, g in out]), 'ppl': math.exp(-np.mean([ll for ll, _ in out]))}
@@ -244,7 +236,7 @@ def lambada(scorer, rows):
 
 def wikitext(scorer, path, limit=0):
     """Word perplexity (per whitespace word of the raw text, the paper's WikiText number), token
-    perplexity and bits per byte, the whole file read as one rolling document."""
+    perplexity and bits per byte, the whole file one rolling document."""
     with open(path, encoding='utf-8') as f:
         text = f.read()
     if limit:
@@ -256,7 +248,7 @@ def wikitext(scorer, path, limit=0):
 
 
 def perplexity(model, data, block_size, batch_size, device, limit=0):
-    """Mean next-token loss over the first `limit` (0: all) non-overlapping block_size windows of a
+    """Mean next-token loss over the first `limit` (0: all) disjoint block_size windows of a
     prepared split (the paper's OpenWebText number)."""
     n = (len(data) - 1) // block_size
     starts = list(range(0, n * block_size, block_size))[:limit or None]
@@ -278,25 +270,23 @@ def main(argv):
     model, checkpoint = load_model(out_dir if init_from == 'resume' else init_from, device)
     name = f"{out_dir} ({checkpoint.get('mode', 'ntp')}, step {checkpoint['iter_num']})" if checkpoint else init_from
     scorer = Scorer(model, get_tokenizer(checkpoint and checkpoint.get('data_meta')), device, batch_size)
-    ctx = autocast(device, dtype)
     results = {}
     for task in tasks.split(','):
-        with ctx:
+        with autocast(device, dtype):
             if task == 'ppl':
                 ds = dataset or (checkpoint or {}).get('config', {}).get('dataset')
                 if not ds:
                     raise UserError("task ppl needs --dataset=NAME (a folder prepare.py wrote)")
                 results[task] = perplexity(model, load_tokens(data_dir_of(ds), 'val'), model.config.block_size,
                                            batch_size, device, limit)
-            elif task in ('hellaswag', 'piqa', 'arc_easy', 'siqa'):
+            elif task == 'wikitext':
+                results[task] = wikitext(scorer, task_file(task, data_dir), limit)
+            elif task in ('winogrande', 'lambada'):
+                score = winogrande if task == 'winogrande' else lambada
+                results[task] = score(scorer, read_jsonl(task_file(task, data_dir))[:limit or None])
+            else:
                 items = choice_items(task, task_file(task, data_dir), data_dir)
                 results[task] = multiple_choice(scorer, items[:limit or None])
-            elif task == 'winogrande':
-                results[task] = winogrande(scorer, read_jsonl(task_file(task, data_dir))[:limit or None])
-            elif task == 'lambada':
-                results[task] = lambada(scorer, read_jsonl(task_file(task, data_dir))[:limit or None])
-            else:
-                results[task] = wikitext(scorer, task_file(task, data_dir), limit)
         shown = (f"{k} {v:,.4f}" if isinstance(v, float) else f"{k} {v:,}" for k, v in results[task].items())
         print(f"{task:>10}: " + ', '.join(shown), flush=True)
     headline = (f"{t} {next(iter(r))} {next(iter(r.values())):.4f}" for t, r in results.items())

@@ -1,18 +1,16 @@
 """
-The whole CoCoMix pipeline in one command, the study's design at a size a newcomer waits for (about 12
-minutes on 2 idle cores): character-level Tiny Shakespeare, a 4 x 192 teacher clearly stronger than the
-students, its SAE, concept labels, then the paper's shape (8 layers, concepts after block 3) trained on
-the same characters in the same order: CoCoMix interleaved (the paper's), CoCoMix added (its ablation)
-and NTP widened to CoCoMix's active parameters; their evaluation beside the study's paired result, and
-a steered sample.
+The whole CoCoMix pipeline in one command, the study's design at a size a newcomer waits for:
+character-level Tiny Shakespeare, a teacher clearly stronger than the students, its SAE, concept
+labels, then the paper's shape (8 layers, concepts after block 3) trained on the same characters in
+the same order as CoCoMix interleaved (the paper's), CoCoMix added and NTP widened to CoCoMix's
+active parameters; their evaluation beside the study's paired result, and a steered sample.
 
     python tools/pipeline.py                        # Tiny Shakespeare, shipped with the repository
     python tools/pipeline.py --input='my_texts/*.txt' --name=mytext
 
-Every stage is an ordinary command (printed before it runs; the configs are config/*_shakespeare_char.py)
-and skips itself when its output exists, is newer than its inputs and was made by the same command. The
-thread count of every stage is fixed (the teacher, SAE and labels 2, each student 1, two at a time), so a
-rerun on the same kind of machine gives the same numbers, whatever its number of cores.
+Every stage is an ordinary command, printed before it runs, that skips itself when its output
+exists, is newer than its inputs and was made by the same command. Thread counts are fixed, so
+reruns on the same kind of machine give the same numbers.
 """
 import json
 import os
@@ -47,7 +45,7 @@ CONCEPTS = [  # (name, command, inputs, output): the teacher, its SAE and the la
     ('labels', ['attribution.py', 'config/cocomix_shakespeare_char.py', *models] + common,
      [f'{out}/sae/sae.pt'], f'{data}/labels_train.json'),
 ]
-STUDENTS = [  # one thread each, two at a time
+STUDENTS = [  # one thread each, two at a time: faster than one run on two threads
     ('concepts', ['tools/concepts.py', f'--sae={out}/sae/sae.pt', '--top=5', f'--device={device}'],
      [f'{out}/sae/sae.pt'], f'{out}/sae/sae.pt.concepts.json'),
     ('cocomix', ['train.py', 'config/cocomix_shakespeare_char.py', f'--out_dir={out}/cocomix', *models] + common,
@@ -62,11 +60,9 @@ STUDENTS = [  # one thread each, two at a time
 
 
 def run_stages(stages, stamps_path, jobs=1, threads=1):
-    """Run (name, command, inputs, output) stages, skipping each one whose output is current (the
-    commands that made the outputs are kept in stamps_path). A stage starts once the stages making
-    its inputs are done; `jobs` run at once, each on `threads` threads, logging to a file beside
-    stamps_path when jobs > 1. On a 2-core CPU two one-thread runs of a small model train more
-    tokens per second than one two-thread run. Shared with study.py."""
+    """Run (name, command, inputs, output) stages once their inputs' stages are done, skipping those
+    whose output is current (stamps_path keeps each output's command). `jobs` run at once on
+    `threads` threads each, logging beside stamps_path when jobs > 1."""
     stamps = json.load(open(stamps_path)) if os.path.exists(stamps_path) else {}
     made_by = {output: stage for stage, _, _, output in stages}
     pending, running, failed = list(stages), {}, []
@@ -112,8 +108,7 @@ def run_stages(stages, stamps_path, jobs=1, threads=1):
 
 
 def readme_block(name, text):
-    """Replace README.md's text between <!-- NAME:begin --> and <!-- NAME:end --> (the study's
-    tables, the steering table) with text."""
+    """Replace README.md's text between <!-- NAME:begin --> and <!-- NAME:end --> with text."""
     readme = open('README.md').read()
     begin, end = f'<!-- {name}:begin -->\n', f'<!-- {name}:end -->'
     if begin in readme and end in readme:

@@ -1,17 +1,15 @@
 """
-Steering, measured (the paper's third claim, Sec. 4.4): does multiplying a concept's logit make the text
-a CoCoMix model writes carry that concept?
+Steering, measured (the paper's third claim, Sec. 4.4): does multiplying a concept's logit make the
+text a CoCoMix model writes carry that concept?
 
     python tools/steer.py --runs=out-study/8-layer/cocomix_s0,out-study/8-layer/cocomix_s1
 
-For each model (a CoCoMix out_dir; its teacher and SAE are the ones it trained with), the concepts are
-chosen by a rule fixed in advance: the `concepts` it most often ranks first on the val text. For each,
-`prompts` val windows are continued twice with the same random draws, plainly and with the concept's
-logit multiplied by alpha at every position. The teacher and its SAE then read both continuations; the
-measure is how often the concept is active there and how strongly (its mean activation), and how often
-the tokens its decoder direction promotes (its top 5 through the teacher's unembedding) appear. The
-table gives each concept's numbers and the mean steered-minus-plain change with a 95% interval over
-all (model, concept) pairs; it replaces the README's steering block.
+Each model (a CoCoMix out_dir, with the teacher and SAE it trained with) steers the `concepts` it
+most often ranks first on the val text, a rule fixed in advance. `prompts` val windows are continued
+twice with the same random draws, plainly and with the concept's logit multiplied by alpha; the
+teacher and SAE then read both: how often the concept is active, its mean activation, and how often
+the 5 tokens its decoder direction promotes appear. The table, which replaces the README's steering
+block, gives each concept's numbers and the mean steered-minus-plain change with a 95% interval.
 """
 import os
 import sys
@@ -67,11 +65,11 @@ def measure(run):
             x = model.generate(prompt, new_tokens, temperature=temperature, steer=steer)
             values, indices, _ = sae.encode(teacher_residual(teacher, x, cfg['sae_layer']))
             act = (values * (indices == c)).sum(-1)[:, prompt_len:]  # the concept at new positions
-            new = x[:, prompt_len:]
             for k, v in (('active', (act > 0).float().mean()), ('activation', act.mean()),
-                         ('promoted tokens', torch.isin(new, top).float().mean())):
+                         ('promoted tokens', torch.isin(x[:, prompt_len:], top).float().mean())):
                 out.setdefault(k, []).append(v.item())
-        rows.append((c, ' '.join(map(repr, promoted(sae, teacher, enc, [c], 3)[0])), out))
+        tokens = ' '.join(map(repr, promoted(sae, teacher, enc, [c], 3)[0]))
+        rows.append((c, tokens.replace('|', '\\|'), out))  # a | would end the table cell
     return rows
 
 

@@ -1,23 +1,19 @@
 """
-Does CoCoMix beat next-token prediction, and at what cost? A study sized for a 2-core CPU: character-level
-Wikipedia, one teacher clearly stronger than every student and its SAE, then students of two sizes
+Does CoCoMix beat next-token prediction, and at what cost? Sized for a 2-core CPU: character-level
+Wikipedia, a teacher clearly stronger than every student, its SAE, then students of two sizes
 trained on the same 8.2M characters in the same order per seed: NTP (widened to CoCoMix's active
-parameters), CoCoMix interleaved (the paper's), and the paper's controls: CoCoMix added, predict-only
-(mix=none), activation labels instead of attribution, pause tokens (a learned vector interleaved in the
-concept vector's place, CoCoMix's shape) and KD.
+parameters), CoCoMix interleaved (the paper's) and the paper's controls: CoCoMix added, predict-only
+(mix=none), activation labels, pause tokens (a learned vector in the concept's place) and KD.
 
-    python tools/study.py --input=enwiki_extract_clean.txt --val_input=wiki.valid.raw   # resumable
-    python tools/study.py --report_only=True   # the README's tables and plot from assets/study_results.json
-    python tools/study.py ... --teacher_from=ckpt.pt --sae_from=sae.pt   # another machine: add seeds
+    python tools/study.py --input=enwiki_extract_clean.txt --val_input=wiki.valid.raw  # resumable
+    python tools/study.py --report_only=True  # README tables, plot from assets/study_results.json
+    python tools/study.py ... --teacher_from=ckpt.pt --sae_from=sae.pt  # another machine: add seeds
 
-Runs already in assets/study_results.json count as done. Seeds are the pairing unit: every method of a
-seed runs on one kind of machine (floats differ across CPUs), so another machine adds whole new seeds on
-the same teacher and SAE, copied from the first machine (--teacher_from, --sae_from) and checked by
-their weights' fingerprints. The report gives, per size and method: the final val loss (mean, std), the
-paired difference to NTP with a 95% t-interval, the characters needed to reach NTP's final loss, and
-(8 layers) the compute: FLOPs per character with the teacher's labelling, measured time per step, and
-"to reach" at equal FLOPs and equal time. Results go to assets/study_results.json (kept in git), the
-README's study block and assets/study_val_loss.png (matplotlib, optional).
+Runs in assets/study_results.json (kept in git) count as done. Seeds are the pairing unit: all
+methods of a seed run on one kind of machine (floats differ across CPUs), so another machine adds
+whole seeds on the first machine's teacher and SAE, checked by fingerprint. The report (README's
+study block, assets/study_val_loss.png) compares each method with NTP, paired by seed: final loss,
+characters to reach NTP's, and compute at 8 layers.
 """
 import json
 import math
@@ -39,16 +35,16 @@ out = 'out-study'
 results = 'assets/study_results.json'
 seeds = 3  # seeds per method, unless the method names its own (method:seeds)
 jobs = 2  # runs at once (pipeline.run_stages), one thread each
-teacher = '--n_layer=4 --n_head=4 --n_embd=192'  # 1.8M parameters, 4x the largest student
-teacher_iters = 2600  # x 4,096 characters: one pass over a 10.7M-character text
+teacher = '--n_layer=4 --n_head=4 --n_embd=192'
+teacher_iters = 2600  # x 4,096 characters: one pass over the text
 teacher_from = ''  # instead of training: a teacher ckpt.pt copied from the first machine
 sae_from = ''  # likewise its sae.pt
 sae_latents = 1024  # the concept vocabulary
 student_iters = 2000  # x 4,096 characters = 8.2M per student
-eval_every = 100  # steps between val estimates (the curves that give "characters to reach")
+eval_every = 100  # steps between val estimates (the curves)
 eval_windows = 2000  # final val loss: the first eval_windows x 128 characters of the val split
 timing_steps = 60  # steps of each method's timing run (the compute table)
-large = '--n_layer=8 --n_head=4 --n_embd=48 --insert_layer=3'  # the paper's shape: concepts after block 3
+large = '--n_layer=8 --n_head=4 --n_embd=48 --insert_layer=3'  # the paper's shape
 large_methods = 'ntp:5,cocomix:5,cocomix_add,kd,pause,predict_only,activation'
 small = '--n_layer=4 --n_head=4 --n_embd=48 --insert_layer=1'  # half the depth: does the gap move?
 small_methods = 'ntp,cocomix'
@@ -56,7 +52,7 @@ report_only = False
 device = 'cpu'
 # -----------------------------------------------------------------------------
 DATA = 'data/study_char'
-METHODS = {  # method -> (config, overrides, dataset); NTP and KD are widened to CoCoMix's active size
+METHODS = {  # method -> (config, overrides, dataset)
     'ntp': ('ntp', ['--mode=ntp', '--window_grid=True'], DATA),  # the label cache's windows
     'kd': ('ntp', ['--mode=kd', '--window_grid=True'], DATA),
     'pause': ('ntp', ['--mode=pause', '--window_grid=True'], DATA),
@@ -65,7 +61,7 @@ METHODS = {  # method -> (config, overrides, dataset); NTP and KD are widened to
     'predict_only': ('cocomix', ['--mix=none'], DATA),
     'activation': ('cocomix', ['--mix=interleave', '--label_method=activation'], DATA + '_act'),
 }
-WIDENED = ('ntp', 'kd')
+WIDENED = ('ntp', 'kd')  # to CoCoMix's active size
 SAE_LAYER = 1  # config/sae_shakespeare_char.py's
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -135,8 +131,7 @@ def stages():
     width = {size: matched_width(student) for size, (student, _) in sizes().items()}
     done, here = saved()['runs'], machine()
     elsewhere = {k.split('/')[2] for k, v in done.items() if v.get('machine', here) != here}
-    # the question first (NTP vs the paper's CoCoMix at the paper's shape), then scale, then the
-    # controls
+    # the question first (NTP vs CoCoMix at the paper's shape), then scale, then the controls
     order = sorted(((size, student, m, n) for size, (student, methods) in sizes().items()
                     for m, n in methods.items()),
                    key=lambda p: (p[2] not in ('ntp', 'cocomix'), p[0] != '8-layer'))
@@ -145,7 +140,7 @@ def stages():
         labels = [f'{data}/labels_train.json'] if config == 'cocomix' else []
         student_args = student + ([f'--n_embd={width[size]}'] if m in WIDENED else [])
         for seed in range(n):
-            if f'{size}/{m}/{seed}' in done or str(seed) in elsewhere:  # a seed stays on its machine kind
+            if f'{size}/{m}/{seed}' in done or str(seed) in elsewhere:
                 continue
             run = f'{out}/{size}/{m}_s{seed}'
             s.append(train_stage(f'{size} {m} seed {seed}', run, config, data,
@@ -153,7 +148,7 @@ def stages():
                                   '--always_save_checkpoint=True', *student_args, *extra],
                                  labels + [f'{out}/teacher/ckpt.pt'], student_iters, models))
             s.append(evaluation(run))
-        if size == '8-layer':  # a short run per method, timed in the same conditions: the compute table
+        if size == '8-layer':  # a short timed run per method, in the same conditions
             s.append(train_stage(f'timing {m}', f'{out}/timing/{m}', config, data,
                                  ['--eval_interval=100000', '--log_interval=1', *student_args, *extra],
                                  labels + [f'{out}/teacher/ckpt.pt'], timing_steps, models))
@@ -188,9 +183,8 @@ def check_identity(old, teacher_id, sae_id):
 
 
 def collect():
-    """Every finished run's curve and final loss, and the timing runs' ms per step -> the results
-    file (kept in git), beside the saved runs of any machine. Nothing to do before the teacher and
-    SAE exist."""
+    """Every finished run's curve and final loss and the timing runs' ms per step, added to the saved
+    results of any machine."""
     if not (os.path.exists(f'{out}/teacher/eval.json') and os.path.exists(f'{out}/sae/sae.pt')):
         return
     from common import load_model
@@ -199,7 +193,9 @@ def collect():
     teacher_eval = json.load(open(f'{out}/teacher/eval.json'))['results']['ppl']
     c = load_model(f'{out}/teacher')[1]['config']
     res = dict(old, teacher=teacher_eval['loss'], teacher_shape=f"{c['n_layer']} x {c['n_embd']}",
-               val_chars=teacher_eval['tokens'], sae=load_sae(f'{out}/sae/sae.pt')[1]['eval'])
+               val_chars=teacher_eval['tokens'], sae=load_sae(f'{out}/sae/sae.pt')[1]['eval'],
+               train_chars=json.load(open(f'{DATA}/meta.json'))['train_tokens'],
+               vocab_size=student_config(large.split()).vocab_size)  # the report needs no data
     res['teacher_id'], res['sae_id'] = identity()
     check_identity(old, res['teacher_id'], res['sae_id'])
     res['runs'], res['timing'] = dict(old['runs']), dict(old.get('timing', {}))
@@ -226,37 +222,32 @@ def collect():
 
 
 def tokens_to_reach(curve, loss):
-    """Tokens at which a (tokens, val loss) curve first reaches `loss`, interpolated; None if
-    never."""
+    """Tokens at which a (tokens, val loss) curve first reaches `loss`, interpolated; None if never."""
     for (t0, l0), (t1, l1) in zip(curve, curve[1:]):
         if l1 <= loss:
             return t0 + (t1 - t0) * (l0 - loss) / (l0 - l1) if l0 > loss else t0
     return None
 
 
-def interval(x):
-    """Mean and the half-width of its 95% t-interval."""
-    x = np.asarray(x, dtype=float)
-    return x.mean(), (T95.get(len(x) - 1, 1.96) * x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else float('nan'))
-
-
 def ci(x, fmt='+.4f'):
-    mean, half = interval(x)
+    """The mean and its 95% t-interval."""
+    x = np.asarray(x, dtype=float)
+    mean = x.mean()
+    half = T95.get(len(x) - 1, 1.96) * x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else float('nan')
     return f"{mean:{fmt}} ({mean - half:{fmt}}, {mean + half:{fmt}})"
 
 
 def compute_rows(res, got, reach):
-    """The 8-layer compute table: FLOPs per character of the student (forward and backward) and of
-    the teacher's work (labels online: every step; cached: the corpus labelled once, charged to one
-    run), the measured ms per step, and 'to reach NTP's final loss' in NTP's characters, FLOPs and
-    time."""
+    """The 8-layer compute table: FLOPs per character of the student and of the teacher's labelling
+    (online: every step; cached: the corpus once, charged to one run), ms per step, and 'to reach NTP's
+    final loss' in NTP's characters, FLOPs and time."""
     from attribution import label_flops_per_token
     from model import GPTConfig
     t = res['teacher_shape'].split(' x ')
-    teacher_cfg = GPTConfig(n_layer=int(t[0]), n_embd=int(t[1]), vocab_size=student_config(large.split()).vocab_size)
+    teacher_cfg = GPTConfig(n_layer=int(t[0]), n_embd=int(t[1]), vocab_size=res['vocab_size'])
     label = label_flops_per_token(teacher_cfg, SAE_LAYER, sae_latents, 128)
     forward = label_flops_per_token(teacher_cfg, SAE_LAYER, sae_latents, 128, backward=False)
-    corpus = json.load(open(f'{DATA}/meta.json'))['train_tokens']
+    corpus = res['train_chars']
     lines = ["| method | student FLOPs/char | + teacher, online | + teacher, cached | ms/step | "
              "to reach NTP: chars | FLOPs (cached) | time |", '|---' * 8 + '|']
     ntp = next(iter(got['ntp'].values()))
@@ -322,7 +313,7 @@ def report(res):
     lines += ['', 'Interleave minus each other method, paired (95% CI): ' + '; '.join(versus) + '.'] if versus else []
     gaps = [deltas.get((size, 'cocomix'), {}) for size in sizes()]
     common = [s for s in gaps[0] if all(s in g for g in gaps)]
-    if len(gaps) == 2 and len(common) > 1:  # the same seeds in both sizes: a paired difference of differences
+    if len(gaps) == 2 and len(common) > 1:  # a paired difference of differences
         lines += ['', f"Scale: interleave − NTP at 8 layers minus at 4 layers: {ci([gaps[0][s] - gaps[1][s] for s in common])}"
                       "; negative means the gap favours CoCoMix more at the larger size."]
     if compute:
@@ -362,7 +353,7 @@ def plot(runs):
 if __name__ == '__main__':
     configure(globals())
     if report_only:
-        collect()  # the runs finished so far on this machine, if any (the study may go on elsewhere)
+        collect()  # the runs finished on this machine, if any (the study may go on elsewhere)
     else:
         if not os.path.exists(input) or not os.path.exists(val_input):
             raise UserError("study.py needs --input=TRAIN_TEXT and --val_input=VAL_TEXT (see its docstring)")
@@ -375,7 +366,7 @@ if __name__ == '__main__':
         run_stages([('prepare', prepare, [], f'{DATA}/meta.json'),
                     ('activation data', link, [f'{DATA}/meta.json'], f'{DATA}_act/meta.json')], f'{out}/stamps.json')
         all_stages = stages()
-        run_stages(all_stages[:2], f'{out}/stamps.json')  # the teacher and SAE first, then their identity
+        run_stages(all_stages[:2], f'{out}/stamps.json')  # the teacher and SAE, then their identity
         check_identity(saved(), *identity())
         try:
             run_stages(all_stages, f'{out}/stamps.json', jobs)
