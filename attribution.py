@@ -1,6 +1,7 @@
 """
 Concept labels (METHOD.md, section 2): an active latent i of the teacher's SAE, activation c_i,
-scores a_i = c_i (g . W_dec[:, i]) (Eq. 1), with g = dL/dh the gradient of the teacher's mean
+scores a_i = c_i (g . W_dec[:, i]) (Eq. 1 with the activation c_i, as the released code; the paper
+writes the pre-activation: 'attribution_preact'), with g = dL/dh the gradient of the teacher's mean
 next-token loss L at the residual h the SAE reads; a position's labels are its k_attr best latents.
 train.py labels each batch online; this script labels a dataset once, for --label_cache=True:
 
@@ -69,12 +70,12 @@ def concept_labels(teacher, sae, idx, sae_layer, k_attr=4, method='attribution',
     with torch.no_grad():
         values, indices, _ = sae.encode(h)  # (B, T, k) active latents
         W = sae.decoder.weight.t()  # (C, d): row i is W_dec[:, i]
-        if method == 'attribution_preact':  # the paper's Eq. 1: c_pre, so every latent scores
+        if method == 'attribution_preact':  # Eq. 1 as the paper writes it: c_pre, every latent scores
             indices = torch.arange(sae.n_latents, device=idx.device).expand(*idx.shape, -1)
             scores = sae.encode_pre(sae.preprocess(h)[0]) * (grad @ W.t())
         elif method == 'activation':
             scores = values
-        else:  # Eq. 1 on the k active latents. The exact dL/dc_i also carries the position's
+        else:  # Eq. 1 with c_i, on the k active latents. The exact dL/dc_i also carries the position's
             # std > 0 (the SAE's de-normalisation), which cannot change the order within a position.
             scores = values * torch.stack([(W[indices[..., j]] * grad).sum(-1)
                                            for j in range(sae.k)], -1)

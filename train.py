@@ -231,8 +231,8 @@ def get_batch(split, step, micro):
     block_size grid that attribution.py labelled."""
     data = load_tokens(data_dir, 'val' if split == 'val' else 'train')  # a fresh memmap per batch
     if len(data) <= block_size:
-        raise UserError(f"the {split} split of {data_dir} has only {len(data)} tokens; use more "
-                        "text or a smaller block_size")
+        raise UserError(f"the {split} split of {data_dir} has {len(data)} tokens, fewer than "
+                        f"block_size + 1 = {block_size + 1}; use more text or a smaller block_size")
     g = torch.Generator().manual_seed(draw_seed(split, step, micro))
     if labels is not None or window_grid:
         ix = torch.randint((len(data) - 1) // block_size, (batch_size,), generator=g) * block_size

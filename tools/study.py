@@ -317,8 +317,11 @@ def report(res):
         lines += ['', f"Scale: interleave − NTP at 8 layers minus at 4 layers: {ci([gaps[0][s] - gaps[1][s] for s in common])}"
                       "; negative means the gap favours CoCoMix more at the larger size."]
     if compute:
-        lines += ['', "Compute at 8 layers (per training character; the study's CoCoMix runs read cached labels; "
-                  "'to reach' in units of NTP's whole run, 95% CI):", ''] + compute
+        lines += ['', "Compute at 8 layers, per training character. The teacher's labelling: online, every "
+                  "step; cached (as the study's CoCoMix runs), the whole corpus labelled once and charged to "
+                  "one run, hence above online when the corpus is longer than a run. 'To reach' is in units "
+                  "of NTP's whole run (95% CI); its FLOPs use the cached cost; ms/step excludes labelling.",
+                  ''] + compute
     table = '\n'.join(lines)
     print(table)
     readme_block('study', table)
