@@ -70,13 +70,13 @@ def concept_labels(teacher, sae, idx, sae_layer, k_attr=4, method='attribution',
     with torch.no_grad():
         values, indices, _ = sae.encode(h)  # (B, T, k) active latents
         W = sae.decoder.weight.t()  # (C, d): row i is W_dec[:, i]
-        if method == 'attribution_preact':  # Eq. 1 as the paper writes it: c_pre, every latent scores
+        if method == 'attribution_preact':  # Eq. 1 as the paper writes it: every latent scores
             indices = torch.arange(sae.n_latents, device=idx.device).expand(*idx.shape, -1)
             scores = sae.encode_pre(sae.preprocess(h)[0]) * (grad @ W.t())
         elif method == 'activation':
             scores = values
-        else:  # Eq. 1 with c_i, on the k active latents. The exact dL/dc_i also carries the position's
-            # std > 0 (the SAE's de-normalisation), which cannot change the order within a position.
+        else:  # Eq. 1 with c_i, on the k active latents. The exact dL/dc_i also carries the
+            # position's std > 0 (the SAE's de-normalisation): it cannot change a position's order.
             scores = values * torch.stack([(W[indices[..., j]] * grad).sum(-1)
                                            for j in range(sae.k)], -1)
             if method == 'attribution_neg':  # the concepts whose removal would raise the loss most

@@ -131,16 +131,16 @@ class CoCoMix(nn.Module):
         super().__init__()
         C, d = config.n_concepts, config.n_embd
         self.topk = config.concept_topk
-        self.pre_bias = nn.Parameter(torch.zeros(d))  # the SAE's b_pre: h is read as the SAE reads it
+        self.pre_bias = nn.Parameter(torch.zeros(d))  # the SAE's b_pre: h read as the SAE reads it
         self.concept_head = nn.Linear(d, C)  # W_head, b_head
         mixes = config.mix != 'none'  # predict-only: no c_hat
         self.compress = nn.Embedding(C, d) if mixes else None  # W_comp, a row per concept
         self.compress_bias = nn.Parameter(torch.zeros(d)) if mixes else None
 
     def forward(self, h, labels=None, steer=None):
-        """h (B, T, d) after insert_layer blocks, labels (B, T, k_attr), steer {concept id: alpha}
-        -> c_hat (B, T, d) or None, and a record: concept loss, logits z or None if chunked, kept ids
-        (B, T, K), best first."""
+        """h (B, T, d) after insert_layer blocks, labels (B, T, k_attr), steer {concept: alpha}
+        -> c_hat (B, T, d) or None, and a record: concept loss, logits z or None if chunked,
+        kept ids (B, T, K), best first."""
         x, mu, std = sae_norm(h)
         x = x - self.pre_bias
         W, b = self.concept_head.weight, self.concept_head.bias
@@ -265,8 +265,8 @@ class GPT(nn.Module):
             else:
                 c_hat, record = self.concepts(h, concept_labels, steer)  # (B, T, d) or None
             if self.config.mix == 'interleave' or self.pause is not None:
-                # (h_1, c_1, h_2, c_2, ...), 2T positions under the plain causal mask: c_t sees h_1..h_t
-                # and predicts token t + 1, so the readout is at the concept positions
+                # (h_1, c_1, h_2, c_2, ...), 2T positions under the plain causal mask: c_t sees
+                # h_1..h_t and predicts token t + 1, so the readout is at the concept positions
                 x = torch.stack((h, c_hat), dim=2).flatten(1, 2)
                 x = self.run_blocks(x, start=L, cache=cache)[:, 1::2]
             elif self.config.mix == 'add':
