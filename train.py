@@ -4,6 +4,7 @@ One training loop for every mode, on one CPU or GPU or many through torchrun:
     python train.py config/ntp_shakespeare.py --max_iters=100
     torchrun --standalone --nproc_per_node=8 train.py config/cocomix_gpt2.py
 """
+import gc
 import glob
 import math
 import os
@@ -302,9 +303,18 @@ def stop(message):
             if saved_step is not None else f"no checkpoint was written to {out_dir}"
         print(f"error: {message}; stopping: {kept}. Resume with a lower learning_rate or another "
               "dtype", flush=True)
-    if ddp:
-        torch.distributed.destroy_process_group()
+    leave_group()
     raise SystemExit(1)
+
+
+def leave_group():
+    """End DDP. Its reducer must be freed while the process group lives: freed after it, at
+    exit, its worker thread can abort or hang the process."""
+    global model
+    if ddp:
+        model = None
+        gc.collect()
+        torch.distributed.destroy_process_group()
 
 
 if wandb_log and master:
@@ -415,5 +425,4 @@ if master:
         'no checkpoint written'
     print(f"done: {local_iter} steps, {local_iter * tokens_per_iter:,} tokens in "
           f"{time.time() - t_start:.1f}s, best val loss {best_val_loss:.4f}, {saved}")
-if ddp:
-    torch.distributed.destroy_process_group()
+leave_group()
