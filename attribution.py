@@ -115,15 +115,15 @@ def load_concepts(teacher_spec, sae_spec, sae_layer, device, data_meta, data_dir
                             "concepts")
     teacher = load_teacher(teacher_spec, device, data_meta, data_dir)
     identity = dict(teacher_id=fingerprint(teacher))
-    if sae is not None:
-        check_setup(teacher, sae, sae_layer, k_attr, method)
-        trained_on = sae_meta.get('teacher_id', identity['teacher_id'])
-        if trained_on != identity['teacher_id']:
-            raise UserError(f"the SAE {sae_spec} was trained on another teacher ({trained_on}, not "
-                            f"{identity['teacher_id']}); use that teacher or retrain the SAE")
-        identity.update(n_concepts=sae.n_latents, sae_layer=sae_layer, sae_id=fingerprint(sae))
-        sae = sae.to(device)
-    return teacher, sae, identity
+    if sae is None:
+        return teacher, None, identity
+    check_setup(teacher, sae, sae_layer, k_attr, method)
+    trained_on = sae_meta.get('teacher_id', identity['teacher_id'])
+    if trained_on != identity['teacher_id']:
+        raise UserError(f"the SAE {sae_spec} was trained on another teacher ({trained_on}, not "
+                        f"{identity['teacher_id']}); use that teacher or retrain the SAE")
+    identity.update(n_concepts=sae.n_latents, sae_layer=sae_layer, sae_id=fingerprint(sae))
+    return teacher, sae.to(device), identity
 
 
 # -----------------------------------------------------------------------------
@@ -138,12 +138,10 @@ def cache_dtype(n_concepts):
 
 
 def describe(data_dir, split, identity, label_method, k_attr, block_size):
-    """What a cache must match: the data file, the teacher's and SAE's weights, the settings."""
+    """What a cache must match: the data file, the run's identity (load_concepts), the settings."""
     data_file = os.path.join(data_dir, f'{split}.bin')
     return dict(data_file=os.path.abspath(data_file), data_bytes=os.path.getsize(data_file),
-                teacher_id=identity['teacher_id'], sae_id=identity['sae_id'],
-                sae_layer=identity['sae_layer'], label_method=label_method, k_attr=k_attr,
-                block_size=block_size, n_concepts=identity['n_concepts'])
+                **identity, label_method=label_method, k_attr=k_attr, block_size=block_size)
 
 
 def load_label_cache(data_dir, split, identity, label_method, k_attr, block_size):
@@ -174,6 +172,7 @@ def label_split(teacher, sae, data_dir, split, expected, device, dtype, batch_si
     labels_<split>.bin.done marks it written: a stopped run resumes on any number of processes."""
     block_size, k_attr = expected['block_size'], expected['k_attr']
     path, meta_path = cache_paths(data_dir, split)
+    done_path = path + '.done'
     n_tokens = len(load_tokens(data_dir, split))
     n_windows, dt = n_tokens // block_size, cache_dtype(sae.n_latents)
     n_batches = -(-n_windows // batch_size)
@@ -181,38 +180,38 @@ def label_split(teacher, sae, data_dir, split, expected, device, dtype, batch_si
     same = all(meta.get(k) == v for k, v in expected.items()) and os.path.exists(path)
     if same and meta.get('complete'):
         return rank == 0 and print(f"{path}: already labelled")
-    if rank == 0 and not (same and os.path.exists(path + '.done')):  # a fresh cache
+    if rank == 0 and not (same and os.path.exists(done_path)):  # a fresh cache
         labels = np.memmap(path, dtype=dt, mode='w+', shape=(n_tokens, k_attr))
         labels[:] = np.iinfo(dt).max  # tokens past the last whole window keep "no label"
         labels.flush()
-        np.zeros(n_batches, dtype=np.uint8).tofile(path + '.done')
+        np.zeros(n_batches, dtype=np.uint8).tofile(done_path)
         write_meta(meta_path, dict(expected, complete=False))
     barrier()
     labels = np.memmap(path, dtype=dt, mode='r+', shape=(n_tokens, k_attr))
-    done = np.memmap(path + '.done', dtype=np.uint8, mode='r+')
+    done = np.memmap(done_path, dtype=np.uint8, mode='r+')
     todo = [b for b in range(rank, n_batches, world) if not done[b]]
-    t0 = time.time()
+    t0, n_done = time.time(), 0
     for b in tqdm(todo, desc=f'labelling {split}' + (f' (rank {rank})' if world > 1 else ''),
                   position=rank, unit='batch'):
-        w, stop = b * batch_size * block_size, min((b + 1) * batch_size, n_windows) * block_size
-        idx = windows(load_tokens(data_dir, split), range(w, stop, block_size), block_size)
+        start, stop = b * batch_size * block_size, min((b + 1) * batch_size, n_windows) * block_size
+        idx = windows(load_tokens(data_dir, split), range(start, stop, block_size), block_size)
         with autocast(device, dtype):
             out = concept_labels(teacher, sae, idx.to(device), expected['sae_layer'], k_attr,
                                  expected['label_method'])
         out = out.reshape(-1, k_attr).cpu().numpy()
-        labels[w:stop] = np.where(out < 0, np.iinfo(dt).max, out).astype(dt)
+        labels[start:stop] = np.where(out < 0, np.iinfo(dt).max, out).astype(dt)
         labels.flush()
         done[b] = 1  # only once its labels are on disk
         done.flush()
-    n_done = sum(min((b + 1) * batch_size, n_windows) - b * batch_size for b in todo) * block_size
+        n_done += stop - start
     rate = n_done / max(time.time() - t0, 1e-9)
     barrier()
     if rank == 0:
         if not done.all():
             raise UserError(f"{path}: {int((done == 0).sum())} batches are missing; run again")
         write_meta(meta_path, dict(expected, complete=True))
-        if os.path.exists(path + '.done'):  # another writer of this cache may have finished first
-            os.remove(path + '.done')
+        if os.path.exists(done_path):  # another writer of this cache may have finished first
+            os.remove(done_path)
         print(f"{path}: {n_windows * block_size:,} tokens labelled ({rate * world:,.0f} tokens/s, "
               f"{world} process{'es' if world > 1 else ''})")
 

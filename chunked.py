@@ -37,10 +37,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_x = torch.empty_like(x) if needs[0] else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None
         grad_b = torch.zeros(weight.size(0), device=x.device) if needs[2] else None
+        w, b = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
         for s in range(0, x.size(0), chunk):
             xs, lab, v = x[s:s + chunk], labels[s:s + chunk].clamp_min(0), valid[s:s + chunk]
-            b = None if bias is None else bias.to(xs.dtype)
-            z = F.linear(xs, weight.to(xs.dtype), b).float()
+            z = F.linear(xs, w, b).float()
             if topk:
                 top = z.topk(topk, dim=-1)
                 values.append(top.values), ids.append(top.indices)
@@ -50,7 +50,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 g = (z - lse).exp_().mul_(v.sum(-1, keepdim=True)).scatter_add_(-1, lab, -v.float())
                 g /= n_valid
                 if grad_x is not None:
-                    grad_x[s:s + chunk] = (g.to(xs.dtype) @ weight.to(xs.dtype)).to(x.dtype)
+                    grad_x[s:s + chunk] = g.to(x.dtype) @ w
                 if grad_w is not None:
                     grad_w += g.t() @ xs.float()
                 if grad_b is not None:
@@ -61,14 +61,12 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_values, _):
-        grad_x, grad_w, grad_b, x, weight, ids = ctx.saved_tensors
-        scale = lambda g: None if g is None else g * grad_loss
-        grad_x, grad_w, grad_b = scale(grad_x), scale(grad_w), scale(grad_b)
-        if grad_values is not None:
-            gx, gw, gb = gathered_grads(grad_values, ids, x, weight)
-            grad_x = None if grad_x is None else grad_x + gx.to(x.dtype)
-            grad_w = None if grad_w is None else grad_w + gw
-            grad_b = None if grad_b is None else grad_b + gb
+        *grads, x, weight, ids = ctx.saved_tensors  # grads: x, weight, bias; None if not needed
+        grads = [None if g is None else g * grad_loss for g in grads]
+        if grad_values is not None:  # the top-k logits' share
+            extra = gathered_grads(grad_values, ids, x, weight)
+            grads = [None if g is None else g + e.to(g.dtype) for g, e in zip(grads, extra)]
+        grad_x, grad_w, grad_b = grads
         cast = lambda g: None if g is None else g.to(weight.dtype)
         return grad_x, cast(grad_w), cast(grad_b), None, None, None
 
@@ -77,8 +75,7 @@ def linear_cross_entropy(x, weight, bias, labels, topk=0):
     """x (..., d), labels (..., k) -> (loss, top-k logits (..., topk), their ids)."""
     shape = x.shape[:-1]
     grad = torch.is_grad_enabled()
-    needs = (grad and x.requires_grad, grad and weight.requires_grad,
-             grad and bias is not None and bias.requires_grad)
+    needs = tuple(grad and t is not None and t.requires_grad for t in (x, weight, bias))
     loss, values, ids = LinearCrossEntropy.apply(x.flatten(0, -2), weight, bias,
                                                  labels.flatten(0, -2), topk, needs)
     if not topk:

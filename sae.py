@@ -233,8 +233,7 @@ def sae_losses(sae, x, dead=None, k_aux=0):
     recon = sae.decode_norm(values, indices, rows) + sae.pre_bias
     aux = torch.zeros((), device=x.device)
     if n_aux:
-        residual = (x_norm - recon).detach()
-        aux = fvu(residual, sae.decode_norm(chosen[:, sae.k:], aux_indices, rows))
+        aux = fvu((x_norm - recon).detach(), sae.decode_norm(chosen[:, sae.k:], aux_indices, rows))
     return fvu(x_norm, recon), aux, indices[values > 0]
 
 
@@ -260,9 +259,9 @@ def evaluate_sae(sae, teacher, layer, data_dir, n_tokens, context=64, dtype='flo
     """On held-out windows: FVU (normalised and raw), the fraction of latents never active, and
     the teacher's loss clean, with the reconstruction spliced in at `layer`, and their KL."""
     idx = split_windows(data_dir, 'val', max(1, n_tokens // (context + 1)), context + 1)
-    pairs, losses = {'norm': ([], []), 'raw': ([], [])}, dict(clean=0.0, spliced=0.0, kl=0.0)
     device = sae.encoder.weight.device
     active = torch.zeros(sae.n_latents, dtype=torch.bool, device=device)
+    vectors, clean, spliced, kl = [], 0.0, 0.0, 0.0
     for i in range(0, len(idx), 32):
         x_in, y = idx[i:i + 32, :-1].to(device), idx[i:i + 32, 1:].to(device)
         with autocast(device, dtype):
@@ -273,17 +272,16 @@ def evaluate_sae(sae, teacher, layer, data_dir, n_tokens, context=64, dtype='flo
                       for z in (h, h_hat)]
         active[indices[values > 0]] = True
         norm = (lambda z: (z - info[0]) / (info[1] + 1e-5)) if info else (lambda z: z)  # h's LN
-        for name, a, b in (('norm', norm(h), norm(h_hat)), ('raw', h, h_hat)):
-            pairs[name][0].append(a.flatten(0, 1)), pairs[name][1].append(b.flatten(0, 1))
+        vectors.append([z.flatten(0, 1) for z in (norm(h), norm(h_hat), h, h_hat)])
         logp = [F.log_softmax(l, -1).flatten(0, 1) for l in logits]
-        losses['clean'] += F.nll_loss(logp[0], y.flatten(), reduction='sum').item()
-        losses['spliced'] += F.nll_loss(logp[1], y.flatten(), reduction='sum').item()
-        losses['kl'] += (logp[0].exp() * (logp[0] - logp[1])).sum().item()
-    fvus = {name: fvu(torch.cat(a), torch.cat(b)).item() for name, (a, b) in pairs.items()}
-    n = len(idx) * (idx.size(1) - 1)
-    return dict(fvu=fvus['norm'], fvu_raw=fvus['raw'],
-                dead_fraction=1 - active.float().mean().item(), loss_clean=losses['clean'] / n,
-                loss_spliced=losses['spliced'] / n, kl=losses['kl'] / n, tokens=n)
+        clean += F.nll_loss(logp[0], y.flatten(), reduction='sum').item()
+        spliced += F.nll_loss(logp[1], y.flatten(), reduction='sum').item()
+        kl += (logp[0].exp() * (logp[0] - logp[1])).sum().item()
+    h_norm, h_hat_norm, h, h_hat = (torch.cat(z) for z in zip(*vectors))
+    n = len(idx) * context
+    return dict(fvu=fvu(h_norm, h_hat_norm).item(), fvu_raw=fvu(h, h_hat).item(),
+                dead_fraction=1 - active.float().mean().item(), loss_clean=clean / n,
+                loss_spliced=spliced / n, kl=kl / n, tokens=n)
 
 
 def report(m):
@@ -303,17 +301,15 @@ if __name__ == '__main__':
         raise UserError("set teacher, dataset and sae_layer (see config/sae_shakespeare.py)")
     data_dir = data_dir_of(dataset)
     teacher_model = load_teacher(teacher, device, read_meta(data_dir), data_dir)
-    T = teacher_model.config.block_size
+    T, d = teacher_model.config.block_size, teacher_model.config.n_embd
     if context > T:
         raise UserError(f"context={context} is longer than the teacher's block_size {T}; "
                         f"use --context={T}")
     if evaluate:
-        sae = load_sae(evaluate, teacher_model.config.n_embd)[0].to(device)
+        sae = load_sae(evaluate, d)[0].to(device)
         metrics = evaluate_sae(sae, teacher_model, sae_layer, data_dir, eval_tokens, context, dtype)
         print(report(metrics))
         raise SystemExit
-    teacher_residual(teacher_model, torch.zeros(1, 1, dtype=torch.long, device=device), sae_layer)
-    d = teacher_model.config.n_embd
     lr = learning_rate or 2e-4 / math.sqrt(n_latents / 2 ** 14)
     steps, per_buffer = max_tokens // batch_size, buffer_size // batch_size
     sae = TopKSAE(d, n_latents, k, normalize).to(device)
@@ -325,7 +321,7 @@ if __name__ == '__main__':
         h = residuals(teacher_model, idx, sae_layer, dtype).reshape(-1, d)
         return h[torch.randperm(len(h), generator=g)[:per_buffer * batch_size].to(h.device)]
 
-    step, buffer_index = 0, -1
+    step = 0
     if init_from == 'resume':
         ckpt = load_checkpoint(out_dir, device, 'sae_ckpt.pt')
         sae.load_state_dict(ckpt['sae'])
@@ -336,10 +332,9 @@ if __name__ == '__main__':
     bar = tqdm(range(step, steps), initial=step, total=steps, desc='SAE', unit='step')
     t0 = time.time()
     for step in bar:
-        if step // per_buffer != buffer_index:
-            buffer_index = step // per_buffer
-            buffer = fill(buffer_index)
-        x = buffer[(step % per_buffer) * batch_size:(step % per_buffer + 1) * batch_size]
+        if step % per_buffer == 0 or step == bar.initial:
+            buffer = fill(step // per_buffer)
+        x = buffer.split(batch_size)[step % per_buffer]
         fvu_, aux = train_step(sae, optimizer, x, k_aux or d // 2, dead_tokens, aux_coef, dtype)
         if step % log_interval == 0:
             dead = (sae.stats_last_nonzero > dead_tokens).float().mean().item()
