@@ -33,12 +33,11 @@ class CausalSelfAttention(nn.Module):
         B, T, d = x.size()
         q, k, v = self.c_attn(x).split(d, dim=2)
         q, k, v = (t.view(B, T, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))
-        T_past = 0
         if cache is not None:
             if 'k' in cache:
-                T_past = cache['k'].size(2)
                 k, v = torch.cat([cache['k'], k], dim=2), torch.cat([cache['v'], v], dim=2)
             cache['k'], cache['v'] = k, v
+        T_past = k.size(2) - T
         dropout_p = self.attn_dropout if self.training else 0.0
         if T_past == 0:  # is_causal selects the flash kernels
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
@@ -342,12 +341,11 @@ class GPT(nn.Module):
         """Sample max_new_tokens after idx (B, T); show_concepts = n: also their top n concepts.
         With interleaving the cache holds one entry per token below insert_layer and two above."""
         self.check_concepts(steer, show_concepts)
-        cache, fed, shown = None, 0, []  # fed: tokens of idx in the cache
+        cache = self.new_cache() if use_cache else None
+        fed, shown = 0, []  # fed: tokens of idx in the cache
         for _ in range(max_new_tokens):
             # past block_size the window slides and positions shift: no cache
-            if use_cache and idx.size(1) <= self.config.block_size:
-                if cache is None:
-                    cache, fed = self.new_cache(), 0
+            if cache is not None and idx.size(1) <= self.config.block_size:
                 logits, _, record = self(idx[:, fed:], cache=cache, pos=fed, steer=steer)
             else:
                 logits, _, record = self(idx[:, -self.config.block_size:], steer=steer)

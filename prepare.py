@@ -7,6 +7,7 @@ ends with the end-of-text token. Without a val split, the last val_fraction of t
 import glob
 import json
 import os
+import shutil
 import sys
 import time
 import urllib.request
@@ -45,16 +46,13 @@ class CharTokenizer:
     def __init__(self, chars):
         self.chars = chars
         self.eot_token, self.n_vocab = len(chars), len(chars) + 1
-        codes = np.frombuffer(chars.encode('utf-32-le'), dtype=np.uint32)
-        self.table = np.full(int(codes.max(initial=0)) + 1, -1, dtype=np.int64)  # code point -> id
-        self.table[codes] = np.arange(len(chars))
+        self.table = np.full(0x110000, -1, dtype=np.int32)  # code point -> id, -1: none
+        self.table[[ord(c) for c in chars]] = np.arange(len(chars))
 
     def encode_ordinary(self, text):
-        codes = np.frombuffer(text.encode('utf-32-le'), dtype=np.uint32)
-        ids = self.table[np.minimum(codes, len(self.table) - 1)]
-        bad = (ids < 0) | (codes >= len(self.table))
-        if bad.any():
-            char = text[int(np.argmax(bad))]
+        ids = self.table[np.frombuffer(text.encode('utf-32-le'), dtype=np.uint32)]
+        if (ids < 0).any():
+            char = text[int(np.argmax(ids < 0))]
             raise UserError(f"the character {char!r} is not in this dataset's character vocabulary")
         return ids.tolist()
 
@@ -80,7 +78,7 @@ def gpt2_tokenizer():
     import tiktoken
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
-    files = [os.path.join(ASSETS, 'gpt2', name) for name in ('vocab.bpe', 'encoder.json')]
+    files = [os.path.join(ASSETS, 'gpt2', name) for name in GPT2_BPE_SHA256]
     ranks = data_gym_to_mergeable_bpe_ranks(*files, *GPT2_BPE_SHA256.values())
     return tiktoken.Encoding('gpt2', pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={'<|endoftext|>': 50256}, explicit_n_vocab=50257)
@@ -108,10 +106,8 @@ def expand(spec, flag):
             if os.path.isdir(path):
                 raise UserError(f"'{path}' is a folder; give files or a glob, e.g. '{path}/*.txt'")
             with open(path, encoding='utf-8', errors='replace') as f:  # before any progress bar
-                while (chunk := f.read(1 << 20)) and not chunk.strip():
-                    pass
-            if not chunk:
-                raise UserError(f"input file '{path}' is empty")
+                if not any(chunk.strip() for chunk in iter(lambda: f.read(1 << 20), '')):
+                    raise UserError(f"input file '{path}' is empty")
         files += matched
     return files
 
@@ -140,8 +136,7 @@ def local_documents(files, block=1 << 24):
                 text = ''
                 while chunk := f.read(block):
                     text += chunk
-                    cut = safe_cut(text)
-                    if cut:
+                    if cut := safe_cut(text):
                         yield text[:cut], False
                         text = text[cut:]
                 yield text, True
@@ -152,14 +147,13 @@ def hub_documents(path, config, split):
     from datasets import load_dataset
     if not os.path.isdir(path):
         check_hub(path, "prepare the data elsewhere and copy its folder here, or download the "
-                  "dataset's files and pass --local_hub=DIR")
+                  f"dataset's files and pass --{'hub' if hub else 'local_hub'}=DIR")
     try:
         rows = load_dataset(path, config or None, split=split, streaming=True)
     except Exception as e:
         raise UserError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                         "check --hub, --hub_config and --hub_split")
-    for row in rows:
-        yield row[text_field], True
+    yield from ((row[text_field], True) for row in rows)
 
 
 def openwebtext_documents(files):
@@ -184,7 +178,7 @@ def openwebtext_documents(files):
 
 
 def openwebtext_splits():
-    """nanoGPT's split, the train documents in its permuted order."""
+    """nanoGPT's (train, val) split, the train documents in its permuted order."""
     from datasets import Dataset
     get = f"huggingface-cli download {OPENWEBTEXT} --repo-type dataset --local-dir DIR"
     if local_hub:
@@ -200,53 +194,51 @@ def openwebtext_splits():
     docs = Dataset.from_generator(openwebtext_documents, gen_kwargs={'files': files})  # on disk
     split = docs.train_test_split(test_size=0.0005, seed=2357, shuffle=True)
     rows = lambda d: ((text, True) for batch in d.iter(1024) for text in batch['text'])
-    return rows(split['train']), rows(split['test']), [OPENWEBTEXT]
+    return rows(split['train']), rows(split['test'])
 
 
 # Tokens, written as they come
 
-def tokenize_into(path, pieces, enc, desc, limit=0, batch_chars=1 << 23):
-    """Append the tokens of the pieces, end-of-text after each document, to `path`; return their
-    count (at most limit, if set)."""
-    n, t0 = 0, time.time()
-    bar = tqdm(desc=f"tokenizing {desc}", unit=' tokens', unit_scale=True)
+def batches(pieces, n_chars):
+    """The pieces in lists of n_chars characters or more, the last one fewer."""
+    batch, size = [], 0
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece[0])
+        if size >= n_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
-    def flush(batch):
-        nonlocal n
-        ids = []
-        encoded = enc.encode_ordinary_batch([t for t, _ in batch], num_threads=num_proc)
-        for tokens, (_, ends) in zip(encoded, batch):
-            ids += tokens + [enc.eot_token] if ends else tokens
-        ids = np.array(ids[:limit - n] if limit else ids, dtype=np.uint16)  # all ids < 2**16
-        f.write(ids.tobytes())
-        n += len(ids)
-        bar.update(len(ids))
-        bar.set_postfix_str(f"{n / max(time.time() - t0, 1e-9):,.0f} tokens/s", refresh=False)
-    with open(path, 'wb') as f:
-        batch, size = [], 0
-        for piece in pieces:
-            batch.append(piece)
-            size += len(piece[0])
-            if size >= batch_chars:
-                flush(batch)
-                batch, size = [], 0
-                if limit and n >= limit:
-                    break
-        if batch and not (limit and n >= limit):
-            flush(batch)
-    bar.close()
+
+def tokenize_into(path, pieces, enc, desc, limit=0, batch_chars=1 << 23):
+    """Write the tokens of the pieces, end-of-text after each document, to `path`; return their
+    count (at most limit, if set)."""
+    n = 0
+    with open(path, 'wb') as f, \
+            tqdm(desc=f"tokenizing {desc}", unit=' tokens', unit_scale=True) as bar:
+        for batch in batches(pieces, batch_chars):
+            ids = []
+            encoded = enc.encode_ordinary_batch([t for t, _ in batch], num_threads=num_proc)
+            for tokens, (_, ends) in zip(encoded, batch):
+                ids += tokens + [enc.eot_token] if ends else tokens
+            ids = np.array(ids[:limit - n] if limit else ids, dtype=np.uint16)  # all ids < 2**16
+            f.write(ids.tobytes())
+            n += len(ids)
+            bar.update(len(ids))
+            if limit and n >= limit:
+                break
     return n
 
 
 def hold_out(train_path, val_path, n_val):
     """Move the last n_val tokens of train_path into val_path, a chunk at a time."""
-    tokens = np.memmap(train_path, dtype=np.uint16, mode='r')
-    start = len(tokens) - n_val
-    with open(val_path, 'wb') as f:
-        for i in range(start, len(tokens), 1 << 26):
-            f.write(tokens[i:i + (1 << 26)].tobytes())
-    del tokens
-    os.truncate(train_path, start * 2)
+    start = os.path.getsize(train_path) - 2 * n_val  # in bytes, two a token
+    with open(train_path, 'rb') as src, open(val_path, 'wb') as dst:
+        src.seek(start)
+        shutil.copyfileobj(src, dst)
+    os.truncate(train_path, start)
 
 
 def char_vocabulary(sources):
@@ -273,31 +265,30 @@ def main(argv):
         raise UserError(f"unknown tokenizer '{tokenizer}'; use 'gpt2' or 'char'")
     target = out_dir or os.path.join('data', name)
 
-    # the documents of each split; val None: the tail of the train stream
+    # docs() -> fresh (train, val) documents; val None: the tail of the train stream
     if input:
         train_files, val_files = expand(input, '--input'), expand(val_input, '--val_input')
         sources = [os.path.abspath(f) for f in train_files + val_files]
-        val_docs = lambda: local_documents(val_files) if val_files else None
-        docs = lambda: (local_documents(train_files), val_docs())
-    elif hub or name == 'wikitext2':
-        path, config, split = (hub, hub_config, hub_split) if hub else \
-            (local_hub or 'Salesforce/wikitext', 'wikitext-2-raw-v1', 'train')
-        join = not hub  # WikiText: the raw text of each split is one document
-        read = lambda s: hub_documents(path, config, s)
-        whole = lambda s: iter([(''.join(t for t, _ in read(s)), True)])
-        docs = lambda: (whole('train'), whole('validation')) if join else (read(split), None)
-        sources = [f"{path}{':' + config if config else ''}"]
+        docs = lambda: (local_documents(train_files),
+                        local_documents(val_files) if val_files else None)
+    elif hub:
+        sources = [f'{hub}:{hub_config}' if hub_config else hub]
+        docs = lambda: (hub_documents(hub, hub_config, hub_split), None)
+    elif name == 'wikitext2':  # the raw text of each split is one document
+        path, config = local_hub or 'Salesforce/wikitext', 'wikitext-2-raw-v1'
+        sources = [f'{path}:{config}']
+        whole = lambda split: [(''.join(t for t, _ in hub_documents(path, config, split)), True)]
+        docs = lambda: (whole('train'), whole('validation'))
     elif name == 'openwebtext':
         if tokenizer == 'char':
             raise UserError("tokenizer='char' is for small local text: give it with --input=PATH")
-        train_docs, val_docs, sources = openwebtext_splits()
-        docs = lambda: (train_docs, val_docs)
+        sources, splits = [OPENWEBTEXT], openwebtext_splits()
+        docs = lambda: splits
     else:  # shakespeare, shipped with the repository
         sources = [SHAKESPEARE]
-        docs = lambda: (local_documents([SHAKESPEARE]), None)
+        docs = lambda: (local_documents(sources), None)
     enc = gpt2_tokenizer() if tokenizer == 'gpt2' else char_vocabulary(s for s in docs() if s)
 
-    os.makedirs(target, exist_ok=True)
     meta_path = os.path.join(target, 'meta.json')  # written last: it marks the dataset finished
     if os.path.exists(meta_path):
         os.remove(meta_path)

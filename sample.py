@@ -30,10 +30,9 @@ dtype = DTYPE
 configure(globals())
 torch.manual_seed(seed)
 ctx = autocast(device, dtype)
-SHOWN = 3  # concepts shown per token
 
 model, checkpoint = load_model(out_dir if init_from == 'resume' else init_from, device)
-mode = checkpoint.get('mode', 'ntp') if checkpoint is not None else 'ntp'
+mode = (checkpoint or {}).get('mode', 'ntp')
 if checkpoint is not None:
     print(f"loaded {out_dir}/ckpt.pt: mode '{mode}', step {checkpoint['iter_num']}, "
           f"val loss {checkpoint['best_val_loss']:.4f}")
@@ -70,7 +69,7 @@ decode = lambda ids: enc.decode([t for t in ids if t < enc.n_vocab])  # drop the
 with torch.no_grad(), ctx:
     for k in range(num_samples):
         out = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None,
-                             steer=steer_map, show_concepts=SHOWN if show_concepts else 0)
+                             steer=steer_map, show_concepts=3 if show_concepts else 0)
         y, concepts = out if show_concepts else (out, None)
         print(decode(y[0].tolist()))
         if show_concepts:  # token t+1 was read out at the concept slot of position t
