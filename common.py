@@ -79,12 +79,10 @@ def configure(script_globals, argv=None, ignore=(), given=None):
                     put(key, value, arg)
         else:
             key, eq, text = arg[2:].partition('=')
-            if not eq and isinstance(config.get(key), bool):  # a bare --flag turns a boolean on
-                eq, text = '=', 'True'
-            if not eq:
+            if not eq and not isinstance(config.get(key), bool):
                 raise UserError(f"override '{arg}' needs the form --key=value")
             try:
-                value = ast.literal_eval(text)
+                value = ast.literal_eval(text) if eq else True  # a bare --flag turns a boolean on
             except (SyntaxError, ValueError):
                 value = text  # a bare string: --device=cuda
             put(key, value, f"override '{arg}'")

@@ -75,7 +75,7 @@ min_lr = 6e-5  # ~ learning_rate / 10 (Chinchilla)
 # system
 device = DEVICE  # 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = DTYPE  # 'float32', 'bfloat16' or 'float16'
-compile = torch.cuda.is_available()  # torch.compile the model (slow to start on a CPU)
+compile = torch.cuda.is_available()  # torch.compile: slow to start on a CPU
 seed = 1337
 device_peak_flops = 0.0  # for MFU; 0 = the datasheet's for known GPUs, else FLOP/s are shown
 # -----------------------------------------------------------------------------
@@ -123,31 +123,23 @@ if concepts:
     model_args.update(concept_topk=concept_topk, insert_layer=insert_layer, mix=mix)
 if pause:
     model_args.update(insert_layer=insert_layer, pause=True)
-
-
-def continued_architecture():
-    """What a resumed run or a GPT-2 start fixes: (its architecture, its source, the checkpoint),
-    once checked that it can continue here; ({}, None, None) from scratch."""
-    if init_from == 'scratch':
-        return {}, None, None
-    if init_from != 'resume':
-        check_tokenizers(meta, f"the data in {data_dir}", {'tokenizer': 'gpt2'}, init_from)
-        return pretrained_shape(init_from), init_from, None
+fixed, source, checkpoint = {}, None, None
+if init_from == 'resume':
     source, checkpoint = f"{out_dir}/ckpt.pt", load_checkpoint(out_dir, device)
     if checkpoint['mode'] != mode:
         raise UserError(f"{source} was trained with mode='{checkpoint['mode']}', this run has "
                         f"mode='{mode}'; set --mode={checkpoint['mode']} or use a new out_dir")
     check_tokenizers(meta, f"the data in {data_dir}", checkpoint['data_meta'], source)
-    return checkpoint['model_args'], source, checkpoint
-
-
-fixed, source, checkpoint = continued_architecture()
+    fixed = checkpoint['model_args']
+elif init_from != 'scratch':
+    check_tokenizers(meta, f"the data in {data_dir}", {'tokenizer': 'gpt2'}, init_from)
+    fixed, source = pretrained_shape(init_from), init_from
 ARCH = ('n_layer', 'n_head', 'n_embd', 'bias', 'concept_topk', 'insert_layer', 'mix')
-asked = {k: config[k] for k in ARCH if k in given and k in fixed and fixed[k] != config[k]}
+asked = [k for k in ARCH if k in given and k in fixed and fixed[k] != config[k]]
 if asked:  # refuse rather than train something else
-    had = ', '.join(f"{k}={fixed[k]!r}" for k in asked)
-    raise UserError(f"this run asks for {', '.join(f'{k}={v!r}' for k, v in asked.items())} but "
-                    f"{source} has {had}; leave those settings out or start a new out_dir")
+    mine, theirs = (', '.join(f"{k}={args[k]!r}" for k in asked) for args in (config, fixed))
+    raise UserError(f"this run asks for {mine} but {source} has {theirs}; leave those settings "
+                    "out or start a new out_dir")
 if fixed.get('block_size', block_size) < block_size:
     raise UserError(f"block_size={block_size} is longer than {source}'s {fixed['block_size']}")
 model_args.update({k: v for k, v in fixed.items() if k in ARCH + ('vocab_size', 'pause')})
@@ -190,8 +182,8 @@ if meta['vocab_size'] > model_args['vocab_size']:
 iter_num, best_val_loss, history, saved_step = 0, float('inf'), [], None  # (step, train, val)
 if checkpoint is not None:
     model.load_state_dict(checkpoint['model'])
-    iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
-    history, saved_step = checkpoint['history'], checkpoint['iter_num']
+    iter_num = saved_step = checkpoint['iter_num']
+    best_val_loss, history = checkpoint['best_val_loss'], checkpoint['history']
 if block_size < model.config.block_size:
     model.crop_block_size(block_size)
 model_args['block_size'] = block_size
@@ -297,7 +289,7 @@ def get_lr(it):
 
 
 def stop(message):
-    """Stop every process after a blow-up, saying truthfully what is on disk."""
+    """Stop every process after a blow-up, saying what is on disk."""
     if master:
         kept = f"the last checkpoint, step {saved_step}, in {out_dir} is intact" \
             if saved_step is not None else f"no checkpoint was written to {out_dir}"
@@ -409,9 +401,8 @@ while True:
             flops = flops_per_iter / dt
             running_flops = flops if running_flops < 0 else 0.9 * running_flops + 0.1 * flops
         # this process's terms where there are several: ntp, concept, concept_acc, kd
-        shown = {k: v for k, v in parts.items() if k != 'loss'} if len(parts) > 2 else {}
         terms = ''.join(f", {k} {v:.2%}" if k == 'concept_acc' else f", {k} {v:.4f}"
-                        for k, v in shown.items())
+                        for k, v in parts.items() if k != 'loss' and len(parts) > 2)
         share = f", teacher {teacher_time / dt:.0%} of the time" if online else ''
         speed = '' if running_flops < 0 else f", mfu {running_flops / peak:.1%}" if peak else \
             f", {running_flops / 1e9:.1f} GFLOP/s"
