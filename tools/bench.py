@@ -1,11 +1,14 @@
 """
 Each speed target as a ratio measured in one run on this machine (CPU or GPU), with random weights:
 
-    python tools/bench.py config/cocomix_shakespeare.py --n_concepts=32768          # any train.py config
+    python tools/bench.py config/cocomix_shakespeare.py --n_concepts=32768  # any train.py config
 
 parts (--parts=a,b):
-  train     a training step of ntp, cocomix with cached and with online labels, each in its own
-            process (its own peak memory): ms/iter, FLOP/s; target cocomix FLOP/s >= 0.9 x NTP's
+  smoke     a machine's check before a long run: training steps of NTP and of CoCoMix with cached
+            and with online labels, at the config's shapes, dtype and compile, in each of torchrun's
+            processes: tokens/s, ms/iter, FLOP/s (MFU), peak memory, graph breaks; target cocomix
+            (cached) FLOP/s >= 0.9 x NTP's; a verdict
+  train     the same, each mode in its own process (its own peak memory)
   ntp       our NTP step vs nanoGPT's model.py (--nanogpt=DIR): median ms/iter; target >= 0.97x
   labels    online labelling, counting only the FLOPs it must do (teacher forward, input-gradient
             backward to sae_layer, SAE encoder); target >= 0.8 x a teacher-shaped NTP step's FLOP/s
@@ -14,16 +17,16 @@ parts (--parts=a,b):
             tokens/s (target >= 1x) and FVU of the raw vectors after the same tokens
   prepare   prepare.py on synthetic .jsonl corpora of prepare_mb and 10x that: tokens/s, peak memory
             (target: the larger <= 1.5 x the smaller's + 100 MB, flat in the corpus size)
-  smoke     a machine's check before a long run (bench_smoke)
 """
-import importlib.util
 import json
 import math
 import os
+import runpy
 import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from resource import RUSAGE_SELF, getrusage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,8 +34,10 @@ sys.path.insert(0, REPO)
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import DEVICE, DTYPE, UserError, autocast, configure, setting_names
+from common import (DEVICE, DTYPE, UserError, autocast, configure, peak_flops, pretrained_shape,
+                    setting_names, setup_distributed)
 from model import GPT, GPTConfig, sae_norm
 
 # -----------------------------------------------------------------------------
@@ -52,8 +57,8 @@ k_attr = 4
 n_concepts = 32768  # the SAE: OpenAI's GPT-2 SAEs are 768 -> 32768, k 32, layer 5
 sae_k = 32
 sae_layer = 5
-teacher = 'gpt2'  # smoke: a train.py config's teacher; its shape, with random weights
-teacher_layers = 12  # the teacher's shape (GPT-2 small) where `teacher` names no GPT-2
+teacher = ''  # a config's teacher: a GPT-2 gives its shape, with random weights
+teacher_layers = 12  # else the teacher's shape (GPT-2 small)
 teacher_embd = 768
 label_batch = 2  # sequences of block_size per labelling call
 gen_positions = 1024  # generate up to this many positions (16 of prompt)
@@ -62,16 +67,22 @@ sae_batch = 4096
 nanogpt = ''  # a checkout of karpathy/nanoGPT, for --parts=ntp
 rounds = 5  # alternating rounds (ntp)
 steps = 5  # timed steps per measurement
-smoke_tiny = False  # smoke: every shape shrunk, the same code path on a CPU in a minute
+smoke_tiny = False  # every shape shrunk: smoke's code path on a CPU in a minute
 device = DEVICE
 dtype = DTYPE
 compile = False
 seed = 1337
 prepare_mb = 15  # the smaller synthetic corpus for --parts=prepare
-run_mode = ''  # internal: the training mode a child process measures
+run_mode = ''  # internal: the training mode a child process of --parts=train measures
 # -----------------------------------------------------------------------------
 argv = sys.argv[1:]
 configure(globals(), argv, ignore=setting_names('train.py'))  # a train.py config works as it is
+if teacher.startswith('gpt2'):
+    teacher_layers, teacher_embd = (pretrained_shape(teacher)[k] for k in ('n_layer', 'n_embd'))
+if smoke_tiny:
+    n_layer, n_head, n_embd, block_size, vocab_size, batch_size = 2, 2, 64, 64, 512, 2
+    n_concepts, sae_k, concept_topk, insert_layer, sae_layer = 256, 8, 8, 1, 0
+    teacher_layers, teacher_embd = 2, 64
 torch.manual_seed(seed)
 cuda = 'cuda' in device
 ctx = autocast(device, dtype)
@@ -101,8 +112,9 @@ def peak_memory(dev=None):  # bytes allocated on the GPU, else the process's pea
 
 
 def gpt(layers=n_layer, width=n_embd, heads=n_head, T=block_size, **concepts):
-    return GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=layers, n_head=heads, n_embd=width, bias=bias,
-                         dropout=dropout, **concepts)).to(device)
+    config = GPTConfig(block_size=T, vocab_size=V, n_layer=layers, n_head=heads, n_embd=width,
+                       bias=bias, dropout=dropout, **concepts)
+    return GPT(config).to(device)
 
 
 def adamw_step(model, loss_fn):
@@ -119,9 +131,11 @@ def adamw_step(model, loss_fn):
     return step
 
 
-def train_step(model, labels=None, labeller=None):
-    """One AdamW step of model on a random batch; labeller(x) gives online labels."""
+def train_step(model, labels=None, labeller=None, world=1):
+    """One AdamW step on a random batch (in DDP for world > 1); labeller(x) gives online labels."""
     step_model = torch.compile(model) if compile else model
+    if world > 1:
+        step_model = DDP(step_model, device_ids=[torch.device(device).index] if cuda else None)
     x = torch.randint(0, vocab_size, (batch_size, block_size), device=device)
 
     def loss():
@@ -141,49 +155,92 @@ def check(name, value, target):
     print(f"  {name}: {value:.2f} (target >= {target}: {'met' if value >= target else 'MISSED'})")
 
 
-def train_child(mode):
-    """One mode's training step in this process: prints a JSON line for the parent."""
+def measure(mode, world=1):
+    """A row of smoke's and train's report: mode's training steps (ntp; cocomix with cached or
+    online labels) in this process."""
     from attribution import concept_labels
+    torch._dynamo.reset()  # each mode compiles, and counts its graph breaks, afresh
+    torch._dynamo.utils.counters.clear()
     model = gpt(**(COCOMIX if mode != 'ntp' else {}))
-    labels = torch.randint(0, n_concepts, (batch_size, block_size, k_attr), device=device)
-    teacher, sae = teacher_and_sae() if mode == 'online' else (None, None)
-    labeller = (lambda x: concept_labels(teacher, sae, x, sae_layer, k_attr)) if teacher else None
-    step = train_step(model, labels if mode == 'cached' else None, labeller)
+    cached = torch.randint(0, n_concepts, (batch_size, block_size, k_attr), device=device)
+    teacher_model, sae = teacher_and_sae() if mode == 'online' else (None, None)
+    seconds = dict(teacher=0.0)
+
+    def labeller(x):
+        t0 = time.perf_counter()
+        labels = concept_labels(teacher_model, sae, x, sae_layer, k_attr)
+        sync()
+        seconds['teacher'] += time.perf_counter() - t0
+        return labels
+    step = train_step(model, cached if mode == 'cached' else None,
+                      labeller if mode == 'online' else None, world)
     if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    dt = timed(step)
-    flops = model.flops_per_token(block_size) * batch_size * block_size / dt
-    print(json.dumps(dict(ms=dt * 1e3, flops=flops, memory=peak_memory())))
+        torch.cuda.reset_peak_memory_stats(device)
+    dt = timed(lambda: seconds.update(loss=step().item()), warmup=2)  # they compile
+    memory = torch.tensor(float(peak_memory(device)), device=device)
+    if world > 1:
+        torch.distributed.all_reduce(memory, op=torch.distributed.ReduceOp.MAX)
+    tokens = batch_size * block_size * world / dt  # per second, in all processes
+    flops = model.flops_per_token(block_size) * tokens
+    peak = peak_flops(device, dtype)
+    breaks = sum(torch._dynamo.utils.counters['graph_break'].values())
+    return dict(tokens=tokens, ms=dt * 1e3, flops=flops, memory=memory.item(), breaks=breaks,
+                mfu=flops / (peak * world) if peak else None, loss=seconds['loss'],
+                teacher=seconds['teacher'] / (steps + 2) / dt)
 
 
 def child(mode):
-    p = subprocess.run([sys.executable, __file__] + argv + [f'--run_mode={mode}'], capture_output=True, text=True)
+    """measure(mode) in a fresh process: its peak memory is the mode's own."""
+    p = subprocess.run([sys.executable, __file__] + argv + [f'--run_mode={mode}'],
+                       capture_output=True, text=True)
     if p.returncode != 0:
         raise UserError(f"bench.py --run_mode={mode} failed: {p.stderr.strip().splitlines()[-1]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def bench_train():
-    base = child('none')['memory'] if not cuda else 0  # a process without a model
-    rows = {m: child(m) for m in ('ntp', 'cached', 'online')}
-    print(f"train ({batch_size} x {block_size} tokens, {n_layer} x {n_embd}, C = {n_concepts}, {dtype}):")
-    for m, r in rows.items():
-        print(f"  {m:>6}: {r['ms']:8.1f} ms/iter, {r['flops'] / 1e9:8.1f} GFLOP/s, peak memory "
-              f"{(r['memory'] - base) / 2 ** 30:.2f} GiB" + (' above a bare process' if not cuda else ''))
-    check('cocomix (cached labels) FLOP/s / NTP FLOP/s', rows['cached']['flops'] / rows['ntp']['flops'], 0.9)
+def bench_modes(part):
+    """smoke measures each mode in this process (each of torchrun's), train each in its own."""
+    global device  # under torchrun: this process's GPU
+    rank, world, device = setup_distributed(device)
+    if rank == 0:
+        bare = '; memory above a bare process' if part == 'train' and not cuda else ''
+        print(f"{part} ({world} process{'es' if world > 1 else ''}, {dtype}, compile {compile}, "
+              f"{n_layer} x {n_embd}, {batch_size} x {block_size} tokens per process, "
+              f"C = {n_concepts}, teacher {teacher_layers} x {teacher_embd}{bare}):")
+    rows, problems = {}, []
+    for mode in ('ntp', 'cached', 'online'):
+        row = rows[mode] = child(mode) if part == 'train' else measure(mode, world)
+        if rank == 0:
+            mfu = f", MFU {row['mfu']:.1%}" if row['mfu'] else ''
+            print(f"  {mode:>6}: {row['tokens']:,.0f} tokens/s, {row['ms']:,.1f} ms/iter, "
+                  f"{row['flops'] / 1e9:,.1f} GFLOP/s{mfu}, peak memory per process "
+                  f"{row['memory'] / 2 ** 30:.2f} GiB, graph breaks {row['breaks']}"
+                  + (f", teacher {row['teacher']:.0%} of the step" if mode == 'online' else ''))
+        if not math.isfinite(row['loss']):
+            problems.append(f"{mode}: loss {row['loss']}")
+        if row['breaks']:
+            problems.append(f"{mode}: {row['breaks']} graph breaks")
+    if rank == 0:
+        check('cocomix (cached labels) FLOP/s / NTP FLOP/s',
+              rows['cached']['flops'] / rows['ntp']['flops'], 0.9)
+        print(f"{part}: " + ('OK, ready for the long run' if not problems
+                             else 'FAILED: ' + '; '.join(problems)))
+    if world > 1:  # measure() freed DDP's objects: freed after the group, they can hang the exit
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if problems:
+        raise SystemExit(1)
 
 
 def bench_ntp():
     path = os.path.join(nanogpt, 'model.py')
     if not nanogpt or not os.path.exists(path):  # '' would find our own model.py
         raise UserError(f"no {path}: --parts=ntp needs --nanogpt=DIR, a karpathy/nanoGPT checkout")
-    spec = importlib.util.spec_from_file_location('nanogpt_model', path)
-    nano = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(nano)
+    nano = runpy.run_path(path)  # its globals: beside our own model.py, not in place of it
     ours = train_step(gpt())
-    config = nano.GPTConfig(block_size=block_size, vocab_size=V, n_layer=n_layer, n_head=n_head,
-                            n_embd=n_embd, dropout=dropout, bias=bias)
-    theirs_model = nano.GPT(config).to(device)
+    config = nano['GPTConfig'](block_size=block_size, vocab_size=V, n_layer=n_layer, n_head=n_head,
+                               n_embd=n_embd, dropout=dropout, bias=bias)
+    theirs_model = nano['GPT'](config).to(device)
     x = torch.randint(0, vocab_size, (batch_size, block_size), device=device)
     theirs = adamw_step(theirs_model, lambda: theirs_model(x, x)[1])
     times = {'ours': [], 'nanoGPT': []}
@@ -230,7 +287,7 @@ def bench_labels():
 
 
 def bench_generate():
-    a = torch.empty(2 ** 27 // 4, device=device)  # 128 MiB: the memory bandwidth of a read plus a write
+    a = torch.empty(2 ** 27 // 4, device=device)  # 128 MiB: the bandwidth of a read plus a write
     bandwidth = 2 * a.numel() * 4 / timed(lambda: a.clone(), n=5)
     prompt = torch.randint(0, vocab_size, (1, 16), device=device)
     new = gen_positions - 16
@@ -247,7 +304,7 @@ def bench_generate():
 def bench_sae():
     import sae as S
     d, C, k = teacher_embd, n_concepts, sae_k
-    g = torch.Generator().manual_seed(0)  # sparse combinations of a hidden dictionary, plus noise and an offset
+    g = torch.Generator().manual_seed(0)  # sparse sums of hidden atoms, noise, an offset
     atoms = F.normalize(torch.randn(4 * d, d, generator=g), dim=1)
     offset = torch.randn(d, generator=g)
 
@@ -256,7 +313,7 @@ def bench_sae():
                                                         torch.rand(sae_batch, 8, generator=g))
         return (codes @ atoms + offset + 0.05 * torch.randn(sae_batch, d, generator=g)).to(device)
     data, held_out = [batch() for _ in range(max(1, sae_tokens // sae_batch))], batch()
-    normed, mu, std = sae_norm(held_out)  # our objective is the FVU of layer-normalised vectors (OpenAI's)
+    normed, mu, std = sae_norm(held_out)  # ours: the FVU of layer-normalised vectors (OpenAI's)
     fvu = lambda target, recon: ((recon - target).pow(2).sum() / (target - target.mean(0)).pow(2).sum()).item()
     fvus = lambda recon: (fvu(held_out, recon), fvu(normed, (recon - mu) / (std + 1e-5)))
     lr = 2e-4 / math.sqrt(C / 2 ** 14)
@@ -272,7 +329,7 @@ def bench_sae():
     theirs.b_dec.data = data[0].mean(0)  # as sparsify's trainer does on its first batch
     their_opt = torch.optim.Adam(theirs.parameters(), lr=lr)
 
-    def theirs_step(x):  # the body of sparsify's trainer: FVU, decoder-parallel gradient removed, unit decoder
+    def theirs_step(x):  # sparsify's trainer: FVU, decoder-parallel gradient removed, unit decoder
         theirs(x).fvu.backward()
         theirs.remove_gradient_parallel_to_decoder_directions()
         their_opt.step()
@@ -325,91 +382,14 @@ def bench_prepare():
           f"{'met' if peaks[1] <= 1.5 * peaks[0] + 100 * 2 ** 20 else 'MISSED'})")
 
 
-def bench_smoke():
-    """A machine's check before a long run: NTP and CoCoMix (cached and online labels) at the
-    config's shapes, dtype and compile, in this process count (torchrun), random teacher and SAE."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    from attribution import concept_labels
-    from common import peak_flops, pretrained_shape, setup_distributed
-    from sae import TopKSAE, init_sae
-    rank, world, dev = setup_distributed(device)
-    shape = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, T=block_size, V=V, C=n_concepts, k=sae_k,
-                 B=batch_size, L=insert_layer, K=concept_topk, layer=sae_layer)
-    t_layers, t_embd = teacher_layers, teacher_embd
-    if teacher.startswith('gpt2'):
-        t_layers, t_embd = (pretrained_shape(teacher)[k] for k in ('n_layer', 'n_embd'))
-    if smoke_tiny:
-        shape = dict(n_layer=2, n_head=2, n_embd=64, T=64, V=512, C=256, k=8, B=2, L=1, K=8, layer=0)
-        t_layers, t_embd = 2, 64
-    g = torch.Generator().manual_seed(seed)
-    teacher_model = GPT(GPTConfig(block_size=shape['T'], vocab_size=shape['V'], n_layer=t_layers,
-                                  n_head=max(1, t_embd // 64), n_embd=t_embd)).to(dev).eval().requires_grad_(False)
-    sae = TopKSAE(t_embd, shape['C'], shape['k'])
-    init_sae(sae, torch.randn(1024, t_embd, generator=g))
-    sae = sae.to(dev).eval()
-    x = torch.randint(0, shape['V'], (shape['B'], shape['T']), generator=g).to(dev)
-    cocomix = dict(n_concepts=shape['C'], concept_topk=shape['K'], insert_layer=shape['L'], mix=mix)
-    peak, problems = peak_flops(dev, dtype), []
-    if rank == 0:
-        print(f"smoke ({world} process{'es' if world > 1 else ''}, {dtype}, compile {compile}, "
-              f"{shape['n_layer']} x {shape['n_embd']}, {shape['B']} x {shape['T']} tokens per process, "
-              f"C = {shape['C']}, teacher {t_layers} x {t_embd}):")
-    for mode, extra in (('ntp', {}), ('cached', cocomix), ('online', cocomix)):
-        torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()
-        config = GPTConfig(block_size=shape['T'], vocab_size=shape['V'], n_layer=shape['n_layer'],
-                           n_head=shape['n_head'], n_embd=shape['n_embd'], bias=bias, **extra)
-        model = GPT(config).to(dev)
-        step_model = torch.compile(model) if compile else model
-        if world > 1:
-            step_model = DDP(step_model, device_ids=[torch.device(dev).index] if cuda else None)
-        cached = torch.randint(0, shape['C'], (*x.shape, k_attr), generator=g).to(dev)
-        seconds = dict(teacher=0.0)
-
-        def loss():
-            t = time.perf_counter()
-            labels = concept_labels(teacher_model, sae, x, shape['layer'], k_attr) \
-                if mode == 'online' else cached if mode == 'cached' else None
-            sync()
-            seconds['teacher'] += time.perf_counter() - t
-            _, ntp_loss, record = step_model(x, x, concept_labels=labels)
-            return ntp_loss + 0.1 * record['concept'] if labels is not None else ntp_loss
-        step = adamw_step(model, loss)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(dev)
-        dt = timed(lambda: seconds.update(loss=step().item()), n=steps, warmup=2)  # they compile
-        memory = torch.tensor(float(peak_memory(dev)), device=dev)
-        if world > 1:
-            torch.distributed.all_reduce(memory, op=torch.distributed.ReduceOp.MAX)
-        breaks = sum(torch._dynamo.utils.counters['graph_break'].values())
-        flops = model.flops_per_token(shape['T']) * x.numel() * world / dt
-        if rank == 0:
-            speed = f"MFU {flops / (peak * world):.1%}" if peak else f"{flops / 1e9:,.1f} GFLOP/s"
-            teacher_share = seconds['teacher'] / (steps + 2) / dt
-            print(f"  {mode:>6}: {x.numel() * world / dt:,.0f} tokens/s, {speed}, peak memory per "
-                  f"process {memory.item() / 2 ** 30:.2f} GiB, graph breaks {breaks}" +
-                  (f", teacher {teacher_share:.0%} of the step" if mode == 'online' else ''))
-        if not math.isfinite(seconds['loss']):
-            problems.append(f"{mode}: loss {seconds['loss']}")
-        if breaks:
-            problems.append(f"{mode}: {breaks} graph breaks")
-    if rank == 0:
-        print("smoke: " + ("OK, ready for the long run" if not problems else "FAILED: " + '; '.join(problems)))
-    if world > 1:  # DDP's reducer must go first: freed after the group, it can hang the exit
-        del step, loss, step_model
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    if problems:
-        raise SystemExit(1)
-
-
-if run_mode == 'none':
-    print(json.dumps(dict(memory=peak_memory())))
-elif run_mode:
-    train_child(run_mode)
+if run_mode:  # one mode of --parts=train
+    bare = peak_memory() if not cuda else 0  # this process before any model
+    row = measure(run_mode)
+    print(json.dumps(dict(row, memory=row['memory'] - bare)))
 else:
-    PARTS = dict(train=bench_train, ntp=bench_ntp, labels=bench_labels, generate=bench_generate, sae=bench_sae,
-                 prepare=bench_prepare, smoke=bench_smoke)
+    PARTS = dict(train=partial(bench_modes, 'train'), ntp=bench_ntp, labels=bench_labels,
+                 generate=bench_generate, sae=bench_sae, prepare=bench_prepare,
+                 smoke=partial(bench_modes, 'smoke'))
     for part in parts.split(','):
         if part not in PARTS:
             raise UserError(f"unknown part '{part}'; use some of {','.join(PARTS)}")

@@ -44,6 +44,7 @@ SOURCES = {
     'hellaswag': ('hellaswag_val*.jsonl', 'https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl'),
     'piqa': ('piqa_valid*.jsonl', 'https://yonatanbisk.com/piqa/data/valid.jsonl'),
     'piqa_labels': ('piqa_valid-labels*.lst', 'https://yonatanbisk.com/piqa/data/valid-labels.lst'),
+    'siqa_labels': ('siqa_dev-labels*.lst', None),  # the hub's rows carry their labels
     'arc_easy': ('arc_easy_test*.jsonl', ('allenai/ai2_arc', 'ARC-Easy', 'test')),
     'winogrande': ('winogrande_dev*.jsonl', ('allenai/winogrande', 'winogrande_xl', 'validation')),
     'siqa': ('siqa_dev*.jsonl', ('allenai/social_i_qa', None, 'validation')),
@@ -72,7 +73,7 @@ class Scorer:
             y = torch.full((len(batch), T), -1, dtype=torch.long)
             for b, (ids, n) in enumerate(batch):
                 x[b, :len(ids) - 1] = torch.tensor(ids[:-1])
-                y[b, len(ids) - 1 - n:len(ids) - 1] = torch.tensor(ids[-n:])  # targets only where scored
+                y[b, len(ids) - 1 - n:len(ids) - 1] = torch.tensor(ids[-n:])  # scored targets only
             with torch.no_grad():
                 logits = self.model(x.to(self.device), y.to(self.device))[0].float().cpu()
             logp = F.log_softmax(logits, dim=-1)
@@ -139,7 +140,7 @@ def task_file(name, data_dir=''):
     pattern, source = SOURCES[name]
     if data_dir:
         found = sorted(glob.glob(os.path.join(data_dir, pattern)))
-        if name == 'wikitext' and not found:  # the test split is the paper's; the val split when only it is at hand
+        if name == 'wikitext' and not found:  # the paper's test split, else the val split at hand
             found = sorted(glob.glob(os.path.join(data_dir, 'wiki.valid.raw')))
         if not found:
             raise UserError(f"no file matching {pattern} in {data_dir}; add it or leave data_dir empty to download")
@@ -168,14 +169,11 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def labels_beside(path, name, rows, key, data_dir):
-    """Gold labels from the rows' own field, else from the official .lst file beside them."""
-    if rows and key in rows[0]:
-        return [int(r[key]) for r in rows]
-    pattern = os.path.basename(path).split('_first')[0].replace('.jsonl', '') + '-labels*.lst'
-    found = sorted(glob.glob(os.path.join(os.path.dirname(path), pattern)))
-    lst = found[0] if found else task_file(name + '_labels', data_dir)
-    with open(lst) as f:
+def gold_labels(name, rows, data_dir):
+    """Gold labels from the rows' own 'label', else from the task's official .lst file."""
+    if rows and 'label' in rows[0]:
+        return [int(r['label']) for r in rows]
+    with open(task_file(name + '_labels', data_dir)) as f:
         return [int(line) for line in f if line.strip()]
 
 
@@ -187,16 +185,16 @@ def choice_items(name, path, data_dir=''):
     rows = read_jsonl(path)
     if name == 'hellaswag':
         ctx = lambda r: r['ctx_a'] + ' ' + r['ctx_b'].capitalize() if 'ctx_a' in r else r['ctx']
-        return [(r['activity_label'] + ': ' + hellaswag_text(ctx(r)), [' ' + hellaswag_text(e) for e in r['endings']],
-                 int(r['label'])) for r in rows]
-    if name == 'piqa':
-        gold = labels_beside(path, 'piqa', rows, 'label', data_dir)
-        return [(f"Question: {r['goal']}\nAnswer:", [' ' + r['sol1'], ' ' + r['sol2']], g) for r, g in zip(rows, gold)]
+        return [(r['activity_label'] + ': ' + hellaswag_text(ctx(r)),
+                 [' ' + hellaswag_text(e) for e in r['endings']], int(r['label'])) for r in rows]
     if name == 'arc_easy':
         return [(f"Question: {r['question']}\nAnswer:", [' ' + t for t in r['choices']['text']],
                  r['choices']['label'].index(r['answerKey'])) for r in rows]
+    gold = gold_labels(name, rows, data_dir)
+    if name == 'piqa':
+        return [(f"Question: {r['goal']}\nAnswer:", [' ' + r['sol1'], ' ' + r['sol2']], g)
+                for r, g in zip(rows, gold)]
     if name == 'siqa':
-        gold = labels_beside(path, 'siqa', rows, 'label', data_dir)
         return [(f"Q: {r['context']} {r['question']}\nA:", [' ' + r['answer' + c] for c in 'ABC'], g - 1)
                 for r, g in zip(rows, gold)]
     raise ValueError(name)
@@ -215,8 +213,7 @@ def multiple_choice(scorer, items):
 
 
 def winogrande(scorer, rows):
-    """Partial scoring, as the harness: the text after the blank, given its start with each
-    option filled in."""
+    """The harness's partial scoring: the text after the blank, given its start with each option."""
     requests, gold = [], []
     for r in rows:
         i = r['sentence'].index('_')
