@@ -49,65 +49,62 @@ def promoted_ids(sae_model, teacher_model, ids, n, n_vocab):
 
 def promoted(sae_model, teacher_model, enc, ids, n=8):
     """The same as token strings."""
-    return [[enc.decode([t]) for t in row] for row in promoted_ids(sae_model, teacher_model, ids, n, enc.n_vocab).tolist()]
-
-
-@torch.no_grad()
-def scan(sae_model, teacher_model, data_dir, layer, n_tokens, context, dtype):
-    """The held-out windows (N, T) and the SAE's active values and latents there (N, T, k)."""
-    idx = split_windows(data_dir, 'val', max(1, n_tokens // context), context)
-    values, indices = [], []
-    for i in range(0, len(idx), 64):
-        v, ix, _ = sae_model.encode(residuals(teacher_model, idx[i:i + 64], layer, dtype))
-        values.append(v.cpu()), indices.append(ix.cpu())
-    return idx, torch.cat(values), torch.cat(indices)
+    rows = promoted_ids(sae_model, teacher_model, ids, n, enc.n_vocab).tolist()
+    return [[enc.decode([t]) for t in row] for row in rows]
 
 
 if __name__ == '__main__':
     configure(globals())
     if not sae:
-        raise UserError("give --sae=FILE (an SAE trained by sae.py, or OpenAI's with --teacher etc.)")
-    sae_model, meta = load_sae(sae)
+        raise UserError("give --sae=FILE (an SAE from sae.py, or OpenAI's with --teacher etc.)")
+    meta = load_sae(sae)[1]
     teacher, dataset = teacher or meta.get('teacher', ''), dataset or meta.get('dataset', '')
     sae_layer = sae_layer if sae_layer >= 0 else meta.get('layer', -1)
     if not teacher or not dataset or sae_layer < 0:
-        raise UserError("this SAE file does not name its teacher, dataset and layer: give --teacher, "
-                        "--dataset and --sae_layer")
+        raise UserError("this SAE file does not name its teacher, dataset and layer: "
+                        "give --teacher, --dataset and --sae_layer")
     data_dir = data_dir_of(dataset)
     teacher_model = load_teacher(teacher, device, read_meta(data_dir), data_dir)
     sae_model = load_sae(sae, teacher_model.config.n_embd)[0].to(device)
-    enc = get_tokenizer(read_meta(data_dir))
-    idx, values, indices = scan(sae_model, teacher_model, data_dir, sae_layer, tokens, context, dtype)
+    n_latents, enc = sae_model.n_latents, get_tokenizer(read_meta(data_dir))
+    if latent >= n_latents:
+        raise UserError(f"latent {latent} is out of range: give one of 0 .. {n_latents - 1}")
+    torch.set_grad_enabled(False)  # inference only
+    idx = split_windows(data_dir, 'val', max(1, tokens // context), context)  # (N, T) held-out text
+    values, indices = [], []  # the SAE's active values and latents there: (N, T, k)
+    for i in range(0, len(idx), 64):
+        v, ix, _ = sae_model.encode(residuals(teacher_model, idx[i:i + 64], sae_layer, dtype))
+        values.append(v.cpu()), indices.append(ix.cpu())
+    values, indices = torch.cat(values), torch.cat(indices)
     n_tokens, on = values.shape[0] * values.shape[1], values > 0
-    count = torch.bincount(indices[on], minlength=sae_model.n_latents)
+    count = torch.bincount(indices[on], minlength=n_latents)
     if latent < 0:
-        mean = torch.zeros(sae_model.n_latents).index_add_(0, indices[on], values[on]) / count.clamp_min(1)
+        mean = torch.zeros(n_latents).index_add_(0, indices[on], values[on]) / count.clamp_min(1)
         for name, score in (('most frequent', count.float()), ('strongest (mean activation)', mean)):
             print(f"{name} latents over {n_tokens:,} tokens:")
             ids = score.topk(top).indices.tolist()
             for i, promotes in zip(ids, promoted(sae_model, teacher_model, enc, ids, 5)):
-                print(f"  {i:6d}  freq {count[i] / n_tokens:.4f}  mean act {mean[i]:.3f}  promotes {promotes}")
+                print(f"  {i:6d}  freq {count[i] / n_tokens:.4f}  mean act {mean[i]:.3f}  "
+                      f"promotes {promotes}")
         # one short description per latent: the token of its strongest activation, what it promotes
-        peak = torch.zeros(sae_model.n_latents).scatter_reduce(0, indices[on], values[on], 'amax')
+        peak = torch.zeros(n_latents).scatter_reduce(0, indices[on], values[on], 'amax')
         is_peak = on & (values == peak[indices])
-        peak_token = torch.zeros(sae_model.n_latents, dtype=torch.long)
+        peak_token = torch.zeros(n_latents, dtype=torch.long)
         peak_token[indices[is_peak]] = idx.unsqueeze(-1).expand_as(indices)[is_peak]
-        where = lambda i: f"on {enc.decode([peak_token[i].item()])!r}, " if count[i] else 'inactive, '
-        every = promoted(sae_model, teacher_model, enc, list(range(sae_model.n_latents)), 3)
-        desc = {i: where(i) + 'promotes ' + ' '.join(map(repr, p)) for i, p in enumerate(every)}
+        every = promoted(sae_model, teacher_model, enc, list(range(n_latents)), 3)
+        desc = {i: (f"on {enc.decode([peak_token[i].item()])!r}, " if count[i] else 'inactive, ')
+                + 'promotes ' + ' '.join(map(repr, p)) for i, p in enumerate(every)}
         path = sae_file(sae) + '.concepts.json'
         with open(path, 'w') as f:
             json.dump(desc, f, indent=0)
-        print(f"saved a description of each of the {sae_model.n_latents} latents to {path}")
-        raise SystemExit
-    if not 0 <= latent < sae_model.n_latents:
-        raise UserError(f"latent {latent} is out of range: the SAE has latents 0 .. {sae_model.n_latents - 1}")
-    act = (values * (indices == latent)).sum(-1)  # (N, T)
-    print(f"latent {latent}: active on {count[latent]:,} of {n_tokens:,} tokens "
-          f"(freq {count[latent] / n_tokens:.5f})")
-    print(f"promotes: {promoted(sae_model, teacher_model, enc, [latent])[0]}")
-    for value, flat in zip(*act.flatten().topk(min(10, int(count[latent])))):
-        w, t = divmod(flat.item(), context)
-        left = enc.decode(idx[w, max(0, t - window):t].tolist())
-        right = enc.decode(idx[w, t + 1:t + 1 + window].tolist())
-        print(f"  {value.item():8.3f}  {left!r} [[{enc.decode([idx[w, t].item()])!r}]] {right!r}")
+        print(f"saved a description of each of the {n_latents} latents to {path}")
+    else:
+        act = (values * (indices == latent)).sum(-1)  # (N, T)
+        print(f"latent {latent}: active on {count[latent]:,} of {n_tokens:,} tokens "
+              f"(freq {count[latent] / n_tokens:.5f})")
+        print(f"promotes: {promoted(sae_model, teacher_model, enc, [latent])[0]}")
+        for value, flat in zip(*act.flatten().topk(min(10, int(count[latent])))):
+            w, t = divmod(flat.item(), context)
+            left = enc.decode(idx[w, max(0, t - window):t].tolist())
+            right = enc.decode(idx[w, t + 1:t + 1 + window].tolist())
+            print(f"  {value.item():8.3f}  {left!r} [[{enc.decode([idx[w, t].item()])!r}]] {right!r}")

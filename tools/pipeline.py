@@ -67,7 +67,7 @@ def run_stages(stages, stamps_path, jobs=1, threads=1):
     made_by = {output: stage for stage, _, _, output in stages}
     pending, running, failed = list(stages), {}, []
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    while pending or running:
+    while (pending and not failed) or running:  # after a failure, wait for the running ones
         waiting = {made_by[s[3]] for s in pending} | {s[0] for s in running.values()}
         ready = [s for s in pending if not any(made_by.get(i) in waiting for i in s[2])]
         for stage, cmd, inputs, output in ready[:max(0, jobs - len(running)) if not failed else 0]:
@@ -85,12 +85,9 @@ def run_stages(stages, stamps_path, jobs=1, threads=1):
             print(f"[{stage}] {line}" + (f"  (log: {log.name})" if log else ''), flush=True)
             proc = subprocess.Popen([py] + cmd, stdout=log, stderr=subprocess.STDOUT if log else None, env=env)
             running[proc] = (stage, output, line, time.time(), log)
-        if not running:
-            if failed or not pending:
-                break
-            continue  # stages that were up to date made room: look again
         finished = [p for p in running if p.poll() is not None]
-        time.sleep(0 if finished else 1)
+        if running and not finished:  # else look again at once: done or up-to-date stages made room
+            time.sleep(1)
         for proc in finished:
             stage, output, line, t0, log = running.pop(proc)
             if log:
@@ -107,8 +104,9 @@ def run_stages(stages, stamps_path, jobs=1, threads=1):
         raise UserError(f"stage '{failed[0]}' failed; fix the cause and run again (done stages are kept)")
 
 
-def readme_block(name, text):
-    """Replace README.md's text between <!-- NAME:begin --> and <!-- NAME:end --> with text."""
+def publish(name, text):
+    """Print text and put it in README.md between <!-- NAME:begin --> and <!-- NAME:end -->."""
+    print(text)
     readme = open('README.md').read()
     begin, end = f'<!-- {name}:begin -->\n', f'<!-- {name}:end -->'
     if begin in readme and end in readme:
@@ -117,34 +115,26 @@ def readme_block(name, text):
             f.write(head + begin + text + '\n' + end + rest.split(end, 1)[1])
 
 
-def study_line(method):
-    """The study's paired result for a method at the same shape, from assets/study_results.json."""
-    import study
-    if method == 'ntp' or not os.path.exists(study.results):
-        return ''
-    runs = study.saved()['runs']
-    final = lambda m: {k.split('/')[2]: v['final'] for k, v in runs.items() if k.startswith(f'8-layer/{m}/')}
-    ntp, other = final('ntp'), final(method)
-    paired = [other[s] - ntp[s] for s in other if s in ntp]
-    return f"{study.ci(paired)}, {len(paired)} seeds" if len(paired) > 1 else ''
-
-
 def main():
     t0 = time.time()
     stamps = f'{out}/pipeline_stamps.json'
     run_stages(CONCEPTS, stamps, jobs=1, threads=2)
     run_stages(STUDENTS, stamps, jobs=2, threads=1)
+    import study
     import torch
     from common import load_model
     print(f"\n{'model':<31} {'layers x width':>14} {'active':>7} {'chars':>10} {'val loss':>8}  "
           "the study: Δ vs NTP at this shape (95% CI)")
+    done = study.saved()['runs']  # the study's paired result at the same shape, where it has one
     for m, title in MODELS.items():
         model, ckpt = load_model(f'{out}/{m}')
         c, r = ckpt['config'], json.load(open(f'{out}/{m}/eval.json'))['results']['ppl']
         tokens = c['max_iters'] * c['batch_size'] * c['block_size'] * c['gradient_accumulation_steps']
+        ntp, same = (study.by_seed(done, '8-layer', k) for k in ('ntp', m))
+        paired = [same[s]['final'] - ntp[s]['final'] for s in same if s in ntp]
         print(f"{title:<31} {model.config.n_layer:>6} x {model.config.n_embd:<6} "
               f"{model.get_num_params(active=True) / 1e6:>6.2f}M {tokens:>10,} {r['loss']:>8.4f}  "
-              f"{study_line(m)}")
+              + (f"{study.ci(paired)}, {len(paired)} seeds" if m != 'ntp' and len(paired) > 1 else ''))
     model, _ = load_model(f'{out}/cocomix')
     with torch.no_grad():  # steer the concept the student predicts most often on the val text
         from prepare import load_tokens

@@ -21,7 +21,7 @@ import torch
 
 from common import UserError, configure, load_model, load_teacher
 from concepts import promoted, promoted_ids
-from pipeline import readme_block
+from pipeline import publish
 from prepare import data_dir_of, get_tokenizer, load_tokens, windows
 from sae import load_sae, teacher_residual
 from study import ci
@@ -41,9 +41,9 @@ device = 'cpu'
 
 @torch.no_grad()
 def measure(run):
-    """[(concept, description, {measure: (plain, steered)})] for one CoCoMix model."""
+    """Yield (concept, description, {measure: (plain, steered)}) for one CoCoMix model."""
     model, ckpt = load_model(run, device)
-    cfg = ckpt['config']
+    cfg, T = ckpt['config'], model.config.block_size
     if not model.config.n_concepts or model.config.mix == 'none':
         raise UserError(f"{run} is not a CoCoMix model that mixes concepts: nothing to steer")
     data_dir = data_dir_of(cfg['dataset'])
@@ -51,13 +51,11 @@ def measure(run):
     sae = load_sae(cfg['sae'], teacher.config.n_embd)[0].to(device)
     enc = get_tokenizer(ckpt['data_meta'])
     val = load_tokens(data_dir, 'val')
-    T = model.config.block_size
     text = windows(val, range(0, 64 * T, T), T).to(device)
     first = model(text, text)[2]['concept_ids'][..., 0].flatten()
     chosen = torch.bincount(first, minlength=model.config.n_concepts).topk(concepts).indices.tolist()
     starts = np.linspace(0, len(val) - prompt_len - 1, prompts).astype(int).tolist()
     prompt = windows(val, starts, prompt_len).to(device)
-    rows = []
     for c in chosen:
         out, top = {}, promoted_ids(sae, teacher, [c], 5, enc.n_vocab)[0]
         for steer in (None, {c: alpha}):
@@ -69,16 +67,15 @@ def measure(run):
                          ('promoted tokens', torch.isin(x[:, prompt_len:], top).float().mean())):
                 out.setdefault(k, []).append(v.item())
         tokens = ' '.join(map(repr, promoted(sae, teacher, enc, [c], 3)[0]))
-        rows.append((c, tokens.replace('|', '\\|'), out))  # a | would end the table cell
-    return rows
+        yield c, tokens.replace('|', '\\|'), out  # a | would end the table cell
 
 
 if __name__ == '__main__':
     configure(globals())
     if not runs:
         raise UserError("give --runs=OUT_DIR[,OUT_DIR...]: CoCoMix models trained by train.py")
-    table = ["| model | concept (promotes) | active: plain → steered | mean activation | promoted tokens |",
-             '|---' * 5 + '|']
+    table = ["| model | concept (promotes) | active: plain → steered | mean activation | "
+             "promoted tokens |", '|---' * 5 + '|']
     changes = {}
     for run in runs.split(','):
         for c, desc, m in measure(run):
@@ -86,11 +83,10 @@ if __name__ == '__main__':
                 f"{a:.3f} → {b:.3f}" for a, b in m.values()) + ' |')
             for k, (a, b) in m.items():
                 changes.setdefault(k, []).append(b - a)
-    n = len(changes['active'])
     summary = '; '.join(f"{k} {ci(v, '+.3f')}" for k, v in changes.items())
-    text = '\n'.join([f"alpha {alpha:g}, {prompts} prompts of {prompt_len} characters continued by {new_tokens}, "
-                      f"temperature {temperature:g}; the {concepts} concepts each model most often ranks first.", '']
-                     + table + ['', f"Steered minus plain, mean over {n} (model, concept) pairs (95% CI): "
-                                    f"{summary}."])
-    print(text)
-    readme_block('steer', text)
+    publish('steer', '\n'.join([
+        f"alpha {alpha:g}, {prompts} prompts of {prompt_len} characters continued by {new_tokens}, "
+        f"temperature {temperature:g}; the {concepts} concepts each model most often ranks first.",
+        '', *table, '',
+        f"Steered minus plain, mean over {len(changes['active'])} (model, concept) pairs (95% CI): "
+        f"{summary}."]))

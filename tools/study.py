@@ -11,9 +11,8 @@ parameters), CoCoMix interleaved (the paper's) and the paper's controls: CoCoMix
 
 Runs in assets/study_results.json (kept in git) count as done. Seeds are the pairing unit: all
 methods of a seed run on one kind of machine (floats differ across CPUs), so another machine adds
-whole seeds on the first machine's teacher and SAE, checked by fingerprint. The report (README's
-study block, assets/study_val_loss.png) compares each method with NTP, paired by seed: final loss,
-characters to reach NTP's, and compute at 8 layers.
+whole seeds on the first machine's teacher and SAE, checked by fingerprint. The report pairs each
+method with NTP by seed: final loss, characters to reach NTP's, and compute at 8 layers.
 """
 import json
 import math
@@ -26,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import numpy as np
 
 from common import UserError, atomic_path, configure
-from pipeline import readme_block, run_stages
+from pipeline import publish, run_stages
 
 # -----------------------------------------------------------------------------
 input = ''  # the training text
@@ -72,22 +71,30 @@ def sizes():
     return {'8-layer': (large.split(), methods(large_methods)), '4-layer': (small.split(), methods(small_methods))}
 
 
-def student_config(student, width=None, **extra):
-    """The GPTConfig of a study student (block 128, the padded character vocabulary)."""
+def by_seed(runs, size, m):
+    """Method m's saved runs at one size: {seed: run}."""
+    return {int(k.split('/')[2]): v for k, v in runs.items() if k.startswith(f'{size}/{m}/')}
+
+
+def student_config(student, meta, width=None, **extra):
+    """The GPTConfig of a study student: block 128, the vocabulary of the data's meta.json padded."""
     from model import GPTConfig
     args = {k[2:]: int(v) for k, v in (a.split('=') for a in student)}
-    vocab = math.ceil(json.load(open(f'{DATA}/meta.json'))['vocab_size'] / 64) * 64  # as train.py pads
-    return GPTConfig(block_size=128, vocab_size=vocab, n_layer=args['n_layer'], n_head=args['n_head'], bias=False,
-                     n_embd=width or args['n_embd'], insert_layer=args['insert_layer'], **extra)
+    vocab = math.ceil(meta['vocab_size'] / 64) * 64  # as train.py pads
+    return GPTConfig(block_size=128, vocab_size=vocab, n_layer=args['n_layer'], n_head=args['n_head'],
+                     bias=False, n_embd=width or args['n_embd'], insert_layer=args['insert_layer'], **extra)
 
 
 def matched_width(student):
     """The NTP width (a multiple of n_head) whose parameters first reach CoCoMix's active ones."""
     from model import GPT
-    target = GPT(student_config(student, n_concepts=sae_latents, concept_topk=16)).get_num_params(active=True)
-    width = student_config(student).n_embd
-    while GPT(student_config(student, width)).get_num_params() < target:
-        width += student_config(student).n_head
+    meta = json.load(open(f'{DATA}/meta.json'))
+    cocomix = student_config(student, meta, n_concepts=sae_latents, concept_topk=16)
+    target = GPT(cocomix).get_num_params(active=True)
+    ntp = student_config(student, meta)
+    width = ntp.n_embd
+    while GPT(student_config(student, meta, width)).get_num_params() < target:
+        width += ntp.n_head
     return width
 
 
@@ -95,23 +102,15 @@ def machine():
     """The kind of CPU and the torch build: runs of one seed must all come from one kind."""
     import platform
     import torch
-    cpu = platform.processor()
-    if os.path.exists('/proc/cpuinfo'):
-        names = re.findall(r'model name\s*:\s*(.*)', open('/proc/cpuinfo').read())
-        cpu = names[0] if names else cpu
-    return f"{cpu}, torch {torch.__version__}"
-
-
-def train_stage(name, run, config, data, extra, needs, iters, models):
-    return (name, ['train.py', f'config/{config}_shakespeare_char.py', f'--out_dir={run}', f'--max_iters={iters}',
-                   f'--lr_decay_iters={student_iters}', *extra, *models, f'--dataset={data}',
-                   f'--device={device}', '--eval_iters=10'], needs, f'{run}/ckpt.pt')
+    cpuinfo = open('/proc/cpuinfo').read() if os.path.exists('/proc/cpuinfo') else ''
+    names = re.findall(r'model name\s*:\s*(.*)', cpuinfo)
+    return f"{names[0] if names else platform.processor()}, torch {torch.__version__}"
 
 
 def stages():
     models = [f'--teacher={out}/teacher', f'--sae={out}/sae/sae.pt']
-    copy = ['-c', 'import shutil, sys; shutil.copyfile(sys.argv[1], sys.argv[2])']
     if teacher_from:  # the first machine's teacher and SAE, checked by fingerprint before any run
+        copy = ['-c', 'import shutil, sys; shutil.copyfile(sys.argv[1], sys.argv[2])']
         s = [('teacher', copy + [teacher_from, f'{out}/teacher/ckpt.pt'], [], f'{out}/teacher/ckpt.pt'),
              ('sae', copy + [sae_from, f'{out}/sae/sae.pt'], [f'{out}/teacher/ckpt.pt'], f'{out}/sae/sae.pt')]
     else:
@@ -136,23 +135,28 @@ def stages():
                     for m, n in methods.items()),
                    key=lambda p: (p[2] not in ('ntp', 'cocomix'), p[0] != '8-layer'))
     for size, student, m, n in order:
-        config, extra, data = METHODS[m]
-        labels = [f'{data}/labels_train.json'] if config == 'cocomix' else []
         student_args = student + ([f'--n_embd={width[size]}'] if m in WIDENED else [])
         for seed in range(n):
-            if f'{size}/{m}/{seed}' in done or str(seed) in elsewhere:
-                continue
             run = f'{out}/{size}/{m}_s{seed}'
-            s.append(train_stage(f'{size} {m} seed {seed}', run, config, data,
-                                 [f'--seed={seed}', f'--eval_interval={eval_every}', '--log_interval=100',
-                                  '--always_save_checkpoint=True', *student_args, *extra],
-                                 labels + [f'{out}/teacher/ckpt.pt'], student_iters, models))
-            s.append(evaluation(run))
+            if f'{size}/{m}/{seed}' not in done and str(seed) not in elsewhere:
+                s.append(train_stage(f'{size} {m} seed {seed}', run, m, student_iters,
+                                     [f'--seed={seed}', f'--eval_interval={eval_every}', '--log_interval=100',
+                                      '--always_save_checkpoint=True', *student_args]))
+                s.append(evaluation(run))
         if size == '8-layer':  # a short timed run per method, in the same conditions
-            s.append(train_stage(f'timing {m}', f'{out}/timing/{m}', config, data,
-                                 ['--eval_interval=100000', '--log_interval=1', *student_args, *extra],
-                                 labels + [f'{out}/teacher/ckpt.pt'], timing_steps, models))
+            s.append(train_stage(f'timing {m}', f'{out}/timing/{m}', m, timing_steps,
+                                 ['--eval_interval=100000', '--log_interval=1', *student_args]))
     return s
+
+
+def train_stage(name, run, m, iters, args):
+    """A student of method m trained after args, with the method's config, data and labels."""
+    config, extra, data = METHODS[m]
+    labels = [f'{data}/labels_train.json'] if config == 'cocomix' else []
+    return (name, ['train.py', f'config/{config}_shakespeare_char.py', f'--out_dir={run}', f'--max_iters={iters}',
+                   f'--lr_decay_iters={student_iters}', *args, *extra, f'--teacher={out}/teacher',
+                   f'--sae={out}/sae/sae.pt', f'--dataset={data}', f'--device={device}', '--eval_iters=10'],
+            labels + [f'{out}/teacher/ckpt.pt'], f'{run}/ckpt.pt')
 
 
 def evaluation(run):
@@ -171,20 +175,21 @@ def identity():
     import torch
     from common import fingerprint
     teacher = torch.load(f'{out}/teacher/ckpt.pt', map_location='cpu', weights_only=True)['model']
-    sae = {k: v for k, v in torch.load(f'{out}/sae/sae.pt', weights_only=True).items() if torch.is_tensor(v)}
-    return fingerprint(teacher), fingerprint(sae)
+    return fingerprint(teacher), fingerprint(torch.load(f'{out}/sae/sae.pt', weights_only=True))
 
 
-def check_identity(old, teacher_id, sae_id):
+def check_identity(old):
+    """identity(), refused if the saved results (old) were made with another teacher or SAE."""
+    teacher_id, sae_id = identity()
     if old['runs'] and (old.get('teacher_id'), old.get('sae_id')) != (teacher_id, sae_id):
         raise UserError(f"{results} was made with another teacher or SAE (weights {old.get('teacher_id')}, "
                         f"{old.get('sae_id')}; here {teacher_id}, {sae_id}): copy the first machine's with "
                         "--teacher_from and --sae_from, or move the results aside to start over")
+    return teacher_id, sae_id
 
 
 def collect():
-    """Every finished run's curve and final loss and the timing runs' ms per step, added to the saved
-    results of any machine."""
+    """Add this machine's finished runs and timing runs to the saved results (of any machine)."""
     if not (os.path.exists(f'{out}/teacher/eval.json') and os.path.exists(f'{out}/sae/sae.pt')):
         return
     from common import load_model
@@ -192,12 +197,11 @@ def collect():
     old, here = saved(), machine()
     teacher_eval = json.load(open(f'{out}/teacher/eval.json'))['results']['ppl']
     c = load_model(f'{out}/teacher')[1]['config']
+    meta = json.load(open(f'{DATA}/meta.json'))
     res = dict(old, teacher=teacher_eval['loss'], teacher_shape=f"{c['n_layer']} x {c['n_embd']}",
                val_chars=teacher_eval['tokens'], sae=load_sae(f'{out}/sae/sae.pt')[1]['eval'],
-               train_chars=json.load(open(f'{DATA}/meta.json'))['train_tokens'],
-               vocab_size=student_config(large.split()).vocab_size)  # the report needs no data
-    res['teacher_id'], res['sae_id'] = identity()
-    check_identity(old, res['teacher_id'], res['sae_id'])
+               train_chars=meta['train_tokens'], vocab_size=student_config(large.split(), meta).vocab_size)
+    res['teacher_id'], res['sae_id'] = check_identity(old)
     res['runs'], res['timing'] = dict(old['runs']), dict(old.get('timing', {}))
     for size, (_, methods) in sizes().items():
         for m, n in methods.items():
@@ -214,8 +218,8 @@ def collect():
                         curve=[(it * tokens, val) for it, _, val in ckpt['history']])
             log = f'{out}/logs/timing_{m}.log'
             if size == '8-layer' and os.path.exists(log) and os.path.exists(f'{out}/timing/{m}/ckpt.pt'):
-                ms = [float(t) for t in re.findall(r'^iter (\d+):.*time ([\d.]+)ms', open(log).read(), re.M)
-                      for t in [t[1]] if int(t[0]) >= 10]  # after the first steps warm up
+                steps = re.findall(r'^iter (\d+):.*time ([\d.]+)ms', open(log).read(), re.M)
+                ms = [float(t) for it, t in steps if int(it) >= 10]  # after the first steps warm up
                 res['timing'][m] = dict(ms_per_step=float(np.median(ms)), machine=here)
     with atomic_path(results) as tmp, open(tmp, 'w') as f:
         json.dump(res, f, indent=0)
@@ -238,34 +242,31 @@ def ci(x, fmt='+.4f'):
 
 
 def compute_rows(res, got, reach):
-    """The 8-layer compute table: FLOPs per character of the student and of the teacher's labelling
-    (online: every step; cached: the corpus once, charged to one run), ms per step, and 'to reach NTP's
-    final loss' in NTP's characters, FLOPs and time."""
+    """The 8-layer compute table: FLOPs per character with the teacher's labelling online and cached,
+    ms per step, and the cost of reaching NTP's final loss in characters, FLOPs and time."""
     from attribution import label_flops_per_token
     from model import GPTConfig
     t = res['teacher_shape'].split(' x ')
     teacher_cfg = GPTConfig(n_layer=int(t[0]), n_embd=int(t[1]), vocab_size=res['vocab_size'])
     label = label_flops_per_token(teacher_cfg, SAE_LAYER, sae_latents, 128)
     forward = label_flops_per_token(teacher_cfg, SAE_LAYER, sae_latents, 128, backward=False)
-    corpus = res['train_chars']
     lines = ["| method | student FLOPs/char | + teacher, online | + teacher, cached | ms/step | "
              "to reach NTP: chars | FLOPs (cached) | time |", '|---' * 8 + '|']
-    ntp = next(iter(got['ntp'].values()))
-    ms_ntp = res.get('timing', {}).get('ntp', {}).get('ms_per_step')
+    ntp, timing = next(iter(got['ntp'].values())), res.get('timing', {})
+    ms_ntp = timing.get('ntp', {}).get('ms_per_step')
     for m, r in got.items():
         v = next(iter(r.values()))
-        budget = v['curve'][-1][0]
-        teacher_cost = label if METHODS[m][0] == 'cocomix' else forward if m == 'kd' else 0
-        cached = v['flops'] + (teacher_cost * corpus / budget if METHODS[m][0] == 'cocomix' else teacher_cost)
-        ms = res.get('timing', {}).get(m, {}).get('ms_per_step')
-        row = [m, f"{v['flops'] / 1e6:.2f}M", f"{(v['flops'] + teacher_cost) / 1e6:.2f}M", f"{cached / 1e6:.2f}M",
-               f"{ms:.0f}" if ms else '—']
-        need = reach.get(m)
-        if m == 'ntp' or not need or any(x is None for x in need):
+        budget, labelled = v['curve'][-1][0], METHODS[m][0] == 'cocomix'
+        teacher_cost = label if labelled else forward if m == 'kd' else 0
+        cached = v['flops'] + (teacher_cost * res['train_chars'] / budget if labelled else teacher_cost)
+        ms = timing.get(m, {}).get('ms_per_step')
+        row = [m, f"{v['flops'] / 1e6:.2f}M", f"{(v['flops'] + teacher_cost) / 1e6:.2f}M",
+               f"{cached / 1e6:.2f}M", f"{ms:.0f}" if ms else '—']
+        if m not in reach:
             row += ['—' if m == 'ntp' else 'not reached'] * 3
         else:
-            row += [ci(need, '.2f'), ci([x * cached / ntp['flops'] for x in need], '.2f'),
-                    ci([x * ms / ms_ntp for x in need], '.2f') if ms and ms_ntp else '—']
+            row += [ci(reach[m], '.2f'), ci([x * cached / ntp['flops'] for x in reach[m]], '.2f'),
+                    ci([x * ms / ms_ntp for x in reach[m]], '.2f') if ms and ms_ntp else '—']
         lines.append('| ' + ' | '.join(row) + ' |')
     return lines
 
@@ -278,30 +279,32 @@ def report(res):
              "Δ vs NTP, paired (95% CI) | chars to reach NTP's final loss (95% CI) |", '|---' * 8 + '|']
     deltas, leads, compute = {}, [], []
     for size, (_, methods) in sizes().items():
-        got = {m: {int(k.split('/')[2]): v for k, v in runs.items() if k.startswith(f'{size}/{m}/')} for m in methods}
+        got = {m: by_seed(runs, size, m) for m in methods}
         got = {m: r for m, r in got.items() if r}
-        reach = {}
+        ntp, reach = got.get('ntp', {}), {}  # reach: runs that reach NTP's final loss, as run fractions
         for m, r in got.items():
             finals = np.array([v['final'] for v in r.values()])
-            paired = [s for s in r if s in got.get('ntp', {})]
+            paired = [s for s in r if s in ntp]
             delta = need_text = '—'
             if m != 'ntp' and paired:
-                deltas[(size, m)] = {s: r[s]['final'] - got['ntp'][s]['final'] for s in paired}
+                deltas[(size, m)] = {s: r[s]['final'] - ntp[s]['final'] for s in paired}
                 delta = ci(list(deltas[(size, m)].values()))
                 budget = r[paired[0]]['curve'][-1][0]
-                need = [tokens_to_reach(r[s]['curve'], got['ntp'][s]['curve'][-1][1]) for s in paired]
-                reach[m] = [x / budget if x is not None else None for x in need]
-                need_text = f"{ci(reach[m], '.2f')} x {budget / 1e6:.1f}M" if None not in need else \
-                    f"not reached in {need.count(None)} of {len(need)} seeds"
+                need = [tokens_to_reach(r[s]['curve'], ntp[s]['curve'][-1][1]) for s in paired]
+                if None in need:
+                    need_text = f"not reached in {need.count(None)} of {len(need)} seeds"
+                else:
+                    reach[m] = [x / budget for x in need]
+                    need_text = f"{ci(reach[m], '.2f')} x {budget / 1e6:.1f}M"
                 # when does NTP catch up? the paired mean of the val curves, point by point
-                gap = np.mean([[a[1] - b[1] for a, b in zip(r[s]['curve'], got['ntp'][s]['curve'])] for s in paired], 0)
+                gap = np.mean([[a[1] - b[1] for a, b in zip(r[s]['curve'], ntp[s]['curve'])] for s in paired], 0)
                 ahead = [t for (t, _), g in zip(r[paired[0]]['curve'][1:], gap[1:]) if g < 0]
                 leads.append(f"{size} {m}: " + ('never ahead of NTP' if not ahead else 'ahead of NTP at the end' if
                              gap[-1] < 0 else f"ahead of NTP until {ahead[-1] / 1e6:.1f}M characters, behind after"))
             v = next(iter(r.values()))
             lines.append(f"| {size} | {m} | {v['shape']} | {v['params'] / 1e3:.0f}K | {len(r)} | {finals.mean():.4f} ± "
                          f"{finals.std(ddof=1) if len(r) > 1 else 0:.4f} | {delta} | {need_text} |")
-        if size == '8-layer' and 'ntp' in got and all('flops' in v for r in got.values() for v in r.values()):
+        if size == '8-layer' and ntp and all('flops' in v for r in got.values() for v in r.values()):
             compute = compute_rows(res, got, reach)
     lines += ['', 'On the val curves (paired mean over seeds): ' + '; '.join(leads) + '.'] if leads else []
     versus = []
@@ -322,9 +325,7 @@ def report(res):
                   "one run, hence above online when the corpus is longer than a run. 'To reach' is in units "
                   "of NTP's whole run (95% CI); its FLOPs use the cached cost; ms/step excludes labelling.",
                   ''] + compute
-    table = '\n'.join(lines)
-    print(table)
-    readme_block('study', table)
+    publish('study', '\n'.join(lines))
     plot(runs)
 
 
@@ -338,7 +339,7 @@ def plot(runs):
     fig, axes = plt.subplots(1, len(sizes()), figsize=(11, 4.2), sharey=True)
     for ax, (size, (_, methods)) in zip(np.atleast_1d(axes), sizes().items()):
         for m in methods:
-            curves = [v['curve'] for k, v in runs.items() if k.startswith(f'{size}/{m}/')]
+            curves = [v['curve'] for v in by_seed(runs, size, m).values()]
             if not curves:
                 continue
             t = np.array([x for x, _ in curves[0]][1:]) / 1e6
@@ -370,7 +371,7 @@ if __name__ == '__main__':
                     ('activation data', link, [f'{DATA}/meta.json'], f'{DATA}_act/meta.json')], f'{out}/stamps.json')
         all_stages = stages()
         run_stages(all_stages[:2], f'{out}/stamps.json')  # the teacher and SAE, then their identity
-        check_identity(saved(), *identity())
+        check_identity(saved())
         try:
             run_stages(all_stages, f'{out}/stamps.json', jobs)
         finally:  # what finished so far is kept, whatever stopped the rest
