@@ -243,7 +243,10 @@ def peak_flops(device, dtype):
                 '4090': 165e12}
         for key, flops in bf16.items():
             if key in name:
-                return flops if dtype != 'float32' else flops / 16  # TF32 off: about the fp32 rate
+                if dtype != 'float32':
+                    return flops
+                # float32 matmuls run as TF32 (half the bf16 rate) where allowed, else ~1/16
+                return flops / (2 if torch.backends.cuda.matmul.allow_tf32 else 16)
     return None
 
 

@@ -88,3 +88,15 @@ def test_unknown_key_in_config_file(dataset, tmp_path):
 def test_resume_without_checkpoint_is_an_error(dataset, tmp_path):
     p = train(dataset, tmp_path / 'empty', '--init_from=resume', check=False)
     assert p.returncode != 0 and 'no checkpoint at' in p.stderr
+
+
+def test_mfu_peak_follows_the_matmul_precision(monkeypatch):
+    """H100 datasheet: 989 TFLOP/s bf16 dense, 494.5 TF32 (train.py allows TF32), ~67 plain fp32."""
+    from common import peak_flops
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device: 'NVIDIA H100 80GB HBM3')
+    assert peak_flops('cuda:0', 'bfloat16') == 989e12
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', True)
+    assert peak_flops('cuda:0', 'float32') == 989e12 / 2
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
+    assert peak_flops('cuda:0', 'float32') == 989e12 / 16
+    assert peak_flops('cpu', 'float32') is None
