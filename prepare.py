@@ -297,6 +297,8 @@ def main(argv):
     with atomic_path(os.path.join(target, 'train.bin')) as train_tmp, \
             atomic_path(os.path.join(target, 'val.bin')) as val_tmp:
         n_train = tokenize_into(train_tmp, train_docs, enc, 'train', max_tokens)
+        if n_train < 2:
+            raise UserError(f"the train text gave {n_train} tokens; check the input, text_field")
         if val_docs is not None:
             n_val = tokenize_into(val_tmp, val_docs, enc, 'val')
         else:

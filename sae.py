@@ -310,6 +310,8 @@ if __name__ == '__main__':
         metrics = evaluate_sae(sae, teacher_model, sae_layer, data_dir, eval_tokens, context, dtype)
         print(report(metrics))
         raise SystemExit
+    if buffer_size < batch_size:
+        raise UserError(f"buffer_size={buffer_size} holds no batch of {batch_size}; raise it")
     lr = learning_rate or 2e-4 / math.sqrt(n_latents / 2 ** 14)
     steps, per_buffer = max_tokens // batch_size, buffer_size // batch_size
     sae = TopKSAE(d, n_latents, k, normalize).to(device)

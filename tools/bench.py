@@ -75,15 +75,17 @@ seed = 1337
 prepare_mb = 15  # the smaller synthetic corpus for --parts=prepare
 run_mode = ''  # internal: the training mode a child process of --parts=train measures
 # -----------------------------------------------------------------------------
-argv = sys.argv[1:]
-configure(globals(), argv, ignore=setting_names('train.py'))  # a train.py config works as it is
-if teacher.startswith('gpt2'):
+argv, given = sys.argv[1:], set()
+configure(globals(), argv, ignore=setting_names('train.py'), given=given)  # train.py configs work
+if teacher.startswith('gpt2') and not given & {'teacher_layers', 'teacher_embd'}:
     teacher_layers, teacher_embd = (pretrained_shape(teacher)[k] for k in ('n_layer', 'n_embd'))
 if smoke_tiny:
     n_layer, n_head, n_embd, block_size, vocab_size, batch_size = 2, 2, 64, 64, 512, 2
     n_concepts, sae_k, concept_topk, insert_layer, sae_layer = 256, 8, 8, 1, 0
     teacher_layers, teacher_embd = 2, 64
 torch.manual_seed(seed)
+torch.backends.cuda.matmul.allow_tf32 = True  # as train.py: float32 runs as it will there
+torch.backends.cudnn.allow_tf32 = True
 cuda = 'cuda' in device
 ctx = autocast(device, dtype)
 V = math.ceil(vocab_size / 64) * 64
@@ -147,7 +149,7 @@ def train_step(model, labels=None, labeller=None, world=1):
 
 def teacher_and_sae():
     from sae import TopKSAE
-    teacher = gpt(teacher_layers, teacher_embd, teacher_embd // 64).eval().requires_grad_(False)
+    teacher = gpt(teacher_layers, teacher_embd, max(1, teacher_embd // 64)).eval().requires_grad_(False)
     return teacher, TopKSAE(teacher_embd, n_concepts, sae_k).to(device).eval()
 
 
@@ -201,6 +203,9 @@ def child(mode):
 def bench_modes(part):
     """smoke measures each mode in this process (each of torchrun's), train each in its own."""
     global device  # under torchrun: this process's GPU
+    if part == 'train' and 'RANK' in os.environ:
+        raise UserError("--parts=train runs one process per mode: run it without torchrun "
+                        "(under torchrun: --parts=smoke)")
     rank, world, device = setup_distributed(device)
     if rank == 0:
         bare = '; memory above a bare process' if part == 'train' and not cuda else ''
@@ -223,8 +228,8 @@ def bench_modes(part):
     if rank == 0:
         check('cocomix (cached labels) FLOP/s / NTP FLOP/s',
               rows['cached']['flops'] / rows['ntp']['flops'], 0.9)
-        print(f"{part}: " + ('OK, ready for the long run' if not problems
-                             else 'FAILED: ' + '; '.join(problems)))
+        ready = ', ready for the long run' if part == 'smoke' else ''
+        print(f"{part}: " + (f'OK{ready}' if not problems else 'FAILED: ' + '; '.join(problems)))
     if world > 1:  # measure() freed DDP's objects: freed after the group, they can hang the exit
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

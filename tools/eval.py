@@ -146,6 +146,8 @@ def task_file(name, data_dir=''):
             raise UserError(f"no file matching {pattern} in {data_dir}; add it or leave data_dir empty to download")
         return found[0]
     path = os.path.join(CACHE, pattern.replace('*', ''))
+    if source is None and not os.path.exists(path):  # published with the data, nowhere else
+        raise UserError(f"no file matching {pattern}: put it in a folder, pass --data_dir=FOLDER")
     if not os.path.exists(path):
         os.makedirs(CACHE, exist_ok=True)
         try:

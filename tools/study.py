@@ -220,7 +220,8 @@ def collect():
             if size == '8-layer' and os.path.exists(log) and os.path.exists(f'{out}/timing/{m}/ckpt.pt'):
                 steps = re.findall(r'^iter (\d+):.*time ([\d.]+)ms', open(log).read(), re.M)
                 ms = [float(t) for it, t in steps if int(it) >= 10]  # after the first steps warm up
-                res['timing'][m] = dict(ms_per_step=float(np.median(ms)), machine=here)
+                if ms:  # none when timing_steps <= 10
+                    res['timing'][m] = dict(ms_per_step=float(np.median(ms)), machine=here)
     with atomic_path(results) as tmp, open(tmp, 'w') as f:
         json.dump(res, f, indent=0)
 
