@@ -88,15 +88,22 @@ def concept_labels(teacher, sae, idx, sae_layer, k_attr=4, method='attribution',
     return (labels, top.values) if return_scores else labels
 
 
-def label_flops_per_token(cfg, sae_layer, n_concepts, T, backward=True):
-    """Labelling's FLOPs per token: the teacher's forward, the input gradient back to sae_layer (one
-    matmul per weight), the SAE encoder. backward=False: the forward alone (KD's teacher)."""
+def label_flops_per_token(cfg, sae_layer, n_concepts, T, method='attribution'):
+    """Labelling's FLOPs per token, as concept_labels runs it: the teacher's blocks up to sae_layer
+    and the SAE encoder; the gradient methods add the rest of the forward, the loss and the input
+    gradient back to sae_layer (one matmul per weight). method='kd': KD's teacher, its forward."""
     d, after, block = cfg.n_embd, cfg.n_layer - sae_layer - 1, 12 * cfg.n_embd ** 2
-    forward = 2 * (cfg.n_layer * block + cfg.vocab_size * d) + 4 * cfg.n_layer * d * T
-    if not backward:
+
+    def blocks(n):  # n blocks' forward: matmuls and attention, as nanoGPT's estimate_mfu
+        return 2 * n * block + 4 * n * d * T
+
+    head, encoder = 2 * cfg.vocab_size * d, 2 * d * n_concepts
+    if method == 'activation':  # no loss to differentiate: the teacher stops at sae_layer
+        return blocks(sae_layer + 1) + encoder
+    forward = blocks(cfg.n_layer) + head
+    if method == 'kd':
         return forward
-    return (forward + 2 * (after * block + cfg.vocab_size * d) + 8 * after * d * T
-            + 2 * d * n_concepts)
+    return forward + 2 * after * block + head + 8 * after * d * T + encoder
 
 
 def load_concepts(teacher_spec, sae_spec, sae_layer, device, data_meta, data_dir, k_attr=4,

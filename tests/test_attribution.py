@@ -4,6 +4,8 @@ import os
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
 import attribution as A
 from conftest import run
@@ -86,6 +88,42 @@ def test_activation_and_preact_methods():
     labels, scores = A.concept_labels(teacher, sae, idx, LAYER, k_attr=4, method='attribution_preact', return_scores=True)
     h, g = grad_at_residual(teacher, idx)
     check_against(sae.encode_pre(sae.preprocess(h)[0]) * (g @ sae.decoder.weight), labels, scores)
+
+
+class MatmulFlops(TorchDispatchMode):
+    """The FLOPs of the matmuls and attention a computation runs, as torch's FLOP counter counts
+    them; CPU flash attention is missing from its table: its forward counted as the others, its
+    backward as four matmuls, twice the forward (nanoGPT's convention: no recomputed scores)."""
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        op, shapes = func.overloadpacket, [a.shape for a in args[:4] if isinstance(a, torch.Tensor)]
+        if op in flop_registry:
+            self.total += flop_registry[op](*args, **(kwargs or {}), out_val=out)
+        elif op is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+            self.total += sdpa_flop_count(*shapes[:3])
+        elif op is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            self.total += 2 * sdpa_flop_count(*shapes[1:4])
+        return out
+
+
+@pytest.mark.parametrize('method', ['attribution', 'activation', 'kd'])
+def test_label_flops_count_what_labelling_runs(method):
+    """The compute table's per-token labelling cost equals the FLOPs concept_labels (KD: the
+    teacher's forward with all logits) executes, counted op by op."""
+    teacher, sae, idx = setup()
+    with MatmulFlops() as counted:
+        if method == 'kd':
+            with torch.no_grad():
+                teacher(idx, torch.zeros_like(idx))
+        else:
+            A.concept_labels(teacher, sae, idx, LAYER, method=method)
+    assert counted.total > 0
+    expected = A.label_flops_per_token(teacher.config, LAYER, sae.n_latents, idx.shape[1], method)
+    assert counted.total == expected * idx.numel()
 
 
 def test_teacher_gets_no_gradient_and_is_unchanged():

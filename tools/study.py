@@ -249,8 +249,15 @@ def compute_rows(res, got, reach):
     from model import GPTConfig
     t = res['teacher_shape'].split(' x ')
     teacher_cfg = GPTConfig(n_layer=int(t[0]), n_embd=int(t[1]), vocab_size=res['vocab_size'])
-    label = label_flops_per_token(teacher_cfg, SAE_LAYER, sae_latents, 128)
-    forward = label_flops_per_token(teacher_cfg, SAE_LAYER, sae_latents, 128, backward=False)
+
+    def teacher_flops(m):  # per token: the labelling of m's labels, KD's teacher, or none
+        config, extra, _ = METHODS[m]
+        if m != 'kd' and config != 'cocomix':
+            return 0
+        method = 'kd' if m == 'kd' else \
+            'activation' if '--label_method=activation' in extra else 'attribution'
+        return label_flops_per_token(teacher_cfg, SAE_LAYER, sae_latents, 128, method)
+
     lines = ["| method | student FLOPs/char | + teacher, online | + teacher, cached | ms/step | "
              "to reach NTP: chars | FLOPs (cached) | time |", '|---' * 8 + '|']
     ntp, timing = next(iter(got['ntp'].values())), res.get('timing', {})
@@ -258,7 +265,7 @@ def compute_rows(res, got, reach):
     for m, r in got.items():
         v = next(iter(r.values()))
         budget, labelled = v['curve'][-1][0], METHODS[m][0] == 'cocomix'
-        teacher_cost = label if labelled else forward if m == 'kd' else 0
+        teacher_cost = teacher_flops(m)
         cached = v['flops'] + (teacher_cost * res['train_chars'] / budget if labelled else teacher_cost)
         ms = timing.get(m, {}).get('ms_per_step')
         row = [m, f"{v['flops'] / 1e6:.2f}M", f"{(v['flops'] + teacher_cost) / 1e6:.2f}M",
