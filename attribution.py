@@ -68,17 +68,15 @@ def concept_labels(teacher, sae, idx, sae_layer, k_attr=4, method='attribution',
             grad = torch.autograd.grad(loss, h)[0]
         h = h.detach()
     with torch.no_grad():
-        values, indices, _ = sae.encode(h)  # (B, T, k) active latents
         W = sae.decoder.weight.t()  # (C, d): row i is W_dec[:, i]
         if method == 'attribution_preact':  # Eq. 1 as the paper writes it: every latent scores
             indices = torch.arange(sae.n_latents, device=idx.device).expand(*idx.shape, -1)
             scores = sae.encode_pre(sae.preprocess(h)[0]) * (grad @ W.t())
-        elif method == 'activation':
-            scores = values
-        else:  # Eq. 1 with c_i, on the k active latents. The exact dL/dc_i also carries the
-            # position's std > 0 (the SAE's de-normalisation): it cannot change a position's order.
-            scores = values * torch.stack([(W[indices[..., j]] * grad).sum(-1)
-                                           for j in range(sae.k)], -1)
+        else:  # the k active latents: c_i, or Eq. 1 with c_i. The exact dL/dc_i also carries
+            # the position's std > 0 (the SAE's de-normalisation): it cannot change their order.
+            values, indices, _ = sae.encode(h)  # (B, T, k) active latents
+            scores = values if method == 'activation' else values * torch.stack(
+                [(W[indices[..., j]] * grad).sum(-1) for j in range(sae.k)], -1)
             if method == 'attribution_neg':  # the concepts whose removal would raise the loss most
                 scores = -scores
         top = scores.float().topk(k_attr, dim=-1)
@@ -89,9 +87,12 @@ def concept_labels(teacher, sae, idx, sae_layer, k_attr=4, method='attribution',
 
 
 def label_flops_per_token(cfg, sae_layer, n_concepts, T, method='attribution'):
-    """Labelling's FLOPs per token, as concept_labels runs it: the teacher's blocks up to sae_layer
-    and the SAE encoder; the gradient methods add the rest of the forward, the loss and the input
-    gradient back to sae_layer (one matmul per weight). method='kd': KD's teacher, its forward."""
+    """The matmul and attention FLOPs per token of concept_labels(method): the teacher's blocks up
+    to sae_layer and the SAE encoder; the gradient methods add the rest of the forward, the loss
+    and the input gradient back to sae_layer (one matmul per weight), 'attribution_preact' the
+    gradient's dot with every decoder direction. method='kd': KD's teacher, its forward alone."""
+    if method not in LABEL_METHODS + ('kd',):
+        raise ValueError(f"unknown label method {method!r}")
     d, after, block = cfg.n_embd, cfg.n_layer - sae_layer - 1, 12 * cfg.n_embd ** 2
 
     def blocks(n):  # n blocks' forward: matmuls and attention, as nanoGPT's estimate_mfu
@@ -103,7 +104,8 @@ def label_flops_per_token(cfg, sae_layer, n_concepts, T, method='attribution'):
     forward = blocks(cfg.n_layer) + head
     if method == 'kd':
         return forward
-    return forward + 2 * after * block + head + 8 * after * d * T + encoder
+    backward = 2 * after * block + head + 8 * after * d * T
+    return forward + backward + encoder * (2 if method == 'attribution_preact' else 1)
 
 
 def load_concepts(teacher_spec, sae_spec, sae_layer, device, data_meta, data_dir, k_attr=4,

@@ -110,7 +110,7 @@ class MatmulFlops(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize('method', ['attribution', 'activation', 'kd'])
+@pytest.mark.parametrize('method', A.LABEL_METHODS + ('kd',))
 def test_label_flops_count_what_labelling_runs(method):
     """The compute table's per-token labelling cost equals the FLOPs concept_labels (KD: the
     teacher's forward with all logits) executes, counted op by op."""

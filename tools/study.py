@@ -198,8 +198,9 @@ def collect():
     teacher_eval = json.load(open(f'{out}/teacher/eval.json'))['results']['ppl']
     c = load_model(f'{out}/teacher')[1]['config']
     meta = json.load(open(f'{DATA}/meta.json'))
+    sae, sae_meta = load_sae(f'{out}/sae/sae.pt')
     res = dict(old, teacher=teacher_eval['loss'], teacher_shape=f"{c['n_layer']} x {c['n_embd']}",
-               val_chars=teacher_eval['tokens'], sae=load_sae(f'{out}/sae/sae.pt')[1]['eval'],
+               val_chars=teacher_eval['tokens'], sae=sae_meta['eval'], sae_latents=sae.n_latents,
                train_chars=meta['train_tokens'], vocab_size=student_config(large.split(), meta).vocab_size)
     res['teacher_id'], res['sae_id'] = check_identity(old)
     res['runs'], res['timing'] = dict(old['runs']), dict(old.get('timing', {}))
@@ -242,9 +243,10 @@ def ci(x, fmt='+.4f'):
     return f"{mean:{fmt}} ({mean - half:{fmt}}, {mean + half:{fmt}})"
 
 
-def compute_rows(res, got, reach):
+def compute_rows(res, got, reach, missed):
     """The 8-layer compute table: FLOPs per character with the teacher's labelling online and cached,
-    ms per step, and the cost of reaching NTP's final loss in characters, FLOPs and time."""
+    ms per step, and the cost of reaching NTP's final loss in characters, FLOPs and time (reach: the
+    run fractions of the methods that reach it in every seed; missed: the others' "not reached" text)."""
     from attribution import label_flops_per_token
     from model import GPTConfig
     t = res['teacher_shape'].split(' x ')
@@ -254,9 +256,10 @@ def compute_rows(res, got, reach):
         config, extra, _ = METHODS[m]
         if m != 'kd' and config != 'cocomix':
             return 0
-        method = 'kd' if m == 'kd' else \
-            'activation' if '--label_method=activation' in extra else 'attribution'
-        return label_flops_per_token(teacher_cfg, SAE_LAYER, sae_latents, 128, method)
+        method = ['kd' if m == 'kd' else 'attribution'] + \
+            [a.split('=')[1] for a in extra if a.startswith('--label_method=')]
+        return label_flops_per_token(teacher_cfg, SAE_LAYER, res.get('sae_latents', sae_latents),
+                                     128, method[-1])  # 128: the study's windows
 
     lines = ["| method | student FLOPs/char | + teacher, online | + teacher, cached | ms/step | "
              "to reach NTP: chars | FLOPs (cached) | time |", '|---' * 8 + '|']
@@ -268,10 +271,12 @@ def compute_rows(res, got, reach):
         teacher_cost = teacher_flops(m)
         cached = v['flops'] + (teacher_cost * res['train_chars'] / budget if labelled else teacher_cost)
         ms = timing.get(m, {}).get('ms_per_step')
+        if timing.get(m, {}).get('machine') != timing.get('ntp', {}).get('machine'):
+            ms = None  # times from two kinds of machine do not compare
         row = [m, f"{v['flops'] / 1e6:.2f}M", f"{(v['flops'] + teacher_cost) / 1e6:.2f}M",
                f"{cached / 1e6:.2f}M", f"{ms:.0f}" if ms else '—']
         if m not in reach:
-            row += ['—' if m == 'ntp' else 'not reached'] * 3
+            row += [missed.get(m, '—'), '—', '—']
         else:
             row += [ci(reach[m], '.2f'), ci([x * cached / ntp['flops'] for x in reach[m]], '.2f'),
                     ci([x * ms / ms_ntp for x in reach[m]], '.2f') if ms and ms_ntp else '—']
@@ -289,7 +294,8 @@ def report(res):
     for size, (_, methods) in sizes().items():
         got = {m: by_seed(runs, size, m) for m in methods}
         got = {m: r for m, r in got.items() if r}
-        ntp, reach = got.get('ntp', {}), {}  # reach: runs that reach NTP's final loss, as run fractions
+        ntp, reach, missed = got.get('ntp', {}), {}, {}  # reach: runs that reach NTP's final loss, as
+        # run fractions; missed: the methods that miss it in some seed
         for m, r in got.items():
             finals = np.array([v['final'] for v in r.values()])
             paired = [s for s in r if s in ntp]
@@ -300,7 +306,7 @@ def report(res):
                 budget = r[paired[0]]['curve'][-1][0]
                 need = [tokens_to_reach(r[s]['curve'], ntp[s]['curve'][-1][1]) for s in paired]
                 if None in need:
-                    need_text = f"not reached in {need.count(None)} of {len(need)} seeds"
+                    need_text = missed[m] = f"not reached in {need.count(None)} of {len(need)} seeds"
                 else:
                     reach[m] = [x / budget for x in need]
                     need_text = f"{ci(reach[m], '.2f')} x {budget / 1e6:.1f}M"
@@ -313,7 +319,7 @@ def report(res):
             lines.append(f"| {size} | {m} | {v['shape']} | {v['params'] / 1e3:.0f}K | {len(r)} | {finals.mean():.4f} ± "
                          f"{finals.std(ddof=1) if len(r) > 1 else 0:.4f} | {delta} | {need_text} |")
         if size == '8-layer' and ntp and all('flops' in v for r in got.values() for v in r.values()):
-            compute = compute_rows(res, got, reach)
+            compute = compute_rows(res, got, reach, missed)
     lines += ['', 'On the val curves (paired mean over seeds): ' + '; '.join(leads) + '.'] if leads else []
     versus = []
     for (size, m), d in deltas.items():  # the paper's method against each control, seed by seed
@@ -330,9 +336,10 @@ def report(res):
     if compute:
         lines += ['', "Compute at 8 layers, per training character. The teacher's labelling: online, every "
                   "step; cached (as the study's CoCoMix runs), the whole corpus labelled once and charged to "
-                  "one run, hence above online when the corpus is longer than a run. 'To reach' is in units "
-                  "of NTP's whole run (95% CI); its FLOPs use the cached cost; ms/step excludes labelling.",
-                  ''] + compute
+                  "one run, hence above online when the corpus is longer than a run (an upper bound: the "
+                  "study's runs share one cache per label method). 'To reach' is in units of NTP's whole run "
+                  "(95% CI); its FLOPs use the cached cost. ms/step excludes the cached labelling but "
+                  "includes KD's teacher, which runs online.", ''] + compute
     publish('study', '\n'.join(lines))
     plot(runs)
 
