@@ -245,7 +245,7 @@ def teach(x):
     """The teacher's online work on a training batch: (concept labels, logits), each or None."""
     c = logits = None
     with ctx:
-        if concepts and labels is None:  # attribution: a forward and backward, as the official code
+        if concepts and labels is None:  # online; attribution: a forward and backward
             c = concept_labels(teacher_model, sae_model, x, sae_layer, k_attr, label_method)
         if kd:
             with torch.no_grad():

@@ -113,8 +113,13 @@ class MatmulFlops(TorchDispatchMode):
 @pytest.mark.parametrize('method', A.LABEL_METHODS + ('kd',))
 def test_label_flops_count_what_labelling_runs(method):
     """The compute table's per-token labelling cost equals the FLOPs concept_labels (KD: the
-    teacher's forward with all logits) executes, counted op by op."""
-    teacher, sae, idx = setup()
+    teacher's forward with all logits) executes, counted op by op. Sizes where no two terms
+    coincide: 1 + 1 blocks up to the SAE's layer, 3 after; head 2 * 48 * 32, encoder 2 * 32 * 80."""
+    torch.manual_seed(0)
+    teacher = GPT(GPTConfig(block_size=32, vocab_size=48, n_layer=5, n_head=2, n_embd=32, bias=True)).eval()
+    sae = TopKSAE(32, 80, k=8)
+    init_sae(sae, torch.randn(256, 32))
+    idx = torch.randint(0, 48, (3, 12))
     with MatmulFlops() as counted:
         if method == 'kd':
             with torch.no_grad():

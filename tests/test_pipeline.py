@@ -82,12 +82,12 @@ def test_study_report_pairs_seeds_and_rewrites_the_readme_block(tmp_path, monkey
 
 def test_study_compute_rows_charge_each_method_its_teacher():
     """The compute table's arithmetic, worked by hand for the study's teacher (4 x 192, 1024 tokens,
-    SAE of 1024 latents at layer 1, windows of 128); per token, with block = 12 * 192^2 = 442,368:
+    windows of 128) and an SAE of 512 latents at layer 1; per token, with block = 12 * 192^2 = 442,368:
     activation labels: 2 blocks' forward 2 * 2 * block + 4 * 2 * 192 * 128 and the encoder
-    2 * 192 * 1024 = 2,359,296; KD: 4 blocks and the head 2 * 1024 * 192 = 4,325,376;
-    attribution: that, plus the gradient through 2 blocks, the head and the encoder = 7,274,496."""
+    2 * 192 * 512 = 2,162,688; KD: 4 blocks and the head 2 * 1024 * 192 = 4,325,376;
+    attribution: that, plus the gradient through 2 blocks, the head and the encoder = 7,077,888."""
     import study
-    res = {'teacher_shape': '4 x 192', 'vocab_size': 1024, 'sae_latents': 1024, 'train_chars': 2_000_000,
+    res = {'teacher_shape': '4 x 192', 'vocab_size': 1024, 'sae_latents': 512, 'train_chars': 2_000_000,
            'timing': {'ntp': dict(ms_per_step=100, machine='a'), 'cocomix': dict(ms_per_step=200, machine='a'),
                       'activation': dict(ms_per_step=150, machine='b')}}
     run = lambda flops: {0: dict(flops=flops, curve=[(0, 3.0), (1_000_000, 2.0)])}
@@ -95,9 +95,9 @@ def test_study_compute_rows_charge_each_method_its_teacher():
     rows = study.compute_rows(res, got, {'cocomix': [0.5, 0.5], 'activation': [0.25, 0.25]},
                               {'kd': 'not reached in 1 of 2 seeds'})
     # cached: the 2M-character corpus labelled once for a 1M-character run, twice the online cost
-    assert '| cocomix | 2.00M | 9.27M | 16.55M | 200 | 0.50 (0.50, 0.50) | 8.27 (8.27, 8.27) | 1.00 (1.00, 1.00) |' in rows
+    assert '| cocomix | 2.00M | 9.08M | 16.16M | 200 | 0.50 (0.50, 0.50) | 8.08 (8.08, 8.08) | 1.00 (1.00, 1.00) |' in rows
     # timed on another machine than NTP: no time ratio
-    assert '| activation | 2.00M | 4.36M | 6.72M | — | 0.25 (0.25, 0.25) | 1.68 (1.68, 1.68) | — |' in rows
+    assert '| activation | 2.00M | 4.16M | 6.33M | — | 0.25 (0.25, 0.25) | 1.58 (1.58, 1.58) | — |' in rows
     assert '| kd | 1.00M | 5.33M | 5.33M | — | not reached in 1 of 2 seeds | — | — |' in rows
     assert '| ntp | 1.00M | 1.00M | 1.00M | 100 | — | — | — |' in rows
 
@@ -136,7 +136,7 @@ def test_study_resumes_from_saved_results_only_with_the_same_teacher(tmp_path, m
     study.collect()
     kept = json.load(open(study.results))
     assert kept['runs'] == json.loads(json.dumps(saved['runs'])) and kept['teacher_id'] == teacher_id
-    assert (kept['train_chars'], kept['vocab_size']) == (10_000, 128)  # 65 padded to a multiple of 64
+    assert (kept['train_chars'], kept['vocab_size'], kept['sae_latents']) == (10_000, 128, 8)  # 65 padded to 128
     torch.manual_seed(1)
     TopKSAE(4, 8, 2).save(f'{study.out}/sae/sae.pt', {'eval': {'fvu': 0.09}})  # other weights, same FVU
     with pytest.raises(UserError, match='another teacher or SAE'):
