@@ -20,7 +20,7 @@ from tqdm import tqdm
 from common import DEVICE, DTYPE, UserError, atomic_path, autocast, configure, fingerprint
 from common import load_teacher, setting_names, setup_distributed
 from prepare import data_dir_of, load_tokens, read_meta, windows
-from sae import load_sae, teacher_residual
+from sae import check_width, load_sae, teacher_residual
 
 # -----------------------------------------------------------------------------
 teacher = 'gpt2'  # any spec common.load_model takes
@@ -42,9 +42,7 @@ def check_setup(teacher, sae, sae_layer, k_attr, method):
     """A teacher and an SAE that can label together, or a one-line error."""
     if method not in LABEL_METHODS:
         raise UserError(f"unknown label_method '{method}'; use one of {', '.join(LABEL_METHODS)}")
-    if sae.n_inputs != teacher.config.n_embd:
-        raise UserError(f"the SAE reads {sae.n_inputs}-wide vectors but the teacher is "
-                        f"{teacher.config.n_embd} wide; use an SAE trained on this teacher")
+    check_width(sae, teacher.config.n_embd)
     if not 0 <= sae_layer < teacher.config.n_layer:
         raise UserError(f"sae_layer={sae_layer} is out of range for a teacher of "
                         f"{teacher.config.n_layer} blocks")

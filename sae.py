@@ -136,12 +136,18 @@ def load_sae(spec, n_inputs=None):
     act, _ = sd.pop('activation_state_dict'), sd.pop('activation')
     meta = act.get('cocomix', {})
     n_latents, d = sd['encoder.weight'].shape
-    if n_inputs is not None and d != n_inputs:
-        raise UserError(f"the SAE '{spec}' reads {d}-wide vectors but the teacher is {n_inputs} "
-                        "wide; use an SAE trained on this teacher's residual stream")
     sae = TopKSAE(d, n_latents, act['k'], normalize=meta.get('normalize', True))
+    if n_inputs is not None:
+        check_width(sae, n_inputs, f"the SAE '{spec}'")
     sae.load_state_dict(sd)
     return sae.eval(), meta
+
+
+def check_width(sae, n_inputs, name='the SAE'):
+    """An SAE that reads the teacher's n_inputs-wide residuals, or a one-line error."""
+    if sae.n_inputs != n_inputs:
+        raise UserError(f"{name} reads {sae.n_inputs}-wide vectors but the teacher is {n_inputs} "
+                        "wide; use an SAE trained on this teacher's residual stream")
 
 
 def teacher_residual(teacher, idx, layer):
@@ -294,7 +300,7 @@ def report(m):
 if __name__ == '__main__':
     config = configure(globals())
     torch.manual_seed(seed)
-    meta = load_sae(evaluate)[1] if evaluate else {}  # our files name teacher, data, layer
+    sae, meta = load_sae(evaluate) if evaluate else (None, {})  # ours name teacher, data, layer
     teacher, dataset = teacher or meta.get('teacher', ''), dataset or meta.get('dataset', '')
     sae_layer = sae_layer if sae_layer >= 0 else meta.get('layer', -1)
     if not teacher or not dataset or sae_layer < 0:
@@ -306,8 +312,9 @@ if __name__ == '__main__':
         raise UserError(f"context={context} is longer than the teacher's block_size {T}; "
                         f"use --context={T}")
     if evaluate:
-        sae = load_sae(evaluate, d)[0].to(device)
-        metrics = evaluate_sae(sae, teacher_model, sae_layer, data_dir, eval_tokens, context, dtype)
+        check_width(sae, d, f"the SAE '{evaluate}'")
+        metrics = evaluate_sae(sae.to(device), teacher_model, sae_layer, data_dir, eval_tokens,
+                               context, dtype)
         print(report(metrics))
         raise SystemExit
     if buffer_size < batch_size:

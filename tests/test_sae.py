@@ -192,3 +192,8 @@ def test_cli_trains_resumes_evaluates_and_inspects(dataset, tmp_path):
     assert len(desc) == 64 and desc[str(latent)] == f"on {peak}, promotes " + ' '.join(map(repr, promotes[:3]))
     bad = run(['tools/concepts.py', f'--sae={sae_file}', '--latent=64', '--context=16'], check=False)
     assert bad.returncode != 0 and 'latent 64 is out of range' in bad.stderr
+    narrow = str(tmp_path / 'narrow.pt')  # another width, naming the same teacher, data and layer
+    S.TopKSAE(8, 64, 4).save(narrow, S.load_sae(sae_file)[1])
+    for cmd in (['sae.py', f'--evaluate={narrow}'], ['tools/concepts.py', f'--sae={narrow}']):
+        bad = run(cmd + ['--context=16'], check=False)
+        assert bad.returncode != 0 and 'reads 8-wide vectors but the teacher is' in bad.stderr

@@ -18,7 +18,7 @@ import torch
 
 from common import DEVICE, DTYPE, UserError, configure, load_teacher
 from prepare import data_dir_of, get_tokenizer, read_meta
-from sae import load_sae, residuals, sae_file, split_windows
+from sae import check_width, load_sae, residuals, sae_file, split_windows
 
 # -----------------------------------------------------------------------------
 sae = ''  # an SAE file (any load_sae spec, with teacher and dataset given)
@@ -57,7 +57,7 @@ if __name__ == '__main__':
     configure(globals())
     if not sae:
         raise UserError("give --sae=FILE (an SAE from sae.py, or OpenAI's with --teacher etc.)")
-    meta = load_sae(sae)[1]
+    sae_model, meta = load_sae(sae)
     teacher, dataset = teacher or meta.get('teacher', ''), dataset or meta.get('dataset', '')
     sae_layer = sae_layer if sae_layer >= 0 else meta.get('layer', -1)
     if not teacher or not dataset or sae_layer < 0:
@@ -65,7 +65,8 @@ if __name__ == '__main__':
                         "give --teacher, --dataset and --sae_layer")
     data_dir = data_dir_of(dataset)
     teacher_model = load_teacher(teacher, device, read_meta(data_dir), data_dir)
-    sae_model = load_sae(sae, teacher_model.config.n_embd)[0].to(device)
+    check_width(sae_model, teacher_model.config.n_embd, f"the SAE '{sae}'")
+    sae_model = sae_model.to(device)
     n_latents, enc = sae_model.n_latents, get_tokenizer(read_meta(data_dir))
     if latent >= n_latents:
         raise UserError(f"latent {latent} is out of range: give one of 0 .. {n_latents - 1}")
