@@ -256,10 +256,9 @@ def compute_rows(res, got, reach, missed):
         config, extra, _ = METHODS[m]
         if m != 'kd' and config != 'cocomix':
             return 0
-        method = ['kd' if m == 'kd' else 'attribution'] + \
-            [a.split('=')[1] for a in extra if a.startswith('--label_method=')]
+        method = next((a.split('=')[1] for a in extra if a.startswith('--label_method=')), 'attribution')
         return label_flops_per_token(teacher_cfg, SAE_LAYER, res.get('sae_latents', sae_latents),
-                                     128, method[-1])  # 128: the study's windows
+                                     128, 'kd' if m == 'kd' else method)  # 128: the study's windows
 
     lines = ["| method | student FLOPs/char | + teacher, online | + teacher, cached | ms/step | "
              "to reach NTP: chars | FLOPs (cached) | time |", '|---' * 8 + '|']
