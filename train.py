@@ -55,7 +55,8 @@ sae_layer = 5
 k_attr = 4  # concept labels per position
 label_method = 'attribution'  # or 'activation', 'attribution_preact', 'attribution_neg'
 label_cache = False  # read attribution.py's labels_train.bin instead of labelling each batch
-lam_concept = 0.1  # loss = NTP + lam_concept * concept (Eq. 4)
+lam_concept = 0.1  # loss = NTP + lam_concept * concept (Eq. 4); 0: no teacher, SAE or labels
+n_concepts = 0  # the concept vocabulary: the SAE's width; set it when lam_concept=0 (no SAE read)
 concept_topk = 32
 insert_layer = 3
 mix = 'interleave'  # 'interleave' (the paper's), 'add', 'none' (predict only)
@@ -94,6 +95,10 @@ if label_cache and not concepts:
     raise UserError(f"label_cache=True applies to mode=cocomix only (this run: {mode})")
 if concepts and mix == 'none' and lam_concept == 0:
     raise UserError("lam_concept=0.0 with mix=none leaves the concept head untrained and unused")
+supervised = concepts and lam_concept > 0  # concept labels needed: a teacher and its SAE
+if concepts and not supervised and n_concepts <= 0:
+    raise UserError("lam_concept=0 trains the concept head by the next-token loss alone, with no "
+                    "SAE to size it: give the concept vocabulary with --n_concepts")
 if concepts and label_method not in LABEL_METHODS:
     raise UserError(f"unknown label_method '{label_method}'; use one of {', '.join(LABEL_METHODS)}")
 if init_from not in ('scratch', 'resume') and not init_from.startswith('gpt2') and \
@@ -120,7 +125,8 @@ model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=bloc
                   vocab_size=math.ceil(meta['vocab_size'] / 64) * 64,  # a multiple of 64: fast
                   dropout=dropout)
 if concepts:
-    model_args.update(concept_topk=concept_topk, insert_layer=insert_layer, mix=mix)
+    model_args.update(concept_topk=concept_topk, insert_layer=insert_layer, mix=mix,
+                      n_concepts=n_concepts)
 if pause:
     model_args.update(insert_layer=insert_layer, pause=True)
 fixed, source, checkpoint = {}, None, None
@@ -150,10 +156,10 @@ if (concepts or pause) and not 0 <= insert_layer <= n_layer:
 
 # the teacher and the SAE: frozen, never wrapped in DDP nor saved (only their fingerprints)
 teacher_model, sae_model, identity, labels = None, None, {}, None
-if concepts or kd:
+if supervised or kd:
     teacher_model, sae_model, identity = load_concepts(
-        teacher, sae if concepts else None, sae_layer, device, meta, data_dir, k_attr, label_method,
-        concept_topk if concepts else 0)
+        teacher, sae if supervised else None, sae_layer, device, meta, data_dir, k_attr,
+        label_method, concept_topk if supervised else 0)
     if teacher_model.config.block_size < block_size:
         raise UserError(f"block_size={block_size} is longer than the teacher's context "
                         f"({teacher_model.config.block_size})")
@@ -162,7 +168,10 @@ if checkpoint is not None:  # a resume needs the same teacher, SAE and layer
         if checkpoint['identity'].get(key, value) != value:
             raise UserError(f"{source} was trained with {key}={checkpoint['identity'][key]}, this "
                             f"run has {value}; use the same teacher and SAE, or a new out_dir")
-if concepts:
+if supervised:
+    if n_concepts and n_concepts != sae_model.n_latents:
+        raise UserError(f"n_concepts={n_concepts} but the SAE {sae} has {sae_model.n_latents} "
+                        "latents; leave n_concepts out")
     model_args['n_concepts'] = sae_model.n_latents
     if label_cache:
         labels = load_label_cache(data_dir, 'train', identity, label_method, k_attr, block_size)
@@ -227,7 +236,7 @@ def get_batch(split, step, micro):
         raise UserError(f"the {split} split of {data_dir} has {len(data)} tokens, fewer than "
                         f"block_size + 1 = {block_size + 1}; use more text or a smaller block_size")
     g = torch.Generator().manual_seed(draw_seed(split, step, micro))
-    if labels is not None or window_grid:
+    if label_cache or window_grid:
         ix = torch.randint((len(data) - 1) // block_size, (batch_size,), generator=g) * block_size
     else:
         ix = torch.randint(len(data) - block_size, (batch_size,), generator=g)
@@ -373,7 +382,7 @@ while True:
         with ctx:
             logits, loss, record = model(X, Y, concept_labels=C, logits=kd)
             terms = {'ntp': loss}
-            if concepts:
+            if supervised:
                 terms.update(concept=record['concept'],
                              concept_acc=concept_accuracy(record['concept_ids'], C))
                 loss = loss + lam_concept * record['concept']

@@ -44,7 +44,8 @@ eval_every = 100  # steps between val estimates (the curves)
 eval_windows = 2000  # final val loss: the first eval_windows x 128 characters of the val split
 timing_steps = 60  # steps of each method's timing run (the compute table)
 large = '--n_layer=8 --n_head=4 --n_embd=48 --insert_layer=3'  # the paper's shape
-large_methods = 'ntp:5,cocomix:5,cocomix_add,kd,pause,predict_only,activation'
+large_methods = ('ntp:5,cocomix:5,cocomix_add,kd,pause,predict_only,activation,'
+                 'interleave_no_concept_loss:5,ntp_flops_student,ntp_flops_total')
 small = '--n_layer=4 --n_head=4 --n_embd=48 --insert_layer=1'  # half the depth: does the gap move?
 small_methods = 'ntp,cocomix'
 report_only = False
@@ -59,8 +60,14 @@ METHODS = {  # method -> (config, overrides, dataset)
     'cocomix_add': ('cocomix', ['--mix=add'], DATA),
     'predict_only': ('cocomix', ['--mix=none'], DATA),
     'activation': ('cocomix', ['--mix=interleave', '--label_method=activation'], DATA + '_act'),
+    # the same architecture as 'cocomix', trained by the next-token loss alone: do labels matter?
+    'interleave_no_concept_loss': ('cocomix', ['--mix=interleave', '--lam_concept=0'], DATA),
+    # NTP at CoCoMix's compute: its student FLOPs, and its student plus cached labelling FLOPs
+    'ntp_flops_student': ('ntp', ['--mode=ntp', '--window_grid=True'], DATA),
+    'ntp_flops_total': ('ntp', ['--mode=ntp', '--window_grid=True'], DATA),
 }
 WIDENED = ('ntp', 'kd')  # to CoCoMix's active size
+FLOPS_MATCHED = ('ntp_flops_student', 'ntp_flops_total')  # widened to CoCoMix's FLOPs per character
 SAE_LAYER = 1  # config/sae_shakespeare_char.py's
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -98,6 +105,45 @@ def matched_width(student):
     return width
 
 
+def flops_width(student, m):
+    """The NTP width (a multiple of n_head) whose FLOPs per character come nearest CoCoMix's student
+    FLOPs (ntp_flops_student) or its student plus cached labelling FLOPs (ntp_flops_total). Width
+    alone reaches either target at 8 layers, so depth stays the paper's."""
+    from model import GPT
+    meta = json.load(open(f'{DATA}/meta.json'))
+    flops = lambda cfg: GPT(cfg).flops_per_token(128)
+    target = flops(student_config(student, meta, n_concepts=sae_latents, concept_topk=16))
+    if m == 'ntp_flops_total':
+        t = {k[2:]: int(v) for k, v in (a.split('=') for a in teacher.split())}
+        shape = dict(teacher_shape=f"{t['n_layer']} x {t['n_embd']}", sae_latents=sae_latents,
+                     vocab_size=student_config(student, meta).vocab_size)
+        target = cached_flops(shape, 'cocomix', target, meta['train_tokens'], student_iters * 4096)
+    n_head = student_config(student, meta).n_head
+    widths = range(n_head, 1024, n_head)
+    return min(widths, key=lambda w: abs(flops(student_config(student, meta, w)) - target))
+
+
+def label_flops(res, m):
+    """Per token: the teacher's labelling for method m's labels, KD's teacher, or 0."""
+    from attribution import label_flops_per_token
+    from model import GPTConfig
+    config, extra, _ = METHODS[m]
+    if m != 'kd' and (config != 'cocomix' or '--lam_concept=0' in extra):
+        return 0
+    t = res['teacher_shape'].split(' x ')
+    teacher_cfg = GPTConfig(n_layer=int(t[0]), n_embd=int(t[1]), vocab_size=res['vocab_size'])
+    method = next((a.split('=')[1] for a in extra if a.startswith('--label_method=')), 'attribution')
+    return label_flops_per_token(teacher_cfg, SAE_LAYER, res.get('sae_latents', sae_latents),
+                                 128, 'kd' if m == 'kd' else method)  # 128: the study's windows
+
+
+def cached_flops(res, m, flops, train_chars, budget):
+    """FLOPs per training character with cached labels: the whole corpus (train_chars) labelled
+    once and charged to one run of `budget` characters; KD's teacher runs online."""
+    labelled = METHODS[m][0] == 'cocomix'
+    return flops + label_flops(res, m) * (train_chars / budget if labelled else 1)
+
+
 def machine():
     """The kind of CPU and the torch build: runs of one seed must all come from one kind."""
     import platform
@@ -107,7 +153,39 @@ def machine():
     return f"{names[0] if names else platform.processor()}, torch {torch.__version__}"
 
 
+def needs_teacher(m):
+    """Whether method m reads the teacher (labels or KD): the others pair without it."""
+    config, extra, _ = METHODS[m]
+    return m == 'kd' or (config == 'cocomix' and '--lam_concept=0' not in extra)
+
+
 def stages():
+    """-> (the teacher, SAE and label stages, or none when no pending run reads them; the runs)."""
+    done, timed, here = saved()['runs'], saved().get('timing', {}), machine()
+    elsewhere = {k.split('/')[2] for k, v in done.items() if v.get('machine', here) != here}
+    # the question first (NTP vs CoCoMix at the paper's shape), then scale, then the controls
+    order = sorted(((size, student, m, n) for size, (student, methods) in sizes().items()
+                    for m, n in methods.items()),
+                   key=lambda p: (p[2] not in ('ntp', 'cocomix'), p[0] != '8-layer'))
+    runs, teacher_needed = [], False
+    for size, student, m, n in order:
+        width = matched_width(student) if m in WIDENED else \
+            flops_width(student, m) if m in FLOPS_MATCHED else None
+        student_args = student + ([f'--n_embd={width}'] if width else [])
+        for seed in range(n):
+            run = f'{out}/{size}/{m}_s{seed}'
+            if f'{size}/{m}/{seed}' not in done and str(seed) not in elsewhere:
+                runs.append(train_stage(f'{size} {m} seed {seed}', run, m, student_iters,
+                                        [f'--seed={seed}', f'--eval_interval={eval_every}', '--log_interval=100',
+                                         '--always_save_checkpoint=True', *student_args]))
+                runs.append(evaluation(run))
+                teacher_needed |= needs_teacher(m)
+        if size == '8-layer' and m not in timed:  # a short timed run per method
+            runs.append(train_stage(f'timing {m}', f'{out}/timing/{m}', m, timing_steps,
+                                    ['--eval_interval=100000', '--log_interval=1', *student_args]))
+            teacher_needed |= needs_teacher(m)
+    if not teacher_needed:
+        return [], runs
     models = [f'--teacher={out}/teacher', f'--sae={out}/sae/sae.pt']
     if teacher_from:  # the first machine's teacher and SAE, checked by fingerprint before any run
         copy = ['-c', 'import shutil, sys; shutil.copyfile(sys.argv[1], sys.argv[2])']
@@ -126,37 +204,21 @@ def stages():
         s.append((f'labels {method}', ['attribution.py', 'config/cocomix_shakespeare_char.py', f'--dataset={data}',
                                        *models, '--splits=train', f'--label_method={method}', f'--device={device}'],
                   [f'{out}/sae/sae.pt', f'{data}/meta.json'], f'{data}/labels_train.json'))
-    s.append(evaluation(f'{out}/teacher'))
-    width = {size: matched_width(student) for size, (student, _) in sizes().items()}
-    done, here = saved()['runs'], machine()
-    elsewhere = {k.split('/')[2] for k, v in done.items() if v.get('machine', here) != here}
-    # the question first (NTP vs CoCoMix at the paper's shape), then scale, then the controls
-    order = sorted(((size, student, m, n) for size, (student, methods) in sizes().items()
-                    for m, n in methods.items()),
-                   key=lambda p: (p[2] not in ('ntp', 'cocomix'), p[0] != '8-layer'))
-    for size, student, m, n in order:
-        student_args = student + ([f'--n_embd={width[size]}'] if m in WIDENED else [])
-        for seed in range(n):
-            run = f'{out}/{size}/{m}_s{seed}'
-            if f'{size}/{m}/{seed}' not in done and str(seed) not in elsewhere:
-                s.append(train_stage(f'{size} {m} seed {seed}', run, m, student_iters,
-                                     [f'--seed={seed}', f'--eval_interval={eval_every}', '--log_interval=100',
-                                      '--always_save_checkpoint=True', *student_args]))
-                s.append(evaluation(run))
-        if size == '8-layer':  # a short timed run per method, in the same conditions
-            s.append(train_stage(f'timing {m}', f'{out}/timing/{m}', m, timing_steps,
-                                 ['--eval_interval=100000', '--log_interval=1', *student_args]))
-    return s
+    return s + [evaluation(f'{out}/teacher')], runs
 
 
 def train_stage(name, run, m, iters, args):
     """A student of method m trained after args, with the method's config, data and labels."""
     config, extra, data = METHODS[m]
-    labels = [f'{data}/labels_train.json'] if config == 'cocomix' else []
+    if needs_teacher(m):
+        models = [f'--teacher={out}/teacher', f'--sae={out}/sae/sae.pt']
+        inputs = [f'{out}/teacher/ckpt.pt'] + ([f'{data}/labels_train.json'] if config == 'cocomix' else [])
+    else:  # no labels: the concept vocabulary is the SAE's width, from the settings
+        models = [f'--n_concepts={sae_latents}'] if config == 'cocomix' else []
+        inputs = [f'{data}/meta.json']
     return (name, ['train.py', f'config/{config}_shakespeare_char.py', f'--out_dir={run}', f'--max_iters={iters}',
-                   f'--lr_decay_iters={student_iters}', *args, *extra, f'--teacher={out}/teacher',
-                   f'--sae={out}/sae/sae.pt', f'--dataset={data}', f'--device={device}', '--eval_iters=10'],
-            labels + [f'{out}/teacher/ckpt.pt'], f'{run}/ckpt.pt')
+                   f'--lr_decay_iters={student_iters}', *args, *extra, *models, f'--dataset={data}',
+                   f'--device={device}', '--eval_iters=10'], inputs, f'{run}/ckpt.pt')
 
 
 def evaluation(run):
@@ -189,20 +251,25 @@ def check_identity(old):
 
 
 def collect():
-    """Add this machine's finished runs and timing runs to the saved results (of any machine)."""
-    if not (os.path.exists(f'{out}/teacher/eval.json') and os.path.exists(f'{out}/sae/sae.pt')):
-        return
+    """Add this machine's finished runs and timing runs to the saved results (of any machine). The
+    teacher's and SAE's entries come from this machine's, where it has them (checked against the
+    saved fingerprints); runs that read neither pair with the saved ones without them."""
     from common import load_model
     from sae import load_sae
     old, here = saved(), machine()
-    teacher_eval = json.load(open(f'{out}/teacher/eval.json'))['results']['ppl']
-    c = load_model(f'{out}/teacher')[1]['config']
-    meta = json.load(open(f'{DATA}/meta.json'))
-    sae, sae_meta = load_sae(f'{out}/sae/sae.pt')
-    res = dict(old, teacher=teacher_eval['loss'], teacher_shape=f"{c['n_layer']} x {c['n_embd']}",
-               val_chars=teacher_eval['tokens'], sae=sae_meta['eval'], sae_latents=sae.n_latents,
-               train_chars=meta['train_tokens'], vocab_size=student_config(large.split(), meta).vocab_size)
-    res['teacher_id'], res['sae_id'] = check_identity(old)
+    res = dict(old)
+    if os.path.exists(f'{out}/teacher/eval.json') and os.path.exists(f'{out}/sae/sae.pt'):
+        teacher_eval = json.load(open(f'{out}/teacher/eval.json'))['results']['ppl']
+        c = load_model(f'{out}/teacher')[1]['config']
+        meta = json.load(open(f'{DATA}/meta.json'))
+        sae, sae_meta = load_sae(f'{out}/sae/sae.pt')
+        res.update(teacher=teacher_eval['loss'], teacher_shape=f"{c['n_layer']} x {c['n_embd']}",
+                   val_chars=teacher_eval['tokens'], sae=sae_meta['eval'], sae_latents=sae.n_latents,
+                   train_chars=meta['train_tokens'],
+                   vocab_size=student_config(large.split(), meta).vocab_size)
+        res['teacher_id'], res['sae_id'] = check_identity(old)
+    elif 'teacher_id' not in old:
+        return
     res['runs'], res['timing'] = dict(old['runs']), dict(old.get('timing', {}))
     for size, (_, methods) in sizes().items():
         for m, n in methods.items():
@@ -247,28 +314,14 @@ def compute_rows(res, got, reach, missed):
     """The 8-layer compute table: FLOPs per character with the teacher's labelling online and cached,
     ms per step, and the cost of reaching NTP's final loss in characters, FLOPs and time (reach: the
     run fractions of the methods that reach it in every seed; missed: the others' "not reached" text)."""
-    from attribution import label_flops_per_token
-    from model import GPTConfig
-    t = res['teacher_shape'].split(' x ')
-    teacher_cfg = GPTConfig(n_layer=int(t[0]), n_embd=int(t[1]), vocab_size=res['vocab_size'])
-
-    def teacher_flops(m):  # per token: the labelling of m's labels, KD's teacher, or none
-        config, extra, _ = METHODS[m]
-        if m != 'kd' and config != 'cocomix':
-            return 0
-        method = next((a.split('=')[1] for a in extra if a.startswith('--label_method=')), 'attribution')
-        return label_flops_per_token(teacher_cfg, SAE_LAYER, res.get('sae_latents', sae_latents),
-                                     128, 'kd' if m == 'kd' else method)  # 128: the study's windows
-
     lines = ["| method | student FLOPs/char | + teacher, online | + teacher, cached | ms/step | "
              "to reach NTP: chars | FLOPs (cached) | time |", '|---' * 8 + '|']
     ntp, timing = next(iter(got['ntp'].values())), res.get('timing', {})
     ms_ntp = timing.get('ntp', {}).get('ms_per_step')
     for m, r in got.items():
         v = next(iter(r.values()))
-        budget, labelled = v['curve'][-1][0], METHODS[m][0] == 'cocomix'
-        teacher_cost = teacher_flops(m)
-        cached = v['flops'] + (teacher_cost * res['train_chars'] / budget if labelled else teacher_cost)
+        teacher_cost = label_flops(res, m)
+        cached = cached_flops(res, m, v['flops'], res['train_chars'], v['curve'][-1][0])
         ms = timing.get(m, {}).get('ms_per_step')
         if timing.get(m, {}).get('machine') != timing.get('ntp', {}).get('machine'):
             ms = None  # times from two kinds of machine do not compare
@@ -383,11 +436,12 @@ if __name__ == '__main__':
                 "f'{sys.argv[2]}/{n}') for n in ('train.bin', 'val.bin', 'meta.json')]", DATA, DATA + '_act']
         run_stages([('prepare', prepare, [], f'{DATA}/meta.json'),
                     ('activation data', link, [f'{DATA}/meta.json'], f'{DATA}_act/meta.json')], f'{out}/stamps.json')
-        all_stages = stages()
-        run_stages(all_stages[:2], f'{out}/stamps.json')  # the teacher and SAE, then their identity
-        check_identity(saved())
+        concept_stages, runs = stages()
+        if concept_stages:
+            run_stages(concept_stages[:2], f'{out}/stamps.json')  # the teacher and SAE, then their identity
+            check_identity(saved())
         try:
-            run_stages(all_stages, f'{out}/stamps.json', jobs)
+            run_stages(concept_stages + runs, f'{out}/stamps.json', jobs)
         finally:  # what finished so far is kept, whatever stopped the rest
             collect()
     if not os.path.exists(results):
