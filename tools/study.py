@@ -118,9 +118,10 @@ def flops_width(student, m):
         shape = dict(teacher_shape=f"{t['n_layer']} x {t['n_embd']}", sae_latents=sae_latents,
                      vocab_size=student_config(student, meta).vocab_size)
         target = cached_flops(shape, 'cocomix', target, meta['train_tokens'], student_iters * 4096)
-    n_head = student_config(student, meta).n_head
-    widths = range(n_head, 1024, n_head)
-    return min(widths, key=lambda w: abs(flops(student_config(student, meta, w)) - target))
+    width, step = student_config(student, meta).n_embd, student_config(student, meta).n_head
+    while flops(student_config(student, meta, width + step)) < target:
+        width += step
+    return min(width, width + step, key=lambda w: abs(flops(student_config(student, meta, w)) - target))
 
 
 def label_flops(res, m):
