@@ -3,6 +3,7 @@ config files and --key=value overrides in order), one-line errors, atomic files,
 import ast
 import hashlib
 import json
+import math
 import os
 import socket
 import sys
@@ -15,6 +16,7 @@ import torch
 
 from model import GPT, GPTConfig
 
+REPO = os.path.dirname(os.path.abspath(__file__))  # config files' paths start here
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 DTYPE = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
 
@@ -32,18 +34,54 @@ class UserError(SystemExit):
 
 def setting_names(script):
     """Another script's settings, read from its source without importing it."""
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), script)) as f:
+    with open(os.path.join(REPO, script)) as f:
         lines = f.read().split('\n')
     start, end = [i for i, line in enumerate(lines) if line.startswith('# ---')][:2]
     tree = ast.parse('\n'.join(lines[start + 1:end]))
-    return {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets}
+    return {node.target.id for node in tree.body if isinstance(node, ast.AnnAssign)}
+
+
+def check_setting(key, value, domain, source):
+    """value if it lies in the setting's declared domain, else a one-line error. Domains:
+    'bool', 'str', 'int' or 'float' with an optional comparison chain ('int >= 1',
+    '0 <= float < 1'), choices ('ntp|cocomix'), 'file' or 'dir' that must exist ('file?': or ''),
+    'device' (cpu, mps or an available cuda:N)."""
+    def refuse(want):
+        return UserError(f"{source}: {key} must be {want}, not {value!r}")
+    kind = domain.rstrip('?')
+    if '|' in domain:
+        if value not in domain.split('|'):
+            raise refuse(f"one of {domain.replace('|', ', ')}")
+    elif kind in ('file', 'dir'):
+        exists = os.path.isfile if kind == 'file' else os.path.isdir
+        if not isinstance(value, str) or not (exists(value) or value == '' and kind != domain):
+            raise refuse(f"an existing {'folder' if kind == 'dir' else 'file'}")
+    elif domain == 'device':
+        name, _, index = str(value).partition(':')
+        if name not in ('cpu', 'cuda', 'mps') or (index and not index.isdigit()):
+            raise refuse("cpu, cuda, cuda:N or mps")
+        if name == 'cuda' and not torch.cuda.is_available():
+            raise refuse("cpu (this torch sees no CUDA GPU: a CPU-only build, or no driver)")
+        if index and int(index) >= torch.cuda.device_count():
+            raise refuse(f"a GPU index below {torch.cuda.device_count()}")
+    else:
+        kind = next(w for w in ('bool', 'str', 'int', 'float') if w in domain.split())
+        if kind == 'float' and type(value) is int:
+            value = float(value)
+        if type(value) is not {'bool': bool, 'str': str, 'int': int, 'float': float}[kind]:
+            raise refuse(f"{'an' if kind == 'int' else 'a'} {kind}")
+        if domain != kind and not eval(domain.replace(kind, 'x'), {'inf': math.inf}, {'x': value}):
+            raise refuse(f"{'an' if kind == 'int' else 'a'} {kind} with {domain.replace(kind, key)}")
+    return value
 
 
 def configure(script_globals, argv=None, ignore=(), given=None):
-    """Apply config files and overrides to the script's settings; return them.
-    ignore: keys accepted but unused; given: receives the keys set explicitly."""
-    config = {k: v for k, v in script_globals.items() if not k.startswith('_') and k.islower()
-              and isinstance(v, (int, float, bool, str, type(None), tuple, list))}
+    """Apply config files and overrides to the script's settings, each checked against its domain
+    (its annotation: check_setting); return them. ignore: keys accepted but unused; given:
+    receives the keys set explicitly."""
+    domains = script_globals.get('__annotations__', {})
+    config = {k: script_globals[k] for k in domains}
+    sources = dict.fromkeys(config, 'the default')
     given = set() if given is None else given
 
     def put(key, value, source):
@@ -52,13 +90,7 @@ def configure(script_globals, argv=None, ignore=(), given=None):
                 return
             raise UserError(f"unknown config key '{key}' in {source}; "
                             f"known keys: {', '.join(sorted(config))}")
-        default = config[key]
-        if default is not None and value is not None and type(value) is not type(default):
-            if not (isinstance(default, float) and type(value) is int):  # ints may be floats
-                raise UserError(f"config key '{key}' in {source} must be {type(default).__name__}, "
-                                f"got {type(value).__name__} {value!r}")
-            value = float(value)
-        config[key] = value
+        config[key], sources[key] = value, source
         given.add(key)
     for arg in sys.argv[1:] if argv is None else argv:
         if not arg.startswith('--'):
@@ -67,25 +99,30 @@ def configure(script_globals, argv=None, ignore=(), given=None):
                     source = f.read()
             except OSError as e:
                 raise UserError(f"cannot read config file '{arg}': {e.strerror}")
-            namespace = {}
-            try:
-                exec(compile(source, arg, 'exec'), namespace)
+            namespace, cwd = {}, os.getcwd()
+            try:  # from the repository, so that a config file may exec another: config/x.py
+                os.chdir(REPO)
+                exec(compile(source, os.path.join(cwd, arg), 'exec'), namespace)
             except SyntaxError as e:
                 raise UserError(f"config file {arg}, line {e.lineno}: {e.msg}; fix it there")
             except Exception as e:
                 raise UserError(f"config file {arg} failed: {type(e).__name__}: {e}")
+            finally:
+                os.chdir(cwd)
             for key, value in namespace.items():
                 if not (key.startswith('_') or callable(value) or type(value).__name__ == 'module'):
-                    put(key, value, arg)
+                    put(key, value, f"config file {arg}")
         else:
             key, eq, text = arg[2:].partition('=')
-            if not eq and not isinstance(config.get(key), bool):
+            if not eq and domains.get(key) != 'bool':
                 raise UserError(f"override '{arg}' needs the form --key=value")
             try:
                 value = ast.literal_eval(text) if eq else True  # a bare --flag turns a boolean on
             except (SyntaxError, ValueError):
                 value = text  # a bare string: --device=cuda
             put(key, value, f"override '{arg}'")
+    for key, domain in domains.items():  # every value, before any work
+        config[key] = check_setting(key, config[key], domain, sources[key])
     script_globals.update(config)
     return config
 

@@ -22,85 +22,83 @@ from prepare import data_dir_of, load_tokens, read_meta, windows
 
 # -----------------------------------------------------------------------------
 # I/O
-out_dir = 'out'
-eval_interval = 2000
-log_interval = 1
-eval_iters = 200  # batches per split and process in each evaluation
-eval_only = False  # evaluate once and stop
-always_save_checkpoint = True  # else save only when val loss improves
-init_from = 'scratch'  # 'scratch', 'resume' (from out_dir), 'gpt2*' or a folder of GPT-2 weights
+out_dir: 'str' = 'out'
+eval_interval: 'int >= 1' = 2000
+log_interval: 'int >= 1' = 1
+eval_iters: 'int >= 1' = 200  # batches per split and process in each evaluation
+eval_only: 'bool' = False  # evaluate once and stop
+always_save_checkpoint: 'bool' = True  # else save only when val loss improves
+init_from: 'str' = 'scratch'  # 'scratch', 'resume' (from out_dir), 'gpt2*' or a GPT-2 folder
 # 'ntp', 'cocomix' (concepts predicted and mixed), or the paper's baselines 'kd' (distillation),
 # 'pause' (a learned vector interleaved after insert_layer blocks) and 'kd_pause'
-mode = 'ntp'
+mode: 'ntp|cocomix|kd|pause|kd_pause' = 'ntp'
 # wandb logging
-wandb_log = False
-wandb_project = 'cocomix'
-wandb_run_name = 'run'
+wandb_log: 'bool' = False
+wandb_project: 'str' = 'cocomix'
+wandb_run_name: 'str' = 'run'
 # data
-dataset = 'shakespeare'  # a name under data/ or a folder written by prepare.py
-gradient_accumulation_steps = 40  # micro-batches per step, all processes together
-batch_size = 12  # sequences per micro-batch
-block_size = 1024
-window_grid = False  # windows on the label cache's grid: NTP sees CoCoMix's windows
+dataset: 'str' = 'shakespeare'  # a name under data/ or a folder written by prepare.py
+gradient_accumulation_steps: 'int >= 1' = 40  # micro-batches per step, all processes together
+batch_size: 'int >= 1' = 12  # sequences per micro-batch
+block_size: 'int >= 1' = 1024
+window_grid: 'bool' = False  # windows on the label cache's grid: NTP sees CoCoMix's windows
 # model
-n_layer = 12
-n_head = 12
-n_embd = 768
-dropout = 0.0  # 0 for pretraining, 0.1+ for finetuning
-bias = True  # biases in Linears and LayerNorms, as GPT-2
+n_layer: 'int >= 1' = 12
+n_head: 'int >= 1' = 12
+n_embd: 'int >= 1' = 768
+dropout: '0 <= float < 1' = 0.0  # 0 for pretraining, 0.1+ for finetuning
+bias: 'bool' = True  # biases in Linears and LayerNorms, as GPT-2
 # CoCoMix: concepts of a frozen teacher's SAE at sae_layer, predicted after insert_layer blocks
-teacher = 'gpt2'  # 'gpt2*', a folder of GPT-2 weights or a train.py out_dir; also the KD teacher
-sae = 'openai:resid_post_mlp:5'  # a file or openai:LOCATION:LAYER (sae.load_sae)
-sae_layer = 5
-k_attr = 4  # concept labels per position
-label_method = 'attribution'  # or 'activation', 'attribution_preact', 'attribution_neg'
-label_cache = False  # read attribution.py's labels_train.bin instead of labelling each batch
-lam_concept = 0.1  # loss = NTP + lam_concept * concept (Eq. 4); 0: no teacher, SAE or labels
-n_concepts = 0  # the concept vocabulary: the SAE's width; set it when lam_concept=0 (no SAE read)
-concept_topk = 32
-insert_layer = 3
-mix = 'interleave'  # 'interleave' (the paper's), 'add', 'none' (predict only)
-lam_kd = 0.1  # loss = CE + lam_kd * KL(teacher || student)
+teacher: 'str' = 'gpt2'  # 'gpt2*', a GPT-2 folder or a train.py out_dir; also the KD teacher
+sae: 'str' = 'openai:resid_post_mlp:5'  # a file or openai:LOCATION:LAYER (sae.load_sae)
+sae_layer: 'int >= 0' = 5
+k_attr: 'int >= 1' = 4  # concept labels per position
+label_method: 'attribution|activation|attribution_preact|attribution_neg' = 'attribution'
+label_cache: 'bool' = False  # read attribution.py's labels_train.bin, not labelling each batch
+lam_concept: 'float >= 0' = 0.1  # loss = NTP + lam_concept * concept (Eq. 4); 0: no teacher
+n_concepts: 'int >= 0' = 0  # the SAE's width; give it with lam_concept=0 (then no SAE is read)
+concept_topk: 'int >= 1' = 32
+insert_layer: 'int >= 0' = 3
+mix: 'interleave|add|none' = 'interleave'  # the paper's; 'none': predict only
+lam_kd: 'float >= 0' = 0.1  # loss = CE + lam_kd * KL(teacher || student)
 # AdamW
-learning_rate = 6e-4
-max_iters = 600000  # optimizer steps
-weight_decay = 1e-1
-beta1 = 0.9
-beta2 = 0.95
-grad_clip = 1.0  # clip the global gradient norm; 0 = off
+learning_rate: 'float > 0' = 6e-4
+max_iters: 'int >= 0' = 600000  # optimizer steps
+weight_decay: 'float >= 0' = 1e-1
+beta1: '0 <= float < 1' = 0.9
+beta2: '0 <= float < 1' = 0.95
+grad_clip: 'float >= 0' = 1.0  # clip the global gradient norm; 0 = off
 # learning rate schedule: linear warmup, then cosine decay to min_lr
-decay_lr = True
-warmup_iters = 2000
-lr_decay_iters = 600000  # ~ max_iters (Chinchilla)
-min_lr = 6e-5  # ~ learning_rate / 10 (Chinchilla)
+decay_lr: 'bool' = True
+warmup_iters: 'int >= 0' = 2000
+lr_decay_iters: 'int >= 1' = 600000  # ~ max_iters (Chinchilla)
+min_lr: 'float >= 0' = 6e-5  # ~ learning_rate / 10 (Chinchilla)
 # system
-device = DEVICE  # 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = DTYPE  # 'float32', 'bfloat16' or 'float16'
-compile = torch.cuda.is_available()  # torch.compile: slow to start on a CPU
-seed = 1337
-device_peak_flops = 0.0  # for MFU; 0 = the datasheet's for known GPUs, else FLOP/s are shown
+device: 'device' = DEVICE  # 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype: 'float32|bfloat16|float16' = DTYPE
+compile: 'bool' = torch.cuda.is_available()  # torch.compile: slow to start on a CPU
+seed: 'int >= 0' = 1337
+device_peak_flops: 'float >= 0' = 0.0  # for MFU; 0: the datasheet's for known GPUs, or FLOP/s
 # -----------------------------------------------------------------------------
 given = set()  # the settings a config file or an override set
 config = configure(globals(), given=given)
 
 # settings that contradict each other stop the run before any work
-if mode not in ('ntp', 'cocomix', 'kd', 'pause', 'kd_pause'):
-    raise UserError(f"unknown mode '{mode}'; use ntp, cocomix, kd, pause or kd_pause")
-concepts, kd, pause = mode == 'cocomix', mode in ('kd', 'kd_pause'), mode in ('pause', 'kd_pause')
-if mix not in ('interleave', 'add', 'none'):
-    raise UserError(f"unknown mix '{mix}'; use interleave, add or none (pause: --mode=pause)")
-if mix != 'interleave' and not concepts:
+cocomix, kd, pause = mode == 'cocomix', mode in ('kd', 'kd_pause'), mode in ('pause', 'kd_pause')
+if mix != 'interleave' and not cocomix:
     raise UserError(f"mix='{mix}' applies to mode=cocomix only (this run: {mode})")
-if label_cache and not concepts:
+if label_cache and not cocomix:
     raise UserError(f"label_cache=True applies to mode=cocomix only (this run: {mode})")
-if concepts and mix == 'none' and lam_concept == 0:
+if cocomix and mix == 'none' and lam_concept == 0:
     raise UserError("lam_concept=0.0 with mix=none leaves the concept head untrained and unused")
-supervised = concepts and lam_concept > 0  # concept labels needed: a teacher and its SAE
-if concepts and not supervised and n_concepts <= 0:
+if n_embd % n_head:
+    raise UserError(f"n_embd={n_embd} is no multiple of n_head={n_head}; change either")
+if decay_lr and lr_decay_iters <= warmup_iters:
+    raise UserError(f"lr_decay_iters={lr_decay_iters} must be above warmup_iters={warmup_iters}")
+supervised = cocomix and lam_concept > 0  # concept labels needed: a teacher and its SAE
+if cocomix and not supervised and n_concepts <= 0:
     raise UserError("lam_concept=0 trains the concept head by the next-token loss alone, with no "
                     "SAE to size it: give the concept vocabulary with --n_concepts")
-if concepts and label_method not in LABEL_METHODS:
-    raise UserError(f"unknown label_method '{label_method}'; use one of {', '.join(LABEL_METHODS)}")
 if init_from not in ('scratch', 'resume') and not init_from.startswith('gpt2') and \
         not os.path.exists(os.path.join(init_from, 'config.json')):
     raise UserError(f"unknown init_from '{init_from}'; use scratch, resume, gpt2* or a folder")
@@ -124,7 +122,7 @@ meta = read_meta(data_dir)
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=math.ceil(meta['vocab_size'] / 64) * 64,  # a multiple of 64: fast
                   dropout=dropout)
-if concepts:
+if cocomix:
     model_args.update(concept_topk=concept_topk, insert_layer=insert_layer, mix=mix,
                       n_concepts=n_concepts)
 if pause:
@@ -146,16 +144,18 @@ if asked:  # refuse rather than train something else
     mine, theirs = (', '.join(f"{k}={args[k]!r}" for k in asked) for args in (config, fixed))
     raise UserError(f"this run asks for {mine} but {source} has {theirs}; leave those settings "
                     "out or start a new out_dir")
-if fixed.get('block_size', block_size) < block_size:
-    raise UserError(f"block_size={block_size} is longer than {source}'s {fixed['block_size']}")
+if fixed.get('block_size', block_size) < block_size or \
+        init_from == 'resume' and fixed['block_size'] != block_size:  # the optimizer's state too
+    raise UserError(f"block_size={block_size} does not fit {source}'s {fixed['block_size']}; set "
+                    f"--block_size={fixed['block_size']}" + ('' if init_from == 'resume' else ' or less'))
 model_args.update({k: v for k, v in fixed.items() if k in ARCH + ('vocab_size', 'pause')})
 config.update({k: v for k, v in model_args.items() if k in config})  # record what ran
 globals().update(config)
-if (concepts or pause) and not 0 <= insert_layer <= n_layer:
+if (cocomix or pause) and not 0 <= insert_layer <= n_layer:
     raise UserError(f"insert_layer={insert_layer} is outside the student's 0 .. {n_layer} blocks")
 
 # the teacher and the SAE: frozen, never wrapped in DDP nor saved (only their fingerprints)
-teacher_model, sae_model, identity, labels = None, None, {}, None
+teacher_model, sae_model, identity, cache = None, None, {}, None
 if supervised or kd:
     teacher_model, sae_model, identity = load_concepts(
         teacher, sae if supervised else None, sae_layer, device, meta, data_dir, k_attr,
@@ -174,7 +174,7 @@ if supervised:
                         "latents; leave n_concepts out")
     model_args['n_concepts'] = sae_model.n_latents
     if label_cache:
-        labels = load_label_cache(data_dir, 'train', identity, label_method, k_attr, block_size)
+        cache = load_label_cache(data_dir, 'train', identity, label_method, k_attr, block_size)
 
 # the student
 torch.manual_seed(seed)  # the same initial weights on every process
@@ -244,22 +244,22 @@ def get_batch(split, step, micro):
     if device_type == 'cuda':  # pinned memory lets the copy run asynchronously
         xy = xy.pin_memory().to(device, non_blocking=True)
     x, y = xy[:, :-1].to(device), xy[:, 1:].to(device)
-    c = None  # evaluation measures the plain next-token loss
-    if split == 'train' and labels is not None:
-        c = label_windows(labels, ix.tolist(), block_size).to(device)
-    return x, y, c
+    labels = None  # evaluation measures the plain next-token loss
+    if split == 'train' and cache is not None:
+        labels = label_windows(cache, ix.tolist(), block_size).to(device)
+    return x, y, labels
 
 
 def teach(x):
     """The teacher's online work on a training batch: (concept labels, logits), each or None."""
-    c = logits = None
+    labels = logits = None
     with ctx:
-        if concepts and labels is None:  # online; attribution: a forward and backward
-            c = concept_labels(teacher_model, sae_model, x, sae_layer, k_attr, label_method)
+        if supervised and cache is None:  # online; attribution: a forward and backward
+            labels = concept_labels(teacher_model, sae_model, x, sae_layer, k_attr, label_method)
         if kd:
             with torch.no_grad():
                 logits = teacher_model.head(teacher_model.run_blocks(teacher_model.embed(x)))[0]
-    return c, logits
+    return labels, logits
 
 
 def all_mean(value):
@@ -327,7 +327,7 @@ if wandb_log and master:
 
 peak = device_peak_flops or peak_flops(device, dtype)  # None: FLOP/s instead of MFU
 flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
-online = teacher_model is not None and labels is None  # the teacher works on every batch
+online = teacher_model is not None and cache is None  # the teacher works on every batch
 t_start, t0, running_flops, local_iter = time.time(), time.time(), -1.0, 0
 while True:
     # evaluate, and checkpoint, every eval_interval steps and at the end
@@ -370,21 +370,21 @@ while True:
     for micro_step in range(accum_steps):
         micro = rank * accum_steps + micro_step  # the global micro-batch: its data and dropout
         torch.manual_seed(draw_seed('dropout', iter_num, micro))
-        X, Y, C = get_batch('train', iter_num, micro)
+        X, Y, labels = get_batch('train', iter_num, micro)
         if online:
             t = time.time()
-            C, teacher_logits = teach(X)
+            labels, teacher_logits = teach(X)
             if device_type == 'cuda':
                 torch.cuda.synchronize()
             teacher_time += time.time() - t
         if ddp:  # synchronise gradients only on the last micro-step
             model.require_backward_grad_sync = micro_step == accum_steps - 1
         with ctx:
-            logits, loss, record = model(X, Y, concept_labels=C, logits=kd)
+            logits, loss, record = model(X, Y, concept_labels=labels, logits=kd)
             terms = {'ntp': loss}
             if supervised:
                 terms.update(concept=record['concept'],
-                             concept_acc=concept_accuracy(record['concept_ids'], C))
+                             concept_acc=concept_accuracy(record['concept_ids'], labels))
                 loss = loss + lam_concept * record['concept']
             if kd:
                 terms['kd'] = kd_loss(logits, teacher_logits)
