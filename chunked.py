@@ -46,9 +46,11 @@ class LinearCrossEntropy(torch.autograd.Function):
                 values.append(top.values), ids.append(top.indices)
             lse = z.logsumexp(-1, keepdim=True)
             loss += ((lse - z.gather(-1, lab)) * v).sum()
-            if any(needs):  # dloss/dz = (softmax(z) * labels in row - one-hot of each) / n_valid
+            # dloss/dz = (softmax(z) * labels in row - one-hot of each) / n_valid, kept here without
+            # the / n_valid: backward applies it with the loss scale, since p / n_valid (~1e-8 at
+            # 4,096 positions) flushes to zero in fp16 before GradScaler's scale could lift it
+            if any(needs):
                 g = (z - lse).exp_().mul_(v.sum(-1, keepdim=True)).scatter_add_(-1, lab, -v.float())
-                g /= n_valid
                 if grad_x is not None:
                     grad_x[s:s + chunk] = g.to(x.dtype) @ w
                 if grad_w is not None:
@@ -56,19 +58,19 @@ class LinearCrossEntropy(torch.autograd.Function):
                 if grad_b is not None:
                     grad_b += g.sum(0)
         ids = torch.cat(ids) if topk else None
-        ctx.save_for_backward(grad_x, grad_w, grad_b, x, weight, ids)
+        ctx.save_for_backward(grad_x, grad_w, grad_b, x, weight, ids, n_valid)
         return loss / n_valid, torch.cat(values) if topk else None, ids
 
     @staticmethod
     def backward(ctx, grad_loss, grad_values, _):
-        *grads, x, weight, ids = ctx.saved_tensors  # grads: x, weight, bias; None if not needed
-        grads = [None if g is None else g * grad_loss for g in grads]
+        *grads, x, weight, ids, n_valid = ctx.saved_tensors  # grads: x, weight, bias, or None
+        grads = [None if g is None else g.float() * (grad_loss / n_valid) for g in grads]
         if grad_values is not None:  # the top-k logits' share
             extra = gathered_grads(grad_values, ids, x, weight)
-            grads = [None if g is None else g + e.to(g.dtype) for g, e in zip(grads, extra)]
+            grads = [None if g is None else g + e.float() for g, e in zip(grads, extra)]
         grad_x, grad_w, grad_b = grads
-        cast = lambda g: None if g is None else g.to(weight.dtype)
-        return grad_x, cast(grad_w), cast(grad_b), None, None, None
+        cast = lambda g, t: None if g is None else g.to(t.dtype)
+        return cast(grad_x, x), cast(grad_w, weight), cast(grad_b, weight), None, None, None
 
 
 def linear_cross_entropy(x, weight, bias, labels, topk=0):

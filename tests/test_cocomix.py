@@ -286,3 +286,29 @@ def test_baseline_modes_lower_their_losses(dataset, tmp_path):
         ckpt = torch.load(tmp_path / mode / 'ckpt.pt', weights_only=True)
         assert ckpt['mode'] == mode and ('pause' in ckpt['model']) == mode.endswith('pause')
         assert len(ckpt['model']) == len(GPT(GPTConfig(**ckpt['model_args'])).state_dict())
+
+
+@pytest.mark.parametrize('topk', [0, 8])
+def test_chunked_head_fp16_gradients_survive_the_mean(topk):
+    """Under fp16 autocast the chunked head gets fp16 activations; its dL/dlogits per slot is about
+    p / n_valid, ~1e-8 here, below fp16's smallest number. GradScaler's scale reaches backward
+    only: the gradients must come out as autograd gives them through the plain head in fp16 (the
+    chunked ones flushed to zero before: relative error 1)."""
+    g = torch.Generator().manual_seed(0)
+    N, d, C, k = 2048, 32, 8192, 4
+    x32 = torch.randn(N, d, generator=g)
+    # rows sharing a direction, as trained heads' do: the softmax and label terms of dL/dx cancel
+    w = (torch.randn(C, d, generator=g) * 0.02 + torch.randn(d, generator=g) * 0.1).requires_grad_()
+    labels = torch.randint(0, C, (N, k), generator=g)
+    scale = 2.0 ** 16  # GradScaler's initial scale
+    x = x32.half().requires_grad_()
+    loss, values, _ = linear_cross_entropy(x, w, None, labels, topk)
+    out = loss + (values.float().sum() * 1e-6 if topk else 0)  # the loss term must dominate
+    (out * scale).backward()
+    x_ref, w_ref = x32.half().requires_grad_(), w.detach().clone().requires_grad_()
+    z = (x_ref @ w_ref.half().t()).float()  # the plain head under fp16 autocast
+    ref = concept_loss(z, labels) + (z.topk(topk).values.sum() * 1e-6 if topk else 0)
+    (ref * scale).backward()
+    for got, want in ((x.grad.float(), x_ref.grad), (w.grad, w_ref.grad)):
+        err = (got - want).norm() / want.norm()
+        assert err < 0.01, err.item()
