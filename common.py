@@ -5,11 +5,11 @@ import hashlib
 import json
 import math
 import os
-import socket
+import re
 import sys
 import tempfile
 import time
-import urllib.parse
+import urllib.request
 from contextlib import contextmanager, nullcontext, suppress
 
 import torch
@@ -192,14 +192,16 @@ def pretrained_shape(spec):
 
 
 def check_hub(what, fix):
-    """Fail at once, not after minutes of retries, when the hub cannot be reached."""
+    """Fail at once, not after minutes of retries, when the hub cannot be reached. urllib goes
+    through HTTPS_PROXY as the hub client does; any HTTP answer means the hub is there."""
     from huggingface_hub import constants
     if constants.HF_HUB_OFFLINE:
         return
-    url = urllib.parse.urlparse(constants.ENDPOINT)
     try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
-    except OSError as e:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method='HEAD'), timeout=5)
+    except urllib.error.HTTPError:
+        pass
+    except (OSError, ValueError) as e:
         raise UserError(f"cannot reach the Hugging Face hub for {what} ({e}); {fix}")
 
 
@@ -209,7 +211,7 @@ def hub_folder(name):
     patterns = ['config.json', 'model.safetensors']
     with suppress(Exception):  # not cached yet
         return snapshot_download(name, allow_patterns=patterns, local_files_only=True)
-    fix = (f"on a machine with internet run `huggingface-cli download {name} config.json "
+    fix = (f"on a machine with internet run `hf download {name} config.json "
            f"model.safetensors --local-dir DIR`, copy DIR here, pass its path instead of '{name}'")
     check_hub(f"'{name}'", fix)
     try:
@@ -274,30 +276,14 @@ def setup_distributed(device):
 
 def peak_flops(device, dtype):
     """Datasheet peak dense FLOP/s, for MFU; None where unknown."""
-    if 'cuda' in str(device):
-        name = torch.cuda.get_device_name(device)
-        bf16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12,
-                '4090': 165e12}
+    if 'cuda' in str(device):  # names as 'NVIDIA A100-SXM4-80GB': whole words, an L40S is no L4
+        words = re.split(r'[\s-]+', torch.cuda.get_device_name(device))
+        bf16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L40S': 362e12, 'L4': 121e12,
+                'A10': 125e12, '4090': 165e12}
         for key, flops in bf16.items():
-            if key in name:
+            if key in words:
                 if dtype != 'float32':
                     return flops
                 # float32 matmuls run as TF32 (half the bf16 rate) where allowed, else ~1/16
                 return flops / (2 if torch.backends.cuda.matmul.allow_tf32 else 16)
     return None
-
-
-def read_safetensors(path):
-    """A .safetensors file -> {name: tensor}: an 8-byte length, a JSON header, the raw bytes."""
-    dtypes = {'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16}
-    with open(path, 'rb') as f:
-        header, data = json.loads(f.read(int.from_bytes(f.read(8), 'little'))), bytearray(f.read())
-    out = {}
-    for name, info in header.items():
-        if name != '__metadata__':
-            start, end = info['data_offsets']
-            dtype = dtypes[info['dtype']]
-            raw = data[start:end]
-            tensor = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-            out[name] = tensor.view(info['shape'])
-    return out

@@ -93,6 +93,22 @@ class GPTConfig:
     pause: bool = False  # baseline: a learned c_hat
 
 
+def read_safetensors(path):
+    """A .safetensors file -> {name: tensor}: an 8-byte length, a JSON header, the raw bytes."""
+    dtypes = {'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16}
+    with open(path, 'rb') as f:
+        header, data = json.loads(f.read(int.from_bytes(f.read(8), 'little'))), bytearray(f.read())
+    out = {}
+    for name, info in header.items():
+        if name != '__metadata__':
+            start, end = info['data_offsets']
+            dtype = dtypes[info['dtype']]
+            raw = data[start:end]
+            tensor = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+            out[name] = tensor.view(info['shape'])
+    return out
+
+
 @torch.compiler.assume_constant_result  # torch.compile reads it once
 def device_memory(device_type):
     """Total memory of the GPU, or of the machine."""
@@ -293,7 +309,6 @@ class GPT(nn.Module):
                               n_layer=hf['n_layer'], n_head=hf['n_head'], n_embd=hf['n_embd'],
                               dropout=dropout, **extra))
         path = os.path.join(folder, 'model.safetensors')
-        from common import read_safetensors  # here: common imports this file
         sd_hf = read_safetensors(path) if os.path.exists(path) else torch.load(
             os.path.join(folder, 'pytorch_model.bin'), map_location='cpu', weights_only=True)
         # keys with or without 'transformer.'; no attention masks (buffers), no tied lm_head

@@ -112,6 +112,7 @@ if gradient_accumulation_steps % world_size:
 accum_steps = gradient_accumulation_steps // world_size  # this process's micro-batches per step
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 device_type = 'cuda' if 'cuda' in device else 'cpu'
+sync = torch.cuda.synchronize if device_type == 'cuda' else lambda: None
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 ctx = autocast(device, dtype)
@@ -210,7 +211,8 @@ scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if checkpoint is not None:
     optimizer.load_state_dict(checkpoint['optimizer'])
-    scaler.load_state_dict(checkpoint['scaler'])
+    if checkpoint['scaler'] and scaler.is_enabled():  # {}: saved by a bf16 or fp32 run
+        scaler.load_state_dict(checkpoint['scaler'])
 checkpoint = None  # free the memory
 
 raw_model = model  # checkpoints hold the unwrapped module's weights
@@ -325,9 +327,13 @@ if wandb_log and master:
         raise UserError("wandb_log=True needs the optional package wandb: pip install wandb")
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
-peak = device_peak_flops or peak_flops(device, dtype)  # None: FLOP/s instead of MFU
-flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
+peak = device_peak_flops or peak_flops(device, dtype)  # one device's; None: FLOP/s, not MFU
+flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter / world_size  # this one's
 online = teacher_model is not None and cache is None  # the teacher works on every batch
+if compile and online:  # the teacher's labelling: most of an online step at the paper's sizes
+    teach = torch.compile(teach)
+    if master:
+        print("compiling the teacher's online work too")
 t_start, t0, running_flops, local_iter = time.time(), time.time(), -1.0, 0
 while True:
     # evaluate, and checkpoint, every eval_interval steps and at the end
@@ -371,12 +377,15 @@ while True:
         micro = rank * accum_steps + micro_step  # the global micro-batch: its data and dropout
         torch.manual_seed(draw_seed('dropout', iter_num, micro))
         X, Y, labels = get_batch('train', iter_num, micro)
-        if online:
+        if online:  # timed on logging steps only: each sync stalls the GPU's queue
+            timing = iter_num % log_interval == 0
+            if timing:
+                sync()
             t = time.time()
             labels, teacher_logits = teach(X)
-            if device_type == 'cuda':
-                torch.cuda.synchronize()
-            teacher_time += time.time() - t
+            if timing:
+                sync()
+                teacher_time += time.time() - t
         if ddp:  # synchronise gradients only on the last micro-step
             model.require_backward_grad_sync = micro_step == accum_steps - 1
         with ctx:
@@ -414,7 +423,7 @@ while True:
                         for k, v in parts.items() if k != 'loss' and len(parts) > 2)
         share = f", teacher {teacher_time / dt:.0%} of the time" if online else ''
         speed = '' if running_flops < 0 else f", mfu {running_flops / peak:.1%}" if peak else \
-            f", {running_flops / 1e9:.1f} GFLOP/s"
+            f", {running_flops / 1e9:.1f} GFLOP/s per process"
         print(f"iter {iter_num}: loss {loss_value:.4f}{terms}, lr {lr:.2e}{share}, "
               f"time {dt * 1000:.1f}ms, {tokens_per_iter / dt:,.0f} tok/s{speed}")
     iter_num += 1

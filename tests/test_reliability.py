@@ -168,3 +168,22 @@ def test_torchrun_prints_an_error_once(tmp_path):
     p = run(TWO + ['train.py', '--dataset=/no/such/data', '--device=cpu'], check=False, env=ONE_THREAD)
     assert p.returncode != 0
     assert (p.stdout + p.stderr).count('error: no prepared dataset') == 1, p.stderr[-3000:]
+
+
+def test_mfu_under_torchrun_counts_one_process_against_one_device(dataset, tmp_path):
+    """MFU = this process's FLOP/s over one device's peak: the logged MFU equals the FLOPs of the
+    tokens per second it logs (all processes together) / 2 processes / the peak (8x too high on 8
+    GPUs before: every process's tokens were set against one device)."""
+    import re
+
+    from common import load_model
+    peak = 1e8
+    args = TINY + ['--max_iters=4', '--eval_interval=100', f'--device_peak_flops={peak}']
+    args = [a for a in args if not a.startswith('--gradient_accumulation_steps')]
+    p = run(TWO + ['train.py', f'--dataset={dataset}', f'--out_dir={tmp_path}', *args,
+                   '--gradient_accumulation_steps=2'], env=ONE_THREAD)
+    line = next(l for l in p.stdout.splitlines() if l.startswith('iter 3:'))  # the first measured
+    tokens_per_s, mfu = re.search(r'([\d,]+) tok/s, mfu ([\d.]+)%', line).groups()
+    model, ckpt = load_model(str(tmp_path))
+    flops = model.flops_per_token(ckpt['config']['block_size']) * int(tokens_per_s.replace(',', ''))
+    assert abs(float(mfu) / 100 / (flops / 2 / peak) - 1) < 0.02, line

@@ -95,8 +95,36 @@ def test_mfu_peak_follows_the_matmul_precision(monkeypatch):
     from common import peak_flops
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device: 'NVIDIA H100 80GB HBM3')
     assert peak_flops('cuda:0', 'bfloat16') == 989e12
-    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', True)
-    assert peak_flops('cuda:0', 'float32') == 989e12 / 2
-    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
-    assert peak_flops('cuda:0', 'float32') == 989e12 / 16
+    # set by hand: pytest 9.2's monkeypatch cannot restore this attribute (torch serves it by
+    # __getattr__) and fails the test's teardown
+    matmul, allowed = torch.backends.cuda.matmul, torch.backends.cuda.matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = True
+        assert peak_flops('cuda:0', 'float32') == 989e12 / 2
+        matmul.allow_tf32 = False
+        assert peak_flops('cuda:0', 'float32') == 989e12 / 16
+    finally:
+        matmul.allow_tf32 = allowed
     assert peak_flops('cpu', 'float32') is None
+
+
+@pytest.mark.parametrize('name, peak', [('NVIDIA L40S', 362e12), ('NVIDIA L4', 121e12),
+                                        ('NVIDIA A10', 125e12), ('NVIDIA A100-SXM4-80GB', 312e12),
+                                        ('NVIDIA GeForce RTX 4090', 165e12), ('Tesla T4', None)])
+def test_mfu_peak_matches_whole_device_names(monkeypatch, name, peak):
+    """An L40S is not an L4, nor an A100 an A10: the datasheet table matches whole words."""
+    from common import peak_flops
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device: name)
+    assert peak_flops('cuda:0', 'bfloat16') == peak
+
+
+@pytest.mark.parametrize('first, then', [('float32', 'float16'), ('float16', 'bfloat16')])
+def test_resume_in_another_dtype(dataset, tmp_path, first, then):
+    """The blow-up message advises another dtype: a resume across fp32/bf16 and fp16 must work
+    (loading the GradScaler's state of a run without one crashed)."""
+    dtype = lambda d: [a for a in TINY if not a.startswith('--dtype')] + [f'--dtype={d}']
+    run(['train.py', f'--dataset={dataset}', f'--out_dir={tmp_path}', *dtype(first),
+         '--max_iters=2', '--eval_interval=2'])
+    p = run(['train.py', f'--dataset={dataset}', f'--out_dir={tmp_path}', *dtype(then),
+             '--max_iters=3', '--eval_interval=3', '--init_from=resume'])
+    assert 'step 3:' in p.stdout and torch.load(tmp_path / 'ckpt.pt')['iter_num'] == 3
