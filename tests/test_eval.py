@@ -135,3 +135,48 @@ def test_lm_eval_adapter_calls_the_scorer():
     assert lm.loglikelihood_rolling([req('loglikelihood_rolling', ('abcdefghijklmnopz',))]) == \
         s.loglikelihood_rolling([('abcdefghijklmnopz',)])
     assert lm.generate_until([req('generate_until', ('xyz', {'until': ['e'], 'max_gen_toks': 10}))]) == [' abcd']
+
+
+def saved_tiny(tmp_path, dataset):
+    """A tiny random checkpoint as train.py saves it, trained (nominally) on `dataset`: its out_dir."""
+    model = tiny_gpt(vocab=64)
+    meta = json.load(open(os.path.join(dataset, 'meta.json')))
+    save_checkpoint({'model': model.state_dict(), 'model_args': dict(block_size=32, vocab_size=64, n_layer=2,
+                     n_head=2, n_embd=16), 'mode': 'ntp', 'iter_num': 0, 'config': {'dataset': dataset},
+                     'data_meta': meta}, str(tmp_path / 'out'))
+    return str(tmp_path / 'out')
+
+
+def test_ppl_refuses_data_of_another_tokenizer(dataset, tmp_path):
+    """The checkpoint's data is 'synthetic'-tokenized; the same ids under a character tokenizer mean other text:
+    refused in one line, as train.py refuses it, not scored."""
+    from conftest import write_dataset
+    out = saved_tiny(tmp_path, dataset)
+    other = write_dataset(str(tmp_path / 'chars'))
+    json.dump({'tokenizer': 'char', 'chars': list('abcdefghijklmnopqrstuvwxyz!?,.:;'), 'vocab_size': 32,
+               'train_tokens': 20000, 'val_tokens': 2000}, open(os.path.join(other, 'meta.json'), 'w'))
+    ok = run(['tools/eval.py', f'--out_dir={out}', '--tasks=ppl', '--device=cpu', '--dtype=float32', '--limit=2'])
+    assert 'ppl' in ok.stdout  # its own data: scored
+    bad = run(['tools/eval.py', f'--out_dir={out}', '--tasks=ppl', f'--dataset={other}', '--device=cpu',
+               '--dtype=float32', '--limit=2'], check=False)
+    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert "tokenized with a different character set but the model" in bad.stderr and 'ppl' not in bad.stdout
+
+
+def test_ppl_on_a_val_split_shorter_than_the_context(tmp_path):
+    from conftest import write_dataset
+    short = write_dataset(str(tmp_path / 'short'), n_val=20)  # the model's context is 32
+    out = saved_tiny(tmp_path, short)
+    bad = run(['tools/eval.py', f'--out_dir={out}', '--tasks=ppl', '--device=cpu', '--dtype=float32'], check=False)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
+        f"error: the val split of {short} has 20 tokens, fewer than one window of the model's context 32 + 1; "
+        "prepare more val text"], bad.stderr
+
+
+@pytest.mark.parametrize('arg, want', [('--limit=-1', 'limit must be an int with limit >= 0'),
+                                       ('--batch_size=0', 'batch_size must be an int with batch_size >= 1'),
+                                       ('--data_dir=/no/such/dir', 'data_dir must be an existing folder'),
+                                       ('--dtype=fp16', 'dtype must be one of float32, bfloat16, float16')])
+def test_bad_settings_one_line_before_any_work(tmp_path, arg, want):
+    bad = run(['tools/eval.py', f'--out_dir={tmp_path / "none"}', '--tasks=ppl', arg], check=False)
+    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and want in bad.stderr, bad.stderr

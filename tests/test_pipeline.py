@@ -1,8 +1,37 @@
 import os
 import time
 
-from pipeline import run_stages
+from stages import run_stages
 from study import tokens_to_reach
+
+
+def tools_imports():
+    """{tools/ module: the tools/ modules it imports, anywhere in it}."""
+    import ast
+    from conftest import ROOT
+    folder = os.path.join(ROOT, 'tools')
+    mine = {f[:-3] for f in os.listdir(folder) if f.endswith('.py')}
+    graph = {}
+    for m in mine:
+        tree = ast.parse(open(os.path.join(folder, m + '.py')).read())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        graph[m] = names & mine - {m}
+    return graph
+
+
+def test_tools_import_each_other_one_way():
+    """No import circle among tools/ (study and pipeline imported each other): each module's imports,
+    followed transitively, never lead back to it."""
+    graph = tools_imports()
+    for start in graph:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            m = todo.pop()
+            assert m != start, f"tools/{start}.py imports itself through {sorted(seen)}"
+            if m not in seen:
+                seen.add(m)
+                todo += graph[m]
 
 
 def test_stages_skip_when_current_and_rerun_when_not(tmp_path, capsys):
@@ -128,7 +157,7 @@ def test_study_resumes_from_saved_results_only_with_the_same_teacher(tmp_path, m
     json.dump(saved, open(study.results, 'w'))
     os.makedirs(study.DATA)  # the prepared data's size and vocabulary go into the results too
     json.dump({'train_tokens': 10_000, 'vocab_size': 65}, open(f'{study.DATA}/meta.json', 'w'))
-    names = [s[0] for s in study.stages()]
+    names = [s[0] for stages in study.stages() for s in stages]  # (teacher, SAE, labels), runs
     assert '8-layer ntp seed 0' not in names and '8-layer kd seed 0' in names  # seed 0: this machine's
     assert not any(' seed 1' in n for n in names) and '8-layer ntp seed 4' in names  # seed 1: elsewhere
     json.dump({'results': {'ppl': {'loss': 1.8, 'tokens': 1000}}}, open(f'{study.out}/teacher/eval.json', 'w'))

@@ -7,17 +7,21 @@ parts (--parts=a,b):
   smoke     a machine's check before a long run: training steps of NTP and of CoCoMix with cached
             and with online labels, at the config's shapes, dtype and compile, in each of torchrun's
             processes: tokens/s, ms/iter, FLOP/s (MFU), peak memory, graph breaks; target cocomix
-            (cached) FLOP/s >= 0.9 x NTP's; a verdict
+            (cached) FLOP/s >= 0.9 x NTP's; online labelling eager and compiled; a verdict
   train     the same, each mode in its own process (its own peak memory)
   ntp       our NTP step vs nanoGPT's model.py (--nanogpt=DIR): median ms/iter; target >= 0.97x
   labels    online labelling, counting only the FLOPs it must do (teacher forward, input-gradient
-            backward to sae_layer, SAE encoder); target >= 0.8 x a teacher-shaped NTP step's FLOP/s
+            backward to sae_layer, SAE encoder); target >= 0.8 x a teacher-shaped NTP step's FLOP/s;
+            torch.compile's labelling tokens/s against eager's (target >= 1x)
+  heads     the chunked heads' gradients against the plain ones', at dtype, each against a float32
+            reference (relative error); target: chunked no worse than 2 x plain (tools/gpu_check.sh)
   generate  KV-cache greedy generation, NTP and CoCoMix, beside reading every weight once per token
   sae       SAE training vs EleutherAI's sparsify (pip install eai-sparsify), same synthetic data:
             tokens/s (target >= 1x) and FVU of the raw vectors after the same tokens
   prepare   prepare.py on synthetic .jsonl corpora of prepare_mb and 10x that: tokens/s, peak memory
             (target: the larger <= 1.5 x the smaller's + 100 MB, flat in the corpus size)
 """
+import io
 import json
 import math
 import os
@@ -26,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext, redirect_stdout
 from functools import partial
 from resource import RUSAGE_SELF, getrusage
 
@@ -41,39 +46,40 @@ from common import (DEVICE, DTYPE, UserError, autocast, configure, peak_flops, p
 from model import GPT, GPTConfig, sae_norm
 
 # -----------------------------------------------------------------------------
-parts = 'train,labels,generate,sae'
-batch_size = 12
-block_size = 1024
-vocab_size = 50257
-n_layer = 12
-n_head = 12
-n_embd = 768
-bias = True
-dropout = 0.0
-insert_layer = 3
-concept_topk = 32
-mix = 'interleave'
-k_attr = 4
-n_concepts = 32768  # the SAE: OpenAI's GPT-2 SAEs are 768 -> 32768, k 32, layer 5
-sae_k = 32
-sae_layer = 5
-teacher = ''  # a config's teacher: a GPT-2 gives its shape, with random weights
-teacher_layers = 12  # else the teacher's shape (GPT-2 small)
-teacher_embd = 768
-label_batch = 2  # sequences of block_size per labelling call
-gen_positions = 1024  # generate up to this many positions (16 of prompt)
-sae_tokens = 65536  # SAE training tokens
-sae_batch = 4096
-nanogpt = ''  # a checkout of karpathy/nanoGPT, for --parts=ntp
-rounds = 5  # alternating rounds (ntp)
-steps = 5  # timed steps per measurement
-smoke_tiny = False  # every shape shrunk: smoke's code path on a CPU in a minute
-device = DEVICE
-dtype = DTYPE
-compile = False
-seed = 1337
-prepare_mb = 15  # the smaller synthetic corpus for --parts=prepare
-run_mode = ''  # internal: the training mode a child process of --parts=train measures
+parts: 'str' = 'train,labels,generate,sae'
+batch_size: 'int >= 1' = 12
+block_size: 'int >= 1' = 1024
+vocab_size: 'int >= 1' = 50257
+n_layer: 'int >= 1' = 12
+n_head: 'int >= 1' = 12
+n_embd: 'int >= 1' = 768
+bias: 'bool' = True
+dropout: '0 <= float < 1' = 0.0
+insert_layer: 'int >= 0' = 3
+concept_topk: 'int >= 1' = 32
+mix: 'interleave|add|none' = 'interleave'
+k_attr: 'int >= 1' = 4
+n_concepts: 'int >= 1' = 32768  # the SAE: OpenAI's GPT-2 SAEs are 768 -> 32768, k 32, layer 5
+sae_k: 'int >= 1' = 32
+sae_layer: 'int >= 0' = 5
+teacher: 'str' = ''  # a config's teacher: a GPT-2 gives its shape, with random weights
+teacher_layers: 'int >= 1' = 12  # else the teacher's shape (GPT-2 small)
+teacher_embd: 'int >= 1' = 768
+label_batch: 'int >= 1' = 2  # sequences of block_size per labelling call
+gen_positions: 'int > 16' = 1024  # generate up to this many positions (16 of prompt)
+sae_tokens: 'int >= 1' = 65536  # SAE training tokens
+sae_batch: 'int >= 1' = 4096
+nanogpt: 'dir?' = ''  # a checkout of karpathy/nanoGPT, for --parts=ntp
+rounds: 'int >= 1' = 5  # alternating rounds (ntp)
+steps: 'int >= 1' = 5  # timed steps per measurement
+smoke_tiny: 'bool' = False  # every shape shrunk: smoke's code path on a CPU in a minute
+device: 'device' = DEVICE
+dtype: 'float32|bfloat16|float16' = DTYPE
+compile: 'bool' = False
+backend: 'str' = 'inductor'  # torch.compile's; 'aot_eager' compiles in seconds on a CPU (tests)
+seed: 'int >= 0' = 1337
+prepare_mb: 'int >= 1' = 15  # the smaller synthetic corpus for --parts=prepare
+run_mode: '|ntp|cached|online' = ''  # internal: the mode a child process of --parts=train measures
 # -----------------------------------------------------------------------------
 argv, given = sys.argv[1:], set()
 configure(globals(), argv, ignore=setting_names('train.py'), given=given)  # train.py configs work
@@ -83,6 +89,17 @@ if smoke_tiny:
     n_layer, n_head, n_embd, block_size, vocab_size, batch_size = 2, 2, 64, 64, 512, 2
     n_concepts, sae_k, concept_topk, insert_layer, sae_layer = 256, 8, 8, 1, 0
     teacher_layers, teacher_embd = 2, 64
+PARTS = 'smoke,train,ntp,labels,generate,sae,prepare,heads'.split(',')
+unknown = [p for p in parts.split(',') if p not in PARTS]
+if unknown:  # before any part runs: a typo in the last must not cost the others
+    raise UserError(f"unknown part '{unknown[0]}'; use some of {','.join(PARTS)}")
+for what, wide, heads in (('', n_embd, n_head), ('teacher_', teacher_embd, max(1, teacher_embd // 64))):
+    if wide % heads:
+        raise UserError(f"{what}n_embd={wide} is no multiple of its {heads} heads")
+if insert_layer > n_layer or sae_layer >= teacher_layers or k_attr > sae_k:
+    raise UserError(f"insert_layer={insert_layer} must be at most n_layer={n_layer}, sae_layer="
+                    f"{sae_layer} below teacher_layers={teacher_layers}, k_attr={k_attr} at most "
+                    f"sae_k={sae_k}")
 torch.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True  # as train.py: float32 runs as it will there
 torch.backends.cudnn.allow_tf32 = True
@@ -135,7 +152,7 @@ def adamw_step(model, loss_fn):
 
 def train_step(model, labels=None, labeller=None, world=1):
     """One AdamW step on a random batch (in DDP for world > 1); labeller(x) gives online labels."""
-    step_model = torch.compile(model) if compile else model
+    step_model = torch.compile(model, backend=backend) if compile else model
     if world > 1:
         step_model = DDP(step_model, device_ids=[torch.device(device).index] if cuda else None)
     x = torch.randint(0, vocab_size, (batch_size, block_size), device=device)
@@ -151,6 +168,35 @@ def teacher_and_sae():
     from sae import TopKSAE
     teacher = gpt(teacher_layers, teacher_embd, max(1, teacher_embd // 64)).eval().requires_grad_(False)
     return teacher, TopKSAE(teacher_embd, n_concepts, sae_k).to(device).eval()
+
+
+def label_speeds():
+    """Online labelling (attribution.concept_labels: the teacher's forward, its input-gradient
+    backward, the SAE's encoder) eager and under torch.compile: {name: (seconds per call, labels)},
+    alternating so that neither gains from the order."""
+    from attribution import concept_labels
+    teacher_model, sae = teacher_and_sae()
+    idx = torch.randint(0, vocab_size, (label_batch, block_size), device=device)
+    torch._dynamo.reset()
+    calls = {'eager': concept_labels, 'compiled': torch.compile(concept_labels, backend=backend)}
+    seconds, labels = {k: [] for k in calls}, {}
+    for _ in range(2):
+        for name, fn in calls.items():
+            with ctx:
+                labels[name] = fn(teacher_model, sae, idx, sae_layer, k_attr)
+                seconds[name].append(timed(lambda: fn(teacher_model, sae, idx, sae_layer, k_attr)))
+    return {k: (min(v), labels[k]) for k, v in seconds.items()}, idx.numel()
+
+
+def report_label_speeds():
+    """Print eager's and compiled's labelling tokens/s; -> compiled / eager."""
+    speeds, tokens = label_speeds()
+    (eager, a), (compiled, b) = speeds['eager'], speeds['compiled']
+    agree = (a == b).float().mean().item()  # ties in a low precision may order latents otherwise
+    print(f"  labelling ({label_batch} x {block_size} tokens, {backend}): eager "
+          f"{tokens / eager:,.0f} tokens/s, compiled {tokens / compiled:,.0f} tokens/s: "
+          f"{eager / compiled:.2f}x; labels agree at {agree:.1%} of slots")
+    return eager / compiled
 
 
 def check(name, value, target):
@@ -225,6 +271,9 @@ def bench_modes(part):
             problems.append(f"{mode}: loss {row['loss']}")
         if row['breaks']:
             problems.append(f"{mode}: {row['breaks']} graph breaks")
+    if part == 'smoke':  # every process compiles alike; rank 0 tells
+        with redirect_stdout(sys.stdout if rank == 0 else io.StringIO()):
+            report_label_speeds()
     if rank == 0:
         check('cocomix (cached labels) FLOP/s / NTP FLOP/s',
               rows['cached']['flops'] / rows['ntp']['flops'], 0.9)
@@ -289,6 +338,42 @@ def bench_labels():
     rate = {k: useful / min(v) / 1e9 for k, v in seconds.items()}
     print(f"  labelling with a chunked head: {rate['computed']:.1f} GFLOP/s with the frozen head's weight "
           f"gradient computed, {rate['skipped']:.1f} skipped: {rate['skipped'] / rate['computed']:.2f}x")
+    check('labelling tokens/s compiled / eager', report_label_speeds(), 1.0)
+
+
+def bench_heads():
+    """The chunked heads (chunked.py) against the plain ones: every parameter's gradient of the
+    CoCoMix loss under dtype, each head, against a plain float32 reference; relative errors."""
+    import model as M
+    net = gpt(**COCOMIX).eval()  # no dropout: the runs differ by the heads and dtype alone
+    x = torch.randint(0, vocab_size, (batch_size, block_size), device=device)
+    labels = torch.randint(0, n_concepts, (batch_size, block_size, k_attr), device=device)
+
+    def grads(chunked, low):
+        M.chunked_head = lambda *args: chunked
+        net.zero_grad(set_to_none=True)
+        with ctx if low else nullcontext():
+            _, loss, out = net(x, x, concept_labels=labels)
+            (loss + 0.1 * out['concept']).backward()
+        return torch.cat([p.grad.float().flatten() for p in net.parameters() if p.grad is not None])
+    plain_rule = M.chunked_head
+    try:
+        ref = grads(False, False)
+        got = {'plain': grads(False, True), 'chunked': grads(True, True)}
+    finally:
+        M.chunked_head = plain_rule
+    rel = lambda g, r: ((g - r).norm() / r.norm()).item()
+    err = {k: rel(g, ref) for k, g in got.items()}
+    between = rel(got['chunked'], got['plain'])
+    print(f"heads ({dtype} against float32, {batch_size} x {block_size}, V {V}, C {n_concepts}): "
+          f"gradient relative error plain {err['plain']:.2e}, chunked {err['chunked']:.2e}; "
+          f"chunked vs plain {between:.2e}")
+    # chunking changes the order of sums, not the precision: no worse than the plain head's own
+    bound = max(2 * err['plain'], 1e-4)
+    ok = all(math.isfinite(e) for e in (*err.values(), between)) and err['chunked'] <= bound
+    print("heads: " + ('OK' if ok else f"FAILED: chunked error {err['chunked']:.2e} above {bound:.2e}"))
+    if not ok:
+        raise SystemExit(1)
 
 
 def bench_generate():
@@ -392,10 +477,8 @@ if run_mode:  # one mode of --parts=train
     row = measure(run_mode)
     print(json.dumps(dict(row, memory=row['memory'] - bare)))
 else:
-    PARTS = dict(train=partial(bench_modes, 'train'), ntp=bench_ntp, labels=bench_labels,
-                 generate=bench_generate, sae=bench_sae, prepare=bench_prepare,
-                 smoke=partial(bench_modes, 'smoke'))
+    run_part = dict(train=partial(bench_modes, 'train'), ntp=bench_ntp, labels=bench_labels,
+                    generate=bench_generate, sae=bench_sae, prepare=bench_prepare,
+                    smoke=partial(bench_modes, 'smoke'), heads=bench_heads)
     for part in parts.split(','):
-        if part not in PARTS:
-            raise UserError(f"unknown part '{part}'; use some of {','.join(PARTS)}")
-        PARTS[part]()
+        run_part[part]()

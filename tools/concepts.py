@@ -21,17 +21,17 @@ from prepare import data_dir_of, get_tokenizer, read_meta
 from sae import check_width, load_sae, residuals, sae_file, split_windows
 
 # -----------------------------------------------------------------------------
-sae = ''  # an SAE file (any load_sae spec, with teacher and dataset given)
-teacher = ''  # default: the SAE file's own
-dataset = ''  # default: the SAE file's own
-sae_layer = -1  # default: the SAE file's own
-latent = -1  # show this latent's top contexts
-top = 10  # else list this many of the strongest and most frequent latents
-tokens = 100_000  # held-out tokens scanned
-context = 64  # tokens per window
-window = 10  # tokens shown on each side of a peak
-device = DEVICE
-dtype = DTYPE
+sae: 'str' = ''  # an SAE file (any load_sae spec, with teacher and dataset given)
+teacher: 'str' = ''  # default: the SAE file's own
+dataset: 'str' = ''  # default: the SAE file's own
+sae_layer: 'int >= -1' = -1  # default (-1): the SAE file's own
+latent: 'int >= -1' = -1  # show this latent's top contexts; -1: list the top latents
+top: 'int >= 1' = 10  # else list this many of the strongest and most frequent latents
+tokens: 'int >= 1' = 100_000  # held-out tokens scanned
+context: 'int >= 1' = 64  # tokens per window, at most the teacher's context
+window: 'int >= 0' = 10  # tokens shown on each side of a peak
+device: 'device' = DEVICE
+dtype: 'float32|bfloat16|float16' = DTYPE
 # -----------------------------------------------------------------------------
 
 
@@ -70,6 +70,15 @@ if __name__ == '__main__':
     n_latents, enc = sae_model.n_latents, get_tokenizer(read_meta(data_dir))
     if latent >= n_latents:
         raise UserError(f"latent {latent} is out of range: give one of 0 .. {n_latents - 1}")
+    if top > n_latents:
+        raise UserError(f"top={top} but the SAE has {n_latents} latents; give --top={n_latents}")
+    cfg = teacher_model.config  # the teacher reads no window longer than its context
+    if context > cfg.block_size:
+        raise UserError(f"context={context} is longer than the teacher's {cfg.block_size} tokens; "
+                        f"give --context={cfg.block_size} or less")
+    if sae_layer >= cfg.n_layer:
+        raise UserError(f"sae_layer={sae_layer} is out of range for a teacher of {cfg.n_layer} "
+                        "blocks")
     torch.set_grad_enabled(False)  # inference only
     idx = split_windows(data_dir, 'val', max(1, tokens // context), context)  # (N, T) held-out text
     values, indices = [], []  # the SAE's active values and latents there: (N, T, k)

@@ -22,20 +22,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import DEVICE, DTYPE, UserError, atomic_path, autocast, check_hub, configure, load_model
-from prepare import data_dir_of, download, get_tokenizer, load_tokens, windows
+from common import DEVICE, DTYPE, UserError, atomic_path, autocast, check_hub, check_tokenizers
+from common import configure, load_model
+from prepare import data_dir_of, download, get_tokenizer, load_tokens, read_meta, windows
 
 # -----------------------------------------------------------------------------
-init_from = 'resume'  # 'resume' (the checkpoint in out_dir) or a gpt2 variant
-out_dir = 'out'
-tasks = 'ppl,lambada,wikitext,hellaswag,piqa,arc_easy,winogrande,siqa'
-dataset = ''  # for ppl: default, the checkpoint's own dataset
-data_dir = ''  # task files; default: download them
-limit = 0  # items per task (windows for ppl); 0 = all
-batch_size = 16  # sequences per forward pass
-json_out = ''  # also write the results here
-device = DEVICE
-dtype = DTYPE
+init_from: 'str' = 'resume'  # 'resume' (the checkpoint in out_dir) or a gpt2 variant
+out_dir: 'str' = 'out'
+tasks: 'str' = 'ppl,lambada,wikitext,hellaswag,piqa,arc_easy,winogrande,siqa'
+dataset: 'str' = ''  # for ppl: default, the checkpoint's own dataset
+data_dir: 'dir?' = ''  # task files; default: download them
+limit: 'int >= 0' = 0  # items per task (windows for ppl); 0 = all
+batch_size: 'int >= 1' = 16  # sequences per forward pass
+json_out: 'str' = ''  # also write the results here
+device: 'device' = DEVICE
+dtype: 'float32|bfloat16|float16' = DTYPE
 # -----------------------------------------------------------------------------
 CACHE = os.path.expanduser('~/.cache/cocomix/eval')
 # (file pattern in data_dir, URL, or HF (path, name, split) where no plain file is published)
@@ -267,17 +268,28 @@ def main(argv):
     if unknown:  # before any work: a typo in the last task must not cost the evaluation of the others
         raise UserError(f"unknown task{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; use {', '.join(known)}")
     model, checkpoint = load_model(out_dir if init_from == 'resume' else init_from, device)
-    name = f"{out_dir} ({checkpoint.get('mode', 'ntp')}, step {checkpoint['iter_num']})" if checkpoint else init_from
-    scorer = Scorer(model, get_tokenizer(checkpoint and checkpoint.get('data_meta')), device, batch_size)
+    name = f"{out_dir} ({checkpoint.get('mode', 'ntp')}, step {checkpoint['iter_num']})" \
+        if checkpoint else init_from
+    tokens = {'tokenizer': 'gpt2'} if checkpoint is None else \
+        checkpoint.get('data_meta', {'vocab_size': model.config.vocab_size})
+    scorer = Scorer(model, get_tokenizer(checkpoint and checkpoint.get('data_meta')), device,
+                    batch_size)
+    if 'ppl' in tasks.split(','):  # the data checked before any task runs
+        ds = dataset or (checkpoint or {}).get('config', {}).get('dataset')
+        if not ds:
+            raise UserError("task ppl needs --dataset=NAME (a folder prepare.py wrote)")
+        ppl_dir = data_dir_of(ds)
+        # scored with another tokenizer, the ids mean other characters: a number, but meaningless
+        check_tokenizers(read_meta(ppl_dir), f"the data in {ppl_dir}", tokens, f"the model {name}")
+        val, T = load_tokens(ppl_dir, 'val'), model.config.block_size
+        if len(val) < T + 1:
+            raise UserError(f"the val split of {ppl_dir} has {len(val)} tokens, fewer than one "
+                            f"window of the model's context {T} + 1; prepare more val text")
     results = {}
     for task in tasks.split(','):
         with autocast(device, dtype):
             if task == 'ppl':
-                ds = dataset or (checkpoint or {}).get('config', {}).get('dataset')
-                if not ds:
-                    raise UserError("task ppl needs --dataset=NAME (a folder prepare.py wrote)")
-                results[task] = perplexity(model, load_tokens(data_dir_of(ds), 'val'), model.config.block_size,
-                                           batch_size, device, limit)
+                results[task] = perplexity(model, val, T, batch_size, device, limit)
             elif task == 'wikitext':
                 results[task] = wikitext(scorer, task_file(task, data_dir), limit)
             elif task in ('winogrande', 'lambada'):

@@ -3,13 +3,15 @@ Steering, measured (the paper's third claim, Sec. 4.4): does multiplying a conce
 text a CoCoMix model writes carry that concept?
 
     python tools/steer.py --runs=out-study/8-layer/cocomix_s0,out-study/8-layer/cocomix_s1
+    python tools/steer.py --runs=... --publish=True  # the README's table, from the repository
 
 Each model (a CoCoMix out_dir, with the teacher and SAE it trained with) steers the `concepts` it
 most often ranks first on the val text, a rule fixed in advance. `prompts` val windows are continued
 twice with the same random draws, plainly and with the concept's logit multiplied by alpha; the
 teacher and SAE then read both: how often the concept is active, its mean activation, and how often
-the 5 tokens its decoder direction promotes appear. The table, which replaces the README's steering
-block, gives each concept's numbers and the mean steered-minus-plain change with a 95% interval.
+the 5 tokens its decoder direction promotes appear. The table gives each concept's numbers and the
+mean steered-minus-plain change with a 95% interval; --publish=True puts it in the README's steering
+block (the published runs' table: an ordinary run leaves it alone).
 """
 import os
 import sys
@@ -21,21 +23,22 @@ import torch
 
 from common import UserError, configure, load_model, load_teacher
 from concepts import promoted, promoted_ids
-from pipeline import publish
 from prepare import data_dir_of, get_tokenizer, load_tokens, windows
 from sae import load_sae, teacher_residual
+from stages import publish as publish_block
 from study import ci
 
 # -----------------------------------------------------------------------------
-runs = ''  # comma-separated CoCoMix out_dirs
-concepts = 8  # concepts steered per model
-prompts = 16  # val windows continued
-prompt_len = 32
-new_tokens = 96
-alpha = 8.0
-temperature = 1.0
-seed = 0
-device = 'cpu'
+runs: 'str' = ''  # comma-separated CoCoMix out_dirs
+concepts: 'int >= 1' = 8  # concepts steered per model
+prompts: 'int >= 1' = 16  # val windows continued
+prompt_len: 'int >= 1' = 32
+new_tokens: 'int >= 1' = 96
+alpha: 'float' = 8.0
+temperature: 'float >= 0' = 1.0  # 0: greedy
+seed: 'int >= 0' = 0
+device: 'device' = 'cpu'
+publish: 'bool' = False  # also replace the README's steering table (run from the repository)
 # -----------------------------------------------------------------------------
 
 
@@ -46,6 +49,8 @@ def measure(run):
     cfg, T = ckpt['config'], model.config.block_size
     if not model.config.n_concepts or model.config.mix == 'none':
         raise UserError(f"{run} is not a CoCoMix model that mixes concepts: nothing to steer")
+    if concepts > model.config.n_concepts:
+        raise UserError(f"concepts={concepts} but {run} has only {model.config.n_concepts}")
     data_dir = data_dir_of(cfg['dataset'])
     teacher = load_teacher(cfg['teacher'], device, ckpt['data_meta'], data_dir)
     sae = load_sae(cfg['sae'], teacher.config.n_embd)[0].to(device)
@@ -74,6 +79,8 @@ if __name__ == '__main__':
     configure(globals())
     if not runs:
         raise UserError("give --runs=OUT_DIR[,OUT_DIR...]: CoCoMix models trained by train.py")
+    if publish and not os.path.isfile('README.md'):
+        raise UserError("publish=True rewrites ./README.md's steering block: run from the repository")
     table = ["| model | concept (promotes) | active: plain → steered | mean activation | "
              "promoted tokens |", '|---' * 5 + '|']
     changes = {}
@@ -84,9 +91,13 @@ if __name__ == '__main__':
             for k, (a, b) in m.items():
                 changes.setdefault(k, []).append(b - a)
     summary = '; '.join(f"{k} {ci(v, '+.3f')}" for k, v in changes.items())
-    publish('steer', '\n'.join([
+    text = '\n'.join([
         f"alpha {alpha:g}, {prompts} prompts of {prompt_len} characters continued by {new_tokens}, "
         f"temperature {temperature:g}; the {concepts} concepts each model most often ranks first.",
         '', *table, '',
         f"Steered minus plain, mean over {len(changes['active'])} (model, concept) pairs (95% CI): "
-        f"{summary}."]))
+        f"{summary}."])
+    if publish:
+        publish_block('steer', text)
+    else:
+        print(text)

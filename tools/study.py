@@ -25,31 +25,31 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import numpy as np
 
 from common import UserError, atomic_path, configure
-from pipeline import publish, run_stages
+from stages import publish, run_stages
 
 # -----------------------------------------------------------------------------
-input = ''  # the training text
-val_input = ''  # the val text
-out = 'out-study'
-results = 'assets/study_results.json'
-seeds = 3  # seeds per method, unless the method names its own (method:seeds)
-jobs = 2  # runs at once (pipeline.run_stages), one thread each
-teacher = '--n_layer=4 --n_head=4 --n_embd=192'
-teacher_iters = 2600  # x 4,096 characters: one pass over the text
-teacher_from = ''  # instead of training: a teacher ckpt.pt copied from the first machine
-sae_from = ''  # likewise its sae.pt
-sae_latents = 1024  # the concept vocabulary
-student_iters = 2000  # x 4,096 characters = 8.2M per student
-eval_every = 100  # steps between val estimates (the curves)
-eval_windows = 2000  # final val loss: the first eval_windows x 128 characters of the val split
-timing_steps = 60  # steps of each method's timing run (the compute table)
-large = '--n_layer=8 --n_head=4 --n_embd=48 --insert_layer=3'  # the paper's shape
-large_methods = ('ntp:5,cocomix:5,cocomix_add,kd,pause,predict_only,activation,'
-                 'interleave_no_concept_loss:5,ntp_flops_student,ntp_flops_total')
-small = '--n_layer=4 --n_head=4 --n_embd=48 --insert_layer=1'  # half the depth: does the gap move?
-small_methods = 'ntp,cocomix'
-report_only = False
-device = 'cpu'
+input: 'file?' = ''  # the training text
+val_input: 'file?' = ''  # the val text
+out: 'str' = 'out-study'
+results: 'str' = 'assets/study_results.json'
+seeds: 'int >= 1' = 3  # seeds per method, unless the method names its own (method:seeds)
+jobs: 'int >= 1' = 2  # runs at once (stages.run_stages), one thread each
+teacher: 'str' = '--n_layer=4 --n_head=4 --n_embd=192'
+teacher_iters: 'int >= 1' = 2600  # x 4,096 characters: one pass over the text
+teacher_from: 'file?' = ''  # instead of training: a teacher ckpt.pt copied from the first machine
+sae_from: 'file?' = ''  # likewise its sae.pt
+sae_latents: 'int >= 1' = 1024  # the concept vocabulary
+student_iters: 'int >= 1' = 2000  # x 4,096 characters = 8.2M per student
+eval_every: 'int >= 1' = 100  # steps between val estimates (the curves)
+eval_windows: 'int >= 1' = 2000  # final val loss: the first eval_windows x 128 characters of val
+timing_steps: 'int >= 0' = 60  # steps of each method's timing run (the compute table)
+large: 'str' = '--n_layer=8 --n_head=4 --n_embd=48 --insert_layer=3'  # the paper's shape
+large_methods: 'str' = ('ntp:5,cocomix:5,cocomix_add,kd,pause,predict_only,activation,'
+                        'interleave_no_concept_loss:5,ntp_flops_student,ntp_flops_total')
+small: 'str' = '--n_layer=4 --n_head=4 --n_embd=48 --insert_layer=1'  # half the depth: the gap?
+small_methods: 'str' = 'ntp,cocomix'
+report_only: 'bool' = False
+device: 'device' = 'cpu'
 # -----------------------------------------------------------------------------
 DATA = 'data/study_char'
 METHODS = {  # method -> (config, overrides, dataset)

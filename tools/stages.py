@@ -1,0 +1,72 @@
+"""
+Commands run as stages that skip themselves when current, and README blocks rewritten from results:
+what tools/pipeline.py and tools/study.py share (each imports this, neither the other's driver).
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+
+from common import UserError
+
+py = sys.executable
+
+
+def run_stages(stages, stamps_path, jobs=1, threads=1):
+    """Run (name, command, inputs, output) stages once their inputs' stages are done, skipping those
+    whose output is current (stamps_path keeps each output's command). `jobs` run at once on
+    `threads` threads each, logging beside stamps_path when jobs > 1."""
+    stamps = json.load(open(stamps_path)) if os.path.exists(stamps_path) else {}
+    made_by = {output: stage for stage, _, _, output in stages}
+    pending, running, failed = list(stages), {}, []
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    while (pending and not failed) or running:  # after a failure, wait for the running ones
+        waiting = {made_by[s[3]] for s in pending} | {s[0] for s in running.values()}
+        ready = [s for s in pending if not any(made_by.get(i) in waiting for i in s[2])]
+        for stage, cmd, inputs, output in ready[:max(0, jobs - len(running)) if not failed else 0]:
+            pending.remove((stage, cmd, inputs, output))
+            line = ' '.join(['python'] + cmd)
+            if os.path.exists(output) and stamps.get(output) == line and \
+                    all(os.path.getmtime(i) <= os.path.getmtime(output) for i in inputs if os.path.exists(i)):
+                print(f"[{stage}] up to date: {output}")
+                continue
+            log = None
+            if jobs > 1:
+                logs = os.path.join(os.path.dirname(stamps_path), 'logs')
+                os.makedirs(logs, exist_ok=True)
+                log = open(os.path.join(logs, re.sub(r'[^\w.-]+', '_', stage) + '.log'), 'w')
+            print(f"[{stage}] {line}" + (f"  (log: {log.name})" if log else ''), flush=True)
+            proc = subprocess.Popen([py] + cmd, stdout=log, stderr=subprocess.STDOUT if log else None, env=env)
+            running[proc] = (stage, output, line, time.time(), log)
+        finished = [p for p in running if p.poll() is not None]
+        if running and not finished:  # else look again at once: done or up-to-date stages made room
+            time.sleep(1)
+        for proc in finished:
+            stage, output, line, t0, log = running.pop(proc)
+            if log:
+                log.close()
+            if proc.returncode != 0:
+                failed.append(stage)
+                continue
+            print(f"[{stage}] done in {time.time() - t0:.0f} s", flush=True)
+            os.makedirs(os.path.dirname(stamps_path), exist_ok=True)
+            stamps[output] = line
+            with open(stamps_path, 'w') as f:
+                json.dump(stamps, f, indent=1)
+    if failed:
+        raise UserError(f"stage '{failed[0]}' failed; fix the cause and run again (done stages are kept)")
+
+
+def publish(name, text):
+    """Print text and put it in README.md between <!-- NAME:begin --> and <!-- NAME:end -->."""
+    print(text)
+    readme = open('README.md').read()
+    begin, end = f'<!-- {name}:begin -->\n', f'<!-- {name}:end -->'
+    if begin in readme and end in readme:
+        head, rest = readme.split(begin)
+        with open('README.md', 'w') as f:
+            f.write(head + begin + text + '\n' + end + rest.split(end, 1)[1])
