@@ -120,6 +120,9 @@ def configure(script_globals, argv=None, ignore=(), given=None):
                 value = ast.literal_eval(text) if eq else True  # a bare --flag turns a boolean on
             except (SyntaxError, ValueError):
                 value = text  # a bare string: --device=cuda
+            textual = not {'bool', 'int', 'float'} & set(domains.get(key, 'bool').split())
+            if textual and eq and not isinstance(value, str):
+                value = text  # --out_dir=2024 names a folder
             put(key, value, f"override '{arg}'")
     for key, domain in domains.items():  # every value, before any work
         config[key] = check_setting(key, config[key], domain, sources[key])
