@@ -128,3 +128,56 @@ def test_resume_in_another_dtype(dataset, tmp_path, first, then):
     p = run(['train.py', f'--dataset={dataset}', f'--out_dir={tmp_path}', *dtype(then),
              '--max_iters=3', '--eval_interval=3', '--init_from=resume'])
     assert 'step 3:' in p.stdout and torch.load(tmp_path / 'ckpt.pt')['iter_num'] == 3
+
+
+def test_chained_config_files_work_from_any_folder(dataset, tmp_path):
+    """config/cocomix_shakespeare_char.py execs config/teacher_shakespeare_char.py: from another
+    folder that exec found no file."""
+    from conftest import ROOT
+    cfg = os.path.join(ROOT, 'config', 'ntp_shakespeare_char.py')
+    p = run(['-c', f'import runpy, sys; sys.argv = ["train.py", {cfg!r}, "--eval_only=True", '
+             f'"--dataset={dataset}", "--out_dir={tmp_path}", "--eval_iters=1", "--device=cpu", '
+             f'"--compile=False", "--block_size=16"]; runpy.run_path({os.path.join(ROOT, "train.py")!r}, '
+             'run_name="__main__")'], cwd=str(tmp_path), env={'PYTHONPATH': ROOT})
+    assert 'step 0:' in p.stdout
+
+
+@pytest.mark.parametrize('script', ['train.py', 'sample.py', 'tools/eval.py'])
+def test_cuda_on_a_cpu_only_torch_is_one_line(dataset, tmp_path, script):
+    """From scratch or from a checkpoint: one line about the device, not an assertion deep in
+    torch nor 'the checkpoint is truncated'."""
+    args = ['train.py', f'--dataset={dataset}', f'--out_dir={tmp_path}', '--device=cuda'] \
+        if script == 'train.py' else [script, f'--out_dir={tmp_path}', '--device=cuda']
+    p = run(args, check=False)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1 and 'device must be cpu' in lines[0], p.stderr
+
+
+def test_the_hub_check_goes_through_the_proxy(monkeypatch):
+    """A cluster that reaches the hub only through HTTPS_PROXY: the check must ask the proxy, as
+    the hub client will (a raw socket to the hub's host ignored it and refused every download)."""
+    import socket
+    import threading
+
+    from common import UserError, check_hub
+    server = socket.socket()
+    server.bind(('127.0.0.1', 0))
+    server.listen(1)
+    asked = []
+
+    def proxy():  # a proxy that answers CONNECT and then closes
+        conn, _ = server.accept()
+        asked.append(conn.recv(1024).decode())
+        conn.sendall(b'HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n')
+        conn.close()
+    threading.Thread(target=proxy, daemon=True).start()
+    for var in ('HTTPS_PROXY', 'https_proxy'):
+        monkeypatch.setenv(var, f'http://127.0.0.1:{server.getsockname()[1]}')
+    monkeypatch.delenv('NO_PROXY', raising=False)
+    monkeypatch.delenv('no_proxy', raising=False)
+    import huggingface_hub.constants as C
+    monkeypatch.setattr(C, 'HF_HUB_OFFLINE', False)
+    with pytest.raises(UserError):
+        check_hub('a test', 'fix it')
+    server.close()
+    assert asked and asked[0].startswith('CONNECT huggingface.co:443'), asked
