@@ -188,6 +188,7 @@ def test_settings_space(world, tmp_path, tiny_hf_gpt2, start, mode, mix, procs, 
     line = [l for l in p.stdout.splitlines() if l.startswith('iter 1:')][0]
     online_teacher = mode in ('kd', 'kd_pause') or labels == 'online'
     assert all(f', {t} ' in line for t in TERMS[mode]) and ('teacher' in line) == online_teacher, line
+    assert ("compiling the teacher's online work too" in p.stdout) == (compiled and online_teacher)
     resume = [a for a in args if not a.startswith('--init_from')] + ['--init_from=resume']
     p = train(world, out, *resume, '--max_iters=3')
     assert p.stdout.count('\niter ') == 1 and 'step 3:' in p.stdout, p.stdout
