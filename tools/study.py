@@ -217,9 +217,17 @@ def train_stage(name, run, m, iters, args):
     else:  # no labels: the concept vocabulary is the SAE's width, from the settings
         models = [f'--n_concepts={sae_latents}'] if config == 'cocomix' else []
         inputs = [f'{data}/meta.json']
+    # a run stopped midway (no stamp yet) continues from its last checkpoint: resume is exact
+    stamp = saved_stamps().get(f'{run}/ckpt.pt', '--init_from=resume')
+    resume = ['--init_from=resume'] if os.path.exists(f'{run}/ckpt.pt') and 'resume' in stamp else []
     return (name, ['train.py', f'config/{config}_shakespeare_char.py', f'--out_dir={run}', f'--max_iters={iters}',
                    f'--lr_decay_iters={student_iters}', *args, *extra, *models, f'--dataset={data}',
-                   f'--device={device}', '--eval_iters=10'], inputs, f'{run}/ckpt.pt')
+                   f'--device={device}', '--eval_iters=10', *resume], inputs, f'{run}/ckpt.pt')
+
+
+def saved_stamps():
+    path = f'{out}/stamps.json'
+    return json.load(open(path)) if os.path.exists(path) else {}
 
 
 def evaluation(run):
