@@ -11,7 +11,7 @@ def test_steer_measures_paired_generations(dataset, tmp_path):
     model = tmp_path / 'cocomix'
     run(['train.py', f'--out_dir={model}', f'--dataset={dataset}', '--mode=cocomix', '--insert_layer=1',
          '--concept_topk=4', '--n_layer=3', '--max_iters=20', '--eval_interval=20'] + TINY + spec)
-    (tmp_path / 'README.md').write_text('before\n<!-- steer:begin -->\nold\n<!-- steer:end -->\nafter\n')
+    (tmp_path / 'RESULTS.md').write_text('before\n<!-- steer:begin -->\nold\n<!-- steer:end -->\nafter\n')
     steer = [os.path.join(ROOT, 'tools', 'steer.py'), f'--runs={model}', '--concepts=3', '--prompts=4',
              '--prompt_len=4', '--new_tokens=8']
     # alpha 1 multiplies by one: the steered generations are the plain ones, draw for draw
@@ -22,16 +22,16 @@ def test_steer_measures_paired_generations(dataset, tmp_path):
         pairs = re.findall(r'([\d.]+) → ([\d.]+)', row)
         assert len(pairs) == 3 and all(a == b for a, b in pairs), row
     assert 'active +0.000' in out and 'promoted tokens +0.000' in out
-    # an ordinary run leaves the README's published table alone
-    assert (tmp_path / 'README.md').read_text() == 'before\n<!-- steer:begin -->\nold\n<!-- steer:end -->\nafter\n'
+    # an ordinary run leaves the published table in RESULTS.md alone
+    assert (tmp_path / 'RESULTS.md').read_text() == 'before\n<!-- steer:begin -->\nold\n<!-- steer:end -->\nafter\n'
     # a large alpha changes what is generated, so some measure moves; publish=True writes the table
     out = run(steer + ['--alpha=50', '--publish=True'], cwd=tmp_path).stdout
     assert any(a != b for a, b in re.findall(r'([\d.]+) → ([\d.]+)', out)), out
-    readme = (tmp_path / 'README.md').read_text()
-    assert readme.startswith('before\n<!-- steer:begin -->\nalpha 50,') and readme.endswith('<!-- steer:end -->\nafter\n')
+    results = (tmp_path / 'RESULTS.md').read_text()
+    assert results.startswith('before\n<!-- steer:begin -->\nalpha 50,') and results.endswith('<!-- steer:end -->\nafter\n')
     bad = run(steer + [f'--runs={tmp_path / "teacher"}'], cwd=tmp_path, check=False)
     assert bad.returncode != 0 and 'nothing to steer' in bad.stderr
-    (tmp_path / 'elsewhere').mkdir()  # publishing needs the README it rewrites, before any work
+    (tmp_path / 'elsewhere').mkdir()  # publishing needs the RESULTS.md it rewrites, before any work
     bad = run(steer + ['--publish=True'], cwd=tmp_path / 'elsewhere', check=False)
     assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [
-        "error: publish=True rewrites ./README.md's steering block: run from the repository"]
+        "error: publish=True rewrites ./RESULTS.md's steering block: run from the repository"]

@@ -61,12 +61,12 @@ def run_stages(stages, stamps_path, jobs=1, threads=1):
         raise UserError(f"stage '{failed[0]}' failed; fix the cause and run again (done stages are kept)")
 
 
-def publish(name, text):
-    """Print text and put it in README.md between <!-- NAME:begin --> and <!-- NAME:end -->."""
+def publish(name, text, path='README.md'):
+    """Print text and put it in path between <!-- NAME:begin --> and <!-- NAME:end -->."""
     print(text)
-    readme = open('README.md').read()
+    readme = open(path).read()
     begin, end = f'<!-- {name}:begin -->\n', f'<!-- {name}:end -->'
     if begin in readme and end in readme:
         head, rest = readme.split(begin)
-        with open('README.md', 'w') as f:
+        with open(path, 'w') as f:
             f.write(head + begin + text + '\n' + end + rest.split(end, 1)[1])

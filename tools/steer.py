@@ -3,14 +3,14 @@ Steering, measured (the paper's third claim, Sec. 4.4): does multiplying a conce
 text a CoCoMix model writes carry that concept?
 
     python tools/steer.py --runs=out-study/8-layer/cocomix_s0,out-study/8-layer/cocomix_s1
-    python tools/steer.py --runs=... --publish=True  # the README's table, from the repository
+    python tools/steer.py --runs=... --publish=True  # the RESULTS.md's table, from the repository
 
 Each model (a CoCoMix out_dir, with the teacher and SAE it trained with) steers the `concepts` it
 most often ranks first on the val text, a rule fixed in advance. `prompts` val windows are continued
 twice with the same random draws, plainly and with the concept's logit multiplied by alpha; the
 teacher and SAE then read both: how often the concept is active, its mean activation, and how often
 the 5 tokens its decoder direction promotes appear. The table gives each concept's numbers and the
-mean steered-minus-plain change with a 95% interval; --publish=True puts it in the README's steering
+mean steered-minus-plain change with a 95% interval; --publish=True puts it in RESULTS.md's steering
 block (the published runs' table: an ordinary run leaves it alone).
 """
 import os
@@ -38,7 +38,7 @@ alpha: 'float' = 8.0
 temperature: 'float >= 0' = 1.0  # 0: greedy
 seed: 'int >= 0' = 0
 device: 'device' = 'cpu'
-publish: 'bool' = False  # also replace the README's steering table (run from the repository)
+publish: 'bool' = False  # also replace RESULTS.md's steering table (run from the repository)
 # -----------------------------------------------------------------------------
 
 
@@ -79,8 +79,9 @@ if __name__ == '__main__':
     configure(globals())
     if not runs:
         raise UserError("give --runs=OUT_DIR[,OUT_DIR...]: CoCoMix models trained by train.py")
-    if publish and not os.path.isfile('README.md'):
-        raise UserError("publish=True rewrites ./README.md's steering block: run from the repository")
+    if publish and not os.path.isfile('RESULTS.md'):
+        raise UserError("publish=True rewrites ./RESULTS.md's steering block: run from the "
+                        "repository")
     table = ["| model | concept (promotes) | active: plain → steered | mean activation | "
              "promoted tokens |", '|---' * 5 + '|']
     changes = {}
@@ -98,6 +99,6 @@ if __name__ == '__main__':
         f"Steered minus plain, mean over {len(changes['active'])} (model, concept) pairs (95% CI): "
         f"{summary}."])
     if publish:
-        publish_block('steer', text)
+        publish_block('steer', text, 'RESULTS.md')
     else:
         print(text)

@@ -382,13 +382,14 @@ def report(res):
         if size == '8-layer' and ntp and all('flops' in v for r in got.values() for v in r.values()):
             compute = compute_rows(res, got, reach, missed)
     lines += ['', 'On the val curves (paired mean over seeds): ' + '; '.join(leads) + '.'] if leads else []
-    versus = []
-    for (size, m), d in deltas.items():  # the paper's method against each control, seed by seed
+    versus = {}  # the paper's method against each other method, seed by seed
+    for (size, m), d in deltas.items():
         ref = deltas.get((size, 'cocomix'), {})
         common = [s for s in d if s in ref]
         if m != 'cocomix' and len(common) > 1:  # (interleave - NTP) - (m - NTP) = interleave - m
-            versus.append(f"{size} {m} {ci([ref[s] - d[s] for s in common])}")
-    lines += ['', 'Interleave minus each other method, paired (95% CI): ' + '; '.join(versus) + '.'] if versus else []
+            versus[(size, m)] = [ref[s] - d[s] for s in common]
+    lines += ['', 'Interleave minus each other method, paired (95% CI): ' + '; '.join(
+        f"{size} {m} {ci(d)}" for (size, m), d in versus.items()) + '.'] if versus else []
     gaps = [deltas.get((size, 'cocomix'), {}) for size in sizes()]
     common = [s for s in gaps[0] if all(s in g for g in gaps)]
     if len(gaps) == 2 and len(common) > 1:  # a paired difference of differences
@@ -401,8 +402,38 @@ def report(res):
                   "study's runs share one cache per label method). 'To reach' is in units of NTP's whole run "
                   "(95% CI); its FLOPs use the cached cost. ms/step excludes the cached labelling but "
                   "includes KD's teacher, which runs online.", ''] + compute
-    publish('study', '\n'.join(lines))
+    publish('study', '\n'.join(lines), 'RESULTS.md')
+    publish('headline', '\n'.join(headline(res, deltas, versus)))
     plot(runs)
+    plot_flops(res)
+
+
+HEADLINE = {  # the README's table: NTP, CoCoMix and the controls that ask whether it pays
+    'ntp': "NTP, CoCoMix's active parameters",
+    'cocomix': "CoCoMix (interleave, the paper's)",
+    'interleave_no_concept_loss': "CoCoMix without concept labels (lam_concept=0)",
+    'ntp_flops_student': "NTP at CoCoMix's student FLOPs",
+    'ntp_flops_total': "NTP at CoCoMix's FLOPs with labelling",
+}
+
+
+def headline(res, deltas, versus):
+    """The 8-layer methods that answer: do the labels matter, and does CoCoMix pay at equal
+    compute? Paired by seed; 'CoCoMix minus it' < 0 means CoCoMix is ahead."""
+    lines = ["| method | layers x width | FLOPs/char: student, + labelling (cached) | seeds | "
+             "val loss | Δ vs NTP (95% CI) | CoCoMix minus it (95% CI) |", '|---' * 7 + '|']
+    for m, title in HEADLINE.items():
+        r = by_seed(res['runs'], '8-layer', m)
+        if not r:
+            lines.append(f"| {title} | — | — | 0 | not run yet | — | — |")
+            continue
+        v, finals = next(iter(r.values())), [v['final'] for v in r.values()]
+        cached = cached_flops(res, m, v['flops'], res['train_chars'], v['curve'][-1][0])
+        delta, vs = deltas.get(('8-layer', m)), versus.get(('8-layer', m))
+        lines.append(f"| {title} | {v['shape']} | {v['flops'] / 1e6:.2f}M, {cached / 1e6:.2f}M | "
+                     f"{len(r)} | {np.mean(finals):.4f} | {ci(list(delta.values())) if delta else '—'} | "
+                     f"{ci(vs) if vs else '—'} |")
+    return lines
 
 
 def plot(runs):
@@ -428,6 +459,38 @@ def plot(runs):
     fig.tight_layout()
     fig.savefig('assets/study_val_loss.png', dpi=110)
     print("wrote assets/study_val_loss.png")
+
+
+def plot_flops(res):
+    """Val loss against training FLOPs at 8 layers: the student's alone, with the teacher labelling
+    online (every step), and with the labels cached (the whole corpus labelled before step 0)."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return print("(no plot: pip install matplotlib)")
+    titles = ('student FLOPs', 'student + labelling, online', 'student + labelling, cached')
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
+    for m in sizes()['8-layer'][1]:
+        curves = [v['curve'] for v in by_seed(res['runs'], '8-layer', m).values()]
+        if not curves:
+            continue
+        v = next(iter(by_seed(res['runs'], '8-layer', m).values()))
+        label, chars = label_flops(res, m), np.array([x for x, _ in curves[0]][1:])
+        labelled = METHODS[m][0] == 'cocomix'  # cached: paid before step 0 (KD's teacher: online)
+        cached = label * res['train_chars'] + chars * v['flops'] if labelled else \
+            chars * (v['flops'] + label)
+        loss = np.array([[y for _, y in c][1:] for c in curves]).mean(0)
+        for ax, x in zip(axes, (chars * v['flops'], chars * (v['flops'] + label), cached)):
+            ax.plot(x / 1e12, loss, label=f'{m} ({len(curves)} seeds)')
+    for ax, title in zip(axes, titles):
+        ax.set_title(title), ax.set_xlabel('training FLOPs (T)'), ax.grid(alpha=0.3)
+        ax.set_ylim(top=2.8), ax.set_xscale('log'), ax.legend(fontsize=7)
+    axes[0].set_ylabel('val loss (nats per character)')
+    fig.tight_layout()
+    fig.savefig('assets/study_val_loss_flops.png', dpi=110)
+    print("wrote assets/study_val_loss_flops.png")
 
 
 if __name__ == '__main__':
