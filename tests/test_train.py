@@ -181,3 +181,21 @@ def test_the_hub_check_goes_through_the_proxy(monkeypatch):
         check_hub('a test', 'fix it')
     server.close()
     assert asked and asked[0].startswith('CONNECT huggingface.co:443'), asked
+
+
+def test_cocomix_without_concept_loss_needs_no_teacher_and_trains_the_head(dataset, tmp_path):
+    """lam_concept=0: the same architecture trained by the next-token loss alone (the study's
+    control); no teacher, SAE or labels are read, and the concept head still learns, through the
+    TopK values that weight the compression."""
+    from common import load_model
+    args = ['--mode=cocomix', '--lam_concept=0', '--insert_layer=1', '--concept_topk=4',
+            '--teacher=/no/teacher', '--sae=/no/sae.pt', '--max_iters=3', '--eval_interval=3']
+    p = train(dataset, tmp_path, *args, check=False)
+    assert p.returncode == 1 and '--n_concepts' in p.stderr.strip().splitlines()[-1]
+    p = train(dataset, tmp_path, *args, '--n_concepts=24')
+    assert 'concept' not in next(l for l in p.stdout.splitlines() if l.startswith('iter 2:'))
+    model, _ = load_model(str(tmp_path))
+    assert model.config.n_concepts == 24
+    x = torch.randint(0, 32, (2, 16))
+    model.train()(x, x)[1].backward()  # the next-token loss alone reaches the concept head
+    assert model.concepts.concept_head.weight.grad.abs().sum() > 0
