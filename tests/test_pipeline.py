@@ -80,21 +80,32 @@ def test_study_report_pairs_seeds_and_rewrites_the_readme_block(tmp_path, monkey
     worked out by hand, in the table that replaces the README's study block."""
     import study
     monkeypatch.chdir(tmp_path)
-    (tmp_path / 'README.md').write_text('intro\n<!-- study:begin -->\nold table\n<!-- study:end -->\nrest\n')
+    (tmp_path / 'RESULTS.md').write_text('intro\n<!-- study:begin -->\nold table\n<!-- study:end -->\nrest\n')
+    (tmp_path / 'README.md').write_text('top\n<!-- headline:begin -->\nold\n<!-- headline:end -->\n')
     monkeypatch.setattr(study, 'plot', lambda runs: None)
+    monkeypatch.setattr(study, 'plot_flops', lambda res: None)
     monkeypatch.setattr(study, 'small_methods', 'ntp,cocomix')
     run = lambda final, curve: dict(final=final, params=1000, shape='8 x 48', curve=curve)
     runs = {}
     for seed, (ntp, cocomix, add, reach) in enumerate([(2.0, 2.05, 2.02, 400_000), (2.1, 2.12, 2.15, 600_000),
                                                        (2.2, 2.23, 2.22, 800_000)]):
+        # the control without labels: cocomix minus it = (0.01, 0.02, -0.02)
+        runs[f'8-layer/interleave_no_concept_loss/{seed}'] = dict(
+            run(cocomix - (0.01, 0.02, -0.02)[seed], [(0, 3.0), (1_000_000, 2.1)]), flops=1e6)
         runs[f'8-layer/ntp/{seed}'] = run(ntp, [(0, 3.0), (500_000, 2.2), (1_000_000, 2.0)])
         runs[f'8-layer/cocomix/{seed}'] = run(cocomix, [(0, 3.0), (reach, 2.0), (1_000_000, 1.9)])
         runs[f'8-layer/cocomix_add/{seed}'] = run(add, [(0, 3.0), (500_000, 2.2), (1_000_000, add)])
         runs[f'4-layer/ntp/{seed}'] = run(ntp, [(0, 3.0), (500_000, 2.2), (1_000_000, 2.0)])
         runs[f'4-layer/cocomix/{seed}'] = run(ntp + 0.01, [(0, 3.0), (500_000, 2.1), (1_000_000, 2.1)])
+    for k in runs:
+        runs[k].setdefault('flops', 1e6)
     study.report({'teacher': 1.5, 'teacher_shape': '4 x 192', 'val_chars': 256000, 'sae': {'fvu': 0.03},
-                  'runs': runs})
-    text = (tmp_path / 'README.md').read_text()
+                  'runs': runs, 'vocab_size': 1024, 'train_chars': 1_000_000})
+    headline = (tmp_path / 'README.md').read_text()
+    # mean 0.00333, sd 0.020817, half-width 4.303 * 0.020817 / sqrt(3) = 0.05172: up to 0.05505
+    assert '| CoCoMix without concept labels (lam_concept=0) | 8 x 48 |' in headline
+    assert '| +0.0033 (-0.0484, +0.0550) |' in headline and 'not run yet' in headline
+    text = (tmp_path / 'RESULTS.md').read_text()
     assert text.startswith('intro\n<!-- study:begin -->\n') and text.endswith('<!-- study:end -->\nrest\n')
     assert 'old table' not in text
     # final losses, d = (0.05, 0.02, 0.03): mean 0.03333, sd 0.015275, half-width 4.303 * 0.015275 / sqrt(3) = 0.03795

@@ -151,7 +151,9 @@ def machine():
     import torch
     cpuinfo = open('/proc/cpuinfo').read() if os.path.exists('/proc/cpuinfo') else ''
     names = re.findall(r'model name\s*:\s*(.*)', cpuinfo)
-    return f"{names[0] if names else platform.processor()}, torch {torch.__version__}"
+    kind = re.findall(r'cpu family\s*:\s*(\d+)\n(?:.*\n)*?model\s*:\s*(\d+)', cpuinfo)
+    kind = f" (family {kind[0][0]}, model {kind[0][1]})" if kind else ''  # 'AMD EPYC' names several
+    return f"{names[0] if names else platform.processor()}{kind}, torch {torch.__version__}"
 
 
 def needs_teacher(m):
@@ -163,7 +165,10 @@ def needs_teacher(m):
 def stages():
     """-> (the teacher, SAE and label stages, or none when no pending run reads them; the runs)."""
     done, timed, here = saved()['runs'], saved().get('timing', {}), machine()
-    elsewhere = {k.split('/')[2] for k, v in done.items() if v.get('machine', here) != here}
+    # a seed's runs that read the teacher come from one machine kind; the others pair by seed (the
+    # same initial weights and batches) across kinds, whose floats differ in the last digits
+    elsewhere = {k.split('/')[2] for k, v in done.items()
+                 if v.get('machine', here) != here and needs_teacher(k.split('/')[1])}
     # the question first (NTP vs CoCoMix at the paper's shape), then scale, then the controls
     order = sorted(((size, student, m, n) for size, (student, methods) in sizes().items()
                     for m, n in methods.items()),
@@ -175,7 +180,7 @@ def stages():
         student_args = student + ([f'--n_embd={width}'] if width else [])
         for seed in range(n):
             run = f'{out}/{size}/{m}_s{seed}'
-            if f'{size}/{m}/{seed}' not in done and str(seed) not in elsewhere:
+            if f'{size}/{m}/{seed}' not in done and not (needs_teacher(m) and str(seed) in elsewhere):
                 runs.append(train_stage(f'{size} {m} seed {seed}', run, m, student_iters,
                                         [f'--seed={seed}', f'--eval_interval={eval_every}', '--log_interval=100',
                                          '--always_save_checkpoint=True', *student_args]))
@@ -422,6 +427,7 @@ def headline(res, deltas, versus):
     compute? Paired by seed; 'CoCoMix minus it' < 0 means CoCoMix is ahead."""
     lines = ["| method | layers x width | FLOPs/char: student, + labelling (cached) | seeds | "
              "val loss | Δ vs NTP (95% CI) | CoCoMix minus it (95% CI) |", '|---' * 7 + '|']
+    crossed = 0  # runs paired with an NTP run of another machine kind
     for m, title in HEADLINE.items():
         r = by_seed(res['runs'], '8-layer', m)
         if not r:
@@ -430,10 +436,13 @@ def headline(res, deltas, versus):
         v, finals = next(iter(r.values())), [v['final'] for v in r.values()]
         cached = cached_flops(res, m, v['flops'], res['train_chars'], v['curve'][-1][0])
         delta, vs = deltas.get(('8-layer', m)), versus.get(('8-layer', m))
+        ntp = by_seed(res['runs'], '8-layer', 'ntp')
+        crossed += sum(s in ntp and ntp[s].get('machine') != r[s].get('machine') for s in r)
         lines.append(f"| {title} | {v['shape']} | {v['flops'] / 1e6:.2f}M, {cached / 1e6:.2f}M | "
                      f"{len(r)} | {np.mean(finals):.4f} | {ci(list(delta.values())) if delta else '—'} | "
                      f"{ci(vs) if vs else '—'} |")
-    return lines
+    return lines + ([f"\n{crossed} of these runs pair with a seed run on another kind of CPU (RESULTS.md: "
+                     "the float noise such a pair carries)."] if crossed else [])
 
 
 def plot(runs):
