@@ -115,7 +115,8 @@ def test_study_report_pairs_seeds_and_rewrites_the_readme_block(tmp_path, monkey
     assert '8-layer cocomix: ahead of NTP at the end' in text  # 1.9 against 2.0 at the last point
     assert '4-layer cocomix: ahead of NTP until 0.5M characters, behind after' in text
     # interleave - add: (0.03, -0.03, 0.01), mean 0.00333, sd 0.030551, half-width 4.303 * 0.030551 / sqrt(3) = 0.07590
-    assert 'other method, paired (95% CI): 8-layer cocomix_add +0.0033 (-0.0726, +0.0792).' in text
+    assert ('other method, paired (95% CI): 8-layer cocomix_add +0.0033 (-0.0726, +0.0792); '
+            '8-layer interleave_no_concept_loss +0.0033 (-0.0484, +0.0550).') in text
     # interleave's gap at 8 layers minus at 4: (0.04, 0.01, 0.02), mean 0.02333, half-width 0.03795
     assert 'Scale: interleave − NTP at 8 layers minus at 4 layers: +0.0233 (-0.0146, +0.0613)' in text
 
@@ -143,8 +144,8 @@ def test_study_compute_rows_charge_each_method_its_teacher():
 
 
 def test_study_resumes_from_saved_results_only_with_the_same_teacher(tmp_path, monkeypatch):
-    """A run in the saved results is not run again, nor is any run of a seed made on another kind of
-    machine (seeds are the pairing unit); collect() keeps the saved runs beside this machine's, and
+    """A run in the saved results is not run again, nor is a teacher-reading run of a seed whose
+    teacher-reading runs were made on another kind of machine; collect() keeps the saved runs beside this machine's, and
     refuses a teacher or SAE whose weights (fingerprints) differ from the saved ones."""
     import json
     import pytest
@@ -163,14 +164,18 @@ def test_study_resumes_from_saved_results_only_with_the_same_teacher(tmp_path, m
     run = lambda where: dict(final=2.2, params=1, shape='8 x 56', curve=[[0, 3.0]], machine=where)
     saved = {'teacher': 1.8, 'teacher_shape': '4 x 192', 'val_chars': 1000, 'sae': {'fvu': 0.09},
              'teacher_id': teacher_id, 'sae_id': sae_id,
-             'runs': {'8-layer/ntp/0': run('this cpu'), '8-layer/ntp/1': run('another cpu')}}
+             'runs': {'8-layer/ntp/0': run('this cpu'), '8-layer/ntp/1': run('another cpu'),
+                      '8-layer/cocomix/1': run('another cpu')}}
     os.makedirs('assets')
     json.dump(saved, open(study.results, 'w'))
     os.makedirs(study.DATA)  # the prepared data's size and vocabulary go into the results too
     json.dump({'train_tokens': 10_000, 'vocab_size': 65}, open(f'{study.DATA}/meta.json', 'w'))
     names = [s[0] for stages in study.stages() for s in stages]  # (teacher, SAE, labels), runs
     assert '8-layer ntp seed 0' not in names and '8-layer kd seed 0' in names  # seed 0: this machine's
-    assert not any(' seed 1' in n for n in names) and '8-layer ntp seed 4' in names  # seed 1: elsewhere
+    # seed 1 read its teacher on another machine: its teacher-reading runs stay there; runs that read
+    # no teacher pair by seed anywhere
+    assert '8-layer kd seed 1' not in names and '8-layer activation seed 1' not in names
+    assert '8-layer interleave_no_concept_loss seed 1' in names and '8-layer ntp seed 4' in names
     json.dump({'results': {'ppl': {'loss': 1.8, 'tokens': 1000}}}, open(f'{study.out}/teacher/eval.json', 'w'))
     monkeypatch.setattr('common.load_model', lambda run: (None, {'config': dict(n_layer=4, n_embd=192)}))
     study.collect()
