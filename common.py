@@ -68,10 +68,11 @@ def check_setting(key, value, domain, source):
         kind = next(w for w in ('bool', 'str', 'int', 'float') if w in domain.split())
         if kind == 'float' and type(value) is int:
             value = float(value)
+        a = 'an' if kind == 'int' else 'a'
         if type(value) is not {'bool': bool, 'str': str, 'int': int, 'float': float}[kind]:
-            raise refuse(f"{'an' if kind == 'int' else 'a'} {kind}")
+            raise refuse(f"{a} {kind}")
         if domain != kind and not eval(domain.replace(kind, 'x'), {'inf': math.inf}, {'x': value}):
-            raise refuse(f"{'an' if kind == 'int' else 'a'} {kind} with {domain.replace(kind, key)}")
+            raise refuse(f"{a} {kind} with {domain.replace(kind, key)}")
     return value
 
 
