@@ -148,7 +148,8 @@ if asked:  # refuse rather than train something else
 if fixed.get('block_size', block_size) < block_size or \
         init_from == 'resume' and fixed['block_size'] != block_size:  # the optimizer's state too
     fix = f"--block_size={fixed['block_size']}" + ('' if init_from == 'resume' else ' or less')
-    raise UserError(f"block_size={block_size} does not fit {source}'s {fixed['block_size']}; set {fix}")
+    raise UserError(f"block_size={block_size} does not fit {source}'s {fixed['block_size']}; "
+                    f"set {fix}")
 model_args.update({k: v for k, v in fixed.items() if k in ARCH + ('vocab_size', 'pause')})
 config.update({k: v for k, v in model_args.items() if k in config})  # record what ran
 globals().update(config)
