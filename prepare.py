@@ -18,18 +18,18 @@ from tqdm import tqdm
 from common import UserError, atomic_path, check_hub, configure
 
 # -----------------------------------------------------------------------------
-input = ''  # train files or globs, comma-separated: .txt, .jsonl, .parquet
-val_input = ''  # the same for the val split
-hub = ''  # a Hugging Face dataset, streamed, e.g. HuggingFaceFW/fineweb-edu
-hub_config = ''  # e.g. sample-10BT
-hub_split = 'train'
-local_hub = ''  # a hub dataset's files, downloaded elsewhere (huggingface-cli download --local-dir)
-text_field = 'text'  # of a .jsonl line, a .parquet row or a hub row
-out_dir = ''  # default: data/NAME
-val_fraction = 0.1  # held out of the token stream when no val split is given
-max_tokens = 0  # stop after this many tokens (0: all)
-num_proc = 8  # tokenizer threads
-tokenizer = 'gpt2'  # or 'char': one id per distinct character, as nanoGPT's shakespeare_char
+input: 'str' = ''  # train files or globs, comma-separated: .txt, .jsonl, .parquet
+val_input: 'str' = ''  # the same for the val split
+hub: 'str' = ''  # a Hugging Face dataset, streamed, e.g. HuggingFaceFW/fineweb-edu
+hub_config: 'str' = ''  # e.g. sample-10BT
+hub_split: 'str' = 'train'
+local_hub: 'dir?' = ''  # a hub dataset's files, downloaded elsewhere (hf download --local-dir)
+text_field: 'str' = 'text'  # of a .jsonl line, a .parquet row or a hub row
+out_dir: 'str' = ''  # default: data/NAME
+val_fraction: '0 < float < 1' = 0.1  # held out of the token stream when no val split is given
+max_tokens: 'int >= 0' = 0  # stop after this many tokens (0: all)
+num_proc: 'int >= 1' = 8  # tokenizer threads
+tokenizer: 'gpt2|char' = 'gpt2'  # char: one id per distinct character (nanoGPT's shakespeare_char)
 # -----------------------------------------------------------------------------
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets')
 SHAKESPEARE = os.path.join(ASSETS, 'tinyshakespeare.txt')  # Karpathy's char-rnn copy, public domain
@@ -259,10 +259,6 @@ def main(argv):
     if name not in KNOWN and not input and not hub:
         raise UserError(f"unknown dataset '{name}': use one of {', '.join(KNOWN)}, local files "
                         "(--input=PATH) or a hub dataset (--hub=NAME)")
-    if not 0 < val_fraction < 1:
-        raise UserError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    if tokenizer not in ('gpt2', 'char'):
-        raise UserError(f"unknown tokenizer '{tokenizer}'; use 'gpt2' or 'char'")
     target = out_dir or os.path.join('data', name)
 
     # docs() -> fresh (train, val) documents; val None: the tail of the train stream

@@ -80,7 +80,11 @@ def test_globs_and_separate_val_files(tmp_path):
     (['mine', '--input=/no/such/file.txt'], "--input '/no/such/file.txt' matches no file"),
     (['mine', '--input=EMPTY'], 'is empty'),
     (['mine', '--input=FOLDER'], 'is a folder'),
-    (['mine', '--input=GOOD', '--val_fraction=1.5'], 'val_fraction must be in (0, 1)'),
+    (['mine', '--input=GOOD', '--val_fraction=1.5'], 'val_fraction must be a float with 0 < val_fraction < 1'),
+    (['mine', '--input=GOOD', '--tokenizer=bpe'], 'tokenizer must be one of gpt2, char'),
+    (['mine', '--input=GOOD', '--num_proc=0'], 'num_proc must be an int with num_proc >= 1'),
+    (['mine', '--input=GOOD', '--max_tokens=-1'], 'max_tokens must be an int with max_tokens >= 0'),
+    (['openwebtext', '--local_hub=/no/such/dir'], 'local_hub must be an existing folder'),
     (['mine', '--input=GOOD', '--vocab=3'], "unknown config key 'vocab'"),
 ])
 def test_bad_inputs_are_one_line_errors(tmp_path, args, message):
