@@ -11,6 +11,7 @@ import shutil
 import sys
 import time
 import urllib.request
+from contextlib import suppress
 
 import numpy as np
 from tqdm import tqdm
@@ -285,9 +286,10 @@ def main(argv):
         docs = lambda: (local_documents(sources), None)
     enc = gpt2_tokenizer() if tokenizer == 'gpt2' else char_vocabulary(s for s in docs() if s)
 
-    meta_path = os.path.join(target, 'meta.json')  # written last: it marks the dataset finished
-    if os.path.exists(meta_path):
-        os.remove(meta_path)
+    # New tokens go to temporary files, which replace the old ones only once complete; meta.json,
+    # which marks a dataset finished, goes just before and comes back last. A failed run leaves the
+    # previous dataset as it was; one killed while the files are swapped leaves no meta.json.
+    meta_path = os.path.join(target, 'meta.json')
     train_docs, val_docs = docs()
     t0 = time.time()
     with atomic_path(os.path.join(target, 'train.bin')) as train_tmp, \
@@ -301,6 +303,11 @@ def main(argv):
             n_val = max(1, int(n_train * val_fraction))
             hold_out(train_tmp, val_tmp, n_val)
             n_train -= n_val
+        for tmp in (train_tmp, val_tmp):  # on disk before the old files stop counting
+            with open(tmp, 'rb+') as f:
+                os.fsync(f.fileno())
+        with suppress(FileNotFoundError):
+            os.remove(meta_path)
     meta = {'tokenizer': tokenizer, 'vocab_size': enc.n_vocab, 'eot_token': enc.eot_token,
             'dtype': 'uint16', 'train_tokens': n_train, 'val_tokens': n_val, 'sources': sources}
     if tokenizer == 'char':

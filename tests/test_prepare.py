@@ -4,9 +4,11 @@ import os
 import numpy as np
 import pytest
 from conftest import ROOT, run
+import prepare as P
 from prepare import gpt2_tokenizer
 
 enc = gpt2_tokenizer()  # built from the repository's copy of GPT-2's BPE files
+DEFAULTS = {key: getattr(P, key) for key in P.__annotations__}  # before any test sets them
 
 
 def test_gpt2_tokenizer_from_the_repository_files():
@@ -144,19 +146,62 @@ def test_a_long_text_read_in_blocks_has_the_tokens_of_the_whole(tmp_path):
     assert sum((enc.encode_ordinary(t) for t, _ in pieces), []) == enc.encode_ordinary(text)
 
 
-def test_an_interrupted_run_leaves_nothing_that_looks_finished(tmp_path, monkeypatch):
-    import prepare as P
+def prepare(*args):
+    """prepare.py's main in this process, from its default settings (a call sets the module's globals)."""
+    for key, value in DEFAULTS.items():
+        setattr(P, key, value)
+    P.main([str(a) for a in args] + ['--num_proc=1'])
+
+
+def error_of(*args):
+    """The one-line error prepare.py exits with."""
+    with pytest.raises(SystemExit) as e:
+        prepare(*args)
+    message = str(e.value.code)
+    assert message.startswith('error: ') and '\n' not in message, message
+    return message
+
+
+def files_of(folder):
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+def test_a_failed_rerun_leaves_the_previous_dataset(tmp_path):
+    from prepare import load_tokens, read_meta
     write_formats(tmp_path)
     out = tmp_path / 'data'
-    P.main(['x', f"--input={tmp_path / 'docs.jsonl'}", f'--out_dir={out}'])  # a finished dataset
-    assert (out / 'meta.json').exists()
+    prepare('x', f"--input={tmp_path / 'docs.jsonl'}", f'--out_dir={out}')
+    before = files_of(out)
+    assert 'the train text gave 1 tokens' in error_of('x', f"--input={tmp_path / 'docs.jsonl'}", f'--out_dir={out}',
+                                                       '--max_tokens=1')
+    assert files_of(out) == before and read_meta(str(out))['val_tokens'] == len(load_tokens(str(out), 'val'))
+
+
+def test_an_interrupted_run_leaves_the_previous_dataset(tmp_path, monkeypatch):
+    write_formats(tmp_path)
+    out = tmp_path / 'data'
+    prepare('x', f"--input={tmp_path / 'docs.jsonl'}", f'--out_dir={out}')
+    before = files_of(out)
 
     def killed(*args):
         raise KeyboardInterrupt
     monkeypatch.setattr(P, 'hold_out', killed)  # stopped after the train tokens, before the val split
     with pytest.raises(KeyboardInterrupt):
-        P.main(['x', f"--input={tmp_path / 'docs.jsonl'}", f'--out_dir={out}'])
-    assert not (out / 'meta.json').exists() and sorted(os.listdir(out)) == ['train.bin', 'val.bin']
+        prepare('x', f"--input={tmp_path / 'txt' / '*.txt'}", f'--out_dir={out}')
+    assert files_of(out) == before  # no temporary file left either
+
+
+def test_a_run_killed_while_swapping_files_leaves_nothing_that_looks_finished(tmp_path, monkeypatch):
+    write_formats(tmp_path)
+    out = tmp_path / 'data'
+    prepare('x', f"--input={tmp_path / 'docs.jsonl'}", f'--out_dir={out}')
+
+    def killed(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(os, 'replace', killed)  # the first new file is about to get its name
+    with pytest.raises(KeyboardInterrupt):
+        prepare('x', f"--input={tmp_path / 'txt' / '*.txt'}", f'--out_dir={out}')
+    assert sorted(os.listdir(out)) == ['train.bin', 'val.bin']
     with pytest.raises(SystemExit, match='no prepared dataset'):
         P.read_meta(str(out))
 
