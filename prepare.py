@@ -4,8 +4,11 @@ python prepare.py shakespeare. Writes OUT_DIR/train.bin, val.bin and, last, meta
 without meta.json is unfinished. Each document (a .txt file, a .jsonl line, a .parquet or hub row)
 ends with the end-of-text token. Without a val split, the last val_fraction of tokens is held out.
 """
+import bz2
 import glob
+import gzip
 import json
+import lzma
 import os
 import shutil
 import sys
@@ -19,7 +22,7 @@ from tqdm import tqdm
 from common import UserError, atomic_path, check_hub, configure
 
 # -----------------------------------------------------------------------------
-input: 'str' = ''  # train files or globs, comma-separated: .txt, .jsonl, .parquet
+input: 'str' = ''  # train files or globs, comma-separated: .txt, .jsonl (or .gz/.xz/.bz2), .parquet
 val_input: 'str' = ''  # the same for the val split
 hub: 'str' = ''  # a Hugging Face dataset, streamed, e.g. HuggingFaceFW/fineweb-edu
 hub_config: 'str' = ''  # e.g. sample-10BT
@@ -106,9 +109,9 @@ def expand(spec, flag):
         for path in matched:
             if os.path.isdir(path):
                 raise UserError(f"'{path}' is a folder; give files or a glob, e.g. '{path}/*.txt'")
-            with open(path, encoding='utf-8', errors='replace') as f:  # before any progress bar
-                if not any(chunk.strip() for chunk in iter(lambda: f.read(1 << 20), '')):
-                    raise UserError(f"input file '{path}' is empty")
+            # read up to the first text, before any progress bar: a bad first record fails here
+            if not any(text.strip() for text, _ in local_documents([path])):
+                raise UserError(f"input file '{path}' is empty")
         files += matched
     return files
 
@@ -122,25 +125,73 @@ def safe_cut(text):
     return max(i + 1, 0)
 
 
+# Compressed .txt and .jsonl files are read as they are (Python's own gzip, lzma and bz2): corpora
+# often come as .jsonl.gz, and decompressing them first would need the disk twice over.
+OPENERS = {'.gz': gzip.open, '.xz': lzma.open, '.bz2': bz2.open}
+
+
+def text_of(record, where):
+    """record[text_field] if it is text, else a one-line error saying where and what to do."""
+    if not isinstance(record, dict) or text_field not in record:
+        has = f"its fields: {', '.join(list(record)[:20])}" if isinstance(record, dict) else \
+            f"it is a JSON {type(record).__name__}"
+        raise UserError(f"{where} has no '{text_field}' field ({has}); pass --text_field=NAME")
+    if not isinstance(text := record[text_field], str):
+        raise UserError(f"{where}: its '{text_field}' is {text!r:.40}, not text; fix or drop it")
+    return text
+
+
 def local_documents(files, block=1 << 24):
     """The documents of local files; a .txt file is read in blocks, cut by safe_cut."""
     for path in files:
-        if path.endswith('.jsonl'):
-            with open(path, encoding='utf-8') as f:
-                yield from ((json.loads(line)[text_field], True) for line in f if line.strip())
-        elif path.endswith('.parquet'):
-            import pyarrow.parquet as pq  # installed with datasets
-            for batch in pq.ParquetFile(path).iter_batches(columns=[text_field]):
-                yield from ((text, True) for text in batch.column(0).to_pylist())
-        else:
-            with open(path, encoding='utf-8') as f:
-                text = ''
-                while chunk := f.read(block):
-                    text += chunk
-                    if cut := safe_cut(text):
-                        yield text[:cut], False
-                        text = text[cut:]
-                yield text, True
+        stem, ext = os.path.splitext(path)
+        opener = OPENERS.get(ext, open)
+        kind = os.path.splitext(stem)[1] if ext in OPENERS else ext
+        try:
+            if kind == '.parquet':
+                yield from parquet_documents(path)
+            elif kind == '.jsonl':
+                with opener(path, 'rt', encoding='utf-8') as f:
+                    for i, line in enumerate(f, 1):
+                        if line.strip():
+                            try:
+                                record = json.loads(line)
+                            except ValueError as e:
+                                raise UserError(f"{path}, line {i} is not JSON ({e}); a .jsonl "
+                                                "file has one JSON object per line")
+                            yield text_of(record, f"{path}, line {i}"), True
+            else:
+                with opener(path, 'rt', encoding='utf-8') as f:
+                    text = ''
+                    while chunk := f.read(block):
+                        text += chunk
+                        if cut := safe_cut(text):
+                            yield text[:cut], False
+                            text = text[cut:]
+                    yield text, True
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path} is not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} "
+                            "and on); convert it, e.g. iconv -f latin1 -t utf-8 FILE > NEW")
+        except (OSError, EOFError) as e:  # also a broken or mislabelled compressed file
+            raise UserError(f"cannot read {path} ({type(e).__name__}: {e})")
+
+
+def parquet_documents(path):
+    try:
+        import pyarrow.parquet as pq  # installed with datasets
+        file = pq.ParquetFile(path)
+    except ImportError:
+        raise UserError(f"reading {path} needs pyarrow: pip install pyarrow")
+    except Exception as e:  # ArrowInvalid: not parquet
+        raise UserError(f"cannot read {path} as parquet ({e})")
+    if text_field not in file.schema_arrow.names:
+        raise UserError(f"{path} has no column '{text_field}' (its columns: "
+                        f"{', '.join(file.schema_arrow.names[:20])}); pass --text_field=NAME")
+    row = 0
+    for batch in file.iter_batches(columns=[text_field]):
+        for record in batch.to_pylist():
+            row += 1
+            yield text_of(record, f"{path}, row {row}"), True
 
 
 def hub_documents(path, config, split):
@@ -154,13 +205,12 @@ def hub_documents(path, config, split):
     except Exception as e:
         raise UserError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                         "check --hub, --hub_config and --hub_split")
-    yield from ((row[text_field], True) for row in rows)
+    yield from ((text_of(row, f"row {i} of {path}"), True) for i, row in enumerate(rows, 1))
 
 
 def openwebtext_documents(files):
     """OpenWebText as its old loading script gave it, in the order nanoGPT's split permutes: the
     .txt files of each tar's .xz archives, 3+ newlines squeezed, stripped."""
-    import lzma
     import re
     import tarfile
 

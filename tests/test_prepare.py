@@ -166,14 +166,20 @@ def files_of(folder):
     return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
 
 
-def test_a_failed_rerun_leaves_the_previous_dataset(tmp_path):
+@pytest.mark.parametrize('bad, message', [
+    (['--max_tokens=1'], 'the train text gave 1 tokens'),
+    (['--text_field=body'], "docs.jsonl, line 1 has no 'body' field"),
+    (['--input=BAD'], "bad.jsonl, line 2 has no 'text' field"),  # found while tokenizing
+])
+def test_a_failed_rerun_leaves_the_previous_dataset(tmp_path, bad, message):
     from prepare import load_tokens, read_meta
     write_formats(tmp_path)
+    (tmp_path / 'bad.jsonl').write_text('{"text": "fine"}\n{"body": "no text"}\n')
     out = tmp_path / 'data'
     prepare('x', f"--input={tmp_path / 'docs.jsonl'}", f'--out_dir={out}')
     before = files_of(out)
-    assert 'the train text gave 1 tokens' in error_of('x', f"--input={tmp_path / 'docs.jsonl'}", f'--out_dir={out}',
-                                                       '--max_tokens=1')
+    bad = [a.replace('BAD', str(tmp_path / 'bad.jsonl')) for a in bad]
+    assert message in error_of('x', f"--input={tmp_path / 'docs.jsonl'}", f'--out_dir={out}', *bad)
     assert files_of(out) == before and read_meta(str(out))['val_tokens'] == len(load_tokens(str(out), 'val'))
 
 
@@ -204,6 +210,51 @@ def test_a_run_killed_while_swapping_files_leaves_nothing_that_looks_finished(tm
     assert sorted(os.listdir(out)) == ['train.bin', 'val.bin']
     with pytest.raises(SystemExit, match='no prepared dataset'):
         P.read_meta(str(out))
+
+
+def write_parquet(path, **columns):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table(columns), path)
+
+
+@pytest.mark.parametrize('name, content, message', [
+    ('a.jsonl', b'{"text": "fine"}\n{"body": "x", "id": 2}\n',
+     "a.jsonl, line 2 has no 'text' field (its fields: body, id); pass --text_field=NAME"),
+    ('a.jsonl', b'{"text": "fine"}\n\n{"text": null}\n', "a.jsonl, line 3: its 'text' is None, not text"),
+    ('a.jsonl', b'{"text": 42}\n', "a.jsonl, line 1: its 'text' is 42, not text"),
+    ('a.jsonl', b'{"text": "fine"}\n{"text": "cut off\n', 'a.jsonl, line 2 is not JSON'),
+    ('a.jsonl', b'["text"]\n', "a.jsonl, line 1 has no 'text' field (it is a JSON list)"),
+    ('a.txt', 'caf\u00e9\n'.encode('latin-1'), "a.txt is not UTF-8 text (byte b'\\xe9' and on); convert it"),
+    ('a.txt.gz', b'not gzip at all', 'cannot read '),
+    ('a.parquet', None, "a.parquet has no column 'text' (its columns: body); pass --text_field=NAME"),
+    ('b.parquet', None, "b.parquet, row 2: its 'text' is None, not text"),
+    ('a.parquet', b'PAR1 but not parquet', 'as parquet'),
+])
+def test_bad_files_are_one_line_errors_naming_the_file(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    elif name == 'a.parquet':
+        write_parquet(path, body=['x', 'y'])
+    else:
+        write_parquet(path, text=['x', None])
+    assert message in error_of('x', f'--input={path}', f"--out_dir={tmp_path / 'out'}")
+    assert not (tmp_path / 'out').exists() or not os.listdir(tmp_path / 'out')
+
+
+def test_compressed_jsonl_and_txt_are_read_as_they_are(tmp_path):
+    import gzip
+    import lzma
+    write_formats(tmp_path)
+    (tmp_path / 'docs.jsonl.gz').write_bytes(gzip.compress((tmp_path / 'docs.jsonl').read_bytes()))
+    for i, d in enumerate(DOCS):
+        (tmp_path / f'{i:03d}.txt.xz').write_bytes(lzma.compress(d.encode()))
+    sources = {'plain': tmp_path / 'docs.jsonl', 'gz': tmp_path / 'docs.jsonl.gz', 'xz': tmp_path / '*.txt.xz'}
+    for name, path in sources.items():
+        prepare(name, f'--input={path}', f'--out_dir={tmp_path / name}')
+    tokens = lambda name: [(tmp_path / name / f'{s}.bin').read_bytes() for s in ('train', 'val')]
+    assert tokens('plain') == tokens('gz') == tokens('xz')
 
 
 def test_openwebtext_from_its_files_gives_nanogpts_split(tmp_path):
