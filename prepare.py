@@ -27,6 +27,7 @@ val_input: 'str' = ''  # the same for the val split
 hub: 'str' = ''  # a Hugging Face dataset, streamed, e.g. HuggingFaceFW/fineweb-edu
 hub_config: 'str' = ''  # e.g. sample-10BT
 hub_split: 'str' = 'train'
+hub_revision: 'str' = ''  # a branch, tag or commit ('': main; openwebtext: OPENWEBTEXT_REVISION)
 local_hub: 'dir?' = ''  # a hub dataset's files, downloaded elsewhere (hf download --local-dir)
 text_field: 'str' = 'text'  # of a .jsonl line, a .parquet row or a hub row
 out_dir: 'str' = ''  # default: data/NAME
@@ -42,6 +43,10 @@ GPT2_BPE_SHA256 = {
     'encoder.json': '196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783'}
 KNOWN = ('shakespeare', 'wikitext2', 'openwebtext')
 OPENWEBTEXT = 'Skylion007/openwebtext'
+# The revision whose subsets/*.tar files this code reads: open pull requests there would replace
+# them with parquet files. It names a branch, as main's commit hash could not be looked up when this
+# was written; this is the constant to update: put that hash here (the dataset page's history).
+OPENWEBTEXT_REVISION = 'main'
 
 
 class CharTokenizer:
@@ -194,18 +199,24 @@ def parquet_documents(path):
             yield text_of(record, f"{path}, row {row}"), True
 
 
+def first_line(e):
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
 def hub_documents(path, config, split):
     """A hub dataset's rows (or a local folder in the hub's layout), streamed."""
     from datasets import load_dataset
     if not os.path.isdir(path):
         check_hub(path, "prepare the data elsewhere and copy its folder here, or download the "
                   f"dataset's files and pass --{'hub' if hub else 'local_hub'}=DIR")
-    try:
-        rows = load_dataset(path, config or None, split=split, streaming=True)
+    try:  # the connection may also fail midway
+        rows = load_dataset(path, config or None, split=split, streaming=True,
+                            revision=hub_revision or None)
+        for i, row in enumerate(rows, 1):
+            yield text_of(row, f"row {i} of {path}"), True
     except Exception as e:
-        raise UserError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                        "check --hub, --hub_config and --hub_split")
-    yield from ((text_of(row, f"row {i} of {path}"), True) for i, row in enumerate(rows, 1))
+        raise UserError(f"cannot read {path} ({first_line(e)}); check --hub, --hub_config, "
+                        "--hub_split, --hub_revision and the connection")
 
 
 def openwebtext_documents(files):
@@ -231,7 +242,8 @@ def openwebtext_documents(files):
 def openwebtext_splits():
     """nanoGPT's (train, val) split, the train documents in its permuted order."""
     from datasets import Dataset
-    get = f"huggingface-cli download {OPENWEBTEXT} --repo-type dataset --local-dir DIR"
+    revision = hub_revision or OPENWEBTEXT_REVISION
+    get = f"hf download {OPENWEBTEXT} --repo-type dataset --revision {revision} --local-dir DIR"
     if local_hub:
         files = sorted(glob.glob(os.path.join(local_hub, 'subsets', 'urlsf_subset*.tar')))
         if not files:
@@ -240,9 +252,16 @@ def openwebtext_splits():
         from huggingface_hub import hf_hub_download
         check_hub('openwebtext', f"download its files elsewhere ({get}) and pass --local_hub=DIR, "
                   "or prepare it elsewhere and copy data/openwebtext here")
-        files = [hf_hub_download(OPENWEBTEXT, f'subsets/urlsf_subset{i:02d}.tar',
-                                 repo_type='dataset') for i in range(21)]
-    docs = Dataset.from_generator(openwebtext_documents, gen_kwargs={'files': files})  # on disk
+        try:
+            files = [hf_hub_download(OPENWEBTEXT, f'subsets/urlsf_subset{i:02d}.tar',
+                                     repo_type='dataset', revision=revision) for i in range(21)]
+        except Exception as e:
+            raise UserError(f"cannot download {OPENWEBTEXT} at revision {revision} "
+                            f"({first_line(e)}); get its files with {get}, pass --local_hub=DIR")
+    try:  # on disk
+        docs = Dataset.from_generator(openwebtext_documents, gen_kwargs={'files': files})
+    except Exception as e:
+        raise UserError(f"cannot read OpenWebText's files ({first_line(e)}); get them with {get}")
     split = docs.train_test_split(test_size=0.0005, seed=2357, shuffle=True)
     rows = lambda d: ((text, True) for batch in d.iter(1024) for text in batch['text'])
     return rows(split['train']), rows(split['test'])
@@ -329,7 +348,8 @@ def main(argv):
     elif name == 'openwebtext':
         if tokenizer == 'char':
             raise UserError("tokenizer='char' is for small local text: give it with --input=PATH")
-        sources, splits = [OPENWEBTEXT], openwebtext_splits()
+        sources = [f'{OPENWEBTEXT}@{hub_revision or OPENWEBTEXT_REVISION}']
+        splits = openwebtext_splits()
         docs = lambda: splits
     else:  # shakespeare, shipped with the repository
         sources = [SHAKESPEARE]

@@ -293,3 +293,42 @@ def test_openwebtext_from_its_files_gives_nanogpts_split(tmp_path):
     read = lambda s: np.fromfile(tmp_path / 'owt' / f'{s}.bin', dtype=np.uint16).tolist()
     assert len(split['test']) == 2 and read('val') == tokens(split['test']['text'])
     assert read('train') == tokens(split['train']['text'])
+
+
+# -----------------------------------------------------------------------------
+# The hub: a pinned OpenWebText revision, one-line errors, `hf download` (today's client) in every hint
+
+@pytest.mark.parametrize('args, revision', [([], 'PINNED'), (['--hub_revision=abc123'], 'abc123')])
+def test_openwebtext_is_fetched_at_its_pinned_revision(tmp_path, monkeypatch, args, revision):
+    import huggingface_hub
+    revision = P.OPENWEBTEXT_REVISION if revision == 'PINNED' else revision
+    asked = []
+
+    def download(repo, filename, **kwargs):
+        asked.append(kwargs)
+        raise huggingface_hub.errors.EntryNotFoundError(f'{filename} is not at this revision\nmore')
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', download)
+    monkeypatch.setattr(P, 'check_hub', lambda *a: None)  # reachable
+    message = error_of('openwebtext', f"--out_dir={tmp_path / 'out'}", *args)
+    assert asked == [{'repo_type': 'dataset', 'revision': revision}]
+    assert f"cannot download Skylion007/openwebtext at revision {revision} (EntryNotFoundError" in message
+    assert f'hf download Skylion007/openwebtext --repo-type dataset --revision {revision}' in message
+
+
+def test_the_download_hint_names_todays_hf_client(tmp_path):
+    message = error_of('openwebtext', f'--local_hub={tmp_path}', f"--out_dir={tmp_path / 'out'}")
+    assert 'get them with hf download Skylion007/openwebtext' in message and 'huggingface-cli' not in message
+
+
+def test_a_hub_dataset_failing_midway_is_one_line(tmp_path, monkeypatch):
+    import datasets
+    asked = []
+
+    def load_dataset(path, config, **kwargs):
+        asked.append(kwargs['revision'])
+        yield {'text': 'first row'}
+        raise ConnectionError('connection reset\nby peer')
+    monkeypatch.setattr(datasets, 'load_dataset', load_dataset)
+    monkeypatch.setattr(P, 'check_hub', lambda *a: None)
+    message = error_of('x', '--hub=someone/corpus', '--hub_revision=v1', f"--out_dir={tmp_path / 'out'}")
+    assert asked == ['v1'] and 'cannot read someone/corpus (ConnectionError: connection reset); check' in message
