@@ -332,3 +332,33 @@ def test_a_hub_dataset_failing_midway_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(P, 'check_hub', lambda *a: None)
     message = error_of('x', '--hub=someone/corpus', '--hub_revision=v1', f"--out_dir={tmp_path / 'out'}")
     assert asked == ['v1'] and 'cannot read someone/corpus (ConnectionError: connection reset); check' in message
+
+
+# -----------------------------------------------------------------------------
+# data_fingerprint: matches a label cache to its token file by content, reading little of it
+
+def test_data_fingerprint_of_a_small_file_is_of_all_of_it(tmp_path):
+    from prepare import data_fingerprint
+    a = write(tmp_path / 'a.bin', b'to be or not to be')
+    assert data_fingerprint(a) == data_fingerprint(write(tmp_path / 'copy.bin', b'to be or not to be'))
+    assert len(data_fingerprint(a)) == 16 and int(data_fingerprint(a), 16) >= 0
+    assert data_fingerprint(a) != data_fingerprint(write(tmp_path / 'b.bin', b'to be or not to bee'))  # size
+    assert data_fingerprint(a) != data_fingerprint(write(tmp_path / 'c.bin', b'to be or NOT to be'))  # text
+
+
+def test_data_fingerprint_of_a_large_file_samples_blocks(tmp_path):
+    from prepare import data_fingerprint
+    data = np.random.default_rng(0).integers(0, 256, 10_000, dtype=np.uint8).tobytes()
+    path = tmp_path / 'x.bin'
+    sampled = lambda d: data_fingerprint(write(path, d), blocks=4, block=100)  # at 0, 3300, 6600 and 9900
+    flip = lambda i: data[:i] + bytes([data[i] ^ 1]) + data[i + 1:]
+    base = sampled(data)
+    assert sampled(data) == base and sampled(flip(3350)) != base and sampled(flip(9999)) != base
+    assert sampled(flip(5000)) == base  # between the blocks: unseen, the price of reading little
+    assert sampled(data + b'\0\0') != base and sampled(bytes(reversed(data))) != base
+    assert data_fingerprint(write(path, data)) != base  # the default reads all 10 kB
+
+
+def write(path, data):
+    path.write_bytes(data)
+    return str(path)
