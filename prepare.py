@@ -4,13 +4,18 @@ python prepare.py shakespeare. Writes OUT_DIR/train.bin, val.bin and, last, meta
 without meta.json is unfinished. Each document (a .txt file, a .jsonl line, a .parquet or hub row)
 ends with the end-of-text token. Without a val split, the last val_fraction of tokens is held out.
 """
+import bz2
 import glob
+import gzip
+import hashlib
 import json
+import lzma
 import os
 import shutil
 import sys
 import time
 import urllib.request
+from contextlib import suppress
 
 import numpy as np
 from tqdm import tqdm
@@ -18,18 +23,19 @@ from tqdm import tqdm
 from common import UserError, atomic_path, check_hub, configure
 
 # -----------------------------------------------------------------------------
-input = ''  # train files or globs, comma-separated: .txt, .jsonl, .parquet
-val_input = ''  # the same for the val split
-hub = ''  # a Hugging Face dataset, streamed, e.g. HuggingFaceFW/fineweb-edu
-hub_config = ''  # e.g. sample-10BT
-hub_split = 'train'
-local_hub = ''  # a hub dataset's files, downloaded elsewhere (huggingface-cli download --local-dir)
-text_field = 'text'  # of a .jsonl line, a .parquet row or a hub row
-out_dir = ''  # default: data/NAME
-val_fraction = 0.1  # held out of the token stream when no val split is given
-max_tokens = 0  # stop after this many tokens (0: all)
-num_proc = 8  # tokenizer threads
-tokenizer = 'gpt2'  # or 'char': one id per distinct character, as nanoGPT's shakespeare_char
+input: 'str' = ''  # train files or globs, comma-separated: .txt, .jsonl (or .gz/.xz/.bz2), .parquet
+val_input: 'str' = ''  # the same for the val split
+hub: 'str' = ''  # a Hugging Face dataset, streamed, e.g. HuggingFaceFW/fineweb-edu
+hub_config: 'str' = ''  # e.g. sample-10BT
+hub_split: 'str' = 'train'
+hub_revision: 'str' = ''  # a branch, tag or commit ('': main; openwebtext: OPENWEBTEXT_REVISION)
+local_hub: 'dir?' = ''  # a hub dataset's files, downloaded elsewhere (hf download --local-dir)
+text_field: 'str' = 'text'  # of a .jsonl line, a .parquet row or a hub row
+out_dir: 'str' = ''  # default: data/NAME
+val_fraction: '0 < float < 1' = 0.1  # held out of the token stream when no val split is given
+max_tokens: 'int >= 0' = 0  # stop after this many tokens (0: all)
+num_proc: 'int >= 1' = 8  # tokenizer threads
+tokenizer: 'gpt2|char' = 'gpt2'  # char: one id per distinct character (nanoGPT's shakespeare_char)
 # -----------------------------------------------------------------------------
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets')
 SHAKESPEARE = os.path.join(ASSETS, 'tinyshakespeare.txt')  # Karpathy's char-rnn copy, public domain
@@ -38,6 +44,10 @@ GPT2_BPE_SHA256 = {
     'encoder.json': '196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783'}
 KNOWN = ('shakespeare', 'wikitext2', 'openwebtext')
 OPENWEBTEXT = 'Skylion007/openwebtext'
+# The revision whose subsets/*.tar files this code reads: open pull requests there would replace
+# them with parquet files. It names a branch, as main's commit hash could not be looked up when this
+# was written; this is the constant to update: put that hash here (the dataset page's history).
+OPENWEBTEXT_REVISION = 'main'
 
 
 class CharTokenizer:
@@ -105,9 +115,9 @@ def expand(spec, flag):
         for path in matched:
             if os.path.isdir(path):
                 raise UserError(f"'{path}' is a folder; give files or a glob, e.g. '{path}/*.txt'")
-            with open(path, encoding='utf-8', errors='replace') as f:  # before any progress bar
-                if not any(chunk.strip() for chunk in iter(lambda: f.read(1 << 20), '')):
-                    raise UserError(f"input file '{path}' is empty")
+            # read up to the first text, before any progress bar: a bad first record fails here
+            if not any(text.strip() for text, _ in local_documents([path])):
+                raise UserError(f"input file '{path}' is empty")
         files += matched
     return files
 
@@ -121,25 +131,77 @@ def safe_cut(text):
     return max(i + 1, 0)
 
 
+# Compressed .txt and .jsonl files are read as they are (Python's own gzip, lzma and bz2): corpora
+# often come as .jsonl.gz, and decompressing them first would need the disk twice over.
+OPENERS = {'.gz': gzip.open, '.xz': lzma.open, '.bz2': bz2.open}
+
+
+def text_of(record, where):
+    """record[text_field] if it is text, else a one-line error saying where and what to do."""
+    if not isinstance(record, dict) or text_field not in record:
+        has = f"its fields: {', '.join(list(record)[:20])}" if isinstance(record, dict) else \
+            f"it is a JSON {type(record).__name__}"
+        raise UserError(f"{where} has no '{text_field}' field ({has}); pass --text_field=NAME")
+    if not isinstance(text := record[text_field], str):
+        raise UserError(f"{where}: its '{text_field}' is {text!r:.40}, not text; fix or drop it")
+    return text
+
+
 def local_documents(files, block=1 << 24):
     """The documents of local files; a .txt file is read in blocks, cut by safe_cut."""
     for path in files:
-        if path.endswith('.jsonl'):
-            with open(path, encoding='utf-8') as f:
-                yield from ((json.loads(line)[text_field], True) for line in f if line.strip())
-        elif path.endswith('.parquet'):
-            import pyarrow.parquet as pq  # installed with datasets
-            for batch in pq.ParquetFile(path).iter_batches(columns=[text_field]):
-                yield from ((text, True) for text in batch.column(0).to_pylist())
-        else:
-            with open(path, encoding='utf-8') as f:
-                text = ''
-                while chunk := f.read(block):
-                    text += chunk
-                    if cut := safe_cut(text):
-                        yield text[:cut], False
-                        text = text[cut:]
-                yield text, True
+        stem, ext = os.path.splitext(path)
+        opener = OPENERS.get(ext, open)
+        kind = os.path.splitext(stem)[1] if ext in OPENERS else ext
+        try:
+            if kind == '.parquet':
+                yield from parquet_documents(path)
+            elif kind == '.jsonl':
+                with opener(path, 'rt', encoding='utf-8') as f:
+                    for i, line in enumerate(f, 1):
+                        if line.strip():
+                            try:
+                                record = json.loads(line)
+                            except ValueError as e:
+                                raise UserError(f"{path}, line {i} is not JSON ({e}); a .jsonl "
+                                                "file has one JSON object per line")
+                            yield text_of(record, f"{path}, line {i}"), True
+            else:
+                with opener(path, 'rt', encoding='utf-8') as f:
+                    text = ''
+                    while chunk := f.read(block):
+                        text += chunk
+                        if cut := safe_cut(text):
+                            yield text[:cut], False
+                            text = text[cut:]
+                    yield text, True
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path} is not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} "
+                            "and on); convert it, e.g. iconv -f latin1 -t utf-8 FILE > NEW")
+        except (OSError, EOFError) as e:  # also a broken or mislabelled compressed file
+            raise UserError(f"cannot read {path} ({type(e).__name__}: {e})")
+
+
+def parquet_documents(path):
+    try:
+        import pyarrow.parquet as pq  # installed with datasets
+        file = pq.ParquetFile(path)
+    except ImportError:
+        raise UserError(f"reading {path} needs pyarrow: pip install pyarrow")
+    except Exception as e:  # ArrowInvalid: not parquet
+        raise UserError(f"cannot read {path} as parquet ({e})")
+    if text_field not in file.schema_arrow.names:
+        raise UserError(f"{path} has no column '{text_field}' (its columns: "
+                        f"{', '.join(file.schema_arrow.names[:20])}); pass --text_field=NAME")
+    row = 0
+    for batch in file.iter_batches(columns=[text_field]):
+        for record in batch.to_pylist():
+            row += 1
+            yield text_of(record, f"{path}, row {row}"), True
+
+
+def first_line(e):
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
 
 
 def hub_documents(path, config, split):
@@ -148,18 +210,19 @@ def hub_documents(path, config, split):
     if not os.path.isdir(path):
         check_hub(path, "prepare the data elsewhere and copy its folder here, or download the "
                   f"dataset's files and pass --{'hub' if hub else 'local_hub'}=DIR")
-    try:
-        rows = load_dataset(path, config or None, split=split, streaming=True)
+    try:  # the connection may also fail midway
+        rows = load_dataset(path, config or None, split=split, streaming=True,
+                            revision=hub_revision or None)
+        for i, row in enumerate(rows, 1):
+            yield text_of(row, f"row {i} of {path}"), True
     except Exception as e:
-        raise UserError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                        "check --hub, --hub_config and --hub_split")
-    yield from ((row[text_field], True) for row in rows)
+        raise UserError(f"cannot read {path} ({first_line(e)}); check --hub, --hub_config, "
+                        "--hub_split, --hub_revision and the connection")
 
 
 def openwebtext_documents(files):
     """OpenWebText as its old loading script gave it, in the order nanoGPT's split permutes: the
     .txt files of each tar's .xz archives, 3+ newlines squeezed, stripped."""
-    import lzma
     import re
     import tarfile
 
@@ -180,7 +243,8 @@ def openwebtext_documents(files):
 def openwebtext_splits():
     """nanoGPT's (train, val) split, the train documents in its permuted order."""
     from datasets import Dataset
-    get = f"huggingface-cli download {OPENWEBTEXT} --repo-type dataset --local-dir DIR"
+    revision = hub_revision or OPENWEBTEXT_REVISION
+    get = f"hf download {OPENWEBTEXT} --repo-type dataset --revision {revision} --local-dir DIR"
     if local_hub:
         files = sorted(glob.glob(os.path.join(local_hub, 'subsets', 'urlsf_subset*.tar')))
         if not files:
@@ -189,9 +253,16 @@ def openwebtext_splits():
         from huggingface_hub import hf_hub_download
         check_hub('openwebtext', f"download its files elsewhere ({get}) and pass --local_hub=DIR, "
                   "or prepare it elsewhere and copy data/openwebtext here")
-        files = [hf_hub_download(OPENWEBTEXT, f'subsets/urlsf_subset{i:02d}.tar',
-                                 repo_type='dataset') for i in range(21)]
-    docs = Dataset.from_generator(openwebtext_documents, gen_kwargs={'files': files})  # on disk
+        try:
+            files = [hf_hub_download(OPENWEBTEXT, f'subsets/urlsf_subset{i:02d}.tar',
+                                     repo_type='dataset', revision=revision) for i in range(21)]
+        except Exception as e:
+            raise UserError(f"cannot download {OPENWEBTEXT} at revision {revision} "
+                            f"({first_line(e)}); get its files with {get}, pass --local_hub=DIR")
+    try:  # on disk
+        docs = Dataset.from_generator(openwebtext_documents, gen_kwargs={'files': files})
+    except Exception as e:
+        raise UserError(f"cannot read OpenWebText's files ({first_line(e)}); get them with {get}")
     split = docs.train_test_split(test_size=0.0005, seed=2357, shuffle=True)
     rows = lambda d: ((text, True) for batch in d.iter(1024) for text in batch['text'])
     return rows(split['train']), rows(split['test'])
@@ -259,10 +330,6 @@ def main(argv):
     if name not in KNOWN and not input and not hub:
         raise UserError(f"unknown dataset '{name}': use one of {', '.join(KNOWN)}, local files "
                         "(--input=PATH) or a hub dataset (--hub=NAME)")
-    if not 0 < val_fraction < 1:
-        raise UserError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    if tokenizer not in ('gpt2', 'char'):
-        raise UserError(f"unknown tokenizer '{tokenizer}'; use 'gpt2' or 'char'")
     target = out_dir or os.path.join('data', name)
 
     # docs() -> fresh (train, val) documents; val None: the tail of the train stream
@@ -282,16 +349,18 @@ def main(argv):
     elif name == 'openwebtext':
         if tokenizer == 'char':
             raise UserError("tokenizer='char' is for small local text: give it with --input=PATH")
-        sources, splits = [OPENWEBTEXT], openwebtext_splits()
+        sources = [f'{OPENWEBTEXT}@{hub_revision or OPENWEBTEXT_REVISION}']
+        splits = openwebtext_splits()
         docs = lambda: splits
     else:  # shakespeare, shipped with the repository
         sources = [SHAKESPEARE]
         docs = lambda: (local_documents(sources), None)
     enc = gpt2_tokenizer() if tokenizer == 'gpt2' else char_vocabulary(s for s in docs() if s)
 
-    meta_path = os.path.join(target, 'meta.json')  # written last: it marks the dataset finished
-    if os.path.exists(meta_path):
-        os.remove(meta_path)
+    # New tokens go to temporary files, which replace the old ones only once complete; meta.json,
+    # which marks a dataset finished, goes just before and comes back last. A failed run leaves the
+    # previous dataset as it was; one killed while the files are swapped leaves no meta.json.
+    meta_path = os.path.join(target, 'meta.json')
     train_docs, val_docs = docs()
     t0 = time.time()
     with atomic_path(os.path.join(target, 'train.bin')) as train_tmp, \
@@ -305,6 +374,11 @@ def main(argv):
             n_val = max(1, int(n_train * val_fraction))
             hold_out(train_tmp, val_tmp, n_val)
             n_train -= n_val
+        for tmp in (train_tmp, val_tmp):  # on disk before the old files stop counting
+            with open(tmp, 'rb+') as f:
+                os.fsync(f.fileno())
+        with suppress(FileNotFoundError):
+            os.remove(meta_path)
     meta = {'tokenizer': tokenizer, 'vocab_size': enc.n_vocab, 'eot_token': enc.eot_token,
             'dtype': 'uint16', 'train_tokens': n_train, 'val_tokens': n_val, 'sources': sources}
     if tokenizer == 'char':
@@ -344,6 +418,21 @@ def load_tokens(data_dir, split):
     if not os.path.exists(path):
         raise UserError(f"{path} is missing; run prepare.py for this dataset")
     return np.memmap(path, dtype=np.uint16, mode='r')
+
+
+def data_fingerprint(path, blocks=64, block=1 << 16):
+    """A short digest of a token file, cheap at any size (4 MiB read of 18 GB): its size and
+    `blocks` evenly spaced blocks of `block` bytes, the whole file when smaller. It tells a file
+    from one prepared again (another size or other bytes where it samples), to match a label cache
+    to its tokens; bytes between the samples go unseen."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256(str(size).encode())
+    whole = size <= blocks * block
+    with open(path, 'rb') as f:
+        for i in [0] if whole else range(blocks):
+            f.seek(i * (size - block) // (blocks - 1))  # the first block at 0, the last at the end
+            h.update(f.read(size if whole else block))
+    return h.hexdigest()[:16]
 
 
 if __name__ == '__main__':

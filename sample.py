@@ -14,23 +14,26 @@ from common import DEVICE, DTYPE, UserError, autocast, configure, load_model
 from prepare import get_tokenizer
 
 # -----------------------------------------------------------------------------
-init_from = 'resume'  # 'resume' (the checkpoint in out_dir) or a gpt2 variant, e.g. 'gpt2-xl'
-out_dir = 'out'
-start = "\n"  # the prompt; "FILE:prompt.txt" reads it from a file
-num_samples = 3
-max_new_tokens = 200
-temperature = 0.8  # 1.0 = the model's distribution, < 1 sharper, 0 = greedy
-top_k = 200  # keep only the top_k most likely tokens; 0 = all
-seed = 1337
-steer = ''  # CoCoMix: 'ID:ALPHA[,ID:ALPHA]' scales those concept logits before TopK (Sec. 4.4)
-show_concepts = False  # CoCoMix: print each token with the concepts it was predicted from
-device = DEVICE
-dtype = DTYPE
+init_from: 'str' = 'resume'  # 'resume' (out_dir's checkpoint) or a gpt2 variant, e.g. 'gpt2-xl'
+out_dir: 'str' = 'out'
+start: 'str' = "\n"  # the prompt; "FILE:prompt.txt" reads it from a file
+num_samples: 'int >= 1' = 3
+max_new_tokens: 'int >= 1' = 200  # 0 would print the prompt back and nothing of the model's
+temperature: 'float >= 0' = 0.8  # 1.0 = the model's distribution, < 1 sharper, 0 = greedy
+top_k: 'int >= 0' = 200  # keep only the top_k most likely tokens; 0 = all
+seed: 'int >= 0' = 1337
+steer: 'str' = ''  # CoCoMix: 'ID:ALPHA[,...]' scales those concept logits before TopK (Sec. 4.4)
+show_concepts: 'bool' = False  # CoCoMix: print each token with the concepts it was predicted from
+device: 'device' = DEVICE
+dtype: 'float32|bfloat16|float16' = DTYPE
 # -----------------------------------------------------------------------------
 configure(globals())
 torch.manual_seed(seed)
 ctx = autocast(device, dtype)
 
+if init_from == 'resume' and not os.path.isdir(out_dir):
+    raise UserError(f"no checkpoint at {os.path.join(out_dir, 'ckpt.pt')}: there is no folder "
+                    f"{out_dir}; pass the --out_dir train.py wrote, or --init_from=gpt2")
 model, checkpoint = load_model(out_dir if init_from == 'resume' else init_from, device)
 mode = (checkpoint or {}).get('mode', 'ntp')
 if checkpoint is not None:

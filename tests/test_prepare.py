@@ -4,9 +4,11 @@ import os
 import numpy as np
 import pytest
 from conftest import ROOT, run
+import prepare as P
 from prepare import gpt2_tokenizer
 
 enc = gpt2_tokenizer()  # built from the repository's copy of GPT-2's BPE files
+DEFAULTS = {key: getattr(P, key) for key in P.__annotations__}  # before any test sets them
 
 
 def test_gpt2_tokenizer_from_the_repository_files():
@@ -80,7 +82,11 @@ def test_globs_and_separate_val_files(tmp_path):
     (['mine', '--input=/no/such/file.txt'], "--input '/no/such/file.txt' matches no file"),
     (['mine', '--input=EMPTY'], 'is empty'),
     (['mine', '--input=FOLDER'], 'is a folder'),
-    (['mine', '--input=GOOD', '--val_fraction=1.5'], 'val_fraction must be in (0, 1)'),
+    (['mine', '--input=GOOD', '--val_fraction=1.5'], 'val_fraction must be a float with 0 < val_fraction < 1'),
+    (['mine', '--input=GOOD', '--tokenizer=bpe'], 'tokenizer must be one of gpt2, char'),
+    (['mine', '--input=GOOD', '--num_proc=0'], 'num_proc must be an int with num_proc >= 1'),
+    (['mine', '--input=GOOD', '--max_tokens=-1'], 'max_tokens must be an int with max_tokens >= 0'),
+    (['openwebtext', '--local_hub=/no/such/dir'], 'local_hub must be an existing folder'),
     (['mine', '--input=GOOD', '--vocab=3'], "unknown config key 'vocab'"),
 ])
 def test_bad_inputs_are_one_line_errors(tmp_path, args, message):
@@ -140,21 +146,115 @@ def test_a_long_text_read_in_blocks_has_the_tokens_of_the_whole(tmp_path):
     assert sum((enc.encode_ordinary(t) for t, _ in pieces), []) == enc.encode_ordinary(text)
 
 
-def test_an_interrupted_run_leaves_nothing_that_looks_finished(tmp_path, monkeypatch):
-    import prepare as P
+def prepare(*args):
+    """prepare.py's main in this process, from its default settings (a call sets the module's globals)."""
+    for key, value in DEFAULTS.items():
+        setattr(P, key, value)
+    P.main([str(a) for a in args] + ['--num_proc=1'])
+
+
+def error_of(*args):
+    """The one-line error prepare.py exits with."""
+    with pytest.raises(SystemExit) as e:
+        prepare(*args)
+    message = str(e.value.code)
+    assert message.startswith('error: ') and '\n' not in message, message
+    return message
+
+
+def files_of(folder):
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+@pytest.mark.parametrize('bad, message', [
+    (['--max_tokens=1'], 'the train text gave 1 tokens'),
+    (['--text_field=body'], "docs.jsonl, line 1 has no 'body' field"),
+    (['--input=BAD'], "bad.jsonl, line 2 has no 'text' field"),  # found while tokenizing
+])
+def test_a_failed_rerun_leaves_the_previous_dataset(tmp_path, bad, message):
+    from prepare import load_tokens, read_meta
+    write_formats(tmp_path)
+    (tmp_path / 'bad.jsonl').write_text('{"text": "fine"}\n{"body": "no text"}\n')
+    out = tmp_path / 'data'
+    prepare('x', f"--input={tmp_path / 'docs.jsonl'}", f'--out_dir={out}')
+    before = files_of(out)
+    bad = [a.replace('BAD', str(tmp_path / 'bad.jsonl')) for a in bad]
+    assert message in error_of('x', f"--input={tmp_path / 'docs.jsonl'}", f'--out_dir={out}', *bad)
+    assert files_of(out) == before and read_meta(str(out))['val_tokens'] == len(load_tokens(str(out), 'val'))
+
+
+def test_an_interrupted_run_leaves_the_previous_dataset(tmp_path, monkeypatch):
     write_formats(tmp_path)
     out = tmp_path / 'data'
-    P.main(['x', f"--input={tmp_path / 'docs.jsonl'}", f'--out_dir={out}'])  # a finished dataset
-    assert (out / 'meta.json').exists()
+    prepare('x', f"--input={tmp_path / 'docs.jsonl'}", f'--out_dir={out}')
+    before = files_of(out)
 
     def killed(*args):
         raise KeyboardInterrupt
     monkeypatch.setattr(P, 'hold_out', killed)  # stopped after the train tokens, before the val split
     with pytest.raises(KeyboardInterrupt):
-        P.main(['x', f"--input={tmp_path / 'docs.jsonl'}", f'--out_dir={out}'])
-    assert not (out / 'meta.json').exists() and sorted(os.listdir(out)) == ['train.bin', 'val.bin']
+        prepare('x', f"--input={tmp_path / 'txt' / '*.txt'}", f'--out_dir={out}')
+    assert files_of(out) == before  # no temporary file left either
+
+
+def test_a_run_killed_while_swapping_files_leaves_nothing_that_looks_finished(tmp_path, monkeypatch):
+    write_formats(tmp_path)
+    out = tmp_path / 'data'
+    prepare('x', f"--input={tmp_path / 'docs.jsonl'}", f'--out_dir={out}')
+
+    def killed(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(os, 'replace', killed)  # the first new file is about to get its name
+    with pytest.raises(KeyboardInterrupt):
+        prepare('x', f"--input={tmp_path / 'txt' / '*.txt'}", f'--out_dir={out}')
+    assert sorted(os.listdir(out)) == ['train.bin', 'val.bin']
     with pytest.raises(SystemExit, match='no prepared dataset'):
         P.read_meta(str(out))
+
+
+def write_parquet(path, **columns):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table(columns), path)
+
+
+@pytest.mark.parametrize('name, content, message', [
+    ('a.jsonl', b'{"text": "fine"}\n{"body": "x", "id": 2}\n',
+     "a.jsonl, line 2 has no 'text' field (its fields: body, id); pass --text_field=NAME"),
+    ('a.jsonl', b'{"text": "fine"}\n\n{"text": null}\n', "a.jsonl, line 3: its 'text' is None, not text"),
+    ('a.jsonl', b'{"text": 42}\n', "a.jsonl, line 1: its 'text' is 42, not text"),
+    ('a.jsonl', b'{"text": "fine"}\n{"text": "cut off\n', 'a.jsonl, line 2 is not JSON'),
+    ('a.jsonl', b'["text"]\n', "a.jsonl, line 1 has no 'text' field (it is a JSON list)"),
+    ('a.txt', 'caf\u00e9\n'.encode('latin-1'), "a.txt is not UTF-8 text (byte b'\\xe9' and on); convert it"),
+    ('a.txt.gz', b'not gzip at all', 'cannot read '),
+    ('a.parquet', None, "a.parquet has no column 'text' (its columns: body); pass --text_field=NAME"),
+    ('b.parquet', None, "b.parquet, row 2: its 'text' is None, not text"),
+    ('a.parquet', b'PAR1 but not parquet', 'as parquet'),
+])
+def test_bad_files_are_one_line_errors_naming_the_file(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    elif name == 'a.parquet':
+        write_parquet(path, body=['x', 'y'])
+    else:
+        write_parquet(path, text=['x', None])
+    assert message in error_of('x', f'--input={path}', f"--out_dir={tmp_path / 'out'}")
+    assert not (tmp_path / 'out').exists() or not os.listdir(tmp_path / 'out')
+
+
+def test_compressed_jsonl_and_txt_are_read_as_they_are(tmp_path):
+    import gzip
+    import lzma
+    write_formats(tmp_path)
+    (tmp_path / 'docs.jsonl.gz').write_bytes(gzip.compress((tmp_path / 'docs.jsonl').read_bytes()))
+    for i, d in enumerate(DOCS):
+        (tmp_path / f'{i:03d}.txt.xz').write_bytes(lzma.compress(d.encode()))
+    sources = {'plain': tmp_path / 'docs.jsonl', 'gz': tmp_path / 'docs.jsonl.gz', 'xz': tmp_path / '*.txt.xz'}
+    for name, path in sources.items():
+        prepare(name, f'--input={path}', f'--out_dir={tmp_path / name}')
+    tokens = lambda name: [(tmp_path / name / f'{s}.bin').read_bytes() for s in ('train', 'val')]
+    assert tokens('plain') == tokens('gz') == tokens('xz')
 
 
 def test_openwebtext_from_its_files_gives_nanogpts_split(tmp_path):
@@ -193,3 +293,72 @@ def test_openwebtext_from_its_files_gives_nanogpts_split(tmp_path):
     read = lambda s: np.fromfile(tmp_path / 'owt' / f'{s}.bin', dtype=np.uint16).tolist()
     assert len(split['test']) == 2 and read('val') == tokens(split['test']['text'])
     assert read('train') == tokens(split['train']['text'])
+
+
+# -----------------------------------------------------------------------------
+# The hub: a pinned OpenWebText revision, one-line errors, `hf download` (today's client) in every hint
+
+@pytest.mark.parametrize('args, revision', [([], 'PINNED'), (['--hub_revision=abc123'], 'abc123')])
+def test_openwebtext_is_fetched_at_its_pinned_revision(tmp_path, monkeypatch, args, revision):
+    import huggingface_hub
+    revision = P.OPENWEBTEXT_REVISION if revision == 'PINNED' else revision
+    asked = []
+
+    def download(repo, filename, **kwargs):
+        asked.append(kwargs)
+        raise huggingface_hub.errors.EntryNotFoundError(f'{filename} is not at this revision\nmore')
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', download)
+    monkeypatch.setattr(P, 'check_hub', lambda *a: None)  # reachable
+    message = error_of('openwebtext', f"--out_dir={tmp_path / 'out'}", *args)
+    assert asked == [{'repo_type': 'dataset', 'revision': revision}]
+    assert f"cannot download Skylion007/openwebtext at revision {revision} (EntryNotFoundError" in message
+    assert f'hf download Skylion007/openwebtext --repo-type dataset --revision {revision}' in message
+
+
+def test_the_download_hint_names_todays_hf_client(tmp_path):
+    message = error_of('openwebtext', f'--local_hub={tmp_path}', f"--out_dir={tmp_path / 'out'}")
+    assert 'get them with hf download Skylion007/openwebtext' in message and 'huggingface-cli' not in message
+
+
+def test_a_hub_dataset_failing_midway_is_one_line(tmp_path, monkeypatch):
+    import datasets
+    asked = []
+
+    def load_dataset(path, config, **kwargs):
+        asked.append(kwargs['revision'])
+        yield {'text': 'first row'}
+        raise ConnectionError('connection reset\nby peer')
+    monkeypatch.setattr(datasets, 'load_dataset', load_dataset)
+    monkeypatch.setattr(P, 'check_hub', lambda *a: None)
+    message = error_of('x', '--hub=someone/corpus', '--hub_revision=v1', f"--out_dir={tmp_path / 'out'}")
+    assert asked == ['v1'] and 'cannot read someone/corpus (ConnectionError: connection reset); check' in message
+
+
+# -----------------------------------------------------------------------------
+# data_fingerprint: matches a label cache to its token file by content, reading little of it
+
+def test_data_fingerprint_of_a_small_file_is_of_all_of_it(tmp_path):
+    from prepare import data_fingerprint
+    a = write(tmp_path / 'a.bin', b'to be or not to be')
+    assert data_fingerprint(a) == data_fingerprint(write(tmp_path / 'copy.bin', b'to be or not to be'))
+    assert len(data_fingerprint(a)) == 16 and int(data_fingerprint(a), 16) >= 0
+    assert data_fingerprint(a) != data_fingerprint(write(tmp_path / 'b.bin', b'to be or not to bee'))  # size
+    assert data_fingerprint(a) != data_fingerprint(write(tmp_path / 'c.bin', b'to be or NOT to be'))  # text
+
+
+def test_data_fingerprint_of_a_large_file_samples_blocks(tmp_path):
+    from prepare import data_fingerprint
+    data = np.random.default_rng(0).integers(0, 256, 10_000, dtype=np.uint8).tobytes()
+    path = tmp_path / 'x.bin'
+    sampled = lambda d: data_fingerprint(write(path, d), blocks=4, block=100)  # at 0, 3300, 6600 and 9900
+    flip = lambda i: data[:i] + bytes([data[i] ^ 1]) + data[i + 1:]
+    base = sampled(data)
+    assert sampled(data) == base and sampled(flip(3350)) != base and sampled(flip(9999)) != base
+    assert sampled(flip(5000)) == base  # between the blocks: unseen, the price of reading little
+    assert sampled(data + b'\0\0') != base and sampled(bytes(reversed(data))) != base
+    assert data_fingerprint(write(path, data)) != base  # the default reads all 10 kB
+
+
+def write(path, data):
+    path.write_bytes(data)
+    return str(path)

@@ -1,0 +1,35 @@
+"""sample.py refuses what it cannot do in one line, before loading a model."""
+import os
+import runpy
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+
+def error_of(monkeypatch, *args):
+    """The one-line error sample.py exits with, run in this process (no model is loaded first)."""
+    monkeypatch.setattr(sys, 'argv', ['sample.py'] + [str(a) for a in args])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(ROOT, 'sample.py'), run_name='__main__')
+    message = str(e.value.code)
+    assert message.startswith('error: ') and '\n' not in message, message
+    return message
+
+
+def test_no_new_tokens_with_concepts_is_refused(monkeypatch, tmp_path):
+    message = error_of(monkeypatch, f'--out_dir={tmp_path}', '--max_new_tokens=0', '--show_concepts')
+    assert 'max_new_tokens must be an int with max_new_tokens >= 1, not 0' in message
+
+
+def test_a_missing_out_dir_is_named(monkeypatch, tmp_path):
+    message = error_of(monkeypatch, f'--out_dir={tmp_path / "nothing"}', '--device=cpu')
+    assert f"no checkpoint at {tmp_path / 'nothing' / 'ckpt.pt'}: there is no folder" in message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='this torch sees a GPU')
+def test_cuda_without_a_gpu_is_refused(monkeypatch, tmp_path):
+    message = error_of(monkeypatch, f'--out_dir={tmp_path}', '--device=cuda')
+    assert 'device must be cpu (this torch sees no CUDA GPU' in message
