@@ -23,17 +23,17 @@ from prepare import data_dir_of, load_tokens, read_meta, windows
 from sae import check_width, load_sae, teacher_residual
 
 # -----------------------------------------------------------------------------
-teacher = 'gpt2'  # any spec common.load_model takes
-sae = 'openai:resid_post_mlp:5'  # any spec sae.load_sae takes
-sae_layer = 5
-dataset = 'openwebtext'
-label_method = 'attribution'
-k_attr = 4
-block_size = 1024  # the labelled windows; train.py must use the same
-batch_size = 8  # windows per teacher pass
-splits = 'train,val'
-device = DEVICE
-dtype = DTYPE
+teacher: 'str' = 'gpt2'  # any spec common.load_model takes
+sae: 'str' = 'openai:resid_post_mlp:5'  # any spec sae.load_sae takes
+sae_layer: 'int >= 0' = 5
+dataset: 'str' = 'openwebtext'
+label_method: 'attribution|activation|attribution_preact|attribution_neg' = 'attribution'
+k_attr: 'int >= 1' = 4
+block_size: 'int >= 1' = 1024  # the labelled windows; train.py must use the same
+batch_size: 'int >= 1' = 8  # windows per teacher pass
+splits: 'str' = 'train,val'
+device: 'device' = DEVICE
+dtype: 'float32|bfloat16|float16' = DTYPE
 # -----------------------------------------------------------------------------
 LABEL_METHODS = ('attribution', 'activation', 'attribution_preact', 'attribution_neg')
 
