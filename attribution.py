@@ -57,6 +57,15 @@ def concept_labels(teacher, sae, idx, sae_layer, k_attr=4, method='attribution',
     """idx (B, T) -> labels (B, T, k_attr), best first; -1 where fewer score above 0, and at the
     last position for the gradient methods (it predicts nothing)."""
     check_setup(teacher, sae, sae_layer, k_attr, method)
+    # in float32 whatever the run's autocast, as the authors: under bfloat16 near-ties at the
+    # SAE's TopK boundary and among the scores flip (measured: RESULTS.md)
+    with torch.autocast(idx.device.type, enabled=False):
+        labels, scores = _labels(teacher, sae, idx, sae_layer, k_attr, method)
+    return (labels, scores) if return_scores else labels
+
+
+def _labels(teacher, sae, idx, sae_layer, k_attr, method):
+    """concept_labels' work, in the dtype of the teacher and the SAE."""
     with torch.no_grad():
         h = teacher_residual(teacher, idx, sae_layer)
     grad = None
@@ -83,7 +92,7 @@ def concept_labels(teacher, sae, idx, sae_layer, k_attr=4, method='attribution',
         labels = indices.gather(-1, top.indices).masked_fill(top.values <= 0, -1)
         if grad is not None:
             labels[:, -1] = -1
-    return (labels, top.values) if return_scores else labels
+    return labels, top.values
 
 
 def label_flops_per_token(cfg, sae_layer, n_concepts, T, method='attribution'):

@@ -275,3 +275,14 @@ def test_the_cache_holds_no_memmap(tmp_path, monkeypatch):
     cache = A.load_label_cache(data, 'val', IDENTITY, 'attribution', 4, 24)
     assert len(pickle.dumps(cache)) < 1000  # a path and a dtype, not 16 KB of labels
     assert A.label_windows(cache, [0, 24], 24).shape == (2, 24, 4)
+
+
+@pytest.mark.parametrize('method', ['attribution', 'activation'])
+def test_labels_under_bfloat16_autocast_equal_float32_labels(method):
+    """train.py labels inside its autocast context: the labels are computed in float32 all the same."""
+    teacher, sae, _ = setup()
+    idx = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(5))
+    fp32 = A.concept_labels(teacher, sae, idx, LAYER, method=method)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        bf16 = A.concept_labels(teacher, sae, idx, LAYER, method=method)
+    assert torch.equal(bf16, fp32)
