@@ -288,6 +288,9 @@ if __name__ == '__main__':
     data_dir = data_dir_of(dataset)
     teacher_model, sae_model, identity = load_concepts(
         teacher, sae, sae_layer, device, read_meta(data_dir), data_dir, k_attr, label_method)
+    if block_size > teacher_model.config.block_size:
+        raise UserError(f"block_size={block_size} is longer than the teacher's context "
+                        f"({teacher_model.config.block_size}); use a shorter block_size")
     for split in splits.split(','):
         expected = describe(data_dir, split, identity, label_method, k_attr, block_size)
         label_split(teacher_model, sae_model, data_dir, split, expected, device, None, batch_size,

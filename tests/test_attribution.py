@@ -286,3 +286,14 @@ def test_labels_under_bfloat16_autocast_equal_float32_labels(method):
     with torch.autocast('cpu', dtype=torch.bfloat16):
         bf16 = A.concept_labels(teacher, sae, idx, LAYER, method=method)
     assert torch.equal(bf16, fp32)
+
+
+def test_windows_longer_than_the_teachers_context_are_refused(dataset, tmp_path):
+    teacher, sae, _ = setup()  # the teacher reads 32 positions
+    model_args = dict(block_size=32, vocab_size=64, n_layer=3, n_head=2, n_embd=32, bias=True, dropout=0.0)
+    save_checkpoint({'model': teacher.state_dict(), 'model_args': model_args}, str(tmp_path / 'teacher'))
+    sae.save(str(tmp_path / 'sae.pt'))
+    p = run(['attribution.py', f'--teacher={tmp_path / "teacher"}', f'--sae={tmp_path / "sae.pt"}', '--sae_layer=1',
+             f'--dataset={dataset}', '--block_size=48', '--device=cpu'], check=False)
+    assert p.returncode != 0 and "block_size=48 is longer than the teacher's context (32)" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and not os.path.exists(os.path.join(dataset, 'labels_train.json'))
