@@ -8,32 +8,34 @@ train.py labels each batch online; this script labels a dataset once, for --labe
     python attribution.py config/cocomix_shakespeare.py  # data/NAME/labels_{train,val}.bin + .json
     torchrun --standalone --nproc_per_node=8 attribution.py config/cocomix_gpt2.py
 """
+import glob
+import hashlib
 import json
 import os
 import time
+from contextlib import suppress
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import DEVICE, DTYPE, UserError, atomic_path, autocast, configure, fingerprint
+from common import DEVICE, UserError, atomic_path, configure, fingerprint
 from common import load_teacher, setting_names, setup_distributed
 from prepare import data_dir_of, load_tokens, read_meta, windows
 from sae import check_width, load_sae, teacher_residual
 
 # -----------------------------------------------------------------------------
-teacher = 'gpt2'  # any spec common.load_model takes
-sae = 'openai:resid_post_mlp:5'  # any spec sae.load_sae takes
-sae_layer = 5
-dataset = 'openwebtext'
-label_method = 'attribution'
-k_attr = 4
-block_size = 1024  # the labelled windows; train.py must use the same
-batch_size = 8  # windows per teacher pass
-splits = 'train,val'
-device = DEVICE
-dtype = DTYPE
+teacher: 'str' = 'gpt2'  # any spec common.load_model takes
+sae: 'str' = 'openai:resid_post_mlp:5'  # any spec sae.load_sae takes
+sae_layer: 'int >= 0' = 5
+dataset: 'str' = 'openwebtext'
+label_method: 'attribution|activation|attribution_preact|attribution_neg' = 'attribution'
+k_attr: 'int >= 1' = 4
+block_size: 'int >= 1' = 1024  # the labelled windows; train.py must use the same
+batch_size: 'int >= 1' = 8  # windows per teacher pass
+splits: 'str' = 'train,val'
+device: 'device' = DEVICE  # labels are computed in float32 whatever the run's dtype
 # -----------------------------------------------------------------------------
 LABEL_METHODS = ('attribution', 'activation', 'attribution_preact', 'attribution_neg')
 
@@ -55,6 +57,15 @@ def concept_labels(teacher, sae, idx, sae_layer, k_attr=4, method='attribution',
     """idx (B, T) -> labels (B, T, k_attr), best first; -1 where fewer score above 0, and at the
     last position for the gradient methods (it predicts nothing)."""
     check_setup(teacher, sae, sae_layer, k_attr, method)
+    # in float32 whatever the run's autocast, as the authors: under bfloat16 near-ties at the
+    # SAE's TopK boundary and among the scores flip (measured: RESULTS.md)
+    with torch.autocast(idx.device.type, enabled=False):
+        labels, scores = _labels(teacher, sae, idx, sae_layer, k_attr, method)
+    return (labels, scores) if return_scores else labels
+
+
+def _labels(teacher, sae, idx, sae_layer, k_attr, method):
+    """concept_labels' work, in the dtype of the teacher and the SAE."""
     with torch.no_grad():
         h = teacher_residual(teacher, idx, sae_layer)
     grad = None
@@ -81,7 +92,7 @@ def concept_labels(teacher, sae, idx, sae_layer, k_attr=4, method='attribution',
         labels = indices.gather(-1, top.indices).masked_fill(top.values <= 0, -1)
         if grad is not None:
             labels[:, -1] = -1
-    return (labels, top.values) if return_scores else labels
+    return labels, top.values
 
 
 def label_flops_per_token(cfg, sae_layer, n_concepts, T, method='attribution'):
@@ -134,7 +145,11 @@ def load_concepts(teacher_spec, sae_spec, sae_layer, device, data_meta, data_dir
 
 
 # -----------------------------------------------------------------------------
-# The cache: labels_<split>.bin, (N_tokens, k_attr) ids (no label: the dtype's max), and its .json
+# The cache: labels_<split>.bin, (N_tokens, k_attr) concept ids + 1, so that 0 = no label and a
+# fresh (sparse, truncated) file is all "no label"; OpenWebText's 9B tokens x k_attr 4 x 2 bytes
+# make 72 GB. Its .json says what made it. Progress: each process appends the (first, stop)
+# windows it wrote to its own file, labels_<split>.bin.done (process 0) or .done.<rank>; a window
+# is done when any file lists it, so a stopped run resumes with any batch size and process count.
 
 def cache_paths(data_dir, split):
     return tuple(os.path.join(data_dir, f'labels_{split}.{ext}') for ext in ('bin', 'json'))
@@ -144,15 +159,30 @@ def cache_dtype(n_concepts):
     return np.uint16 if n_concepts < 2 ** 16 else np.uint32
 
 
+def data_fingerprint(path):
+    """A token file's content, in short: sha256 over its size and 64 evenly spaced 64 KiB blocks
+    (the whole file when small). To be replaced by prepare.data_fingerprint, the same function."""
+    size, block, n = os.path.getsize(path), 1 << 16, 64
+    h = hashlib.sha256(str(size).encode())
+    with open(path, 'rb') as f:
+        if size <= n * block:
+            h.update(f.read())
+        for i in range(n if size > n * block else 0):
+            f.seek(i * (size - block) // (n - 1))
+            h.update(f.read(block))
+    return h.hexdigest()[:16]
+
+
 def describe(data_dir, split, identity, label_method, k_attr, block_size):
-    """What a cache must match: the data file, the run's identity (load_concepts), the settings."""
-    data_file = os.path.join(data_dir, f'{split}.bin')
-    return dict(data_file=os.path.abspath(data_file), data_bytes=os.path.getsize(data_file),
-                **identity, label_method=label_method, k_attr=k_attr, block_size=block_size)
+    """What a cache must match: the data's content, the run's identity (load_concepts), the
+    settings."""
+    data = data_fingerprint(os.path.join(data_dir, f'{split}.bin'))
+    return dict(data=data, **identity, label_method=label_method, k_attr=k_attr,
+                block_size=block_size)
 
 
 def load_label_cache(data_dir, split, identity, label_method, k_attr, block_size):
-    """A finished cache's labels as a memmap (N_tokens, k_attr); one made otherwise is refused."""
+    """A finished cache, for label_windows; one made otherwise is refused."""
     path, meta_path = cache_paths(data_dir, split)
     if not os.path.exists(meta_path):
         raise UserError(f"no label cache at {path}; run attribution.py with this run's config")
@@ -164,61 +194,80 @@ def load_label_cache(data_dir, split, identity, label_method, k_attr, block_size
                             f"this run has {value!r}; run attribution.py or set label_cache=False")
     if not meta.get('complete'):
         raise UserError(f"the label cache {path} is unfinished; run attribution.py again")
-    return np.memmap(path, dtype=cache_dtype(meta['n_concepts']), mode='r').reshape(-1, k_attr)
+    return dict(path=path, dtype=cache_dtype(meta['n_concepts']), k_attr=k_attr)
 
 
 def label_windows(cache, starts, length):
-    """(B, length, k_attr) labels of the windows at `starts`, the marker turned into -1."""
-    out = windows(cache, starts, length)
-    return out.masked_fill(out == np.iinfo(cache.dtype).max, -1)
+    """(B, length, k_attr) labels of the windows at `starts`, -1 for none. A fresh memmap per
+    call: one kept open grows the resident memory as pages are touched (prepare.load_tokens)."""
+    labels = np.memmap(cache['path'], dtype=cache['dtype'], mode='r').reshape(-1, cache['k_attr'])
+    return windows(labels, starts, length) - 1
 
 
-def label_split(teacher, sae, data_dir, split, expected, device, dtype, batch_size, rank=0,
+def read_progress(path, n_windows):
+    """The windows whose labels are on disk: those any process's progress file lists."""
+    done = np.zeros(n_windows, dtype=bool)
+    for name in glob.glob(glob.escape(path) + '.done*'):
+        with suppress(FileNotFoundError):  # a writer that finished removes them
+            with open(name, 'rb') as f:
+                raw = f.read()
+            for first, stop in np.frombuffer(raw[:len(raw) // 16 * 16], '<i8').reshape(-1, 2):
+                done[first:stop] = True
+    return done
+
+
+def label_split(teacher, sae, data_dir, split, expected, device, dtype=None, batch_size=8, rank=0,
                 world=1):
-    """Label a split, process `rank` of `world` taking every world-th batch. A byte per batch in
-    labels_<split>.bin.done marks it written: a stopped run resumes on any number of processes."""
+    """Label a split's windows not yet done, process `rank` of `world` taking every world-th batch
+    (dtype: unused, labels are computed in float32)."""
     block_size, k_attr = expected['block_size'], expected['k_attr']
     path, meta_path = cache_paths(data_dir, split)
-    done_path = path + '.done'
     n_tokens = len(load_tokens(data_dir, split))
     n_windows, dt = n_tokens // block_size, cache_dtype(sae.n_latents)
-    n_batches = -(-n_windows // batch_size)
     meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
     same = all(meta.get(k) == v for k, v in expected.items()) and os.path.exists(path)
     if same and meta.get('complete'):
         return rank == 0 and print(f"{path}: already labelled")
-    if rank == 0 and not (same and os.path.exists(done_path)):  # a fresh cache
-        labels = np.memmap(path, dtype=dt, mode='w+', shape=(n_tokens, k_attr))
-        labels[:] = np.iinfo(dt).max  # tokens past the last whole window keep "no label"
-        labels.flush()
-        np.zeros(n_batches, dtype=np.uint8).tofile(done_path)
+    if rank == 0 and not same:  # a fresh cache, all "no label" at once: no rank waits on a fill
+        for old in glob.glob(glob.escape(path) + '.done*'):
+            os.remove(old)
+        with open(path, 'wb') as f:
+            f.truncate(n_tokens * k_attr * np.dtype(dt).itemsize)
         write_meta(meta_path, dict(expected, complete=False))
     barrier()
-    labels = np.memmap(path, dtype=dt, mode='r+', shape=(n_tokens, k_attr))
-    done = np.memmap(done_path, dtype=np.uint8, mode='r+')
-    todo = [b for b in range(rank, n_batches, world) if not done[b]]
-    t0, n_done = time.time(), 0
-    for b in tqdm(todo, desc=f'labelling {split}' + (f' (rank {rank})' if world > 1 else ''),
-                  position=rank, unit='batch'):
-        start, stop = b * batch_size * block_size, min((b + 1) * batch_size, n_windows) * block_size
-        idx = windows(load_tokens(data_dir, split), range(start, stop, block_size), block_size)
-        with autocast(device, dtype):
-            out = concept_labels(teacher, sae, idx.to(device), expected['sae_layer'], k_attr,
-                                 expected['label_method'])
-        out = out.reshape(-1, k_attr).cpu().numpy()
-        labels[start:stop] = np.where(out < 0, np.iinfo(dt).max, out).astype(dt)
-        labels.flush()
-        done[b] = 1  # only once its labels are on disk
-        done.flush()
-        n_done += stop - start
-    rate = n_done / max(time.time() - t0, 1e-9)
+    done = read_progress(path, n_windows)
+    barrier()  # every process has read the same progress before any adds to it
+    edges = np.concatenate(([True], done, [True]))  # runs of windows to do: [first, stop)
+    runs = zip(np.flatnonzero(edges[:-1] & ~edges[1:]), np.flatnonzero(~edges[:-1] & edges[1:]))
+    batches = [(s, min(s + batch_size, stop)) for first, stop in runs
+               for s in range(first, stop, batch_size)][rank::world]
+    row = block_size * k_attr * np.dtype(dt).itemsize  # bytes per window
+    fd = os.open(path, os.O_WRONLY)
+    progress = open(path + '.done' + (f'.{rank}' if rank else ''), 'ab')
+    t0, desc = time.time(), f'labelling {split}' + (f' (rank {rank})' if world > 1 else '')
+    for first, stop in tqdm(batches, desc=desc, position=rank, unit='batch'):
+        idx = windows(load_tokens(data_dir, split), range(first * block_size, stop * block_size,
+                                                          block_size), block_size)
+        out = concept_labels(teacher, sae, idx.to(device), expected['sae_layer'], k_attr,
+                             expected['label_method'])
+        os.pwrite(fd, (out.cpu().numpy() + 1).astype(dt).tobytes(), int(first) * row)
+        os.fsync(fd)  # the labels on disk before the progress says so
+        progress.write(np.array([first, stop], '<i8').tobytes())
+        progress.flush()
+        os.fsync(progress.fileno())
+        done[first:stop] = True
+    os.close(fd)
+    progress.close()
+    rate = sum(b - a for a, b in batches) * block_size / max(time.time() - t0, 1e-9)
     barrier()
     if rank == 0:
-        if not done.all():
-            raise UserError(f"{path}: {int((done == 0).sum())} batches are missing; run again")
+        missing = int((~(done | read_progress(path, n_windows))).sum())
+        if missing:
+            raise UserError(f"{path}: {missing} windows are missing; run again")
         write_meta(meta_path, dict(expected, complete=True))
-        if os.path.exists(done_path):  # another writer of this cache may have finished first
-            os.remove(done_path)
+        for name in glob.glob(glob.escape(path) + '.done*'):
+            with suppress(FileNotFoundError):  # another writer of this cache may finish first
+                os.remove(name)
         print(f"{path}: {n_windows * block_size:,} tokens labelled ({rate * world:,.0f} tokens/s, "
               f"{world} process{'es' if world > 1 else ''})")
 
@@ -239,9 +288,12 @@ if __name__ == '__main__':
     data_dir = data_dir_of(dataset)
     teacher_model, sae_model, identity = load_concepts(
         teacher, sae, sae_layer, device, read_meta(data_dir), data_dir, k_attr, label_method)
+    if block_size > teacher_model.config.block_size:
+        raise UserError(f"block_size={block_size} is longer than the teacher's context "
+                        f"({teacher_model.config.block_size}); use a shorter block_size")
     for split in splits.split(','):
         expected = describe(data_dir, split, identity, label_method, k_attr, block_size)
-        label_split(teacher_model, sae_model, data_dir, split, expected, device, dtype, batch_size,
+        label_split(teacher_model, sae_model, data_dir, split, expected, device, None, batch_size,
                     rank, world)
     if world > 1:
         torch.distributed.destroy_process_group()

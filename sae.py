@@ -21,30 +21,34 @@ from model import sae_norm
 from prepare import data_dir_of, download, load_tokens, read_meta, windows
 
 # -----------------------------------------------------------------------------
-out_dir = 'out-sae'
-init_from = 'scratch'  # or 'resume' (out_dir/sae_ckpt.pt)
-teacher = ''  # 'gpt2*' or a train.py out_dir; --evaluate: the SAE file's by default
-sae_layer = -1  # the block whose output the SAE reads (0-based)
-dataset = ''  # a prepared dataset (prepare.py)
-n_latents = 32768
-k = 32
-normalize = True
-k_aux = 0  # latents in the AuxK loss; 0 = n_inputs // 2
-aux_coef = 1 / 32
-dead_tokens = 10_000_000  # a latent inactive for this many training tokens is dead
-batch_size = 4096  # activation vectors per step
-context = 64  # tokens per teacher window
-buffer_size = 131072  # activation vectors per shuffle buffer
-max_tokens = 200_000_000
-learning_rate = 0.0  # 0 = Gao et al.'s 2e-4 / sqrt(n_latents / 2^14)
-eval_tokens = 65536  # held-out tokens for evaluation
-log_interval = 50
-ckpt_interval = 1000  # steps between resumable checkpoints
-evaluate = ''  # an SAE file: evaluate it and stop
-device = DEVICE
-dtype = DTYPE  # autocast for the teacher and the SAE
-seed = 1337
+out_dir: 'str' = 'out-sae'
+init_from: 'scratch|resume' = 'scratch'  # resume: from out_dir/sae_ckpt.pt
+teacher: 'str' = ''  # 'gpt2*' or a train.py out_dir; --evaluate: the SAE file's by default
+sae_layer: 'int >= -1' = -1  # the block whose output the SAE reads (0-based); -1: the file's
+dataset: 'str' = ''  # a prepared dataset (prepare.py)
+n_latents: 'int >= 1' = 32768
+k: 'int >= 1' = 32  # active latents, at most n_latents
+normalize: 'bool' = True
+k_aux: 'int >= 0' = 0  # latents in the AuxK loss; 0 = n_inputs // 2
+aux_coef: 'float >= 0' = 1 / 32
+dead_tokens: 'int >= 1' = 10_000_000  # a latent inactive for this many training tokens is dead
+batch_size: 'int >= 1' = 4096  # activation vectors per step
+context: 'int >= 1' = 64  # tokens per teacher window
+buffer_size: 'int >= 1' = 131072  # activation vectors per shuffle buffer
+max_tokens: 'int >= 1' = 200_000_000
+learning_rate: 'float >= 0' = 0.0  # 0 = Gao et al.'s 2e-4 / sqrt(n_latents / 2^14)
+eval_tokens: 'int >= 1' = 65536  # held-out tokens for evaluation
+log_interval: 'int >= 1' = 50
+ckpt_interval: 'int >= 1' = 1000  # steps between resumable checkpoints
+evaluate: 'file?' = ''  # an SAE file: evaluate it and stop
+device: 'device' = DEVICE
+dtype: 'float32|bfloat16|float16' = DTYPE  # autocast for the teacher and the SAE
+seed: 'int >= 0' = 1337
 # -----------------------------------------------------------------------------
+# a resume must train the same SAE on the same stream: these settings change what is written
+SAME_ON_RESUME = ('teacher', 'dataset', 'sae_layer', 'n_latents', 'k', 'normalize', 'k_aux',
+                  'aux_coef', 'dead_tokens', 'batch_size', 'context', 'buffer_size',
+                  'learning_rate', 'seed')
 OPENAI_URL = 'https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small/' \
              '{location}_v5_{size}/autoencoders/{layer}.pt'
 
@@ -305,6 +309,20 @@ if __name__ == '__main__':
     sae_layer = sae_layer if sae_layer >= 0 else meta.get('layer', -1)
     if not teacher or not dataset or sae_layer < 0:
         raise UserError("set teacher, dataset and sae_layer (see config/sae_shakespeare.py)")
+    ckpt = None
+    if not evaluate:  # settings that cannot train, refused before the teacher loads
+        if k > n_latents:
+            raise UserError(f"k={k} is more than n_latents={n_latents}; use k <= n_latents")
+        if buffer_size < batch_size:
+            raise UserError(f"buffer_size={buffer_size} holds no batch of {batch_size}; raise it")
+        if init_from == 'resume':
+            ckpt = load_checkpoint(out_dir, device, 'sae_ckpt.pt')
+            saved = ckpt['config']
+            differ = [f"{key}={saved[key]!r} (this run: {config[key]!r})"
+                      for key in SAME_ON_RESUME if saved.get(key, config[key]) != config[key]]
+            if differ:
+                raise UserError(f"{out_dir}/sae_ckpt.pt was trained with {', '.join(differ)}; "
+                                "resume with its settings, or train into another out_dir")
     data_dir = data_dir_of(dataset)
     teacher_model = load_teacher(teacher, device, read_meta(data_dir), data_dir)
     T, d = teacher_model.config.block_size, teacher_model.config.n_embd
@@ -317,8 +335,6 @@ if __name__ == '__main__':
                                context, dtype)
         print(report(metrics))
         raise SystemExit
-    if buffer_size < batch_size:
-        raise UserError(f"buffer_size={buffer_size} holds no batch of {batch_size}; raise it")
     lr = learning_rate or 2e-4 / math.sqrt(n_latents / 2 ** 14)
     steps, per_buffer = max_tokens // batch_size, buffer_size // batch_size
     sae = TopKSAE(d, n_latents, k, normalize).to(device)
@@ -331,8 +347,7 @@ if __name__ == '__main__':
         return h[torch.randperm(len(h), generator=g)[:per_buffer * batch_size].to(h.device)]
 
     step = 0
-    if init_from == 'resume':
-        ckpt = load_checkpoint(out_dir, device, 'sae_ckpt.pt')
+    if ckpt is not None:
         sae.load_state_dict(ckpt['sae'])
         optimizer.load_state_dict(ckpt['optimizer'])
         step = ckpt['step']

@@ -161,37 +161,139 @@ def test_offline_cache_equals_online_labels_resumes_and_refuses_mismatch(dataset
     assert 'tokens labelled' in p.stdout
     identity = dict(teacher_id=fingerprint(teacher), sae_id=fingerprint(sae), sae_layer=1, n_concepts=128)
     cache = A.load_label_cache(dataset, 'val', identity, 'attribution', 4, 24)
-    assert cache.shape == (2000, 4) and cache.dtype == np.uint16
     starts = [0, 24 * 7, 24 * 82]  # window starts
     cached = A.label_windows(cache, starts, 24)
     val = np.fromfile(os.path.join(dataset, 'val.bin'), dtype=np.uint16).astype(np.int64)
     idx = torch.from_numpy(np.stack([val[s:s + 24] for s in starts]))
     assert torch.equal(cached, A.concept_labels(teacher, sae, idx, 1))
-    assert (torch.from_numpy(cache[83 * 24:].astype(np.int64)) == 65535).all()  # past the last whole window
-
-    # two processes (torchrun) write the same file; an interrupted run resumes, here with one process
     path, meta_path = A.cache_paths(dataset, 'val')
     reference = np.fromfile(path, dtype=np.uint16)
+    assert reference.shape == (2000 * 4,) and (reference[83 * 24 * 4:] == 0).all()  # past the last whole window
+
+    # two processes (torchrun) write the same file; an interrupted run resumes, here with one process
     os.remove(meta_path)
     run(['torchrun', '--standalone', '--nproc_per_node=2'] + args + ['--splits=val', '--batch_size=8'],
         env={'OMP_NUM_THREADS': '1'})
     assert np.array_equal(np.fromfile(path, dtype=np.uint16), reference) and json.load(open(meta_path))['complete']
     meta = json.load(open(meta_path))
     json.dump(dict(meta, complete=False), open(meta_path, 'w'))
-    done = np.ones(11, dtype=np.uint8)  # 83 windows in batches of 8: the last 6 batches not yet written
-    done[5:] = 0
-    done.tofile(path + '.done')
+    np.array([[0, 30], [30, 40]], dtype='<i8').tofile(path + '.done')  # windows 0 .. 39 written
     partial = np.memmap(path, dtype=np.uint16, mode='r+')
     partial[40 * 24 * 4:83 * 24 * 4] = 0
-    partial[:4] = 0  # a marker in a batch marked done: resuming must not touch it
+    partial[:4] = 7  # a label in a window marked done: resuming must not touch it
     partial.flush()
     del partial
     run(args + ['--splits=val', '--batch_size=8'])
     resumed = np.fromfile(path, dtype=np.uint16)
-    assert (resumed[:4] == 0).all() and np.array_equal(resumed[4:], reference[4:]) and not os.path.exists(path + '.done')
+    assert (resumed[:4] == 7).all() and np.array_equal(resumed[4:], reference[4:]) and not os.path.exists(path + '.done')
 
     with pytest.raises(SystemExit, match='was made with k_attr=4, this run has 2'):
         A.load_label_cache(dataset, 'val', identity, 'attribution', 2, 24)
     wrong = run(args[:1] + [f'--teacher={tmp_path / "teacher"}', f'--sae={tmp_path / "sae.pt"}', '--sae_layer=7',
                             f'--dataset={dataset}', '--device=cpu'], check=False)
     assert wrong.returncode != 0 and 'sae_layer=7 is out of range' in wrong.stderr
+
+
+# -----------------------------------------------------------------------------
+# The cache: resumes exactly, matched to its data by content, no fill, no memmap held
+
+IDENTITY = dict(teacher_id='t', sae_id='s', sae_layer=LAYER, n_concepts=128)
+
+
+class Killed(Exception):
+    pass
+
+
+def label(data, monkeypatch, batch_size, rank=0, world=1, batches=None, block_size=24):
+    """label_split on the val split; stopped as by kill -9 before batch number `batches` if given."""
+    teacher, sae, _ = setup()
+    calls, real = [0], A.concept_labels
+
+    def stoppable(*args, **kwargs):
+        if batches is not None and calls[0] == batches:
+            raise Killed
+        calls[0] += 1
+        return real(*args, **kwargs)
+    monkeypatch.setattr(A, 'concept_labels', stoppable)
+    expected = A.describe(data, 'val', IDENTITY, 'attribution', 4, block_size)
+    try:
+        A.label_split(teacher, sae, data, 'val', expected, device='cpu', dtype='float32', batch_size=batch_size,
+                      rank=rank, world=world)
+    except Killed:
+        pass
+    monkeypatch.setattr(A, 'concept_labels', real)
+    return A.cache_paths(data, 'val')
+
+
+def test_resume_with_other_batch_sizes_and_process_counts_equals_a_fresh_run(tmp_path, monkeypatch):
+    """Runs stopped part way, on 2 processes (ranks run here one after the other) and on 1, with
+    batch sizes 8, 5, 3 and 7, finish with the bytes of one uninterrupted run."""
+    from conftest import write_dataset
+    fresh, data = (write_dataset(str(tmp_path / name)) for name in ('fresh', 'data'))
+    path, _ = label(fresh, monkeypatch, batch_size=32)
+    reference = open(path, 'rb').read()
+    path, meta_path = label(data, monkeypatch, batch_size=8, rank=0, world=2, batches=3)
+    rank0 = open(path + '.done', 'rb').read()
+    label(data, monkeypatch, batch_size=5, rank=1, world=2, batches=2)
+    assert open(path + '.done', 'rb').read() == rank0  # each process writes only its own progress
+    label(data, monkeypatch, batch_size=3, batches=4)
+    assert not json.load(open(meta_path))['complete']
+    label(data, monkeypatch, batch_size=7)
+    assert open(path, 'rb').read() == reference and json.load(open(meta_path))['complete']
+    assert not [name for name in os.listdir(data) if '.done' in name]
+
+
+def test_a_fresh_cache_is_not_filled_by_one_process(tmp_path, monkeypatch):
+    """A fresh cache is a sparse file that already means "no label": no process writes 72 GB of
+    markers while the others wait at a barrier."""
+    from conftest import write_dataset
+    data = write_dataset(str(tmp_path / 'data'), n_val=200_000)
+    path, _ = label(data, monkeypatch, batch_size=8, batches=0)
+    assert os.path.getsize(path) == 200_000 * 4 * 2 and os.stat(path).st_blocks * 512 < 100_000
+    cache = dict(path=path, dtype=np.uint16, k_attr=4)
+    assert (A.label_windows(cache, [0, 24 * 100], 24) == -1).all()
+
+
+def test_a_cache_of_other_data_of_the_same_size_is_refused(tmp_path, monkeypatch):
+    from conftest import write_dataset
+    data = write_dataset(str(tmp_path / 'data'))
+    label(data, monkeypatch, batch_size=32)
+    A.load_label_cache(data, 'val', IDENTITY, 'attribution', 4, 24)
+    write_dataset(data, seed=1)  # prepared again from other text, to the same sizes
+    with pytest.raises(SystemExit, match=r"was made with data='\w+', this run has '\w+'") as e:
+        A.load_label_cache(data, 'val', IDENTITY, 'attribution', 4, 24)
+    assert '\n' not in str(e.value)
+
+
+def test_the_cache_holds_no_memmap(tmp_path, monkeypatch):
+    """train.py keeps the cache for the whole run: label_windows opens the file per call, as
+    prepare.load_tokens, so the resident memory does not grow with the pages read."""
+    import pickle
+    from conftest import write_dataset
+    data = write_dataset(str(tmp_path / 'data'))
+    label(data, monkeypatch, batch_size=32)
+    cache = A.load_label_cache(data, 'val', IDENTITY, 'attribution', 4, 24)
+    assert len(pickle.dumps(cache)) < 1000  # a path and a dtype, not 16 KB of labels
+    assert A.label_windows(cache, [0, 24], 24).shape == (2, 24, 4)
+
+
+@pytest.mark.parametrize('method', ['attribution', 'activation'])
+def test_labels_under_bfloat16_autocast_equal_float32_labels(method):
+    """train.py labels inside its autocast context: the labels are computed in float32 all the same."""
+    teacher, sae, _ = setup()
+    idx = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(5))
+    fp32 = A.concept_labels(teacher, sae, idx, LAYER, method=method)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        bf16 = A.concept_labels(teacher, sae, idx, LAYER, method=method)
+    assert torch.equal(bf16, fp32)
+
+
+def test_windows_longer_than_the_teachers_context_are_refused(dataset, tmp_path):
+    teacher, sae, _ = setup()  # the teacher reads 32 positions
+    model_args = dict(block_size=32, vocab_size=64, n_layer=3, n_head=2, n_embd=32, bias=True, dropout=0.0)
+    save_checkpoint({'model': teacher.state_dict(), 'model_args': model_args}, str(tmp_path / 'teacher'))
+    sae.save(str(tmp_path / 'sae.pt'))
+    p = run(['attribution.py', f'--teacher={tmp_path / "teacher"}', f'--sae={tmp_path / "sae.pt"}', '--sae_layer=1',
+             f'--dataset={dataset}', '--block_size=48', '--device=cpu'], check=False)
+    assert p.returncode != 0 and "block_size=48 is longer than the teacher's context (32)" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and not os.path.exists(os.path.join(dataset, 'labels_train.json'))

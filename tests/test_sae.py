@@ -197,3 +197,67 @@ def test_cli_trains_resumes_evaluates_and_inspects(dataset, tmp_path):
     for cmd in (['sae.py', f'--evaluate={narrow}'], ['tools/concepts.py', f'--sae={narrow}']):
         bad = run(cmd + ['--context=16'], check=False)
         assert bad.returncode != 0 and 'reads 8-wide vectors but the teacher is' in bad.stderr
+
+
+# -----------------------------------------------------------------------------
+# sae.py's settings: refused in one line before any work, and a finished sae.pt kept
+
+def tiny_teacher(tmp_path):
+    """A random 2-block teacher written as a train.py checkpoint (seconds cheaper than training one)."""
+    from common import save_checkpoint
+    from model import GPTConfig
+    torch.manual_seed(0)
+    args = dict(block_size=16, vocab_size=32, n_layer=2, n_head=2, n_embd=16, bias=True, dropout=0.0)
+    save_checkpoint({'model': GPT(GPTConfig(**args)).state_dict(), 'model_args': args}, str(tmp_path / 'teacher'))
+    return str(tmp_path / 'teacher')
+
+
+def sae_args(dataset, tmp_path, out='out'):
+    return [f'--teacher={tiny_teacher(tmp_path)}', f'--dataset={dataset}', f'--out_dir={tmp_path / out}',
+            '--sae_layer=0', '--n_latents=64', '--k=4', '--batch_size=128', '--context=16', '--buffer_size=512',
+            '--max_tokens=512', '--eval_tokens=200', '--ckpt_interval=2', '--device=cpu', '--dtype=float32']
+
+
+def one_line_error(p, message):
+    assert p.returncode != 0 and message in p.stderr, p.stderr[-3000:]
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr[-3000:]  # no traceback
+
+
+def test_init_from_typo_is_refused_and_leaves_the_finished_sae(dataset, tmp_path):
+    args = sae_args(dataset, tmp_path)
+    run(['sae.py'] + args)
+    before = (tmp_path / 'out' / 'sae.pt').read_bytes()
+    one_line_error(run(['sae.py'] + args + ['--init_from=resum'], check=False), 'init_from must be one of')
+    assert (tmp_path / 'out' / 'sae.pt').read_bytes() == before
+
+
+def test_k_outside_1_to_n_latents_is_refused(dataset, tmp_path):
+    args = sae_args(dataset, tmp_path)
+    one_line_error(run(['sae.py'] + args + ['--k=65'], check=False), 'k=65 is more than n_latents=64')
+    one_line_error(run(['sae.py'] + args + ['--k=0'], check=False), 'k must be an int with k >= 1')
+    assert not (tmp_path / 'out').exists()  # before any work
+
+
+def test_resume_under_other_settings_is_refused_naming_each(dataset, tmp_path):
+    args = sae_args(dataset, tmp_path)
+    run(['sae.py'] + args + ['--max_tokens=256'])
+    ckpt = (tmp_path / 'out' / 'sae_ckpt.pt').read_bytes()
+    p = run(['sae.py'] + args + ['--init_from=resume', '--k=8', '--batch_size=64', '--sae_layer=1',
+                                 '--n_latents=128'], check=False)
+    one_line_error(p, 'was trained with sae_layer=0 (this run: 1), n_latents=64 (this run: 128), '
+                      'k=4 (this run: 8), batch_size=128 (this run: 64)')
+    assert (tmp_path / 'out' / 'sae_ckpt.pt').read_bytes() == ckpt
+    run(['sae.py'] + args + ['--init_from=resume'])  # max_tokens may grow: the same SAE trains on
+
+
+def test_a_failed_scratch_run_keeps_the_finished_sae(dataset, tmp_path):
+    """A new run into an out_dir with a finished sae.pt replaces it only once it succeeds: here it fails
+    at its final evaluation (a validation split too short), after training."""
+    from conftest import write_dataset
+    args = sae_args(dataset, tmp_path)
+    run(['sae.py'] + args)
+    before = (tmp_path / 'out' / 'sae.pt').read_bytes()
+    short = write_dataset(str(tmp_path / 'short'), n_val=10)
+    p = run(['sae.py'] + args + [f'--dataset={short}', '--seed=1'], check=False)
+    assert p.returncode != 0 and 'val split has 10 tokens' in p.stderr, p.stderr[-2000:]
+    assert (tmp_path / 'out' / 'sae.pt').read_bytes() == before
