@@ -62,7 +62,7 @@ insert_layer: 'int >= 0' = 3
 mix: 'interleave|add|none' = 'interleave'  # the paper's; 'none': predict only
 lam_kd: 'float >= 0' = 0.1  # loss = CE + lam_kd * KL(teacher || student)
 # AdamW
-learning_rate: 'float > 0' = 6e-4
+learning_rate: 'float >= 0' = 6e-4
 max_iters: 'int >= 0' = 600000  # optimizer steps
 weight_decay: 'float >= 0' = 1e-1
 beta1: '0 <= float < 1' = 0.9

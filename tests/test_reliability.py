@@ -116,7 +116,7 @@ def test_tokenizers_are_compared_not_only_their_sizes(tmp_path, tiny_hf_gpt2):
 
 def test_cocomix_with_the_pause_mix_is_refused(dataset, tmp_path):
     spec = teacher_and_sae(dataset, tmp_path)
-    one_line_error(train(dataset, tmp_path / 'x', *COCOMIX, *spec, '--mix=pause', check=False), "unknown mix 'pause'")
+    one_line_error(train(dataset, tmp_path / 'x', *COCOMIX, *spec, '--mix=pause', check=False), "mix must be one of interleave, add, none, not 'pause'")
 
 
 def test_truncated_checkpoint_is_a_one_line_error_everywhere(dataset, tmp_path):
@@ -135,7 +135,7 @@ def test_bad_setups_fail_fast_in_one_line(dataset, tmp_path):
     one_line_error(run(['train.py', str(cfg)], check=False), f'config file {cfg}, line 2')
     train(dataset, tmp_path / 'out', '--max_iters=1', '--eval_interval=1')  # block_size 16
     one_line_error(train(dataset, tmp_path / 'out', '--init_from=resume', '--block_size=32', check=False),
-                   f"block_size=32 is longer than {tmp_path / 'out' / 'ckpt.pt'}'s 16")
+                   f"block_size=32 does not fit {tmp_path / 'out' / 'ckpt.pt'}'s 16; set --block_size=16")
     spec = teacher_and_sae(dataset, tmp_path)
     one_line_error(train(dataset, tmp_path / 'kd', '--mode=kd', spec[0], '--block_size=32', check=False),
                    "block_size=32 is longer than the teacher's context (16)")

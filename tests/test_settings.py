@@ -111,7 +111,7 @@ def test_sae_context_beyond_the_teachers_is_refused(world, tmp_path):
     (['--mode=cocomix', '--insert_layer=5'], 'insert_layer=5 is outside'),
     (['--mode=cocomix', '--concept_topk=100'], 'concept_topk=100 is more than'),
     (['--mode=cocomix', '--k_attr=9'], 'k_attr=9 is more than'),
-    (['--mode=cocomix', '--label_method=gradient'], "unknown label_method 'gradient'"),
+    (['--mode=cocomix', '--label_method=gradient'], "label_method must be one of attribution, activation"),
     (['--mode=cocomix', '--init_from=resume'], 'no checkpoint at'),
 ])
 def test_conflicting_settings_are_one_line_before_any_work(world, tmp_path, args, message):

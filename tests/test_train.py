@@ -68,7 +68,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(dataset, tmp_path):
 
 @pytest.mark.parametrize('args, message', [
     (['--bogus=1'], "unknown config key 'bogus'"),
-    (['--batch_size=big'], "config key 'batch_size'"),
+    (['--batch_size=big'], "batch_size must be an int, not 'big'"),
     (['--init_from=gpt3'], "unknown init_from 'gpt3'"),
     (['--dataset=/nonexistent/data'], 'no prepared dataset'),
 ])
@@ -82,7 +82,7 @@ def test_unknown_key_in_config_file(dataset, tmp_path):
     cfg = tmp_path / 'cfg.py'
     cfg.write_text("batch_size = 4\nlearning_rat = 1e-3  # typo\n")
     p = run(['train.py', str(cfg), f'--dataset={dataset}'], check=False)
-    assert p.returncode != 0 and f"unknown config key 'learning_rat' in {cfg}" in p.stderr
+    assert p.returncode != 0 and f"unknown config key 'learning_rat' in config file {cfg}" in p.stderr
 
 
 def test_resume_without_checkpoint_is_an_error(dataset, tmp_path):
