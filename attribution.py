@@ -3,7 +3,8 @@ Concept labels (METHOD.md, section 2): an active latent i of the teacher's SAE, 
 scores a_i = c_i (g . W_dec[:, i]) (Eq. 1 with the activation c_i, as the released code; the paper
 writes the pre-activation: 'attribution_preact'), with g = dL/dh the gradient of the teacher's mean
 next-token loss L at the residual h the SAE reads; a position's labels are its k_attr best latents.
-train.py labels each batch online; this script labels a dataset once, for --label_cache=True:
+train.py labels each batch online; this script labels a dataset once, for --label_cache=True
+(OpenWebText: 9B tokens x k_attr 4 x 2 bytes = 72 GB on disk), resumable on any process count:
 
     python attribution.py config/cocomix_shakespeare.py  # data/NAME/labels_{train,val}.bin + .json
     torchrun --standalone --nproc_per_node=8 attribution.py config/cocomix_gpt2.py
