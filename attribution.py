@@ -10,7 +10,6 @@ train.py labels each batch online; this script labels a dataset once, for --labe
     torchrun --standalone --nproc_per_node=8 attribution.py config/cocomix_gpt2.py
 """
 import glob
-import hashlib
 import json
 import os
 import time
@@ -23,7 +22,7 @@ from tqdm import tqdm
 
 from common import DEVICE, UserError, atomic_path, configure, fingerprint
 from common import load_teacher, setting_names, setup_distributed
-from prepare import data_dir_of, load_tokens, read_meta, windows
+from prepare import data_dir_of, data_fingerprint, load_tokens, read_meta, windows
 from sae import check_width, load_sae, teacher_residual
 
 # -----------------------------------------------------------------------------
@@ -158,20 +157,6 @@ def cache_paths(data_dir, split):
 
 def cache_dtype(n_concepts):
     return np.uint16 if n_concepts < 2 ** 16 else np.uint32
-
-
-def data_fingerprint(path):
-    """A token file's content, in short: sha256 over its size and 64 evenly spaced 64 KiB blocks
-    (the whole file when small). To be replaced by prepare.data_fingerprint, the same function."""
-    size, block, n = os.path.getsize(path), 1 << 16, 64
-    h = hashlib.sha256(str(size).encode())
-    with open(path, 'rb') as f:
-        if size <= n * block:
-            h.update(f.read())
-        for i in range(n if size > n * block else 0):
-            f.seek(i * (size - block) // (n - 1))
-            h.update(f.read(block))
-    return h.hexdigest()[:16]
 
 
 def describe(data_dir, split, identity, label_method, k_attr, block_size):

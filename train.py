@@ -13,7 +13,7 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from attribution import LABEL_METHODS, concept_labels, label_windows, load_concepts
+from attribution import concept_labels, label_windows, load_concepts
 from attribution import load_label_cache
 from common import DEVICE, DTYPE, UserError, autocast, check_tokenizers, configure, load_checkpoint
 from common import load_model, peak_flops, pretrained_shape, save_checkpoint, setup_distributed
