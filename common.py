@@ -261,8 +261,7 @@ def load_teacher(spec, device, data_meta, data_dir):
 
 
 def autocast(device, dtype):
-    if dtype not in ('float32', 'bfloat16', 'float16'):
-        raise UserError(f"unknown dtype '{dtype}'; use float32, bfloat16 or float16")
+    """dtype: float32, bfloat16 or float16, as every script's dtype setting declares."""
     return nullcontext() if dtype == 'float32' else \
         torch.autocast('cuda' if 'cuda' in str(device) else 'cpu', dtype=getattr(torch, dtype))
 

@@ -507,7 +507,7 @@ if __name__ == '__main__':
     if report_only:
         collect()  # the runs finished on this machine, if any (the study may go on elsewhere)
     else:
-        if not os.path.exists(input) or not os.path.exists(val_input):
+        if not input or not val_input:  # their domain ('file?') checked that given ones exist
             raise UserError("study.py needs --input=TRAIN_TEXT and --val_input=VAL_TEXT (see its docstring)")
         if bool(teacher_from) != bool(sae_from):
             raise UserError("give both --teacher_from and --sae_from (the first machine's files), or neither")
