@@ -269,6 +269,22 @@ def test_cocomix_training_online_and_cached_resume_and_mode_check(dataset, tmp_p
     assert stale.returncode != 0 and 'was made with k_attr=4, this run has 2' in stale.stderr
 
 
+def test_online_teacher_is_timed_on_logging_steps_only(dataset, tmp_path):
+    """Timing the teacher takes a host sync before and after it (GPU work is asynchronous), and each
+    sync stalls the GPU's queue: only logging steps time it. Counted through torch.cpu.synchronize,
+    what train.py calls on a CPU where a GPU run calls torch.cuda.synchronize."""
+    from conftest import TINY, run
+    count = ("import runpy, sys, torch; n = []; torch.cpu.synchronize = lambda *a: n.append(1); "
+             "sys.argv = ['train.py'] + sys.argv[1:]; runpy.run_path('train.py', run_name='__main__'); "
+             "print('syncs', len(n))")
+    p = run(['-c', count, f'--dataset={dataset}', f'--out_dir={tmp_path / "out"}', '--mode=cocomix',
+             '--insert_layer=1', '--concept_topk=4', '--max_iters=6', '--eval_interval=100'] + TINY +
+            ['--log_interval=3', '--gradient_accumulation_steps=2'] + teacher_and_sae(dataset, tmp_path))
+    logged = [l for l in p.stdout.splitlines() if l.startswith('iter ')]
+    assert len(logged) == 2 and 'teacher' in logged[0]  # steps 0 and 3
+    assert p.stdout.splitlines()[-1] == 'syncs 8'  # 2 logged steps x 2 micro-steps x 2; not 24
+
+
 def test_baseline_modes_lower_their_losses(dataset, tmp_path):
     """kd, pause and kd_pause train: the next-token val loss and the KD term fall; pause models save the
     pause vector and the mode, and the KD teacher is not saved."""
