@@ -21,7 +21,7 @@ import urllib.request
 import numpy as np
 from tqdm import tqdm
 
-from common import UserError, atomic_path, check_hub, configure
+from common import REPO, UserError, atomic_path, check_hub, configure
 
 # -----------------------------------------------------------------------------
 input: 'str' = ''  # train files or globs, comma-separated: .txt, .jsonl (or .gz/.xz/.bz2), .parquet
@@ -38,7 +38,7 @@ max_tokens: 'int >= 0' = 0  # stop after this many tokens (0: all)
 num_proc: 'int >= 1' = 8  # tokenizer threads
 tokenizer: 'gpt2|char' = 'gpt2'  # char: one id per distinct character (nanoGPT's shakespeare_char)
 # -----------------------------------------------------------------------------
-ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets')
+ASSETS = os.path.join(REPO, 'assets')
 SHAKESPEARE = os.path.join(ASSETS, 'tinyshakespeare.txt')  # Karpathy's char-rnn copy, public domain
 GPT2_BPE_SHA256 = {
     'vocab.bpe': '1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5',
@@ -76,7 +76,7 @@ class CharTokenizer:
 
 def get_tokenizer(meta=None):
     """The tokenizer a prepared dataset was written with (GPT-2 BPE without meta)."""
-    if meta is not None and meta['tokenizer'] == 'char':
+    if meta and meta['tokenizer'] == 'char':
         return CharTokenizer(meta['chars'])
     return gpt2_tokenizer()
 
@@ -175,7 +175,7 @@ def local_documents(files, block=1 << 24):
             raise UserError(f"{path} is not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} "
                             "and on); convert it, e.g. iconv -f latin1 -t utf-8 FILE > NEW")
         except (OSError, EOFError) as e:  # also a broken or mislabelled compressed file
-            raise UserError(f"cannot read {path} ({type(e).__name__}: {e})")
+            raise UserError(f"cannot read {path} ({first_line(e)})")
 
 
 def parquet_documents(path):
@@ -283,7 +283,7 @@ def tokenize_into(path, pieces, enc, desc, limit=0, batch_chars=1 << 23):
             for tokens, (_, ends) in zip(encoded, batch):
                 ids += tokens + [enc.eot_token] if ends else tokens
             ids = np.array(ids[:limit - n] if limit else ids, dtype=np.uint16)  # all ids < 2**16
-            f.write(ids.tobytes())
+            ids.tofile(f)
             n += len(ids)
             bar.update(len(ids))
             if limit and n >= limit:
