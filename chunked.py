@@ -33,7 +33,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         valid = labels >= 0
         n_valid = valid.sum().clamp_min(1)
         loss = torch.zeros((), device=x.device)
-        values, ids = [], []
+        tops = []
         grad_x = torch.empty_like(x) if needs[0] else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None
         grad_b = torch.zeros(weight.size(0), device=x.device) if needs[2] else None
@@ -42,8 +42,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             xs, lab, v = x[s:s + chunk], labels[s:s + chunk].clamp_min(0), valid[s:s + chunk]
             z = F.linear(xs, w, b).float()
             if topk:
-                top = z.topk(topk, dim=-1)
-                values.append(top.values), ids.append(top.indices)
+                tops.append(z.topk(topk, dim=-1))
             lse = z.logsumexp(-1, keepdim=True)
             loss += ((lse - z.gather(-1, lab)) * v).sum()
             # dloss/dz = (softmax(z) * labels in row - one-hot of each) / n_valid, kept here without
@@ -57,9 +56,9 @@ class LinearCrossEntropy(torch.autograd.Function):
                     grad_w += g.t() @ xs.float()
                 if grad_b is not None:
                     grad_b += g.sum(0)
-        ids = torch.cat(ids) if topk else None
+        values, ids = map(torch.cat, zip(*tops)) if topk else (None, None)
         ctx.save_for_backward(grad_x, grad_w, grad_b, x, weight, ids, n_valid)
-        return loss / n_valid, torch.cat(values) if topk else None, ids
+        return loss / n_valid, values, ids
 
     @staticmethod
     def backward(ctx, grad_loss, grad_values, _):
@@ -68,18 +67,15 @@ class LinearCrossEntropy(torch.autograd.Function):
         if grad_values is not None:  # the top-k logits' share
             extra = gathered_grads(grad_values, ids, x, weight)
             grads = [None if g is None else g + e.float() for g, e in zip(grads, extra)]
-        grad_x, grad_w, grad_b = grads
-        cast = lambda g, t: None if g is None else g.to(t.dtype)
-        return cast(grad_x, x), cast(grad_w, weight), cast(grad_b, weight), None, None, None
+        dtypes = x.dtype, weight.dtype, weight.dtype
+        return (*[None if g is None else g.to(t) for g, t in zip(grads, dtypes)], None, None, None)
 
 
 def linear_cross_entropy(x, weight, bias, labels, topk=0):
     """x (..., d), labels (..., k) -> (loss, top-k logits (..., topk), their ids)."""
-    shape = x.shape[:-1]
-    grad = torch.is_grad_enabled()
-    needs = tuple(grad and t is not None and t.requires_grad for t in (x, weight, bias))
+    needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad
+                  for t in (x, weight, bias))
     loss, values, ids = LinearCrossEntropy.apply(x.flatten(0, -2), weight, bias,
                                                  labels.flatten(0, -2), topk, needs)
-    if not topk:
-        return loss, None, None
-    return loss, values.view(*shape, topk), ids.view(*shape, topk)
+    shape = (*x.shape[:-1], topk)
+    return (loss, values.view(shape), ids.view(shape)) if topk else (loss, None, None)

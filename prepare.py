@@ -1,8 +1,8 @@
 """
-Tokenize text into the uint16 token files train.py reads, streaming (usage: README.md), e.g.
+Tokenize text, streaming, into the uint16 token files train.py reads (usage: README.md), e.g.
 python prepare.py shakespeare. Writes OUT_DIR/train.bin, val.bin and, last, meta.json: a folder
 without meta.json is unfinished. Each document (a .txt file, a .jsonl line, a .parquet or hub row)
-ends with the end-of-text token. Without a val split, the last val_fraction of tokens is held out.
+ends with the end-of-text token.
 """
 import bz2
 import glob
@@ -11,16 +11,17 @@ import hashlib
 import json
 import lzma
 import os
+import re
 import shutil
 import sys
+import tarfile
 import time
 import urllib.request
-from contextlib import suppress
 
 import numpy as np
 from tqdm import tqdm
 
-from common import UserError, atomic_path, check_hub, configure
+from common import REPO, UserError, atomic_path, check_hub, configure
 
 # -----------------------------------------------------------------------------
 input: 'str' = ''  # train files or globs, comma-separated: .txt, .jsonl (or .gz/.xz/.bz2), .parquet
@@ -37,16 +38,15 @@ max_tokens: 'int >= 0' = 0  # stop after this many tokens (0: all)
 num_proc: 'int >= 1' = 8  # tokenizer threads
 tokenizer: 'gpt2|char' = 'gpt2'  # char: one id per distinct character (nanoGPT's shakespeare_char)
 # -----------------------------------------------------------------------------
-ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets')
+ASSETS = os.path.join(REPO, 'assets')
 SHAKESPEARE = os.path.join(ASSETS, 'tinyshakespeare.txt')  # Karpathy's char-rnn copy, public domain
 GPT2_BPE_SHA256 = {
     'vocab.bpe': '1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5',
     'encoder.json': '196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783'}
 KNOWN = ('shakespeare', 'wikitext2', 'openwebtext')
 OPENWEBTEXT = 'Skylion007/openwebtext'
-# The revision whose subsets/*.tar files this code reads: open pull requests there would replace
-# them with parquet files. It names a branch, as main's commit hash could not be looked up when this
-# was written; this is the constant to update: put that hash here (the dataset page's history).
+# The revision whose subsets/*.tar files this code reads (open pull requests make them parquet): a
+# branch, as main's commit hash could not be looked up when this was written; pin that hash here.
 OPENWEBTEXT_REVISION = 'main'
 
 
@@ -54,17 +54,15 @@ class CharTokenizer:
     """Character ids behind tiktoken's interface; ~100 ids make the output head cheap on a CPU."""
 
     def __init__(self, chars):
-        self.chars = chars
+        self.chars, self.ids = chars, {c: i for i, c in enumerate(chars)}
         self.eot_token, self.n_vocab = len(chars), len(chars) + 1
-        self.table = np.full(0x110000, -1, dtype=np.int32)  # code point -> id, -1: none
-        self.table[[ord(c) for c in chars]] = np.arange(len(chars))
 
     def encode_ordinary(self, text):
-        ids = self.table[np.frombuffer(text.encode('utf-32-le'), dtype=np.uint32)]
-        if (ids < 0).any():
-            char = text[int(np.argmax(ids < 0))]
-            raise UserError(f"the character {char!r} is not in this dataset's character vocabulary")
-        return ids.tolist()
+        try:
+            return [self.ids[c] for c in text]
+        except KeyError as e:
+            raise UserError(f"the character {e.args[0]!r} is not in this dataset's character "
+                            "vocabulary")
 
     def encode_ordinary_batch(self, texts, num_threads=1):
         return [self.encode_ordinary(t) for t in texts]
@@ -78,7 +76,7 @@ class CharTokenizer:
 
 def get_tokenizer(meta=None):
     """The tokenizer a prepared dataset was written with (GPT-2 BPE without meta)."""
-    if meta is not None and meta['tokenizer'] == 'char':
+    if meta and meta['tokenizer'] == 'char':
         return CharTokenizer(meta['chars'])
     return gpt2_tokenizer()
 
@@ -131,13 +129,12 @@ def safe_cut(text):
     return max(i + 1, 0)
 
 
-# Compressed .txt and .jsonl files are read as they are (Python's own gzip, lzma and bz2): corpora
-# often come as .jsonl.gz, and decompressing them first would need the disk twice over.
+# .txt and .jsonl files are read compressed, as corpora often come (.jsonl.gz): decompressing them
+# first would need the disk twice over.
 OPENERS = {'.gz': gzip.open, '.xz': lzma.open, '.bz2': bz2.open}
 
 
 def text_of(record, where):
-    """record[text_field] if it is text, else a one-line error saying where and what to do."""
     if not isinstance(record, dict) or text_field not in record:
         has = f"its fields: {', '.join(list(record)[:20])}" if isinstance(record, dict) else \
             f"it is a JSON {type(record).__name__}"
@@ -151,13 +148,13 @@ def local_documents(files, block=1 << 24):
     """The documents of local files; a .txt file is read in blocks, cut by safe_cut."""
     for path in files:
         stem, ext = os.path.splitext(path)
-        opener = OPENERS.get(ext, open)
         kind = os.path.splitext(stem)[1] if ext in OPENERS else ext
         try:
             if kind == '.parquet':
                 yield from parquet_documents(path)
-            elif kind == '.jsonl':
-                with opener(path, 'rt', encoding='utf-8') as f:
+                continue
+            with OPENERS.get(ext, open)(path, 'rt', encoding='utf-8') as f:
+                if kind == '.jsonl':
                     for i, line in enumerate(f, 1):
                         if line.strip():
                             try:
@@ -166,8 +163,7 @@ def local_documents(files, block=1 << 24):
                                 raise UserError(f"{path}, line {i} is not JSON ({e}); a .jsonl "
                                                 "file has one JSON object per line")
                             yield text_of(record, f"{path}, line {i}"), True
-            else:
-                with opener(path, 'rt', encoding='utf-8') as f:
+                else:
                     text = ''
                     while chunk := f.read(block):
                         text += chunk
@@ -179,25 +175,21 @@ def local_documents(files, block=1 << 24):
             raise UserError(f"{path} is not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} "
                             "and on); convert it, e.g. iconv -f latin1 -t utf-8 FILE > NEW")
         except (OSError, EOFError) as e:  # also a broken or mislabelled compressed file
-            raise UserError(f"cannot read {path} ({type(e).__name__}: {e})")
+            raise UserError(f"cannot read {path} ({first_line(e)})")
 
 
 def parquet_documents(path):
     try:
         import pyarrow.parquet as pq  # installed with datasets
         file = pq.ParquetFile(path)
-    except ImportError:
-        raise UserError(f"reading {path} needs pyarrow: pip install pyarrow")
     except Exception as e:  # ArrowInvalid: not parquet
         raise UserError(f"cannot read {path} as parquet ({e})")
     if text_field not in file.schema_arrow.names:
         raise UserError(f"{path} has no column '{text_field}' (its columns: "
                         f"{', '.join(file.schema_arrow.names[:20])}); pass --text_field=NAME")
-    row = 0
-    for batch in file.iter_batches(columns=[text_field]):
-        for record in batch.to_pylist():
-            row += 1
-            yield text_of(record, f"{path}, row {row}"), True
+    rows = (r for batch in file.iter_batches(columns=[text_field]) for r in batch.to_pylist())
+    for i, record in enumerate(rows, 1):
+        yield text_of(record, f"{path}, row {i}"), True
 
 
 def first_line(e):
@@ -223,9 +215,6 @@ def hub_documents(path, config, split):
 def openwebtext_documents(files):
     """OpenWebText as its old loading script gave it, in the order nanoGPT's split permutes: the
     .txt files of each tar's .xz archives, 3+ newlines squeezed, stripped."""
-    import re
-    import tarfile
-
     def members(tar, suffix):  # regular files, hidden ones skipped, as datasets' archive iterator
         for info in tar:
             name = os.path.basename(info.name)
@@ -271,7 +260,7 @@ def openwebtext_splits():
 # Tokens, written as they come
 
 def batches(pieces, n_chars):
-    """The pieces in lists of n_chars characters or more, the last one fewer."""
+    """The pieces in lists of n_chars characters or more (the last: fewer)."""
     batch, size = [], 0
     for piece in pieces:
         batch.append(piece)
@@ -284,8 +273,7 @@ def batches(pieces, n_chars):
 
 
 def tokenize_into(path, pieces, enc, desc, limit=0, batch_chars=1 << 23):
-    """Write the tokens of the pieces, end-of-text after each document, to `path`; return their
-    count (at most limit, if set)."""
+    """Write the pieces' tokens, end-of-text after each document, to path; return their count."""
     n = 0
     with open(path, 'wb') as f, \
             tqdm(desc=f"tokenizing {desc}", unit=' tokens', unit_scale=True) as bar:
@@ -295,7 +283,7 @@ def tokenize_into(path, pieces, enc, desc, limit=0, batch_chars=1 << 23):
             for tokens, (_, ends) in zip(encoded, batch):
                 ids += tokens + [enc.eot_token] if ends else tokens
             ids = np.array(ids[:limit - n] if limit else ids, dtype=np.uint16)  # all ids < 2**16
-            f.write(ids.tobytes())
+            ids.tofile(f)
             n += len(ids)
             bar.update(len(ids))
             if limit and n >= limit:
@@ -350,8 +338,7 @@ def main(argv):
         if tokenizer == 'char':
             raise UserError("tokenizer='char' is for small local text: give it with --input=PATH")
         sources = [f'{OPENWEBTEXT}@{hub_revision or OPENWEBTEXT_REVISION}']
-        splits = openwebtext_splits()
-        docs = lambda: splits
+        docs = openwebtext_splits  # called once: the char tokenizer, which reads twice, is refused
     else:  # shakespeare, shipped with the repository
         sources = [SHAKESPEARE]
         docs = lambda: (local_documents(sources), None)
@@ -377,7 +364,7 @@ def main(argv):
         for tmp in (train_tmp, val_tmp):  # on disk before the old files stop counting
             with open(tmp, 'rb+') as f:
                 os.fsync(f.fileno())
-        with suppress(FileNotFoundError):
+        if os.path.exists(meta_path):
             os.remove(meta_path)
     meta = {'tokenizer': tokenizer, 'vocab_size': enc.n_vocab, 'eot_token': enc.eot_token,
             'dtype': 'uint16', 'train_tokens': n_train, 'val_tokens': n_val, 'sources': sources}
@@ -421,10 +408,9 @@ def load_tokens(data_dir, split):
 
 
 def data_fingerprint(path, blocks=64, block=1 << 16):
-    """A short digest of a token file, cheap at any size (4 MiB read of 18 GB): its size and
-    `blocks` evenly spaced blocks of `block` bytes, the whole file when smaller. It tells a file
-    from one prepared again (another size or other bytes where it samples), to match a label cache
-    to its tokens; bytes between the samples go unseen."""
+    """A short digest of a token file's size and `blocks` evenly spaced blocks of `block` bytes
+    (4 MiB of 18 GB; all of a smaller file), to match a label cache to its tokens; bytes between
+    the samples go unseen."""
     size = os.path.getsize(path)
     h = hashlib.sha256(str(size).encode())
     whole = size <= blocks * block

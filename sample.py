@@ -29,7 +29,6 @@ dtype: 'float32|bfloat16|float16' = DTYPE
 # -----------------------------------------------------------------------------
 configure(globals())
 torch.manual_seed(seed)
-ctx = autocast(device, dtype)
 
 if init_from == 'resume' and not os.path.isdir(out_dir):
     raise UserError(f"no checkpoint at {os.path.join(out_dir, 'ckpt.pt')}: there is no folder "
@@ -69,8 +68,8 @@ start_ids = enc.encode(start, allowed_special={'<|endoftext|>'}) or [enc.eot_tok
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
 decode = lambda ids: enc.decode([t for t in ids if t < enc.n_vocab])  # drop the head's padding ids
 
-with torch.no_grad(), ctx:
-    for k in range(num_samples):
+with torch.no_grad(), autocast(device, dtype):
+    for _ in range(num_samples):
         out = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None,
                              steer=steer_map, show_concepts=3 if show_concepts else 0)
         y, concepts = out if show_concepts else (out, None)
