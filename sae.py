@@ -154,11 +154,15 @@ def check_width(sae, n_inputs, name='the SAE'):
                         "wide; use an SAE trained on this teacher's residual stream")
 
 
-def teacher_residual(teacher, idx, layer):
-    """The residual stream after block `layer` (0-based), what the SAE reads: (B, T, d)."""
+def check_layer(teacher, layer):
     if not 0 <= layer < teacher.config.n_layer:
         raise UserError(f"sae_layer={layer} is out of range for a teacher of "
                         f"{teacher.config.n_layer} blocks")
+
+
+def teacher_residual(teacher, idx, layer):
+    """The residual stream after block `layer` (0-based), what the SAE reads: (B, T, d)."""
+    check_layer(teacher, layer)
     return teacher.run_blocks(teacher.embed(idx), stop=layer + 1)
 
 
