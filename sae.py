@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from chunked import gathered_grads
-from common import DEVICE, DTYPE, UserError, atomic_path, autocast, configure, fingerprint
+from common import DEVICE, DTYPE, UserError, autocast, configure, fingerprint
 from common import load_checkpoint, load_teacher, save_checkpoint
 from model import sae_norm
 from prepare import data_dir_of, download, load_tokens, read_meta, windows
@@ -45,10 +45,9 @@ device: 'device' = DEVICE
 dtype: 'float32|bfloat16|float16' = DTYPE  # autocast for the teacher and the SAE
 seed: 'int >= 0' = 1337
 # -----------------------------------------------------------------------------
-# a resume must train the same SAE on the same stream: these settings change what is written
-SAME_ON_RESUME = ('teacher', 'dataset', 'sae_layer', 'n_latents', 'k', 'normalize', 'k_aux',
-                  'aux_coef', 'dead_tokens', 'batch_size', 'context', 'buffer_size',
-                  'learning_rate', 'seed')
+# a resume must train the same SAE on the same stream: only these settings may change
+FREE_ON_RESUME = {'out_dir', 'init_from', 'max_tokens', 'eval_tokens', 'log_interval',
+                  'ckpt_interval', 'evaluate', 'device', 'dtype'}
 OPENAI_URL = 'https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small/' \
              '{location}_v5_{size}/autoencoders/{layer}.pt'
 
@@ -104,12 +103,11 @@ class TopKSAE(nn.Module):
     def save(self, path, meta=None):
         """OpenAI's format; our metadata rides in activation_state_dict, where their strict loader
         reads only k and postact_fn."""
-        sd = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        sd = {k: v.cpu() for k, v in self.state_dict().items()}
         sd['activation'] = 'TopK'  # OpenAI's loader reads normalize=True; ours reads the flag
         sd['activation_state_dict'] = {'k': self.k, 'postact_fn': 'ReLU',
                                        'cocomix': dict(meta or {}, normalize=self.normalize)}
-        with atomic_path(path) as tmp:
-            torch.save(sd, tmp)
+        save_checkpoint(sd, *os.path.split(path))
 
 
 def sae_file(spec, fetch=True, cache_dir=os.path.expanduser('~/.cache/cocomix')):
@@ -322,8 +320,8 @@ if __name__ == '__main__':
         if init_from == 'resume':
             ckpt = load_checkpoint(out_dir, device, 'sae_ckpt.pt')
             saved = ckpt['config']
-            differ = [f"{key}={saved[key]!r} (this run: {config[key]!r})"
-                      for key in SAME_ON_RESUME if saved.get(key, config[key]) != config[key]]
+            differ = [f"{key}={saved[key]!r} (this run: {value!r})" for key, value in config.items()
+                      if key not in FREE_ON_RESUME and saved.get(key, value) != value]
             if differ:
                 raise UserError(f"{out_dir}/sae_ckpt.pt was trained with {', '.join(differ)}; "
                                 "resume with its settings, or train into another out_dir")
