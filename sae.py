@@ -135,7 +135,8 @@ def load_sae(spec, n_inputs=None):
     sd = torch.load(spec, map_location='cpu', weights_only=True)
     if sd.get('activation') != 'TopK' or 'encoder.weight' not in sd:
         raise UserError(f"'{spec}' is not a TopK SAE in OpenAI's format")
-    act, _ = sd.pop('activation_state_dict'), sd.pop('activation')
+    del sd['activation']
+    act = sd.pop('activation_state_dict')
     meta = act.get('cocomix', {})
     n_latents, d = sd['encoder.weight'].shape
     sae = TopKSAE(d, n_latents, act['k'], normalize=meta.get('normalize', True))
@@ -146,7 +147,6 @@ def load_sae(spec, n_inputs=None):
 
 
 def check_width(sae, n_inputs, name='the SAE'):
-    """An SAE that reads the teacher's n_inputs-wide residuals, or a one-line error."""
     if sae.n_inputs != n_inputs:
         raise UserError(f"{name} reads {sae.n_inputs}-wide vectors but the teacher is {n_inputs} "
                         "wide; use an SAE trained on this teacher's residual stream")
@@ -227,7 +227,7 @@ class GatheredLinear(torch.autograd.Function):
         return grad_x.to(x.dtype), grad_w, grad_b, None, None
 
 
-def sae_losses(sae, x, dead=None, k_aux=0):
+def sae_losses(sae, x, dead, k_aux):
     """The batch's FVU, the AuxK loss (the top k_aux dead latents reconstruct the detached
     residual, Gao et al. A.2) and the active indices."""
     x_norm, _ = sae.preprocess(x)
@@ -235,7 +235,7 @@ def sae_losses(sae, x, dead=None, k_aux=0):
     with torch.no_grad():
         pre = F.linear(inputs, sae.encoder.weight, sae.latent_bias)
         indices = pre.topk(sae.k, dim=-1).indices
-        n_aux = min(k_aux, int(dead.sum())) if dead is not None else 0
+        n_aux = min(k_aux, int(dead.sum()))
         if n_aux:
             aux_indices = pre.masked_fill(~dead, -float('inf')).topk(n_aux, dim=-1).indices
             indices = torch.cat([indices, aux_indices], dim=-1)
@@ -267,7 +267,7 @@ def train_step(sae, optimizer, x, k_aux, dead_tokens, aux_coef, dtype='float32')
 
 
 @torch.no_grad()
-def evaluate_sae(sae, teacher, layer, data_dir, n_tokens, context=64, dtype='float32'):
+def evaluate_sae(sae, teacher, layer, data_dir, n_tokens, context, dtype):
     """On held-out windows: FVU (normalised and raw), the fraction of latents never active, and
     the teacher's loss clean, with the reconstruction spliced in at `layer`, and their KL."""
     idx = split_windows(data_dir, 'val', max(1, n_tokens // (context + 1)), context + 1)
@@ -275,9 +275,9 @@ def evaluate_sae(sae, teacher, layer, data_dir, n_tokens, context=64, dtype='flo
     active = torch.zeros(sae.n_latents, dtype=torch.bool, device=device)
     vectors, clean, spliced, kl = [], 0.0, 0.0, 0.0
     for i in range(0, len(idx), 32):
-        x_in, y = idx[i:i + 32, :-1].to(device), idx[i:i + 32, 1:].to(device)
+        batch, y = idx[i:i + 32].to(device), idx[i:i + 32, 1:].flatten().to(device)
         with autocast(device, dtype):
-            h = teacher_residual(teacher, x_in, layer).float()
+            h = teacher_residual(teacher, batch[:, :-1], layer).float()
             values, indices, info = sae.encode(h)
             h_hat = sae.decode(values, indices, info).float()
             logits = [teacher.head(teacher.run_blocks(z, start=layer + 1))[0].float()
@@ -285,10 +285,10 @@ def evaluate_sae(sae, teacher, layer, data_dir, n_tokens, context=64, dtype='flo
         active[indices[values > 0]] = True
         norm = (lambda z: (z - info[0]) / (info[1] + 1e-5)) if info else (lambda z: z)  # h's LN
         vectors.append([z.flatten(0, 1) for z in (norm(h), norm(h_hat), h, h_hat)])
-        logp = [F.log_softmax(l, -1).flatten(0, 1) for l in logits]
-        clean += F.nll_loss(logp[0], y.flatten(), reduction='sum').item()
-        spliced += F.nll_loss(logp[1], y.flatten(), reduction='sum').item()
-        kl += (logp[0].exp() * (logp[0] - logp[1])).sum().item()
+        logp, logq = (F.log_softmax(z, -1).flatten(0, 1) for z in logits)
+        clean += F.nll_loss(logp, y, reduction='sum').item()
+        spliced += F.nll_loss(logq, y, reduction='sum').item()
+        kl += (logp.exp() * (logp - logq)).sum().item()
     h_norm, h_hat_norm, h, h_hat = (torch.cat(z) for z in zip(*vectors))
     n = len(idx) * context
     return dict(fvu=fvu(h_norm, h_hat_norm).item(), fvu_raw=fvu(h, h_hat).item(),
@@ -333,14 +333,13 @@ if __name__ == '__main__':
                         f"use --context={T}")
     if evaluate:
         check_width(sae, d, f"the SAE '{evaluate}'")
-        metrics = evaluate_sae(sae.to(device), teacher_model, sae_layer, data_dir, eval_tokens,
-                               context, dtype)
-        print(report(metrics))
+        print(report(evaluate_sae(sae.to(device), teacher_model, sae_layer, data_dir, eval_tokens,
+                                  context, dtype)))
         raise SystemExit
-    lr = learning_rate or 2e-4 / math.sqrt(n_latents / 2 ** 14)
     steps, per_buffer = max_tokens // batch_size, buffer_size // batch_size
     sae = TopKSAE(d, n_latents, k, normalize).to(device)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
+    lr = learning_rate or 2e-4 / math.sqrt(n_latents / 2 ** 14)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
 
     def fill(r):  # the r-th shuffled buffer depends on (seed, r) alone: resuming is exact
         g = torch.Generator().manual_seed(seed * 1_000_003 + r)
