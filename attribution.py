@@ -37,7 +37,7 @@ batch_size: 'int >= 1' = 8  # windows per teacher pass
 splits: 'str' = 'train,val'
 device: 'device' = DEVICE  # labels are computed in float32 whatever the run's dtype
 # -----------------------------------------------------------------------------
-LABEL_METHODS = ('attribution', 'activation', 'attribution_preact', 'attribution_neg')
+LABEL_METHODS = tuple(__annotations__['label_method'].split('|'))  # the setting's choices
 
 
 def check_setup(teacher, sae, sae_layer, k_attr, method):
@@ -71,7 +71,7 @@ def concept_labels(teacher, sae, idx, sae_layer, k_attr=4, method='attribution',
             scores = sae.encode_pre(sae.preprocess(h)[0]) * (grad @ W.t())
         else:  # the k active latents: c_i, or Eq. 1 with c_i. The exact dL/dc_i also carries
             # the position's std > 0 (the SAE's de-normalisation): it cannot change their order.
-            values, indices, _ = sae.encode(h)  # (B, T, k) active latents
+            values, indices, _ = sae.encode(h)  # (B, T, k)
             scores = values if method == 'activation' else values * torch.stack(
                 [(W[indices[..., j]] * grad).sum(-1) for j in range(sae.k)], -1)
             if method == 'attribution_neg':  # the concepts whose removal would raise the loss most
