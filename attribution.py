@@ -84,10 +84,9 @@ def concept_labels(teacher, sae, idx, sae_layer, k_attr=4, method='attribution',
 
 
 def label_flops_per_token(cfg, sae_layer, n_concepts, T, method='attribution'):
-    """The matmul and attention FLOPs per token of concept_labels(method): the teacher's blocks up
-    to sae_layer and the SAE encoder; the gradient methods add the rest of the forward, the loss
-    and the input gradient back to sae_layer (one matmul per weight), 'attribution_preact' the
-    gradient's dot with every decoder direction. method='kd': KD's teacher, its forward alone."""
+    """The matmul and attention FLOPs per token of concept_labels(method), the input gradient one
+    matmul per weight, 'attribution_preact' adding the gradient's dot with every decoder
+    direction; method='kd': KD's teacher, its forward alone."""
     if method not in LABEL_METHODS + ('kd',):
         raise ValueError(f"unknown label method {method!r}")
     d, after, block = cfg.n_embd, cfg.n_layer - sae_layer - 1, 12 * cfg.n_embd ** 2

@@ -135,8 +135,7 @@ def load_sae(spec, n_inputs=None):
     sd = torch.load(spec, map_location='cpu', weights_only=True)
     if sd.get('activation') != 'TopK' or 'encoder.weight' not in sd:
         raise UserError(f"'{spec}' is not a TopK SAE in OpenAI's format")
-    del sd['activation']
-    act = sd.pop('activation_state_dict')
+    act, _ = sd.pop('activation_state_dict'), sd.pop('activation')
     meta = act.get('cocomix', {})
     n_latents, d = sd['encoder.weight'].shape
     sae = TopKSAE(d, n_latents, act['k'], normalize=meta.get('normalize', True))
