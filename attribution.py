@@ -3,8 +3,8 @@ Concept labels (METHOD.md, section 2): an active latent i of the teacher's SAE, 
 scores a_i = c_i (g . W_dec[:, i]) (Eq. 1 with the activation c_i, as the released code; the paper
 writes the pre-activation: 'attribution_preact'), with g = dL/dh the gradient of the teacher's mean
 next-token loss L at the residual h the SAE reads; a position's labels are its k_attr best latents.
-train.py labels each batch online; this script labels a dataset once, for --label_cache=True
-(OpenWebText: 9B tokens x k_attr 4 x 2 bytes = 72 GB on disk), resumable on any process count:
+train.py labels each batch online; this script labels a dataset once, for --label_cache=True,
+resumable on any process count:
 
     python attribution.py config/cocomix_shakespeare.py  # data/NAME/labels_{train,val}.bin + .json
     torchrun --standalone --nproc_per_node=8 attribution.py config/cocomix_gpt2.py
@@ -23,7 +23,7 @@ from tqdm import tqdm
 from common import DEVICE, UserError, atomic_path, configure, fingerprint
 from common import load_teacher, setting_names, setup_distributed
 from prepare import data_dir_of, data_fingerprint, load_tokens, read_meta, windows
-from sae import check_width, load_sae, teacher_residual
+from sae import check_layer, check_width, load_sae, teacher_residual
 
 # -----------------------------------------------------------------------------
 teacher: 'str' = 'gpt2'  # any spec common.load_model takes
@@ -37,7 +37,7 @@ batch_size: 'int >= 1' = 8  # windows per teacher pass
 splits: 'str' = 'train,val'
 device: 'device' = DEVICE  # labels are computed in float32 whatever the run's dtype
 # -----------------------------------------------------------------------------
-LABEL_METHODS = ('attribution', 'activation', 'attribution_preact', 'attribution_neg')
+LABEL_METHODS = tuple(__annotations__['label_method'].split('|'))  # the setting's choices
 
 
 def check_setup(teacher, sae, sae_layer, k_attr, method):
@@ -45,9 +45,7 @@ def check_setup(teacher, sae, sae_layer, k_attr, method):
     if method not in LABEL_METHODS:
         raise UserError(f"unknown label_method '{method}'; use one of {', '.join(LABEL_METHODS)}")
     check_width(sae, teacher.config.n_embd)
-    if not 0 <= sae_layer < teacher.config.n_layer:
-        raise UserError(f"sae_layer={sae_layer} is out of range for a teacher of "
-                        f"{teacher.config.n_layer} blocks")
+    check_layer(teacher, sae_layer)
     if k_attr > sae.k and method != 'attribution_preact':
         raise UserError(f"k_attr={k_attr} is more than the SAE's {sae.k} active latents")
 
@@ -59,47 +57,36 @@ def concept_labels(teacher, sae, idx, sae_layer, k_attr=4, method='attribution',
     check_setup(teacher, sae, sae_layer, k_attr, method)
     # in float32 whatever the run's autocast, as the authors: under bfloat16 near-ties at the
     # SAE's TopK boundary and among the scores flip (measured: RESULTS.md)
-    with torch.autocast(idx.device.type, enabled=False):
-        labels, scores = _labels(teacher, sae, idx, sae_layer, k_attr, method)
-    return (labels, scores) if return_scores else labels
-
-
-def _labels(teacher, sae, idx, sae_layer, k_attr, method):
-    """concept_labels' work, in the dtype of the teacher and the SAE."""
-    with torch.no_grad():
+    with torch.autocast(idx.device.type, enabled=False), torch.no_grad():
         h = teacher_residual(teacher, idx, sae_layer)
-    grad = None
-    if method != 'activation':
-        h.requires_grad_(True)
-        with torch.enable_grad():  # backward to h only: the teacher's weights get no gradient
-            _, loss = teacher.head(teacher.run_blocks(h, start=sae_layer + 1),
-                                   F.pad(idx[:, 1:], (0, 1), value=-1))
-            grad = torch.autograd.grad(loss, h)[0]
-        h = h.detach()
-    with torch.no_grad():
+        grad = None
+        if method != 'activation':
+            with torch.enable_grad():  # backward to h only: the teacher's weights get no gradient
+                _, loss = teacher.head(teacher.run_blocks(h.requires_grad_(True), sae_layer + 1),
+                                       F.pad(idx[:, 1:], (0, 1), value=-1))
+                grad = torch.autograd.grad(loss, h)[0]
         W = sae.decoder.weight.t()  # (C, d): row i is W_dec[:, i]
         if method == 'attribution_preact':  # Eq. 1 as the paper writes it: every latent scores
             indices = torch.arange(sae.n_latents, device=idx.device).expand(*idx.shape, -1)
             scores = sae.encode_pre(sae.preprocess(h)[0]) * (grad @ W.t())
         else:  # the k active latents: c_i, or Eq. 1 with c_i. The exact dL/dc_i also carries
             # the position's std > 0 (the SAE's de-normalisation): it cannot change their order.
-            values, indices, _ = sae.encode(h)  # (B, T, k) active latents
+            values, indices, _ = sae.encode(h)  # (B, T, k)
             scores = values if method == 'activation' else values * torch.stack(
                 [(W[indices[..., j]] * grad).sum(-1) for j in range(sae.k)], -1)
             if method == 'attribution_neg':  # the concepts whose removal would raise the loss most
                 scores = -scores
         top = scores.float().topk(k_attr, dim=-1)
         labels = indices.gather(-1, top.indices).masked_fill(top.values <= 0, -1)
-        if grad is not None:
-            labels[:, -1] = -1
-    return labels, top.values
+    if grad is not None:
+        labels[:, -1] = -1
+    return (labels, top.values) if return_scores else labels
 
 
 def label_flops_per_token(cfg, sae_layer, n_concepts, T, method='attribution'):
-    """The matmul and attention FLOPs per token of concept_labels(method): the teacher's blocks up
-    to sae_layer and the SAE encoder; the gradient methods add the rest of the forward, the loss
-    and the input gradient back to sae_layer (one matmul per weight), 'attribution_preact' the
-    gradient's dot with every decoder direction. method='kd': KD's teacher, its forward alone."""
+    """The matmul and attention FLOPs per token of concept_labels(method), the input gradient one
+    matmul per weight, 'attribution_preact' adding the gradient's dot with every decoder
+    direction; method='kd': KD's teacher, its forward alone."""
     if method not in LABEL_METHODS + ('kd',):
         raise ValueError(f"unknown label method {method!r}")
     d, after, block = cfg.n_embd, cfg.n_layer - sae_layer - 1, 12 * cfg.n_embd ** 2
@@ -160,11 +147,9 @@ def cache_dtype(n_concepts):
 
 
 def describe(data_dir, split, identity, label_method, k_attr, block_size):
-    """What a cache must match: the data's content, the run's identity (load_concepts), the
-    settings."""
-    data = data_fingerprint(os.path.join(data_dir, f'{split}.bin'))
-    return dict(data=data, **identity, label_method=label_method, k_attr=k_attr,
-                block_size=block_size)
+    """What a cache must match: the data's content, the run's identity (load_concepts), settings."""
+    return dict(data=data_fingerprint(os.path.join(data_dir, f'{split}.bin')), **identity,
+                label_method=label_method, k_attr=k_attr, block_size=block_size)
 
 
 def load_label_cache(data_dir, split, identity, label_method, k_attr, block_size):
@@ -190,10 +175,14 @@ def label_windows(cache, starts, length):
     return windows(labels, starts, length) - 1
 
 
+def progress_files(path):
+    return glob.glob(glob.escape(path) + '.done*')
+
+
 def read_progress(path, n_windows):
     """The windows whose labels are on disk: those any process's progress file lists."""
     done = np.zeros(n_windows, dtype=bool)
-    for name in glob.glob(glob.escape(path) + '.done*'):
+    for name in progress_files(path):
         with suppress(FileNotFoundError):  # a writer that finished removes them
             with open(name, 'rb') as f:
                 raw = f.read()
@@ -202,10 +191,9 @@ def read_progress(path, n_windows):
     return done
 
 
-def label_split(teacher, sae, data_dir, split, expected, device, dtype=None, batch_size=8, rank=0,
-                world=1):
-    """Label a split's windows not yet done, process `rank` of `world` taking every world-th batch
-    (dtype: unused, labels are computed in float32)."""
+def label_split(teacher, sae, data_dir, split, expected, device, batch_size=8, rank=0, world=1):
+    """Label a split's windows not yet done, process `rank` of `world` taking every world-th
+    batch."""
     block_size, k_attr = expected['block_size'], expected['k_attr']
     path, meta_path = cache_paths(data_dir, split)
     n_tokens = len(load_tokens(data_dir, split))
@@ -215,8 +203,7 @@ def label_split(teacher, sae, data_dir, split, expected, device, dtype=None, bat
     if same and meta.get('complete'):
         return rank == 0 and print(f"{path}: already labelled")
     if rank == 0 and not same:  # a fresh cache, all "no label" at once: no rank waits on a fill
-        for old in glob.glob(glob.escape(path) + '.done*'):
-            os.remove(old)
+        remove_progress(path)
         with open(path, 'wb') as f:
             f.truncate(n_tokens * k_attr * np.dtype(dt).itemsize)
         write_meta(meta_path, dict(expected, complete=False))
@@ -228,22 +215,21 @@ def label_split(teacher, sae, data_dir, split, expected, device, dtype=None, bat
     batches = [(s, min(s + batch_size, stop)) for first, stop in runs
                for s in range(first, stop, batch_size)][rank::world]
     row = block_size * k_attr * np.dtype(dt).itemsize  # bytes per window
-    fd = os.open(path, os.O_WRONLY)
-    progress = open(path + '.done' + (f'.{rank}' if rank else ''), 'ab')
     t0, desc = time.time(), f'labelling {split}' + (f' (rank {rank})' if world > 1 else '')
-    for first, stop in tqdm(batches, desc=desc, position=rank, unit='batch'):
-        idx = windows(load_tokens(data_dir, split), range(first * block_size, stop * block_size,
-                                                          block_size), block_size)
-        out = concept_labels(teacher, sae, idx.to(device), expected['sae_layer'], k_attr,
-                             expected['label_method'])
-        os.pwrite(fd, (out.cpu().numpy() + 1).astype(dt).tobytes(), int(first) * row)
-        os.fsync(fd)  # the labels on disk before the progress says so
-        progress.write(np.array([first, stop], '<i8').tobytes())
-        progress.flush()
-        os.fsync(progress.fileno())
-        done[first:stop] = True
-    os.close(fd)
-    progress.close()
+    with (open(path, 'r+b', buffering=0) as out,
+          open(path + '.done' + (f'.{rank}' if rank else ''), 'ab') as progress):
+        for first, stop in tqdm(batches, desc=desc, position=rank, unit='batch'):
+            starts = range(first * block_size, stop * block_size, block_size)
+            idx = windows(load_tokens(data_dir, split), starts, block_size).to(device)
+            labels = concept_labels(teacher, sae, idx, expected['sae_layer'], k_attr,
+                                    expected['label_method'])
+            ids = (labels.cpu().numpy() + 1).astype(dt)  # 0 = no label
+            os.pwrite(out.fileno(), ids.tobytes(), int(first) * row)
+            os.fsync(out.fileno())  # the labels on disk before the progress says so
+            progress.write(np.array([first, stop], '<i8').tobytes())
+            progress.flush()
+            os.fsync(progress.fileno())
+            done[first:stop] = True
     rate = sum(b - a for a, b in batches) * block_size / max(time.time() - t0, 1e-9)
     barrier()
     if rank == 0:
@@ -251,11 +237,15 @@ def label_split(teacher, sae, data_dir, split, expected, device, dtype=None, bat
         if missing:
             raise UserError(f"{path}: {missing} windows are missing; run again")
         write_meta(meta_path, dict(expected, complete=True))
-        for name in glob.glob(glob.escape(path) + '.done*'):
-            with suppress(FileNotFoundError):  # another writer of this cache may finish first
-                os.remove(name)
+        remove_progress(path)
         print(f"{path}: {n_windows * block_size:,} tokens labelled ({rate * world:,.0f} tokens/s, "
               f"{world} process{'es' if world > 1 else ''})")
+
+
+def remove_progress(path):
+    for name in progress_files(path):
+        with suppress(FileNotFoundError):  # another writer of this cache may finish first
+            os.remove(name)
 
 
 def barrier():
@@ -279,7 +269,7 @@ if __name__ == '__main__':
                         f"({teacher_model.config.block_size}); use a shorter block_size")
     for split in splits.split(','):
         expected = describe(data_dir, split, identity, label_method, k_attr, block_size)
-        label_split(teacher_model, sae_model, data_dir, split, expected, device, None, batch_size,
-                    rank, world)
+        label_split(teacher_model, sae_model, data_dir, split, expected, device, batch_size, rank,
+                    world)
     if world > 1:
         torch.distributed.destroy_process_group()

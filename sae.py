@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from chunked import gathered_grads
-from common import DEVICE, DTYPE, UserError, atomic_path, autocast, configure, fingerprint
+from common import DEVICE, DTYPE, UserError, autocast, configure, fingerprint
 from common import load_checkpoint, load_teacher, save_checkpoint
 from model import sae_norm
 from prepare import data_dir_of, download, load_tokens, read_meta, windows
@@ -45,10 +45,9 @@ device: 'device' = DEVICE
 dtype: 'float32|bfloat16|float16' = DTYPE  # autocast for the teacher and the SAE
 seed: 'int >= 0' = 1337
 # -----------------------------------------------------------------------------
-# a resume must train the same SAE on the same stream: these settings change what is written
-SAME_ON_RESUME = ('teacher', 'dataset', 'sae_layer', 'n_latents', 'k', 'normalize', 'k_aux',
-                  'aux_coef', 'dead_tokens', 'batch_size', 'context', 'buffer_size',
-                  'learning_rate', 'seed')
+# a resume must train the same SAE on the same stream: only these settings may change
+FREE_ON_RESUME = {'out_dir', 'init_from', 'max_tokens', 'eval_tokens', 'log_interval',
+                  'ckpt_interval', 'evaluate', 'device', 'dtype'}
 OPENAI_URL = 'https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small/' \
              '{location}_v5_{size}/autoencoders/{layer}.pt'
 
@@ -104,12 +103,11 @@ class TopKSAE(nn.Module):
     def save(self, path, meta=None):
         """OpenAI's format; our metadata rides in activation_state_dict, where their strict loader
         reads only k and postact_fn."""
-        sd = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        sd = {k: v.cpu() for k, v in self.state_dict().items()}
         sd['activation'] = 'TopK'  # OpenAI's loader reads normalize=True; ours reads the flag
         sd['activation_state_dict'] = {'k': self.k, 'postact_fn': 'ReLU',
                                        'cocomix': dict(meta or {}, normalize=self.normalize)}
-        with atomic_path(path) as tmp:
-            torch.save(sd, tmp)
+        save_checkpoint(sd, *os.path.split(path))
 
 
 def sae_file(spec, fetch=True, cache_dir=os.path.expanduser('~/.cache/cocomix')):
@@ -148,17 +146,20 @@ def load_sae(spec, n_inputs=None):
 
 
 def check_width(sae, n_inputs, name='the SAE'):
-    """An SAE that reads the teacher's n_inputs-wide residuals, or a one-line error."""
     if sae.n_inputs != n_inputs:
         raise UserError(f"{name} reads {sae.n_inputs}-wide vectors but the teacher is {n_inputs} "
                         "wide; use an SAE trained on this teacher's residual stream")
 
 
-def teacher_residual(teacher, idx, layer):
-    """The residual stream after block `layer` (0-based), what the SAE reads: (B, T, d)."""
+def check_layer(teacher, layer):
     if not 0 <= layer < teacher.config.n_layer:
         raise UserError(f"sae_layer={layer} is out of range for a teacher of "
                         f"{teacher.config.n_layer} blocks")
+
+
+def teacher_residual(teacher, idx, layer):
+    """The residual stream after block `layer` (0-based), what the SAE reads: (B, T, d)."""
+    check_layer(teacher, layer)
     return teacher.run_blocks(teacher.embed(idx), stop=layer + 1)
 
 
@@ -225,7 +226,7 @@ class GatheredLinear(torch.autograd.Function):
         return grad_x.to(x.dtype), grad_w, grad_b, None, None
 
 
-def sae_losses(sae, x, dead=None, k_aux=0):
+def sae_losses(sae, x, dead, k_aux):
     """The batch's FVU, the AuxK loss (the top k_aux dead latents reconstruct the detached
     residual, Gao et al. A.2) and the active indices."""
     x_norm, _ = sae.preprocess(x)
@@ -233,7 +234,7 @@ def sae_losses(sae, x, dead=None, k_aux=0):
     with torch.no_grad():
         pre = F.linear(inputs, sae.encoder.weight, sae.latent_bias)
         indices = pre.topk(sae.k, dim=-1).indices
-        n_aux = min(k_aux, int(dead.sum())) if dead is not None else 0
+        n_aux = min(k_aux, int(dead.sum()))
         if n_aux:
             aux_indices = pre.masked_fill(~dead, -float('inf')).topk(n_aux, dim=-1).indices
             indices = torch.cat([indices, aux_indices], dim=-1)
@@ -265,7 +266,7 @@ def train_step(sae, optimizer, x, k_aux, dead_tokens, aux_coef, dtype='float32')
 
 
 @torch.no_grad()
-def evaluate_sae(sae, teacher, layer, data_dir, n_tokens, context=64, dtype='float32'):
+def evaluate_sae(sae, teacher, layer, data_dir, n_tokens, context, dtype):
     """On held-out windows: FVU (normalised and raw), the fraction of latents never active, and
     the teacher's loss clean, with the reconstruction spliced in at `layer`, and their KL."""
     idx = split_windows(data_dir, 'val', max(1, n_tokens // (context + 1)), context + 1)
@@ -273,9 +274,9 @@ def evaluate_sae(sae, teacher, layer, data_dir, n_tokens, context=64, dtype='flo
     active = torch.zeros(sae.n_latents, dtype=torch.bool, device=device)
     vectors, clean, spliced, kl = [], 0.0, 0.0, 0.0
     for i in range(0, len(idx), 32):
-        x_in, y = idx[i:i + 32, :-1].to(device), idx[i:i + 32, 1:].to(device)
+        batch, y = idx[i:i + 32].to(device), idx[i:i + 32, 1:].flatten().to(device)
         with autocast(device, dtype):
-            h = teacher_residual(teacher, x_in, layer).float()
+            h = teacher_residual(teacher, batch[:, :-1], layer).float()
             values, indices, info = sae.encode(h)
             h_hat = sae.decode(values, indices, info).float()
             logits = [teacher.head(teacher.run_blocks(z, start=layer + 1))[0].float()
@@ -283,10 +284,10 @@ def evaluate_sae(sae, teacher, layer, data_dir, n_tokens, context=64, dtype='flo
         active[indices[values > 0]] = True
         norm = (lambda z: (z - info[0]) / (info[1] + 1e-5)) if info else (lambda z: z)  # h's LN
         vectors.append([z.flatten(0, 1) for z in (norm(h), norm(h_hat), h, h_hat)])
-        logp = [F.log_softmax(l, -1).flatten(0, 1) for l in logits]
-        clean += F.nll_loss(logp[0], y.flatten(), reduction='sum').item()
-        spliced += F.nll_loss(logp[1], y.flatten(), reduction='sum').item()
-        kl += (logp[0].exp() * (logp[0] - logp[1])).sum().item()
+        logp, logq = (F.log_softmax(z, -1).flatten(0, 1) for z in logits)
+        clean += F.nll_loss(logp, y, reduction='sum').item()
+        spliced += F.nll_loss(logq, y, reduction='sum').item()
+        kl += (logp.exp() * (logp - logq)).sum().item()
     h_norm, h_hat_norm, h, h_hat = (torch.cat(z) for z in zip(*vectors))
     n = len(idx) * context
     return dict(fvu=fvu(h_norm, h_hat_norm).item(), fvu_raw=fvu(h, h_hat).item(),
@@ -318,8 +319,8 @@ if __name__ == '__main__':
         if init_from == 'resume':
             ckpt = load_checkpoint(out_dir, device, 'sae_ckpt.pt')
             saved = ckpt['config']
-            differ = [f"{key}={saved[key]!r} (this run: {config[key]!r})"
-                      for key in SAME_ON_RESUME if saved.get(key, config[key]) != config[key]]
+            differ = [f"{key}={saved[key]!r} (this run: {value!r})" for key, value in config.items()
+                      if key not in FREE_ON_RESUME and saved.get(key, value) != value]
             if differ:
                 raise UserError(f"{out_dir}/sae_ckpt.pt was trained with {', '.join(differ)}; "
                                 "resume with its settings, or train into another out_dir")
@@ -331,14 +332,13 @@ if __name__ == '__main__':
                         f"use --context={T}")
     if evaluate:
         check_width(sae, d, f"the SAE '{evaluate}'")
-        metrics = evaluate_sae(sae.to(device), teacher_model, sae_layer, data_dir, eval_tokens,
-                               context, dtype)
-        print(report(metrics))
+        print(report(evaluate_sae(sae.to(device), teacher_model, sae_layer, data_dir, eval_tokens,
+                                  context, dtype)))
         raise SystemExit
-    lr = learning_rate or 2e-4 / math.sqrt(n_latents / 2 ** 14)
     steps, per_buffer = max_tokens // batch_size, buffer_size // batch_size
     sae = TopKSAE(d, n_latents, k, normalize).to(device)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
+    lr = learning_rate or 2e-4 / math.sqrt(n_latents / 2 ** 14)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
 
     def fill(r):  # the r-th shuffled buffer depends on (seed, r) alone: resuming is exact
         g = torch.Generator().manual_seed(seed * 1_000_003 + r)

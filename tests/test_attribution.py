@@ -217,7 +217,7 @@ def label(data, monkeypatch, batch_size, rank=0, world=1, batches=None, block_si
     monkeypatch.setattr(A, 'concept_labels', stoppable)
     expected = A.describe(data, 'val', IDENTITY, 'attribution', 4, block_size)
     try:
-        A.label_split(teacher, sae, data, 'val', expected, device='cpu', dtype='float32', batch_size=batch_size,
+        A.label_split(teacher, sae, data, 'val', expected, device='cpu', batch_size=batch_size,
                       rank=rank, world=world)
     except Killed:
         pass

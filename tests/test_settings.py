@@ -141,7 +141,7 @@ def test_a_second_writer_finishing_the_label_cache_is_no_error(world, tmp_path, 
             os.remove(done)
         write_meta(path, meta)
     monkeypatch.setattr(A, 'write_meta', other_writer_finished_first)
-    A.label_split(teacher, sae, str(out), 'train', expected, 'cpu', 'float32', batch_size=64)
+    A.label_split(teacher, sae, str(out), 'train', expected, 'cpu', batch_size=64)
     labels = np.fromfile(out / 'labels_train.bin', dtype=np.uint16)
     assert (labels == np.fromfile(os.path.join(data, 'labels_train.bin'), dtype=np.uint16)).all()
     assert json.load(open(out / 'labels_train.json'))['complete']
