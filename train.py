@@ -13,8 +13,7 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from attribution import concept_labels, label_windows, load_concepts
-from attribution import load_label_cache
+from attribution import concept_labels, label_windows, load_concepts, load_label_cache
 from common import DEVICE, DTYPE, UserError, autocast, check_tokenizers, configure, load_checkpoint
 from common import load_model, peak_flops, pretrained_shape, save_checkpoint, setup_distributed
 from model import GPT, GPTConfig, concept_accuracy, kd_loss
@@ -29,8 +28,7 @@ eval_iters: 'int >= 1' = 200  # batches per split and process in each evaluation
 eval_only: 'bool' = False  # evaluate once and stop
 always_save_checkpoint: 'bool' = True  # else save only when val loss improves
 init_from: 'str' = 'scratch'  # 'scratch', 'resume' (from out_dir), 'gpt2*' or a GPT-2 folder
-# 'ntp', 'cocomix' (concepts predicted and mixed), or the paper's baselines 'kd' (distillation),
-# 'pause' (a learned vector interleaved after insert_layer blocks) and 'kd_pause'
+# the paper's baselines: kd (distillation), pause (a learned vector interleaved), kd_pause
 mode: 'ntp|cocomix|kd|pause|kd_pause' = 'ntp'
 # wandb logging
 wandb_log: 'bool' = False
