@@ -233,10 +233,7 @@ def lambada(scorer, rows):
 def wikitext(scorer, path, limit=0):
     """Word perplexity (per whitespace word of the raw text, the paper's WikiText number), token
     perplexity and bits per byte, the whole file one rolling document."""
-    with open(path, encoding='utf-8') as f:
-        text = f.read()
-    if limit:
-        text = text[:limit * 1000]  # about `limit` paragraphs
+    text = open(path, encoding='utf-8').read()[:limit * 1000 or None]  # about `limit` paragraphs
     ll = scorer.loglikelihood_rolling([(text,)])[0]
     n_tokens = len(scorer.encode(text))
     return {'word_ppl': math.exp(-ll / len(text.split())), 'token_ppl': math.exp(-ll / n_tokens),

@@ -106,8 +106,8 @@ def matched_width(student):
 
 
 def flops_width(student, m):
-    """The NTP width (a multiple of n_head) whose FLOPs per character come nearest CoCoMix's: its
-    student's (ntp_flops_student) or with cached labelling (ntp_flops_total); depth stays the paper's."""
+    """The NTP width (a multiple of n_head) whose FLOPs per character come nearest CoCoMix's:
+    its student's (ntp_flops_student) or with cached labelling (ntp_flops_total); same depth."""
     from model import GPT
     meta = json.load(open(f'{DATA}/meta.json'))
     flops = lambda cfg: GPT(cfg).flops_per_token(128)
