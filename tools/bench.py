@@ -89,10 +89,6 @@ if smoke_tiny:
     n_layer, n_head, n_embd, block_size, vocab_size, batch_size = 2, 2, 64, 64, 512, 2
     n_concepts, sae_k, concept_topk, insert_layer, sae_layer = 256, 8, 8, 1, 0
     teacher_layers, teacher_embd = 2, 64
-PARTS = 'smoke,train,ntp,labels,generate,sae,prepare,heads'.split(',')
-unknown = [p for p in parts.split(',') if p not in PARTS]
-if unknown:  # before any part runs: a typo in the last must not cost the others
-    raise UserError(f"unknown part '{unknown[0]}'; use some of {','.join(PARTS)}")
 for what, wide, heads in (('', n_embd, n_head), ('teacher_', teacher_embd, max(1, teacher_embd // 64))):
     if wide % heads:
         raise UserError(f"{what}n_embd={wide} is no multiple of its {heads} heads")
@@ -170,10 +166,10 @@ def teacher_and_sae():
     return teacher, TopKSAE(teacher_embd, n_concepts, sae_k).to(device).eval()
 
 
-def label_speeds():
+def report_label_speeds():
     """Online labelling (attribution.concept_labels: the teacher's forward, its input-gradient
-    backward, the SAE's encoder) eager and under torch.compile: {name: (seconds per call, labels)},
-    alternating so that neither gains from the order."""
+    backward, the SAE's encoder) eager and under torch.compile, alternating so that neither gains
+    from the order: print their tokens/s; -> compiled / eager."""
     from attribution import concept_labels
     teacher_model, sae = teacher_and_sae()
     idx = torch.randint(0, vocab_size, (label_batch, block_size), device=device)
@@ -185,16 +181,11 @@ def label_speeds():
             with ctx:
                 labels[name] = fn(teacher_model, sae, idx, sae_layer, k_attr)
                 seconds[name].append(timed(lambda: fn(teacher_model, sae, idx, sae_layer, k_attr)))
-    return {k: (min(v), labels[k]) for k, v in seconds.items()}, idx.numel()
-
-
-def report_label_speeds():
-    """Print eager's and compiled's labelling tokens/s; -> compiled / eager."""
-    speeds, tokens = label_speeds()
-    (eager, a), (compiled, b) = speeds['eager'], speeds['compiled']
-    agree = (a == b).float().mean().item()  # ties in a low precision may order latents otherwise
+    eager, compiled = min(seconds['eager']), min(seconds['compiled'])
+    # ties in a low precision may order latents otherwise
+    agree = (labels['eager'] == labels['compiled']).float().mean().item()
     print(f"  labelling ({label_batch} x {block_size} tokens, {backend}): eager "
-          f"{tokens / eager:,.0f} tokens/s, compiled {tokens / compiled:,.0f} tokens/s: "
+          f"{idx.numel() / eager:,.0f} tokens/s, compiled {idx.numel() / compiled:,.0f} tokens/s: "
           f"{eager / compiled:.2f}x; labels agree at {agree:.1%} of slots")
     return eager / compiled
 
@@ -477,8 +468,11 @@ if run_mode:  # one mode of --parts=train
     row = measure(run_mode)
     print(json.dumps(dict(row, memory=row['memory'] - bare)))
 else:
-    run_part = dict(train=partial(bench_modes, 'train'), ntp=bench_ntp, labels=bench_labels,
-                    generate=bench_generate, sae=bench_sae, prepare=bench_prepare,
-                    smoke=partial(bench_modes, 'smoke'), heads=bench_heads)
+    run_part = dict(smoke=partial(bench_modes, 'smoke'), train=partial(bench_modes, 'train'),
+                    ntp=bench_ntp, labels=bench_labels, generate=bench_generate, sae=bench_sae,
+                    prepare=bench_prepare, heads=bench_heads)
+    unknown = [p for p in parts.split(',') if p not in run_part]
+    if unknown:  # before any part runs: a typo in the last must not cost the others
+        raise UserError(f"unknown part '{unknown[0]}'; use some of {','.join(run_part)}")
     for part in parts.split(','):
         run_part[part]()

@@ -147,37 +147,30 @@ def task_file(name, data_dir=''):
             raise UserError(f"no file matching {pattern} in {data_dir}; add it or leave data_dir empty to download")
         return found[0]
     path = os.path.join(CACHE, pattern.replace('*', ''))
-    if source is None and not os.path.exists(path):  # published with the data, nowhere else
+    if os.path.exists(path):
+        return path
+    if source is None:  # published with the data, nowhere else
         raise UserError(f"no file matching {pattern}: put it in a folder, pass --data_dir=FOLDER")
-    if not os.path.exists(path):
-        os.makedirs(CACHE, exist_ok=True)
-        try:
-            if isinstance(source, str):
-                download(source, path, name)
-            else:  # only on the HF hub: written out once in its usual jsonl / raw layout
-                from datasets import load_dataset
-                check_hub(f"the {name} data", "put the file in a folder and pass --data_dir=FOLDER")
-                rows = load_dataset(source[0], source[1], split=source[2])
-                with atomic_path(path) as tmp, open(tmp, 'w') as f:
-                    lines = [''.join(rows['text'])] if name == 'wikitext' else [json.dumps(row) + '\n' for row in rows]
-                    f.writelines(lines)
-        except Exception as e:
-            raise UserError(f"cannot download the {name} data ({type(e).__name__}: {e}); "
-                             f"put the file in a folder and pass --data_dir=FOLDER")
+    try:  # into CACHE: atomic_path makes the folder
+        if isinstance(source, str):
+            download(source, path, name)
+        else:  # only on the HF hub: written out once in its usual jsonl / raw layout
+            from datasets import load_dataset
+            check_hub(f"the {name} data", "put the file in a folder and pass --data_dir=FOLDER")
+            rows = load_dataset(source[0], source[1], split=source[2])
+            with atomic_path(path) as tmp, open(tmp, 'w') as f:
+                lines = [''.join(rows['text'])] if name == 'wikitext' else \
+                    [json.dumps(row) + '\n' for row in rows]
+                f.writelines(lines)
+    except Exception as e:
+        raise UserError(f"cannot download the {name} data ({type(e).__name__}: {e}); "
+                        f"put the file in a folder and pass --data_dir=FOLDER")
     return path
 
 
 def read_jsonl(path):
     with open(path, encoding='utf-8') as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def gold_labels(name, rows, data_dir):
-    """Gold labels from the rows' own 'label', else from the task's official .lst file."""
-    if rows and 'label' in rows[0]:
-        return [int(r['label']) for r in rows]
-    with open(task_file(name + '_labels', data_dir)) as f:
-        return [int(line) for line in f if line.strip()]
 
 
 def hellaswag_text(text):  # the harness's cleanup of WikiHow artifacts
@@ -193,7 +186,10 @@ def choice_items(name, path, data_dir=''):
     if name == 'arc_easy':
         return [(f"Question: {r['question']}\nAnswer:", [' ' + t for t in r['choices']['text']],
                  r['choices']['label'].index(r['answerKey'])) for r in rows]
-    gold = gold_labels(name, rows, data_dir)
+    if rows and 'label' in rows[0]:  # gold labels in the rows, else in the task's .lst file
+        gold = [int(r['label']) for r in rows]
+    else:
+        gold = [int(line) for line in open(task_file(name + '_labels', data_dir)) if line.strip()]
     if name == 'piqa':
         return [(f"Question: {r['goal']}\nAnswer:", [' ' + r['sol1'], ' ' + r['sol2']], g)
                 for r, g in zip(rows, gold)]
@@ -237,10 +233,7 @@ def lambada(scorer, rows):
 def wikitext(scorer, path, limit=0):
     """Word perplexity (per whitespace word of the raw text, the paper's WikiText number), token
     perplexity and bits per byte, the whole file one rolling document."""
-    with open(path, encoding='utf-8') as f:
-        text = f.read()
-    if limit:
-        text = text[:limit * 1000]  # about `limit` paragraphs
+    text = open(path, encoding='utf-8').read()[:limit * 1000 or None]  # about `limit` paragraphs
     ll = scorer.loglikelihood_rolling([(text,)])[0]
     n_tokens = len(scorer.encode(text))
     return {'word_ppl': math.exp(-ll / len(text.split())), 'token_ppl': math.exp(-ll / n_tokens),

@@ -8,9 +8,8 @@ active parameters; their evaluation beside the study's paired result, and a stee
     python tools/pipeline.py                        # Tiny Shakespeare, shipped with the repository
     python tools/pipeline.py --input='my_texts/*.txt' --name=mytext
 
-Every stage is an ordinary command, printed before it runs, that skips itself when its output
-exists, is newer than its inputs and was made by the same command. Thread counts are fixed, so
-reruns on the same kind of machine give the same numbers.
+Every stage is an ordinary command, printed before it runs and skipped when current (stages.py).
+Thread counts are fixed, so reruns on the same kind of machine give the same numbers.
 """
 import json
 import os

@@ -1,7 +1,5 @@
-"""
-Commands run as stages that skip themselves when current, and README blocks rewritten from results:
-what tools/pipeline.py and tools/study.py share (each imports this, neither the other's driver).
-"""
+"""Commands run as stages that skip themselves when current, and README blocks rewritten from
+results: what tools/pipeline.py and tools/study.py share."""
 import json
 import os
 import re
@@ -9,11 +7,7 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
-
-from common import UserError
-
-py = sys.executable
+from common import UserError  # the importing tool put the repository on the path
 
 
 def run_stages(stages, stamps_path, jobs=1, threads=1):
@@ -40,7 +34,8 @@ def run_stages(stages, stamps_path, jobs=1, threads=1):
                 os.makedirs(logs, exist_ok=True)
                 log = open(os.path.join(logs, re.sub(r'[^\w.-]+', '_', stage) + '.log'), 'w')
             print(f"[{stage}] {line}" + (f"  (log: {log.name})" if log else ''), flush=True)
-            proc = subprocess.Popen([py] + cmd, stdout=log, stderr=subprocess.STDOUT if log else None, env=env)
+            proc = subprocess.Popen([sys.executable] + cmd, stdout=log, env=env,
+                                    stderr=subprocess.STDOUT if log else None)
             running[proc] = (stage, output, line, time.time(), log)
         finished = [p for p in running if p.poll() is not None]
         if running and not finished:  # else look again at once: done or up-to-date stages made room

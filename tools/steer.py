@@ -10,8 +10,7 @@ most often ranks first on the val text, a rule fixed in advance. `prompts` val w
 twice with the same random draws, plainly and with the concept's logit multiplied by alpha; the
 teacher and SAE then read both: how often the concept is active, its mean activation, and how often
 the 5 tokens its decoder direction promotes appear. The table gives each concept's numbers and the
-mean steered-minus-plain change with a 95% interval; --publish=True puts it in RESULTS.md's steering
-block (the published runs' table: an ordinary run leaves it alone).
+mean steered-minus-plain change with a 95% interval.
 """
 import os
 import sys

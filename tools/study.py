@@ -106,9 +106,8 @@ def matched_width(student):
 
 
 def flops_width(student, m):
-    """The NTP width (a multiple of n_head) whose FLOPs per character come nearest CoCoMix's student
-    FLOPs (ntp_flops_student) or its student plus cached labelling FLOPs (ntp_flops_total). Width
-    alone reaches either target at 8 layers, so depth stays the paper's."""
+    """The NTP width (a multiple of n_head) whose FLOPs per character come nearest CoCoMix's:
+    its student's (ntp_flops_student) or with cached labelling (ntp_flops_total); same depth."""
     from model import GPT
     meta = json.load(open(f'{DATA}/meta.json'))
     flops = lambda cfg: GPT(cfg).flops_per_token(128)
@@ -128,12 +127,11 @@ def label_flops(res, m):
     """Per token: the teacher's labelling for method m's labels, KD's teacher, or 0."""
     from attribution import label_flops_per_token
     from model import GPTConfig
-    config, extra, _ = METHODS[m]
-    if m != 'kd' and (config != 'cocomix' or '--lam_concept=0' in extra):
+    if not needs_teacher(m):
         return 0
     t = res['teacher_shape'].split(' x ')
     teacher_cfg = GPTConfig(n_layer=int(t[0]), n_embd=int(t[1]), vocab_size=res['vocab_size'])
-    method = next((a.split('=')[1] for a in extra if a.startswith('--label_method=')), 'attribution')
+    method = next((a.split('=')[1] for a in METHODS[m][1] if '--label_method=' in a), 'attribution')
     return label_flops_per_token(teacher_cfg, SAE_LAYER, res.get('sae_latents', sae_latents),
                                  128, 'kd' if m == 'kd' else method)  # 128: the study's windows
 
@@ -173,7 +171,7 @@ def stages():
     order = sorted(((size, student, m, n) for size, (student, methods) in sizes().items()
                     for m, n in methods.items()),
                    key=lambda p: (p[2] not in ('ntp', 'cocomix'), p[0] != '8-layer'))
-    runs, teacher_needed = [], False
+    runs = []
     for size, student, m, n in order:
         width = matched_width(student) if m in WIDENED else \
             flops_width(student, m) if m in FLOPS_MATCHED else None
@@ -185,12 +183,10 @@ def stages():
                                         [f'--seed={seed}', f'--eval_interval={eval_every}', '--log_interval=100',
                                          '--always_save_checkpoint=True', *student_args]))
                 runs.append(evaluation(run))
-                teacher_needed |= needs_teacher(m)
         if size == '8-layer' and m not in timed:  # a short timed run per method
             runs.append(train_stage(f'timing {m}', f'{out}/timing/{m}', m, timing_steps,
                                     ['--eval_interval=100000', '--log_interval=1', *student_args]))
-            teacher_needed |= needs_teacher(m)
-    if not teacher_needed:
+    if not any(f'{out}/teacher/ckpt.pt' in inputs for _, _, inputs, _ in runs):  # none reads it
         return [], runs
     models = [f'--teacher={out}/teacher', f'--sae={out}/sae/sae.pt']
     if teacher_from:  # the first machine's teacher and SAE, checked by fingerprint before any run
@@ -223,16 +219,12 @@ def train_stage(name, run, m, iters, args):
         models = [f'--n_concepts={sae_latents}'] if config == 'cocomix' else []
         inputs = [f'{data}/meta.json']
     # a run stopped midway (no stamp yet) continues from its last checkpoint: resume is exact
-    stamp = saved_stamps().get(f'{run}/ckpt.pt', '--init_from=resume')
+    path = f'{out}/stamps.json'
+    stamp = (json.load(open(path)) if os.path.exists(path) else {}).get(f'{run}/ckpt.pt', 'resume')
     resume = ['--init_from=resume'] if os.path.exists(f'{run}/ckpt.pt') and 'resume' in stamp else []
     return (name, ['train.py', f'config/{config}_shakespeare_char.py', f'--out_dir={run}', f'--max_iters={iters}',
                    f'--lr_decay_iters={student_iters}', *args, *extra, *models, f'--dataset={data}',
                    f'--device={device}', '--eval_iters=10', *resume], inputs, f'{run}/ckpt.pt')
-
-
-def saved_stamps():
-    path = f'{out}/stamps.json'
-    return json.load(open(path)) if os.path.exists(path) else {}
 
 
 def evaluation(run):
@@ -265,9 +257,8 @@ def check_identity(old):
 
 
 def collect():
-    """Add this machine's finished runs and timing runs to the saved results (of any machine). The
-    teacher's and SAE's entries come from this machine's, where it has them (checked against the
-    saved fingerprints); runs that read neither pair with the saved ones without them."""
+    """Add this machine's finished runs and timing runs to the saved results (of any machine), and
+    its teacher's and SAE's entries where it has them (refused if their fingerprints differ)."""
     from common import load_model
     from sae import load_sae
     old, here = saved(), machine()
@@ -360,8 +351,7 @@ def report(res):
     for size, (_, methods) in sizes().items():
         got = {m: by_seed(runs, size, m) for m in methods}
         got = {m: r for m, r in got.items() if r}
-        ntp, reach, missed = got.get('ntp', {}), {}, {}  # reach: runs that reach NTP's final loss, as
-        # run fractions; missed: the methods that miss it in some seed
+        ntp, reach, missed = got.get('ntp', {}), {}, {}  # as compute_rows reads them
         for m, r in got.items():
             finals = np.array([v['final'] for v in r.values()])
             paired = [s for s in r if s in ntp]
@@ -487,9 +477,7 @@ def plot_flops(res):
             continue
         v = next(iter(by_seed(res['runs'], '8-layer', m).values()))
         label, chars = label_flops(res, m), np.array([x for x, _ in curves[0]][1:])
-        labelled = METHODS[m][0] == 'cocomix'  # cached: paid before step 0 (KD's teacher: online)
-        cached = label * res['train_chars'] + chars * v['flops'] if labelled else \
-            chars * (v['flops'] + label)
+        cached = chars * cached_flops(res, m, v['flops'], res['train_chars'], chars)
         loss = np.array([[y for _, y in c][1:] for c in curves]).mean(0)
         for ax, x in zip(axes, (chars * v['flops'], chars * (v['flops'] + label), cached)):
             ax.plot(x / 1e12, loss, label=f'{m} ({len(curves)} seeds)')
