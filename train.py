@@ -116,6 +116,11 @@ torch.backends.cudnn.allow_tf32 = True
 ctx = autocast(device, dtype)
 data_dir = data_dir_of(dataset)
 meta = read_meta(data_dir)
+for split in ('train', 'val'):  # refused before any model loads
+    n = len(load_tokens(data_dir, split))
+    if n <= block_size:
+        raise UserError(f"the {split} split of {data_dir} has {n} tokens, fewer than block_size + 1 "
+                        f"= {block_size + 1}; use more text or a smaller block_size")
 
 # the student's shape: this run's settings, or what the checkpoint or GPT-2 weights it continues fix
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
@@ -233,9 +238,6 @@ def get_batch(split, step, micro):
     """(x, y, concept labels or None). With a label cache (or window_grid) the windows start on the
     block_size grid that attribution.py labelled."""
     data = load_tokens(data_dir, 'val' if split == 'val' else 'train')  # a fresh memmap per batch
-    if len(data) <= block_size:
-        raise UserError(f"the {split} split of {data_dir} has {len(data)} tokens, fewer than "
-                        f"block_size + 1 = {block_size + 1}; use more text or a smaller block_size")
     g = torch.Generator().manual_seed(draw_seed(split, step, micro))
     if label_cache or window_grid:
         ix = torch.randint((len(data) - 1) // block_size, (batch_size,), generator=g) * block_size

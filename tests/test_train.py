@@ -199,3 +199,12 @@ def test_cocomix_without_concept_loss_needs_no_teacher_and_trains_the_head(datas
     x = torch.randint(0, 32, (2, 16))
     model.train()(x, x)[1].backward()  # the next-token loss alone reaches the concept head
     assert model.concepts.concept_head.weight.grad.abs().sum() > 0
+
+
+def test_a_split_shorter_than_a_window_is_refused_before_any_model_loads(tmp_path):
+    from conftest import write_dataset
+    short = write_dataset(str(tmp_path / 'short'), n_val=10)
+    p = train(short, tmp_path / 'out', '--mode=cocomix', '--teacher=/no/teacher', check=False)
+    assert p.returncode == 1 and p.stderr.strip() == (
+        f"error: the val split of {short} has 10 tokens, fewer than block_size + 1 = 17; use more "
+        "text or a smaller block_size"), p.stderr
