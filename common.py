@@ -1,5 +1,4 @@
-"""What every script shares: settings (a script's globals between its two dashed lines, set by
-config files and --key=value overrides in order), one-line errors, atomic files, models, devices."""
+"""What every script shares: settings, one-line errors, atomic files, models, devices."""
 import ast
 import hashlib
 import json
@@ -22,7 +21,7 @@ DTYPE = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported
 
 
 class UserError(SystemExit):
-    """Bad input: exit 1 with one line, "error: <problem and fix>", printed by rank 0 alone."""
+    """Bad input: exit 1 with one line "error: ...", printed by rank 0 alone."""
 
     def __init__(self, message):
         if int(os.environ.get('RANK', '0')) != 0:
@@ -42,10 +41,9 @@ def setting_names(script):
 
 
 def check_setting(key, value, domain, source):
-    """value if it lies in the setting's declared domain, else a one-line error. Domains:
-    'bool', 'str', 'int' or 'float' with an optional comparison chain ('int >= 1',
-    '0 <= float < 1'), choices ('ntp|cocomix'), 'file' or 'dir' that must exist ('file?': or ''),
-    'device' (cpu, mps or an available cuda:N)."""
+    """value if it lies in its domain, else a one-line error. Domains: 'bool', 'str', 'int' or
+    'float' with an optional comparison ('int >= 1', '0 <= float < 1'), choices ('ntp|cocomix'),
+    an existing 'file' or 'dir' ('file?': or ''), 'device' (cpu, mps, an available cuda:N)."""
     def refuse(want):
         return UserError(f"{source}: {key} must be {want}, not {value!r}")
     kind = domain.rstrip('?')
@@ -77,9 +75,9 @@ def check_setting(key, value, domain, source):
 
 
 def configure(script_globals, argv=None, ignore=(), given=None):
-    """Apply config files and overrides to the script's settings, each checked against its domain
-    (its annotation: check_setting); return them. ignore: keys accepted but unused; given:
-    receives the keys set explicitly."""
+    """Apply config files and --key=value overrides, in order, to the script's annotated globals,
+    check each against its domain; return them. ignore: keys accepted but unused; given: receives
+    the keys set explicitly."""
     domains = script_globals.get('__annotations__', {})
     config = {k: script_globals[k] for k in domains}
     sources = dict.fromkeys(config, 'the default')
@@ -134,7 +132,7 @@ def configure(script_globals, argv=None, ignore=(), given=None):
 @contextmanager
 def atomic_path(path):
     """with atomic_path(path) as tmp: write tmp; it becomes `path` only if the block succeeds.
-    tmp is unique to the call, so two processes writing one path never share a temporary file."""
+    tmp is unique to the call: two processes writing one path never share it."""
     folder = os.path.dirname(path) or '.'
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + '.', suffix='.tmp')
@@ -166,8 +164,8 @@ def load_checkpoint(out_dir, device='cpu', name='ckpt.pt'):
 
 
 def load_model(spec, device='cpu', dropout=0.0, **extra):
-    """'gpt2*', a folder of GPT-2 weights or a train.py out_dir -> (model in eval mode, checkpoint
-    or None). extra: CoCoMix or pause settings for a pretrained GPT-2."""
+    """'gpt2*', a GPT-2 folder or a train.py out_dir -> (model in eval mode, checkpoint or None).
+    extra: CoCoMix or pause settings for a pretrained GPT-2."""
     if os.path.isdir(spec) and not os.path.exists(os.path.join(spec, 'config.json')):
         checkpoint = load_checkpoint(spec, device)
         fields = GPTConfig.__dataclass_fields__
@@ -183,7 +181,7 @@ def load_model(spec, device='cpu', dropout=0.0, **extra):
 
 
 def pretrained_shape(spec):
-    """A pretrained GPT-2's architecture (hub name or folder), without its weights."""
+    """A pretrained GPT-2's architecture, without its weights."""
     shapes = {'gpt2': (12, 12, 768, 1024), 'gpt2-medium': (24, 16, 1024, 1024),
               'gpt2-large': (36, 20, 1280, 1024), 'gpt2-xl': (48, 25, 1600, 1024)}
     if os.path.isdir(spec):
@@ -196,8 +194,8 @@ def pretrained_shape(spec):
 
 
 def check_hub(what, fix):
-    """Fail at once, not after minutes of retries, when the hub cannot be reached. urllib goes
-    through HTTPS_PROXY as the hub client does; any HTTP answer means the hub is there."""
+    """Fail at once, not after minutes of retries, when the hub is unreachable. urllib uses
+    HTTPS_PROXY as the hub client does; any HTTP answer means the hub is there."""
     from huggingface_hub import constants
     if constants.HF_HUB_OFFLINE:
         return
@@ -210,7 +208,7 @@ def check_hub(what, fix):
 
 
 def hub_folder(name):
-    """A hub GPT-2 model's local folder: cached, else downloaded."""
+    """A hub GPT-2's local folder: cached, else downloaded."""
     from huggingface_hub import snapshot_download
     patterns = ['config.json', 'model.safetensors']
     with suppress(Exception):  # not cached yet
@@ -226,7 +224,7 @@ def hub_folder(name):
 
 
 def fingerprint(tensors):
-    """A short hash of a module's weights or a state dict: tells teachers and SAEs apart."""
+    """A short hash of a module's or state dict's tensors: tells teachers and SAEs apart."""
     h = hashlib.sha256()
     items = tensors.state_dict() if isinstance(tensors, torch.nn.Module) else tensors
     for k in sorted(items):
@@ -237,7 +235,7 @@ def fingerprint(tensors):
 
 
 def check_tokenizers(meta, name, other, other_name):
-    """Refuse data and a model that tokenize differently (old checkpoints: by vocabulary size)."""
+    """Refuse data and a model that tokenize differently (old checkpoints: by vocabulary)."""
     if 'tokenizer' not in other:
         if meta['vocab_size'] > other['vocab_size']:
             raise UserError(f"{name} has {meta['vocab_size']} token ids but {other_name} only "
@@ -251,7 +249,7 @@ def check_tokenizers(meta, name, other, other_name):
 
 
 def load_teacher(spec, device, data_meta, data_dir):
-    """A frozen teacher in eval mode, refused when it tokenizes differently from the data."""
+    """A frozen teacher in eval mode, refused if it tokenizes the data differently."""
     model, checkpoint = load_model(spec, device)
     model.requires_grad_(False)
     tokens = {'tokenizer': 'gpt2'} if checkpoint is None else \
@@ -261,13 +259,13 @@ def load_teacher(spec, device, data_meta, data_dir):
 
 
 def autocast(device, dtype):
-    """dtype: float32, bfloat16 or float16, as every script's dtype setting declares."""
+    """dtype: float32, bfloat16 or float16 (every script's dtype domain)."""
     return nullcontext() if dtype == 'float32' else \
         torch.autocast('cuda' if 'cuda' in str(device) else 'cpu', dtype=getattr(torch, dtype))
 
 
 def setup_distributed(device):
-    """Under torchrun: join the process group and take a GPU -> (rank, world, device)."""
+    """Under torchrun, join the process group and take a GPU -> (rank, world, device)."""
     if 'RANK' not in os.environ:
         return 0, 1, device
     torch.distributed.init_process_group(backend='nccl' if 'cuda' in device else 'gloo')
