@@ -83,27 +83,6 @@ def concept_labels(teacher, sae, idx, sae_layer, k_attr=4, method='attribution',
     return (labels, top.values) if return_scores else labels
 
 
-def label_flops_per_token(cfg, sae_layer, n_concepts, T, method='attribution'):
-    """The matmul and attention FLOPs per token of concept_labels(method), the input gradient one
-    matmul per weight, 'attribution_preact' adding the gradient's dot with every decoder
-    direction; method='kd': KD's teacher, its forward alone."""
-    if method not in LABEL_METHODS + ('kd',):
-        raise ValueError(f"unknown label method {method!r}")
-    d, after, block = cfg.n_embd, cfg.n_layer - sae_layer - 1, 12 * cfg.n_embd ** 2
-
-    def blocks(n):  # n blocks' forward: matmuls and attention, as nanoGPT's estimate_mfu
-        return 2 * n * block + 4 * n * d * T
-
-    head, encoder = 2 * cfg.vocab_size * d, 2 * d * n_concepts
-    if method == 'activation':  # no loss to differentiate: the teacher stops at sae_layer
-        return blocks(sae_layer + 1) + encoder
-    forward = blocks(cfg.n_layer) + head
-    if method == 'kd':
-        return forward
-    backward = 2 * after * block + head + 8 * after * d * T
-    return forward + backward + encoder * (2 if method == 'attribution_preact' else 1)
-
-
 def load_concepts(teacher_spec, sae_spec, sae_layer, device, data_meta, data_dir, k_attr=4,
                   method='attribution', concept_topk=0):
     """A run's frozen teacher and SAE (None for KD), checked against each other and the data ->
