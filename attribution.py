@@ -1,10 +1,9 @@
 """
-Concept labels (METHOD.md, section 2): an active latent i of the teacher's SAE, activation c_i,
-scores a_i = c_i (g . W_dec[:, i]) (Eq. 1 with the activation c_i, as the released code; the paper
-writes the pre-activation: 'attribution_preact'), with g = dL/dh the gradient of the teacher's mean
-next-token loss L at the residual h the SAE reads; a position's labels are its k_attr best latents.
-train.py labels each batch online; this script labels a dataset once, for --label_cache=True,
-resumable on any process count:
+Concept labels (METHOD.md, section 2): active latent i of the teacher's SAE scores
+a_i = c_i (g . W_dec[:, i]), g = dL/dh the gradient of the teacher's next-token loss at the residual
+h the SAE reads (Eq. 1 with the activation c_i, as the released code; the paper's pre-activation is
+'attribution_preact'); a position's labels are its k_attr best. train.py labels online; this
+labels a dataset once for --label_cache=True, resumable on any process count:
 
     python attribution.py config/cocomix_shakespeare.py  # data/NAME/labels_{train,val}.bin + .json
     torchrun --standalone --nproc_per_node=8 attribution.py config/cocomix_gpt2.py
@@ -37,11 +36,10 @@ batch_size: 'int >= 1' = 8  # windows per teacher pass
 splits: 'str' = 'train,val'
 device: 'device' = DEVICE  # labels are computed in float32 whatever the run's dtype
 # -----------------------------------------------------------------------------
-LABEL_METHODS = tuple(__annotations__['label_method'].split('|'))  # the setting's choices
+LABEL_METHODS = tuple(__annotations__['label_method'].split('|'))
 
 
 def check_setup(teacher, sae, sae_layer, k_attr, method):
-    """A teacher and an SAE that can label together, or a one-line error."""
     if method not in LABEL_METHODS:
         raise UserError(f"unknown label_method '{method}'; use one of {', '.join(LABEL_METHODS)}")
     check_width(sae, teacher.config.n_embd)
@@ -55,13 +53,12 @@ def concept_labels(teacher, sae, idx, sae_layer, k_attr=4, method='attribution',
     """idx (B, T) -> labels (B, T, k_attr), best first; -1 where fewer score above 0, and at the
     last position for the gradient methods (it predicts nothing)."""
     check_setup(teacher, sae, sae_layer, k_attr, method)
-    # in float32 whatever the run's autocast, as the authors: under bfloat16 near-ties at the
-    # SAE's TopK boundary and among the scores flip (measured: RESULTS.md)
+    # float32 as the authors; bfloat16 flips near-ties at the TopK and in the scores (RESULTS.md)
     with torch.autocast(idx.device.type, enabled=False), torch.no_grad():
         h = teacher_residual(teacher, idx, sae_layer)
         grad = None
         if method != 'activation':
-            with torch.enable_grad():  # backward to h only: the teacher's weights get no gradient
+            with torch.enable_grad():  # to h only: the teacher's weights get no gradient
                 _, loss = teacher.head(teacher.run_blocks(h.requires_grad_(True), sae_layer + 1),
                                        F.pad(idx[:, 1:], (0, 1), value=-1))
                 grad = torch.autograd.grad(loss, h)[0]
@@ -69,12 +66,12 @@ def concept_labels(teacher, sae, idx, sae_layer, k_attr=4, method='attribution',
         if method == 'attribution_preact':  # Eq. 1 as the paper writes it: every latent scores
             indices = torch.arange(sae.n_latents, device=idx.device).expand(*idx.shape, -1)
             scores = sae.encode_pre(sae.preprocess(h)[0]) * (grad @ W.t())
-        else:  # the k active latents: c_i, or Eq. 1 with c_i. The exact dL/dc_i also carries
-            # the position's std > 0 (the SAE's de-normalisation): it cannot change their order.
+        else:  # the k active latents. The exact dL/dc_i has a factor std > 0 too (the SAE's
+            # de-normalisation): it cannot change their order.
             values, indices, _ = sae.encode(h)  # (B, T, k)
             scores = values if method == 'activation' else values * torch.stack(
                 [(W[indices[..., j]] * grad).sum(-1) for j in range(sae.k)], -1)
-            if method == 'attribution_neg':  # the concepts whose removal would raise the loss most
+            if method == 'attribution_neg':  # those whose removal would raise the loss most
                 scores = -scores
         top = scores.float().topk(k_attr, dim=-1)
         labels = indices.gather(-1, top.indices).masked_fill(top.values <= 0, -1)
@@ -83,31 +80,10 @@ def concept_labels(teacher, sae, idx, sae_layer, k_attr=4, method='attribution',
     return (labels, top.values) if return_scores else labels
 
 
-def label_flops_per_token(cfg, sae_layer, n_concepts, T, method='attribution'):
-    """The matmul and attention FLOPs per token of concept_labels(method), the input gradient one
-    matmul per weight, 'attribution_preact' adding the gradient's dot with every decoder
-    direction; method='kd': KD's teacher, its forward alone."""
-    if method not in LABEL_METHODS + ('kd',):
-        raise ValueError(f"unknown label method {method!r}")
-    d, after, block = cfg.n_embd, cfg.n_layer - sae_layer - 1, 12 * cfg.n_embd ** 2
-
-    def blocks(n):  # n blocks' forward: matmuls and attention, as nanoGPT's estimate_mfu
-        return 2 * n * block + 4 * n * d * T
-
-    head, encoder = 2 * cfg.vocab_size * d, 2 * d * n_concepts
-    if method == 'activation':  # no loss to differentiate: the teacher stops at sae_layer
-        return blocks(sae_layer + 1) + encoder
-    forward = blocks(cfg.n_layer) + head
-    if method == 'kd':
-        return forward
-    backward = 2 * after * block + head + 8 * after * d * T
-    return forward + backward + encoder * (2 if method == 'attribution_preact' else 1)
-
-
 def load_concepts(teacher_spec, sae_spec, sae_layer, device, data_meta, data_dir, k_attr=4,
                   method='attribution', concept_topk=0):
-    """A run's frozen teacher and SAE (None for KD), checked against each other and the data ->
-    (teacher, SAE, identity: the fingerprints and settings that checkpoints and caches record)."""
+    """A run's frozen teacher and SAE (None for KD), checked together -> (teacher, SAE, identity:
+    the fingerprints and settings that checkpoints and caches record)."""
     sae, sae_meta = load_sae(sae_spec) if sae_spec else (None, {})
     if sae is not None:  # the SAE first: its own mismatches need no teacher
         layer = int(sae_spec.split(':')[2]) if sae_spec.startswith('openai:') else \
@@ -132,11 +108,11 @@ def load_concepts(teacher_spec, sae_spec, sae_layer, device, data_meta, data_dir
 
 
 # -----------------------------------------------------------------------------
-# The cache: labels_<split>.bin, (N_tokens, k_attr) concept ids + 1, so that 0 = no label and a
-# fresh (sparse, truncated) file is all "no label"; OpenWebText's 9B tokens x k_attr 4 x 2 bytes
-# make 72 GB. Its .json says what made it. Progress: each process appends the (first, stop)
-# windows it wrote to its own file, labels_<split>.bin.done (process 0) or .done.<rank>; a window
-# is done when any file lists it, so a stopped run resumes with any batch size and process count.
+# The cache: labels_<split>.bin, (N_tokens, k_attr) concept ids + 1: 0 = no label, so a fresh
+# sparse file is all "no label" (OpenWebText: 9B tokens x 4 x 2 bytes = 72 GB); its .json says what
+# made it. Each process appends the (first, stop) windows it wrote to labels_<split>.bin.done
+# (rank 0) or .done.<rank>; a window any file lists is done, so a run resumes on any batch size
+# and process count.
 
 def cache_paths(data_dir, split):
     return tuple(os.path.join(data_dir, f'labels_{split}.{ext}') for ext in ('bin', 'json'))
@@ -147,7 +123,7 @@ def cache_dtype(n_concepts):
 
 
 def describe(data_dir, split, identity, label_method, k_attr, block_size):
-    """What a cache must match: the data's content, the run's identity (load_concepts), settings."""
+    """What a cache must match: the data, the run's identity (load_concepts), the settings."""
     return dict(data=data_fingerprint(os.path.join(data_dir, f'{split}.bin')), **identity,
                 label_method=label_method, k_attr=k_attr, block_size=block_size)
 
@@ -170,7 +146,7 @@ def load_label_cache(data_dir, split, identity, label_method, k_attr, block_size
 
 def label_windows(cache, starts, length):
     """(B, length, k_attr) labels of the windows at `starts`, -1 for none. A fresh memmap per
-    call: one kept open grows the resident memory as pages are touched (prepare.load_tokens)."""
+    call: one kept open grows the resident memory (prepare.load_tokens)."""
     labels = np.memmap(cache['path'], dtype=cache['dtype'], mode='r').reshape(-1, cache['k_attr'])
     return windows(labels, starts, length) - 1
 
@@ -180,7 +156,7 @@ def progress_files(path):
 
 
 def read_progress(path, n_windows):
-    """The windows whose labels are on disk: those any process's progress file lists."""
+    """The windows on disk: those any progress file lists."""
     done = np.zeros(n_windows, dtype=bool)
     for name in progress_files(path):
         with suppress(FileNotFoundError):  # a writer that finished removes them
@@ -192,8 +168,7 @@ def read_progress(path, n_windows):
 
 
 def label_split(teacher, sae, data_dir, split, expected, device, batch_size=8, rank=0, world=1):
-    """Label a split's windows not yet done, process `rank` of `world` taking every world-th
-    batch."""
+    """Label a split's windows not yet done; process `rank` takes every world-th batch."""
     block_size, k_attr = expected['block_size'], expected['k_attr']
     path, meta_path = cache_paths(data_dir, split)
     n_tokens = len(load_tokens(data_dir, split))
@@ -202,7 +177,7 @@ def label_split(teacher, sae, data_dir, split, expected, device, batch_size=8, r
     same = all(meta.get(k) == v for k, v in expected.items()) and os.path.exists(path)
     if same and meta.get('complete'):
         return rank == 0 and print(f"{path}: already labelled")
-    if rank == 0 and not same:  # a fresh cache, all "no label" at once: no rank waits on a fill
+    if rank == 0 and not same:  # a fresh, sparse cache: no rank waits on a fill
         remove_progress(path)
         with open(path, 'wb') as f:
             f.truncate(n_tokens * k_attr * np.dtype(dt).itemsize)

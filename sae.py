@@ -1,9 +1,9 @@
 """
 TopK sparse autoencoders (Gao et al. 2024, OpenAI's format): their latents are CoCoMix's concepts.
 
-    python sae.py config/sae_shakespeare.py               # train on a teacher's residual stream
-    python sae.py --evaluate=out-sae-shakespeare/sae.pt   # FVU, dead latents, teacher loss spliced
-    python tools/concepts.py --sae=out-sae-shakespeare/sae.pt --top=20   # what the latents mean
+    python sae.py config/sae_shakespeare.py  # train on a teacher's residual stream
+    python sae.py --evaluate=out-sae-shakespeare/sae.pt  # FVU, dead latents, spliced loss
+    python tools/concepts.py --sae=out-sae-shakespeare/sae.pt --top=20  # what latents mean
 """
 import math
 import os
@@ -23,29 +23,29 @@ from prepare import data_dir_of, download, load_tokens, read_meta, windows
 # -----------------------------------------------------------------------------
 out_dir: 'str' = 'out-sae'
 init_from: 'scratch|resume' = 'scratch'  # resume: from out_dir/sae_ckpt.pt
-teacher: 'str' = ''  # 'gpt2*' or a train.py out_dir; --evaluate: the SAE file's by default
-sae_layer: 'int >= -1' = -1  # the block whose output the SAE reads (0-based); -1: the file's
-dataset: 'str' = ''  # a prepared dataset (prepare.py)
+teacher: 'str' = ''  # 'gpt2*' or a train.py out_dir; '': the evaluated SAE's
+sae_layer: 'int >= -1' = -1  # the block (0-based) the SAE reads; -1: the evaluated SAE's
+dataset: 'str' = ''  # prepare.py's; '': the evaluated SAE's
 n_latents: 'int >= 1' = 32768
-k: 'int >= 1' = 32  # active latents, at most n_latents
+k: 'int >= 1' = 32  # active latents
 normalize: 'bool' = True
 k_aux: 'int >= 0' = 0  # latents in the AuxK loss; 0 = n_inputs // 2
 aux_coef: 'float >= 0' = 1 / 32
-dead_tokens: 'int >= 1' = 10_000_000  # a latent inactive for this many training tokens is dead
+dead_tokens: 'int >= 1' = 10_000_000  # a latent inactive this many training tokens is dead
 batch_size: 'int >= 1' = 4096  # activation vectors per step
 context: 'int >= 1' = 64  # tokens per teacher window
-buffer_size: 'int >= 1' = 131072  # activation vectors per shuffle buffer
+buffer_size: 'int >= 1' = 131072  # vectors per shuffle buffer
 max_tokens: 'int >= 1' = 200_000_000
 learning_rate: 'float >= 0' = 0.0  # 0 = Gao et al.'s 2e-4 / sqrt(n_latents / 2^14)
-eval_tokens: 'int >= 1' = 65536  # held-out tokens for evaluation
+eval_tokens: 'int >= 1' = 65536  # held-out tokens
 log_interval: 'int >= 1' = 50
-ckpt_interval: 'int >= 1' = 1000  # steps between resumable checkpoints
-evaluate: 'file?' = ''  # an SAE file: evaluate it and stop
+ckpt_interval: 'int >= 1' = 1000  # steps between checkpoints
+evaluate: 'file?' = ''  # evaluate this SAE file and stop
 device: 'device' = DEVICE
-dtype: 'float32|bfloat16|float16' = DTYPE  # autocast for the teacher and the SAE
+dtype: 'float32|bfloat16|float16' = DTYPE  # autocast
 seed: 'int >= 0' = 1337
 # -----------------------------------------------------------------------------
-# a resume must train the same SAE on the same stream: only these settings may change
+# all a resume may change; the rest fix the SAE and its data
 FREE_ON_RESUME = {'out_dir', 'init_from', 'max_tokens', 'eval_tokens', 'log_interval',
                   'ckpt_interval', 'evaluate', 'device', 'dtype'}
 OPENAI_URL = 'https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small/' \
@@ -53,8 +53,8 @@ OPENAI_URL = 'https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2
 
 
 class TopKSAE(nn.Module):
-    """x -> LN -> W_enc (x - pre_bias) + latent_bias -> the k largest, ReLU -> W_dec c + pre_bias ->
-    undo the LN. OpenAI's parameter names and shapes: their files load."""
+    """x -> LN -> W_enc (x - pre_bias) + latent_bias -> top k, ReLU -> W_dec c + pre_bias -> undo
+    the LN. OpenAI's parameter names and shapes: their files load."""
 
     def __init__(self, n_inputs, n_latents, k, normalize=True):
         super().__init__()
@@ -63,13 +63,13 @@ class TopKSAE(nn.Module):
         self.encoder = nn.Linear(n_inputs, n_latents, bias=False)
         self.latent_bias = nn.Parameter(torch.zeros(n_latents))
         self.decoder = nn.Linear(n_latents, n_inputs, bias=False)  # column i: latent i's direction
-        # tokens since each latent was last active, and two statistics OpenAI's files keep
+        # tokens since each latent last fired; two statistics OpenAI's files keep
         self.register_buffer('stats_last_nonzero', torch.zeros(n_latents, dtype=torch.long))
         self.register_buffer('latents_activation_frequency', torch.ones(n_latents))
         self.register_buffer('latents_mean_square', torch.zeros(n_latents))
 
     def preprocess(self, x):
-        """OpenAI's LN (model.sae_norm): x and what decode needs to undo it."""
+        """OpenAI's LN (model.sae_norm) -> (x, what decode needs to undo it)."""
         if not self.normalize:
             return x, None
         x_norm, mu, std = sae_norm(x)
@@ -79,14 +79,14 @@ class TopKSAE(nn.Module):
         return F.linear(x_norm - self.pre_bias, self.encoder.weight, self.latent_bias)  # (..., n)
 
     def encode(self, x):
-        """x (..., d) -> the active latents' values and indices (..., k), and info for decode."""
+        """x (..., d) -> the k active values and indices (..., k), decode's info."""
         x_norm, info = self.preprocess(x)
         values, indices = self.encode_pre(x_norm).topk(self.k, dim=-1)
         return F.relu(values), indices, info
 
     def decode_norm(self, values, indices, rows=None):
-        """The value-weighted sum of the active decoder columns (normalised, no pre_bias), gathered
-        from `rows`, a row-major copy of the decoder: the transposed view is slow on a CPU."""
+        """The active columns summed by value, in LN space before pre_bias; `rows`: the decoder
+        row-major (its transposed view is slow on a CPU)."""
         rows = self.decoder.weight.t().contiguous() if rows is None else rows
         k = indices.size(-1)
         flat = F.embedding_bag(indices.reshape(-1, k), rows, mode='sum',
@@ -101,17 +101,16 @@ class TopKSAE(nn.Module):
         return self.decode(*self.encode(x))
 
     def save(self, path, meta=None):
-        """OpenAI's format; our metadata rides in activation_state_dict, where their strict loader
-        reads only k and postact_fn."""
+        """OpenAI's format; their loader reads only k and postact_fn of activation_state_dict."""
         sd = {k: v.cpu() for k, v in self.state_dict().items()}
-        sd['activation'] = 'TopK'  # OpenAI's loader reads normalize=True; ours reads the flag
+        sd['activation'] = 'TopK'  # their loader assumes normalize=True; ours reads the flag
         sd['activation_state_dict'] = {'k': self.k, 'postact_fn': 'ReLU',
                                        'cocomix': dict(meta or {}, normalize=self.normalize)}
         save_checkpoint(sd, *os.path.split(path))
 
 
 def sae_file(spec, fetch=True, cache_dir=os.path.expanduser('~/.cache/cocomix')):
-    """The file of an SAE spec: a path, or 'openai:LOCATION:LAYER[:32k|128k]' downloaded once."""
+    """An SAE spec's file: a path, or 'openai:LOCATION:LAYER[:32k|128k]' downloaded once."""
     if spec.startswith('openai:'):
         parts = spec.split(':')
         if len(parts) not in (3, 4) or not parts[2].isdigit():
@@ -130,7 +129,7 @@ def sae_file(spec, fetch=True, cache_dir=os.path.expanduser('~/.cache/cocomix'))
 
 
 def load_sae(spec, n_inputs=None):
-    """An SAE spec -> (TopKSAE, our metadata or {}); a width other than n_inputs is refused."""
+    """An SAE spec -> (TopKSAE, our metadata or {}); refuses a width other than n_inputs."""
     spec = sae_file(spec)
     sd = torch.load(spec, map_location='cpu', weights_only=True)
     if sd.get('activation') != 'TopK' or 'encoder.weight' not in sd:
@@ -148,7 +147,7 @@ def load_sae(spec, n_inputs=None):
 def check_width(sae, n_inputs, name='the SAE'):
     if sae.n_inputs != n_inputs:
         raise UserError(f"{name} reads {sae.n_inputs}-wide vectors but the teacher is {n_inputs} "
-                        "wide; use an SAE trained on this teacher's residual stream")
+                        "wide; use an SAE trained on this teacher")
 
 
 def check_layer(teacher, layer):
@@ -158,22 +157,22 @@ def check_layer(teacher, layer):
 
 
 def teacher_residual(teacher, idx, layer):
-    """The residual stream after block `layer` (0-based), what the SAE reads: (B, T, d)."""
+    """(B, T, d): the residual after block `layer` (0-based), what the SAE reads."""
     check_layer(teacher, layer)
     return teacher.run_blocks(teacher.embed(idx), stop=layer + 1)
 
 
 @torch.no_grad()
 def residuals(teacher, idx, layer, dtype, chunk=64):
-    """Teacher residuals of (N, T) windows -> (N, T, d) in fp32, chunk by chunk."""
+    """(N, T) windows -> teacher residuals (N, T, d) in fp32."""
     device = teacher.lm_head.weight.device
     with autocast(device, dtype):
-        return torch.cat([teacher_residual(teacher, idx[i:i + chunk].to(device), layer).float()
-                          for i in range(0, len(idx), chunk)])
+        return torch.cat([teacher_residual(teacher, part.to(device), layer).float()
+                          for part in idx.split(chunk)])
 
 
 def split_windows(data_dir, split, n_windows, length, generator=None):
-    """(n_windows, length) token windows: random starts with a generator, else consecutive."""
+    """(n_windows, length) windows: random starts with a generator, else consecutive."""
     data = load_tokens(data_dir, split)
     if len(data) < length + 1:
         raise UserError(f"{data_dir}'s {split} split has {len(data)} tokens, under {length + 1}")
@@ -185,7 +184,7 @@ def split_windows(data_dir, split, n_windows, length, generator=None):
 
 
 def fvu(x, x_hat):
-    """Fraction of variance unexplained: squared error over variance about the batch mean."""
+    """Fraction of variance unexplained."""
     return (x_hat - x).pow(2).sum(-1).mean() / (x - x.mean(0)).pow(2).sum(-1).mean()
 
 
@@ -193,7 +192,7 @@ def fvu(x, x_hat):
 # Training (Gao et al. 2024): unit-norm decoder columns, AuxK for dead latents, Adam
 
 def geometric_median(x, iters=50):
-    """Weiszfeld's algorithm: the point minimising the summed distance to the rows of x."""
+    """Weiszfeld's algorithm: the point of least summed distance to the rows of x."""
     median = x.mean(0)
     for _ in range(iters):
         w = 1 / (x - median).norm(dim=-1).clamp_min(1e-8)
@@ -203,16 +202,16 @@ def geometric_median(x, iters=50):
 
 @torch.no_grad()
 def init_sae(sae, sample):
-    """Unit-norm random decoder columns, the encoder their transpose at nn.Linear's default row
-    norm 1/sqrt(3) (as sparsify), pre_bias a sample's geometric median."""
+    """Random unit-norm decoder columns, the encoder their transpose at row norm 1/sqrt(3)
+    (nn.Linear's default, as sparsify), pre_bias a sample's geometric median."""
     sae.decoder.weight.copy_(F.normalize(torch.randn_like(sae.decoder.weight), dim=0))
     sae.encoder.weight.copy_(sae.decoder.weight.t() / math.sqrt(3))
     sae.pre_bias.copy_(geometric_median(sae.preprocess(sample)[0]))
 
 
 class GatheredLinear(torch.autograd.Function):
-    """(x W^T + b) at latents idx (N, K), gathered from `pre`; the backward touches only those
-    latents (chunked.gathered_grads), never a dense (N, C) gradient."""
+    """`pre` = x W^T + b at latents idx (N, K); the backward touches only those, never a dense
+    (N, C) gradient."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, pre, idx):
@@ -227,8 +226,8 @@ class GatheredLinear(torch.autograd.Function):
 
 
 def sae_losses(sae, x, dead, k_aux):
-    """The batch's FVU, the AuxK loss (the top k_aux dead latents reconstruct the detached
-    residual, Gao et al. A.2) and the active indices."""
+    """FVU, AuxK loss (the top k_aux dead latents reconstruct the residual, Gao et al. A.2),
+    active indices."""
     x_norm, _ = sae.preprocess(x)
     inputs = x_norm - sae.pre_bias
     with torch.no_grad():
@@ -242,14 +241,14 @@ def sae_losses(sae, x, dead, k_aux):
     values, indices = chosen[:, :sae.k], indices[:, :sae.k]
     rows = sae.decoder.weight.t().contiguous()
     recon = sae.decode_norm(values, indices, rows) + sae.pre_bias
-    aux = torch.zeros((), device=x.device)
+    aux = x.new_zeros(())
     if n_aux:
         aux = fvu((x_norm - recon).detach(), sae.decode_norm(chosen[:, sae.k:], aux_indices, rows))
     return fvu(x_norm, recon), aux, indices[values > 0]
 
 
 def train_step(sae, optimizer, x, k_aux, dead_tokens, aux_coef, dtype='float32'):
-    """One Adam step on vectors x (N, d); returns the FVU and AuxK loss."""
+    """One Adam step on vectors x (N, d) -> FVU, AuxK loss."""
     with autocast(x.device, dtype):
         fvu_, aux, active = sae_losses(sae, x, sae.stats_last_nonzero > dead_tokens, k_aux)
     optimizer.zero_grad(set_to_none=True)
@@ -257,7 +256,7 @@ def train_step(sae, optimizer, x, k_aux, dead_tokens, aux_coef, dtype='float32')
     with torch.no_grad():
         sae.stats_last_nonzero += len(x)
         sae.stats_last_nonzero[active] = 0
-        # decoder columns stay unit norm: drop the gradient along each, renormalise after the step
+        # unit-norm decoder columns: drop the gradient along each, renormalise after
         W = sae.decoder.weight
         W.grad -= (W.grad * W).sum(0, keepdim=True) * W
         optimizer.step()
@@ -267,14 +266,14 @@ def train_step(sae, optimizer, x, k_aux, dead_tokens, aux_coef, dtype='float32')
 
 @torch.no_grad()
 def evaluate_sae(sae, teacher, layer, data_dir, n_tokens, context, dtype):
-    """On held-out windows: FVU (normalised and raw), the fraction of latents never active, and
-    the teacher's loss clean, with the reconstruction spliced in at `layer`, and their KL."""
+    """Held-out FVU (normalised and raw), latents never active, the teacher's loss clean and with
+    the reconstruction spliced in at `layer`, and their KL."""
     idx = split_windows(data_dir, 'val', max(1, n_tokens // (context + 1)), context + 1)
     device = sae.encoder.weight.device
     active = torch.zeros(sae.n_latents, dtype=torch.bool, device=device)
     vectors, clean, spliced, kl = [], 0.0, 0.0, 0.0
-    for i in range(0, len(idx), 32):
-        batch, y = idx[i:i + 32].to(device), idx[i:i + 32, 1:].flatten().to(device)
+    for batch in idx.to(device).split(32):
+        y = batch[:, 1:].flatten()
         with autocast(device, dtype):
             h = teacher_residual(teacher, batch[:, :-1], layer).float()
             values, indices, info = sae.encode(h)
@@ -282,7 +281,7 @@ def evaluate_sae(sae, teacher, layer, data_dir, n_tokens, context, dtype):
             logits = [teacher.head(teacher.run_blocks(z, start=layer + 1))[0].float()
                       for z in (h, h_hat)]
         active[indices[values > 0]] = True
-        norm = (lambda z: (z - info[0]) / (info[1] + 1e-5)) if info else (lambda z: z)  # h's LN
+        norm = lambda z: z if info is None else (z - info[0]) / (info[1] + 1e-5)  # h's LN
         vectors.append([z.flatten(0, 1) for z in (norm(h), norm(h_hat), h, h_hat)])
         logp, logq = (F.log_softmax(z, -1).flatten(0, 1) for z in logits)
         clean += F.nll_loss(logp, y, reduction='sum').item()
@@ -305,13 +304,13 @@ def report(m):
 if __name__ == '__main__':
     config = configure(globals())
     torch.manual_seed(seed)
-    sae, meta = load_sae(evaluate) if evaluate else (None, {})  # ours name teacher, data, layer
+    sae, meta = load_sae(evaluate) if evaluate else (None, {})
     teacher, dataset = teacher or meta.get('teacher', ''), dataset or meta.get('dataset', '')
     sae_layer = sae_layer if sae_layer >= 0 else meta.get('layer', -1)
     if not teacher or not dataset or sae_layer < 0:
         raise UserError("set teacher, dataset and sae_layer (see config/sae_shakespeare.py)")
     ckpt = None
-    if not evaluate:  # settings that cannot train, refused before the teacher loads
+    if not evaluate:  # refused before the teacher loads
         if k > n_latents:
             raise UserError(f"k={k} is more than n_latents={n_latents}; use k <= n_latents")
         if buffer_size < batch_size:
@@ -340,7 +339,7 @@ if __name__ == '__main__':
     lr = learning_rate or 2e-4 / math.sqrt(n_latents / 2 ** 14)
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
 
-    def fill(r):  # the r-th shuffled buffer depends on (seed, r) alone: resuming is exact
+    def fill(r):  # buffer r depends on (seed, r) alone: resuming is exact
         g = torch.Generator().manual_seed(seed * 1_000_003 + r)
         idx = split_windows(data_dir, 'train', buffer_size // context + 1, context, g)
         h = residuals(teacher_model, idx, sae_layer, dtype).reshape(-1, d)

@@ -12,6 +12,7 @@ from conftest import run
 from common import fingerprint, save_checkpoint
 from model import GPT, GPTConfig
 from sae import TopKSAE, init_sae, teacher_residual
+from stages import label_flops_per_token
 
 LAYER = 1
 
@@ -127,7 +128,7 @@ def test_label_flops_count_what_labelling_runs(method):
         else:
             A.concept_labels(teacher, sae, idx, LAYER, method=method)
     assert counted.total > 0
-    expected = A.label_flops_per_token(teacher.config, LAYER, sae.n_latents, idx.shape[1], method)
+    expected = label_flops_per_token(teacher.config, LAYER, sae.n_latents, idx.shape[1], method)
     assert counted.total == expected * idx.numel()
 
 

@@ -301,7 +301,8 @@ def bench_ntp():
 
 def bench_labels():
     import model
-    from attribution import concept_labels, label_flops_per_token
+    from attribution import concept_labels
+    from stages import label_flops_per_token
     teacher, sae = teacher_and_sae()
     idx = torch.randint(0, vocab_size, (label_batch, block_size), device=device)
     label = lambda: concept_labels(teacher, sae, idx, sae_layer, k_attr)

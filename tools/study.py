@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import numpy as np
 
 from common import UserError, atomic_path, configure
-from stages import publish, run_stages
+from stages import label_flops_per_token, publish, run_stages
 
 # -----------------------------------------------------------------------------
 input: 'file?' = ''  # the training text
@@ -125,7 +125,6 @@ def flops_width(student, m):
 
 def label_flops(res, m):
     """Per token: the teacher's labelling for method m's labels, KD's teacher, or 0."""
-    from attribution import label_flops_per_token
     from model import GPTConfig
     if not needs_teacher(m):
         return 0
