@@ -45,9 +45,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                 tops.append(z.topk(topk, dim=-1))
             lse = z.logsumexp(-1, keepdim=True)
             loss += ((lse - z.gather(-1, lab)) * v).sum()
-            # dloss/dz = (softmax(z) * labels in row - one-hot of each) / n_valid, kept here without
-            # the / n_valid: backward applies it with the loss scale, since p / n_valid (~1e-8 at
-            # 4,096 positions) flushes to zero in fp16 before GradScaler's scale could lift it
+            # dloss/dz = (softmax(z) * labels in row - one-hot of each) / n_valid, divided in
+            # backward with the loss scale: p / n_valid (~1e-8 at 4,096 positions) is zero in fp16
             if any(needs):
                 g = (z - lse).exp_().mul_(v.sum(-1, keepdim=True)).scatter_add_(-1, lab, -v.float())
                 if grad_x is not None:

@@ -1,8 +1,6 @@
 """
-Tokenize text, streaming, into the uint16 token files train.py reads (usage: README.md), e.g.
-python prepare.py shakespeare. Writes OUT_DIR/train.bin, val.bin and, last, meta.json: a folder
-without meta.json is unfinished. Each document (a .txt file, a .jsonl line, a .parquet or hub row)
-ends with the end-of-text token.
+Tokenize text, streaming, into the uint16 files train.py reads (README.md): OUT_DIR/train.bin,
+val.bin, then meta.json. Each document (.txt file, .jsonl line, .parquet or hub row) ends with EOT.
 """
 import bz2
 import glob
@@ -26,15 +24,15 @@ from common import REPO, UserError, atomic_path, check_hub, configure
 # -----------------------------------------------------------------------------
 input: 'str' = ''  # train files or globs, comma-separated: .txt, .jsonl (or .gz/.xz/.bz2), .parquet
 val_input: 'str' = ''  # the same for the val split
-hub: 'str' = ''  # a Hugging Face dataset, streamed, e.g. HuggingFaceFW/fineweb-edu
-hub_config: 'str' = ''  # e.g. sample-10BT
+hub: 'str' = ''  # a Hugging Face dataset, streamed
+hub_config: 'str' = ''
 hub_split: 'str' = 'train'
 hub_revision: 'str' = ''  # a branch, tag or commit ('': main; openwebtext: OPENWEBTEXT_REVISION)
-local_hub: 'dir?' = ''  # a hub dataset's files, downloaded elsewhere (hf download --local-dir)
+local_hub: 'dir?' = ''  # a hub dataset's files (hf download --local-dir)
 text_field: 'str' = 'text'  # of a .jsonl line, a .parquet row or a hub row
 out_dir: 'str' = ''  # default: data/NAME
-val_fraction: '0 < float < 1' = 0.1  # held out of the token stream when no val split is given
-max_tokens: 'int >= 0' = 0  # stop after this many tokens (0: all)
+val_fraction: '0 < float < 1' = 0.1  # held out when no val split is given
+max_tokens: 'int >= 0' = 0  # 0: all
 num_proc: 'int >= 1' = 8  # tokenizer threads
 tokenizer: 'gpt2|char' = 'gpt2'  # char: one id per distinct character (nanoGPT's shakespeare_char)
 # -----------------------------------------------------------------------------
@@ -45,8 +43,8 @@ GPT2_BPE_SHA256 = {
     'encoder.json': '196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783'}
 KNOWN = ('shakespeare', 'wikitext2', 'openwebtext')
 OPENWEBTEXT = 'Skylion007/openwebtext'
-# The revision whose subsets/*.tar files this code reads (open pull requests make them parquet): a
-# branch, as main's commit hash could not be looked up when this was written; pin that hash here.
+# main has the subsets/*.tar read here (open pull requests make them parquet); pin its commit hash,
+# which could not be looked up when this was written.
 OPENWEBTEXT_REVISION = 'main'
 
 
@@ -61,8 +59,7 @@ class CharTokenizer:
         try:
             return [self.ids[c] for c in text]
         except KeyError as e:
-            raise UserError(f"the character {e.args[0]!r} is not in this dataset's character "
-                            "vocabulary")
+            raise UserError(f"{e.args[0]!r} is not in this dataset's character vocabulary")
 
     def encode_ordinary_batch(self, texts, num_threads=1):
         return [self.encode_ordinary(t) for t in texts]
@@ -109,11 +106,11 @@ def expand(spec, flag):
     for pattern in filter(None, spec.split(',')):
         matched = sorted(glob.glob(os.path.expanduser(pattern)))
         if not matched:
-            raise UserError(f"{flag} '{pattern}' matches no file; check the path")
+            raise UserError(f"{flag} '{pattern}' matches no file")
         for path in matched:
             if os.path.isdir(path):
                 raise UserError(f"'{path}' is a folder; give files or a glob, e.g. '{path}/*.txt'")
-            # read up to the first text, before any progress bar: a bad first record fails here
+            # up to the first text: a bad first record fails before any progress bar
             if not any(text.strip() for text, _ in local_documents([path])):
                 raise UserError(f"input file '{path}' is empty")
         files += matched
@@ -129,8 +126,7 @@ def safe_cut(text):
     return max(i + 1, 0)
 
 
-# .txt and .jsonl files are read compressed, as corpora often come (.jsonl.gz): decompressing them
-# first would need the disk twice over.
+# read as corpora often come (.jsonl.gz): decompressing first would need the disk twice over
 OPENERS = {'.gz': gzip.open, '.xz': lzma.open, '.bz2': bz2.open}
 
 
@@ -160,8 +156,7 @@ def local_documents(files, block=1 << 24):
                             try:
                                 record = json.loads(line)
                             except ValueError as e:
-                                raise UserError(f"{path}, line {i} is not JSON ({e}); a .jsonl "
-                                                "file has one JSON object per line")
+                                raise UserError(f"{path}, line {i} is not JSON ({e})")
                             yield text_of(record, f"{path}, line {i}"), True
                 else:
                     text = ''
@@ -172,8 +167,8 @@ def local_documents(files, block=1 << 24):
                             text = text[cut:]
                     yield text, True
         except UnicodeDecodeError as e:
-            raise UserError(f"{path} is not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} "
-                            "and on); convert it, e.g. iconv -f latin1 -t utf-8 FILE > NEW")
+            byte = e.object[e.start:e.start + 1]
+            raise UserError(f"{path} is not UTF-8 text (byte {byte!r} and on); convert it (iconv)")
         except (OSError, EOFError) as e:  # also a broken or mislabelled compressed file
             raise UserError(f"cannot read {path} ({first_line(e)})")
 
@@ -200,16 +195,14 @@ def hub_documents(path, config, split):
     """A hub dataset's rows (or a local folder in the hub's layout), streamed."""
     from datasets import load_dataset
     if not os.path.isdir(path):
-        check_hub(path, "prepare the data elsewhere and copy its folder here, or download the "
-                  f"dataset's files and pass --{'hub' if hub else 'local_hub'}=DIR")
+        check_hub(path, f"download its files elsewhere, pass --{'hub' if hub else 'local_hub'}=DIR")
     try:  # the connection may also fail midway
         rows = load_dataset(path, config or None, split=split, streaming=True,
                             revision=hub_revision or None)
         for i, row in enumerate(rows, 1):
             yield text_of(row, f"row {i} of {path}"), True
     except Exception as e:
-        raise UserError(f"cannot read {path} ({first_line(e)}); check --hub, --hub_config, "
-                        "--hub_split, --hub_revision and the connection")
+        raise UserError(f"cannot read {path} ({first_line(e)}); check the --hub* settings")
 
 
 def openwebtext_documents(files):
@@ -233,21 +226,21 @@ def openwebtext_splits():
     """nanoGPT's (train, val) split, the train documents in its permuted order."""
     from datasets import Dataset
     revision = hub_revision or OPENWEBTEXT_REVISION
-    get = f"hf download {OPENWEBTEXT} --repo-type dataset --revision {revision} --local-dir DIR"
+    get = (f"hf download {OPENWEBTEXT} --repo-type dataset --revision {revision} --local-dir DIR"
+           " and pass --local_hub=DIR")
     if local_hub:
         files = sorted(glob.glob(os.path.join(local_hub, 'subsets', 'urlsf_subset*.tar')))
         if not files:
             raise UserError(f"no subsets/urlsf_subset*.tar in {local_hub}; get them with {get}")
     else:
         from huggingface_hub import hf_hub_download
-        check_hub('openwebtext', f"download its files elsewhere ({get}) and pass --local_hub=DIR, "
-                  "or prepare it elsewhere and copy data/openwebtext here")
+        check_hub('openwebtext', f"get its files elsewhere with {get}")
         try:
             files = [hf_hub_download(OPENWEBTEXT, f'subsets/urlsf_subset{i:02d}.tar',
                                      repo_type='dataset', revision=revision) for i in range(21)]
         except Exception as e:
             raise UserError(f"cannot download {OPENWEBTEXT} at revision {revision} "
-                            f"({first_line(e)}); get its files with {get}, pass --local_hub=DIR")
+                            f"({first_line(e)}); get its files with {get}")
     try:  # on disk
         docs = Dataset.from_generator(openwebtext_documents, gen_kwargs={'files': files})
     except Exception as e:
@@ -311,13 +304,12 @@ def char_vocabulary(sources):
 def main(argv):
     positional = [a for a in argv if not a.startswith('--')]
     if len(positional) != 1:
-        raise UserError("usage: python prepare.py NAME [--input=FILES | --hub=DATASET] "
-                        f"[--out_dir=DIR]; NAME: one of {', '.join(KNOWN)} or your data's name")
+        raise UserError("usage: python prepare.py NAME [--input=FILES | --hub=DATASET] (README.md)")
     name = positional[0]
     configure(globals(), [a for a in argv if a.startswith('--')])
     if name not in KNOWN and not input and not hub:
-        raise UserError(f"unknown dataset '{name}': use one of {', '.join(KNOWN)}, local files "
-                        "(--input=PATH) or a hub dataset (--hub=NAME)")
+        raise UserError(f"unknown dataset '{name}': use one of {', '.join(KNOWN)}, "
+                        "--input=FILES or --hub=DATASET")
     target = out_dir or os.path.join('data', name)
 
     # docs() -> fresh (train, val) documents; val None: the tail of the train stream
@@ -344,9 +336,8 @@ def main(argv):
         docs = lambda: (local_documents(sources), None)
     enc = gpt2_tokenizer() if tokenizer == 'gpt2' else char_vocabulary(s for s in docs() if s)
 
-    # New tokens go to temporary files, which replace the old ones only once complete; meta.json,
-    # which marks a dataset finished, goes just before and comes back last. A failed run leaves the
-    # previous dataset as it was; one killed while the files are swapped leaves no meta.json.
+    # New files replace the old only once complete, meta.json (the finished mark) removed just
+    # before and written last: a failed run keeps the old dataset, one killed mid-swap has no meta.
     meta_path = os.path.join(target, 'meta.json')
     train_docs, val_docs = docs()
     t0 = time.time()
@@ -386,8 +377,8 @@ def data_dir_of(dataset):
 def read_meta(data_dir):
     path = os.path.join(data_dir, 'meta.json')
     if not os.path.exists(path):
-        raise UserError(f"no prepared dataset at '{data_dir}' ({path} is missing); "
-                        f"run: python prepare.py NAME --out_dir={data_dir}")
+        raise UserError(f"no prepared dataset at '{data_dir}'; "
+                        f"run python prepare.py NAME --out_dir={data_dir}")
     with open(path) as f:
         return json.load(f)
 
@@ -399,18 +390,17 @@ def windows(data, starts, length):
 
 
 def load_tokens(data_dir, split):
-    """The split's tokens as a read-only uint16 memmap. Open a fresh one per batch in long loops: a
-    memmap kept open grows the resident memory as pages are touched (nanoGPT's fix)."""
+    """A read-only memmap; open one per batch in long loops, as nanoGPT: one kept open grows the
+    resident memory as pages are touched."""
     path = os.path.join(data_dir, f'{split}.bin')
     if not os.path.exists(path):
-        raise UserError(f"{path} is missing; run prepare.py for this dataset")
+        raise UserError(f"{path} is missing; rerun prepare.py")
     return np.memmap(path, dtype=np.uint16, mode='r')
 
 
 def data_fingerprint(path, blocks=64, block=1 << 16):
-    """A short digest of a token file's size and `blocks` evenly spaced blocks of `block` bytes
-    (4 MiB of 18 GB; all of a smaller file), to match a label cache to its tokens; bytes between
-    the samples go unseen."""
+    """Ties a label cache to its tokens: a digest of the file's size and `blocks` evenly spaced
+    blocks of `block` bytes (4 MiB of 18 GB; all of a smaller file); bytes between go unseen."""
     size = os.path.getsize(path)
     h = hashlib.sha256(str(size).encode())
     whole = size <= blocks * block

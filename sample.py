@@ -3,7 +3,6 @@ Sample from a train.py out_dir (any mode) or from OpenAI's GPT-2 weights.
 
     python sample.py --out_dir=out-shakespeare --start="ROMEO:" --num_samples=3
     python sample.py --init_from=gpt2 --start=FILE:prompt.txt --temperature=0.8 --top_k=200
-    python sample.py --out_dir=out-cocomix-shakespeare --steer=299:4 --show_concepts   # CoCoMix
 """
 import json
 import os
@@ -14,13 +13,13 @@ from common import DEVICE, DTYPE, UserError, autocast, configure, load_model
 from prepare import get_tokenizer
 
 # -----------------------------------------------------------------------------
-init_from: 'str' = 'resume'  # 'resume' (out_dir's checkpoint) or a gpt2 variant, e.g. 'gpt2-xl'
+init_from: 'str' = 'resume'  # 'resume' (out_dir's checkpoint) or a gpt2 variant
 out_dir: 'str' = 'out'
 start: 'str' = "\n"  # the prompt; "FILE:prompt.txt" reads it from a file
 num_samples: 'int >= 1' = 3
-max_new_tokens: 'int >= 1' = 200  # 0 would print the prompt back and nothing of the model's
-temperature: 'float >= 0' = 0.8  # 1.0 = the model's distribution, < 1 sharper, 0 = greedy
-top_k: 'int >= 0' = 200  # keep only the top_k most likely tokens; 0 = all
+max_new_tokens: 'int >= 1' = 200  # 0 would only echo the prompt
+temperature: 'float >= 0' = 0.8  # < 1 sharper, 0 = greedy
+top_k: 'int >= 0' = 200  # 0 = all tokens
 seed: 'int >= 0' = 1337
 steer: 'str' = ''  # CoCoMix: 'ID:ALPHA[,...]' scales those concept logits before TopK (Sec. 4.4)
 show_concepts: 'bool' = False  # CoCoMix: print each token with the concepts it was predicted from
@@ -32,13 +31,13 @@ torch.manual_seed(seed)
 
 if init_from == 'resume' and not os.path.isdir(out_dir):
     raise UserError(f"no checkpoint at {os.path.join(out_dir, 'ckpt.pt')}: there is no folder "
-                    f"{out_dir}; pass the --out_dir train.py wrote, or --init_from=gpt2")
+                    f"{out_dir}; pass train.py's --out_dir or --init_from=gpt2")
 model, checkpoint = load_model(out_dir if init_from == 'resume' else init_from, device)
 mode = (checkpoint or {}).get('mode', 'ntp')
 if checkpoint is not None:
     print(f"loaded {out_dir}/ckpt.pt: mode '{mode}', step {checkpoint['iter_num']}, "
           f"val loss {checkpoint['best_val_loss']:.4f}")
-try:  # '12:4,7:0.5' -> {12: 4.0, 7: 0.5}
+try:
     pairs = (pair.split(':') for pair in steer.split(',')) if steer else []
     steer_map = {int(i): float(a) for i, a in pairs} or None
 except ValueError:
@@ -57,7 +56,7 @@ if show_concepts:
     else:
         print(f"(no concept descriptions at {path}: tools/concepts.py --sae=FILE writes them)")
 
-enc = get_tokenizer(checkpoint and checkpoint.get('data_meta'))  # BPE or the data's characters
+enc = get_tokenizer(checkpoint and checkpoint.get('data_meta'))
 if start.startswith('FILE:'):
     path = start[5:]
     if not os.path.exists(path):
