@@ -126,46 +126,31 @@ def safe_cut(text):
     return max(i + 1, 0)
 
 
+def pieces(f, block):
+    """A text file's text as one document, read in blocks and cut by safe_cut."""
+    text = ''
+    while chunk := f.read(block):
+        text += chunk
+        if cut := safe_cut(text):
+            yield text[:cut], False
+            text = text[cut:]
+    yield text, True
+
+
 # read as corpora often come (.jsonl.gz): decompressing first would need the disk twice over
 OPENERS = {'.gz': gzip.open, '.xz': lzma.open, '.bz2': bz2.open}
 
 
-def text_of(record, where):
-    if not isinstance(record, dict) or text_field not in record:
-        has = f"its fields: {', '.join(list(record)[:20])}" if isinstance(record, dict) else \
-            f"it is a JSON {type(record).__name__}"
-        raise UserError(f"{where} has no '{text_field}' field ({has}); pass --text_field=NAME")
-    if not isinstance(text := record[text_field], str):
-        raise UserError(f"{where}: its '{text_field}' is {text!r:.40}, not text; fix or drop it")
-    return text
-
-
 def local_documents(files, block=1 << 24):
-    """The documents of local files; a .txt file is read in blocks, cut by safe_cut."""
     for path in files:
         stem, ext = os.path.splitext(path)
         kind = os.path.splitext(stem)[1] if ext in OPENERS else ext
         try:
             if kind == '.parquet':
-                yield from parquet_documents(path)
-                continue
-            with OPENERS.get(ext, open)(path, 'rt', encoding='utf-8') as f:
-                if kind == '.jsonl':
-                    for i, line in enumerate(f, 1):
-                        if line.strip():
-                            try:
-                                record = json.loads(line)
-                            except ValueError as e:
-                                raise UserError(f"{path}, line {i} is not JSON ({e})")
-                            yield text_of(record, f"{path}, line {i}"), True
-                else:
-                    text = ''
-                    while chunk := f.read(block):
-                        text += chunk
-                        if cut := safe_cut(text):
-                            yield text[:cut], False
-                            text = text[cut:]
-                    yield text, True
+                yield from rows_of(parquet_rows(path), f"{path}, row")
+            else:
+                with OPENERS.get(ext, open)(path, 'rt', encoding='utf-8') as f:
+                    yield from rows_of(f, f"{path}, line") if kind == '.jsonl' else pieces(f, block)
         except UnicodeDecodeError as e:
             byte = e.object[e.start:e.start + 1]
             raise UserError(f"{path} is not UTF-8 text (byte {byte!r} and on); convert it (iconv)")
@@ -173,18 +158,38 @@ def local_documents(files, block=1 << 24):
             raise UserError(f"cannot read {path} ({first_line(e)})")
 
 
-def parquet_documents(path):
+def rows_of(rows, where):
+    """The text_field of each row, a dict or a .jsonl line (blank: skipped), as a document."""
+    for i, row in enumerate(rows, 1):
+        at = f"{where} {i}"  # names the row in errors
+        if isinstance(row, str):
+            if not row.strip():
+                continue
+            try:
+                row = json.loads(row)
+            except ValueError as e:
+                raise UserError(f"{at} is not JSON ({e})")
+        if not isinstance(row, dict) or text_field not in row:
+            has = f"its fields: {', '.join(list(row)[:20])}" if isinstance(row, dict) else \
+                f"it is a JSON {type(row).__name__}"
+            raise UserError(f"{at} has no '{text_field}' field ({has}); pass --text_field=NAME")
+        if not isinstance(text := row[text_field], str):
+            raise UserError(f"{at}: its '{text_field}' is {text!r:.40}, not text; fix or drop it")
+        yield text, True
+
+
+def parquet_rows(path):
     try:
         import pyarrow.parquet as pq  # installed with datasets
         file = pq.ParquetFile(path)
     except Exception as e:  # ArrowInvalid: not parquet
         raise UserError(f"cannot read {path} as parquet ({e})")
-    if text_field not in file.schema_arrow.names:
+    columns = file.schema_arrow.names
+    if text_field not in columns:
         raise UserError(f"{path} has no column '{text_field}' (its columns: "
-                        f"{', '.join(file.schema_arrow.names[:20])}); pass --text_field=NAME")
-    rows = (r for batch in file.iter_batches(columns=[text_field]) for r in batch.to_pylist())
-    for i, record in enumerate(rows, 1):
-        yield text_of(record, f"{path}, row {i}"), True
+                        f"{', '.join(columns[:20])}); pass --text_field=NAME")
+    for batch in file.iter_batches(columns=[text_field]):
+        yield from batch.to_pylist()
 
 
 def first_line(e):
@@ -199,8 +204,7 @@ def hub_documents(path, config, split):
     try:  # the connection may also fail midway
         rows = load_dataset(path, config or None, split=split, streaming=True,
                             revision=hub_revision or None)
-        for i, row in enumerate(rows, 1):
-            yield text_of(row, f"row {i} of {path}"), True
+        yield from rows_of(rows, f"{path}, row")
     except Exception as e:
         raise UserError(f"cannot read {path} ({first_line(e)}); check the --hub* settings")
 
@@ -226,25 +230,25 @@ def openwebtext_splits():
     """nanoGPT's (train, val) split, the train documents in its permuted order."""
     from datasets import Dataset
     revision = hub_revision or OPENWEBTEXT_REVISION
-    get = (f"hf download {OPENWEBTEXT} --repo-type dataset --revision {revision} --local-dir DIR"
-           " and pass --local_hub=DIR")
+    fix = (f"get them with hf download {OPENWEBTEXT} --repo-type dataset --revision {revision}"
+           " --local-dir DIR and pass --local_hub=DIR")
     if local_hub:
         files = sorted(glob.glob(os.path.join(local_hub, 'subsets', 'urlsf_subset*.tar')))
         if not files:
-            raise UserError(f"no subsets/urlsf_subset*.tar in {local_hub}; get them with {get}")
+            raise UserError(f"no subsets/urlsf_subset*.tar in {local_hub}; {fix}")
     else:
         from huggingface_hub import hf_hub_download
-        check_hub('openwebtext', f"get its files elsewhere with {get}")
+        check_hub('openwebtext', fix)
         try:
             files = [hf_hub_download(OPENWEBTEXT, f'subsets/urlsf_subset{i:02d}.tar',
                                      repo_type='dataset', revision=revision) for i in range(21)]
         except Exception as e:
             raise UserError(f"cannot download {OPENWEBTEXT} at revision {revision} "
-                            f"({first_line(e)}); get its files with {get}")
+                            f"({first_line(e)}); {fix}")
     try:  # on disk
         docs = Dataset.from_generator(openwebtext_documents, gen_kwargs={'files': files})
     except Exception as e:
-        raise UserError(f"cannot read OpenWebText's files ({first_line(e)}); get them with {get}")
+        raise UserError(f"cannot read OpenWebText's files ({first_line(e)}); {fix}")
     split = docs.train_test_split(test_size=0.0005, seed=2357, shuffle=True)
     rows = lambda d: ((text, True) for batch in d.iter(1024) for text in batch['text'])
     return rows(split['train']), rows(split['test'])
