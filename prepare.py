@@ -107,13 +107,13 @@ def expand(spec, flag):
         matched = sorted(glob.glob(os.path.expanduser(pattern)))
         if not matched:
             raise UserError(f"{flag} '{pattern}' matches no file")
-        for path in matched:
-            if os.path.isdir(path):
-                raise UserError(f"'{path}' is a folder; give files or a glob, e.g. '{path}/*.txt'")
-            # up to the first text: a bad first record fails before any progress bar
-            if not any(text.strip() for text, _ in local_documents([path])):
-                raise UserError(f"input file '{path}' is empty")
         files += matched
+    for path in files:
+        if os.path.isdir(path):
+            raise UserError(f"'{path}' is a folder; give files or a glob, e.g. '{path}/*.txt'")
+        # up to the first text: a bad first record fails before any progress bar
+        if not any(text.strip() for text, _ in local_documents([path])):
+            raise UserError(f"input file '{path}' is empty")
     return files
 
 
@@ -161,7 +161,7 @@ def local_documents(files, block=1 << 24):
 def rows_of(rows, where):
     """The text_field of each row, a dict or a .jsonl line (blank: skipped), as a document."""
     for i, row in enumerate(rows, 1):
-        at = f"{where} {i}"  # names the row in errors
+        at = f"{where} {i}"
         if isinstance(row, str):
             if not row.strip():
                 continue
@@ -306,10 +306,10 @@ def char_vocabulary(sources):
 
 
 def main(argv):
-    positional = [a for a in argv if not a.startswith('--')]
-    if len(positional) != 1:
+    names = [a for a in argv if not a.startswith('--')]
+    if len(names) != 1:
         raise UserError("usage: python prepare.py NAME [--input=FILES | --hub=DATASET] (README.md)")
-    name = positional[0]
+    name = names[0]
     configure(globals(), [a for a in argv if a.startswith('--')])
     if name not in KNOWN and not input and not hub:
         raise UserError(f"unknown dataset '{name}': use one of {', '.join(KNOWN)}, "
@@ -317,8 +317,9 @@ def main(argv):
     target = out_dir or os.path.join('data', name)
 
     # docs() -> fresh (train, val) documents; val None: the tail of the train stream
-    if input:
-        train_files, val_files = expand(input, '--input'), expand(val_input, '--val_input')
+    if input or (name == 'shakespeare' and not hub):  # Tiny Shakespeare: shipped
+        train_files = expand(input, '--input') if input else [SHAKESPEARE]
+        val_files = expand(val_input, '--val_input')
         sources = [os.path.abspath(f) for f in train_files + val_files]
         docs = lambda: (local_documents(train_files),
                         local_documents(val_files) if val_files else None)
@@ -330,14 +331,11 @@ def main(argv):
         sources = [f'{path}:{config}']
         whole = lambda split: [(''.join(t for t, _ in hub_documents(path, config, split)), True)]
         docs = lambda: (whole('train'), whole('validation'))
-    elif name == 'openwebtext':
+    else:  # openwebtext
         if tokenizer == 'char':
             raise UserError("tokenizer='char' is for small local text: give it with --input=PATH")
         sources = [f'{OPENWEBTEXT}@{hub_revision or OPENWEBTEXT_REVISION}']
         docs = openwebtext_splits  # called once: the char tokenizer, which reads twice, is refused
-    else:  # shakespeare, shipped with the repository
-        sources = [SHAKESPEARE]
-        docs = lambda: (local_documents(sources), None)
     enc = gpt2_tokenizer() if tokenizer == 'gpt2' else char_vocabulary(s for s in docs() if s)
 
     # New files replace the old only once complete, meta.json (the finished mark) removed just
