@@ -111,21 +111,21 @@ class TopKSAE(nn.Module):
 
 def sae_file(spec, fetch=True, cache_dir=os.path.expanduser('~/.cache/cocomix')):
     """An SAE spec's file: a path, or 'openai:LOCATION:LAYER[:32k|128k]' downloaded once."""
-    if spec.startswith('openai:'):
-        parts = spec.split(':')
-        if len(parts) not in (3, 4) or not parts[2].isdigit():
-            raise UserError(f"SAE spec '{spec}' must look like openai:resid_post_mlp:5[:32k|128k]")
-        url = OPENAI_URL.format(location=parts[1], layer=parts[2], size=(parts + ['32k'])[3])
-        path = os.path.join(cache_dir, 'openai_sae', url.split('gpt2-small/')[1].replace('/', '_'))
-        if not os.path.exists(path) and fetch:
-            try:
-                download(url, path, 'SAE')
-            except OSError as e:
-                raise UserError(f"cannot download {url} ({e}); fetch it elsewhere, pass its path")
-        spec = path
-    if not os.path.exists(spec) and fetch:
-        raise UserError(f"no SAE file at '{spec}'; train one with sae.py or use openai:LOC:LAYER")
-    return spec
+    if not spec.startswith('openai:'):
+        if fetch and not os.path.exists(spec):
+            raise UserError(f"no SAE file '{spec}'; train one with sae.py or use openai:LOC:LAYER")
+        return spec
+    parts = spec.split(':')
+    if len(parts) not in (3, 4) or not parts[2].isdigit():
+        raise UserError(f"SAE spec '{spec}' must look like openai:resid_post_mlp:5[:32k|128k]")
+    url = OPENAI_URL.format(location=parts[1], layer=parts[2], size=(parts + ['32k'])[3])
+    path = os.path.join(cache_dir, 'openai_sae', url.split('gpt2-small/')[1].replace('/', '_'))
+    if fetch and not os.path.exists(path):
+        try:
+            download(url, path, 'SAE')
+        except OSError as e:
+            raise UserError(f"cannot download {url} ({e}); fetch it elsewhere, pass its path")
+    return path
 
 
 def load_sae(spec, n_inputs=None):
