@@ -274,8 +274,8 @@ def evaluate_sae(sae, teacher, layer, data_dir, n_tokens, context, dtype):
     vectors, clean, spliced, kl = [], 0.0, 0.0, 0.0
     for batch in idx.to(device).split(32):
         y = batch[:, 1:].flatten()
+        h = residuals(teacher, batch[:, :-1], layer, dtype)
         with autocast(device, dtype):
-            h = teacher_residual(teacher, batch[:, :-1], layer).float()
             values, indices, info = sae.encode(h)
             h_hat = sae.decode(values, indices, info).float()
             logits = [teacher.head(teacher.run_blocks(z, start=layer + 1))[0].float()
@@ -295,10 +295,9 @@ def evaluate_sae(sae, teacher, layer, data_dir, n_tokens, context, dtype):
 
 
 def report(m):
-    return (f"FVU {m['fvu']:.4f} (raw {m['fvu_raw']:.4f}), dead {m['dead_fraction']:.1%} of "
-            f"latents, teacher loss {m['loss_clean']:.4f} -> {m['loss_spliced']:.4f} spliced "
-            f"(+{m['loss_spliced'] - m['loss_clean']:.4f}, KL {m['kl']:.4f}) on {m['tokens']:,} "
-            "held-out tokens")
+    return ("FVU {fvu:.4f} (raw {fvu_raw:.4f}), dead {dead_fraction:.1%} of latents, teacher loss "
+            "{loss_clean:.4f} -> {loss_spliced:.4f} spliced (+{gap:.4f}, KL {kl:.4f}) on "
+            "{tokens:,} held-out tokens").format(gap=m['loss_spliced'] - m['loss_clean'], **m)
 
 
 if __name__ == '__main__':
