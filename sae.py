@@ -81,7 +81,7 @@ class TopKSAE(nn.Module):
     def encode(self, x):
         """x (..., d) -> the k active values and indices (..., k), decode's info."""
         x_norm, info = self.preprocess(x)
-        values, indices = self.encode_pre(x_norm).topk(self.k, dim=-1)
+        values, indices = self.encode_pre(x_norm).topk(self.k)
         return F.relu(values), indices, info
 
     def decode_norm(self, values, indices, rows=None):
@@ -111,21 +111,21 @@ class TopKSAE(nn.Module):
 
 def sae_file(spec, fetch=True, cache_dir=os.path.expanduser('~/.cache/cocomix')):
     """An SAE spec's file: a path, or 'openai:LOCATION:LAYER[:32k|128k]' downloaded once."""
-    if spec.startswith('openai:'):
-        parts = spec.split(':')
-        if len(parts) not in (3, 4) or not parts[2].isdigit():
-            raise UserError(f"SAE spec '{spec}' must look like openai:resid_post_mlp:5[:32k|128k]")
-        url = OPENAI_URL.format(location=parts[1], layer=parts[2], size=(parts + ['32k'])[3])
-        path = os.path.join(cache_dir, 'openai_sae', url.split('gpt2-small/')[1].replace('/', '_'))
-        if not os.path.exists(path) and fetch:
-            try:
-                download(url, path, 'SAE')
-            except OSError as e:
-                raise UserError(f"cannot download {url} ({e}); fetch it elsewhere, pass its path")
-        spec = path
-    if not os.path.exists(spec) and fetch:
-        raise UserError(f"no SAE file at '{spec}'; train one with sae.py or use openai:LOC:LAYER")
-    return spec
+    if not spec.startswith('openai:'):
+        if fetch and not os.path.exists(spec):
+            raise UserError(f"no SAE file '{spec}'; train one with sae.py or use openai:LOC:LAYER")
+        return spec
+    parts = spec.split(':')
+    if len(parts) not in (3, 4) or not parts[2].isdigit():
+        raise UserError(f"SAE spec '{spec}' must look like openai:resid_post_mlp:5[:32k|128k]")
+    url = OPENAI_URL.format(location=parts[1], layer=parts[2], size=(parts + ['32k'])[3])
+    path = os.path.join(cache_dir, 'openai_sae', url.split('gpt2-small/')[1].replace('/', '_'))
+    if fetch and not os.path.exists(path):
+        try:
+            download(url, path, 'SAE')
+        except OSError as e:
+            raise UserError(f"cannot download {url} ({e}); fetch it elsewhere, pass its path")
+    return path
 
 
 def load_sae(spec, n_inputs=None):
@@ -202,8 +202,7 @@ def geometric_median(x, iters=50):
 
 @torch.no_grad()
 def init_sae(sae, sample):
-    """Random unit-norm decoder columns, the encoder their transpose at row norm 1/sqrt(3)
-    (nn.Linear's default, as sparsify), pre_bias a sample's geometric median."""
+    """Encoder rows at norm 1/sqrt(3), nn.Linear's default, as sparsify."""
     sae.decoder.weight.copy_(F.normalize(torch.randn_like(sae.decoder.weight), dim=0))
     sae.encoder.weight.copy_(sae.decoder.weight.t() / math.sqrt(3))
     sae.pre_bias.copy_(geometric_median(sae.preprocess(sample)[0]))
@@ -232,10 +231,10 @@ def sae_losses(sae, x, dead, k_aux):
     inputs = x_norm - sae.pre_bias
     with torch.no_grad():
         pre = F.linear(inputs, sae.encoder.weight, sae.latent_bias)
-        indices = pre.topk(sae.k, dim=-1).indices
+        indices = pre.topk(sae.k).indices
         n_aux = min(k_aux, int(dead.sum()))
         if n_aux:
-            aux_indices = pre.masked_fill(~dead, -float('inf')).topk(n_aux, dim=-1).indices
+            aux_indices = pre.masked_fill(~dead, -float('inf')).topk(n_aux).indices
             indices = torch.cat([indices, aux_indices], dim=-1)
     chosen = F.relu(GatheredLinear.apply(inputs, sae.encoder.weight, sae.latent_bias, pre, indices))
     values, indices = chosen[:, :sae.k], indices[:, :sae.k]
@@ -274,8 +273,8 @@ def evaluate_sae(sae, teacher, layer, data_dir, n_tokens, context, dtype):
     vectors, clean, spliced, kl = [], 0.0, 0.0, 0.0
     for batch in idx.to(device).split(32):
         y = batch[:, 1:].flatten()
+        h = residuals(teacher, batch[:, :-1], layer, dtype)
         with autocast(device, dtype):
-            h = teacher_residual(teacher, batch[:, :-1], layer).float()
             values, indices, info = sae.encode(h)
             h_hat = sae.decode(values, indices, info).float()
             logits = [teacher.head(teacher.run_blocks(z, start=layer + 1))[0].float()
@@ -295,10 +294,9 @@ def evaluate_sae(sae, teacher, layer, data_dir, n_tokens, context, dtype):
 
 
 def report(m):
-    return (f"FVU {m['fvu']:.4f} (raw {m['fvu_raw']:.4f}), dead {m['dead_fraction']:.1%} of "
-            f"latents, teacher loss {m['loss_clean']:.4f} -> {m['loss_spliced']:.4f} spliced "
-            f"(+{m['loss_spliced'] - m['loss_clean']:.4f}, KL {m['kl']:.4f}) on {m['tokens']:,} "
-            "held-out tokens")
+    return ("FVU {fvu:.4f} (raw {fvu_raw:.4f}), dead {dead_fraction:.1%} of latents, teacher loss "
+            "{loss_clean:.4f} -> {loss_spliced:.4f} spliced (+{gap:.4f}, KL {kl:.4f}) on "
+            "{tokens:,} held-out tokens").format(gap=m['loss_spliced'] - m['loss_clean'], **m)
 
 
 if __name__ == '__main__':
@@ -345,30 +343,29 @@ if __name__ == '__main__':
         h = residuals(teacher_model, idx, sae_layer, dtype).reshape(-1, d)
         return h[torch.randperm(len(h), generator=g)[:per_buffer * batch_size].to(h.device)]
 
-    step = 0
-    if ckpt is not None:
+    if ckpt is None:
+        init_sae(sae, fill(0)[:32768])
+    else:
         sae.load_state_dict(ckpt['sae'])
         optimizer.load_state_dict(ckpt['optimizer'])
-        step = ckpt['step']
-    else:
-        init_sae(sae, fill(0)[:32768])
-    bar = tqdm(range(step, steps), initial=step, total=steps, desc='SAE', unit='step')
+    start = ckpt['step'] if ckpt else 0
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc='SAE', unit='step')
     t0 = time.time()
     for step in bar:
-        if step % per_buffer == 0 or step == bar.initial:
+        if step % per_buffer == 0 or step == start:
             buffer = fill(step // per_buffer)
         x = buffer.split(batch_size)[step % per_buffer]
         fvu_, aux = train_step(sae, optimizer, x, k_aux or d // 2, dead_tokens, aux_coef, dtype)
         if step % log_interval == 0:
             dead = (sae.stats_last_nonzero > dead_tokens).float().mean().item()
-            rate = (step + 1 - bar.initial) * batch_size / (time.time() - t0)
+            rate = (step + 1 - start) * batch_size / (time.time() - t0)
             bar.set_postfix_str(f"FVU {fvu_.item():.4f} aux {aux.item():.3f} dead {dead:.1%} "
                                 f"{rate:,.0f} tok/s")
         if (step + 1) % ckpt_interval == 0 or step + 1 == steps:
             save_checkpoint(dict(sae=sae.state_dict(), optimizer=optimizer.state_dict(),
                                  step=step + 1, config=config), out_dir, 'sae_ckpt.pt')
     bar.close()
-    tokens_per_s = (steps - bar.initial) * batch_size / max(time.time() - t0, 1e-9)
+    tokens_per_s = (steps - start) * batch_size / max(time.time() - t0, 1e-9)
     sae.eval()
     metrics = evaluate_sae(sae, teacher_model, sae_layer, data_dir, eval_tokens, context, dtype)
     sae.save(os.path.join(out_dir, 'sae.pt'), dict(
