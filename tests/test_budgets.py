@@ -30,8 +30,8 @@ def test_core_files_and_lines():
     assert report('model.py lines', len(lines(os.path.join(ROOT, 'model.py'))), 400)
 
 
-# Over the ceilings since the settings-domain and safe-write change (#30): core 120,055 characters,
-# 4,101 lines; strict, so this fails once they are met and the marker must go
+# Over the ceilings since the settings-domain and safe-write change (#30): core 113,618 characters,
+# 4,021 lines (from 120,055 and 4,101); strict, so this fails once they are met and the marker must go
 OVER = "over the ceiling (issue #30): to be cut back"
 
 
