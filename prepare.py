@@ -153,7 +153,8 @@ def local_documents(files, block=1 << 24):
                     yield from rows_of(f, f"{path}, line") if kind == '.jsonl' else pieces(f, block)
         except UnicodeDecodeError as e:
             byte = e.object[e.start:e.start + 1]
-            raise UserError(f"{path} is not UTF-8 text (byte {byte!r} and on); convert it (iconv)")
+            raise UserError(f"{path} is not UTF-8 text (byte {byte!r} and on); convert it: "
+                            "iconv -f latin1 -t utf-8 FILE > NEW")
         except (OSError, EOFError) as e:  # also a broken or mislabelled compressed file
             raise UserError(f"cannot read {path} ({first_line(e)})")
 
@@ -308,7 +309,8 @@ def char_vocabulary(sources):
 def main(argv):
     names = [a for a in argv if not a.startswith('--')]
     if len(names) != 1:
-        raise UserError("usage: python prepare.py NAME [--input=FILES | --hub=DATASET] (README.md)")
+        raise UserError("usage: python prepare.py NAME [--input=FILES | --hub=DATASET]; NAME: "
+                        f"{', '.join(KNOWN)} or your data's name")
     name = names[0]
     configure(globals(), [a for a in argv if a.startswith('--')])
     if name not in KNOWN and not input and not hub:
