@@ -119,8 +119,8 @@ meta = read_meta(data_dir)
 for split in ('train', 'val'):  # refused before any model loads
     n = len(load_tokens(data_dir, split))
     if n <= block_size:
-        raise UserError(f"the {split} split of {data_dir} has {n} tokens, fewer than block_size + 1 "
-                        f"= {block_size + 1}; use more text or a smaller block_size")
+        raise UserError(f"the {split} split of {data_dir} has {n} tokens, fewer than "
+                        f"block_size + 1 = {block_size + 1}; use more text or a smaller block_size")
 
 # the student's shape: this run's settings, or what the checkpoint or GPT-2 weights it continues fix
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
