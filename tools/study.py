@@ -310,7 +310,9 @@ def ci(x, fmt='+.4f'):
     """The mean and its 95% t-interval."""
     x = np.asarray(x, dtype=float)
     mean = x.mean()
-    half = T95.get(len(x) - 1, 1.96) * x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else float('nan')
+    if len(x) < 2:
+        return f"{mean:{fmt}} (one seed: no interval)"
+    half = T95.get(len(x) - 1, 1.96) * x.std(ddof=1) / math.sqrt(len(x))
     return f"{mean:{fmt}} ({mean - half:{fmt}}, {mean + half:{fmt}})"
 
 
