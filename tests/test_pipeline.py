@@ -82,8 +82,7 @@ def test_study_report_pairs_seeds_and_rewrites_the_readme_block(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     (tmp_path / 'RESULTS.md').write_text('intro\n<!-- study:begin -->\nold table\n<!-- study:end -->\nrest\n')
     (tmp_path / 'README.md').write_text('top\n<!-- headline:begin -->\nold\n<!-- headline:end -->\n')
-    monkeypatch.setattr(study, 'plot', lambda runs: None)
-    monkeypatch.setattr(study, 'plot_flops', lambda res: None)
+    monkeypatch.setattr(study, 'plot', lambda res: None)
     monkeypatch.setattr(study, 'small_methods', 'ntp,cocomix')
     run = lambda final, curve: dict(final=final, params=1000, shape='8 x 48', curve=curve)
     runs = {}
@@ -154,7 +153,7 @@ def test_study_resumes_from_saved_results_only_with_the_same_teacher(tmp_path, m
     from common import UserError, fingerprint, save_checkpoint
     from sae import TopKSAE
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(study, 'matched_width', lambda student: 56)
+    monkeypatch.setattr(study, 'matched_width', lambda student, m: 56)
     monkeypatch.setattr(study, 'machine', lambda: 'this cpu')
     os.makedirs(f'{study.out}/teacher')
     save_checkpoint({'model': {'w': torch.ones(2)}, 'config': dict(n_layer=4, n_embd=192)}, f'{study.out}/teacher')

@@ -92,35 +92,26 @@ def student_config(student, meta, width=None, **extra):
                      bias=False, n_embd=width or args['n_embd'], insert_layer=args['insert_layer'], **extra)
 
 
-def matched_width(student):
-    """The NTP width (a multiple of n_head) whose parameters first reach CoCoMix's active ones."""
+def matched_width(student, m):
+    """The NTP width (a multiple of n_head, same depth) matched to CoCoMix's: the first whose
+    parameters reach its active ones (WIDENED), else the nearest in FLOPs per character, its
+    student's (ntp_flops_student) or with cached labelling (ntp_flops_total)."""
     from model import GPT
     meta = json.load(open(f'{DATA}/meta.json'))
-    cocomix = student_config(student, meta, n_concepts=sae_latents, concept_topk=16)
-    target = GPT(cocomix).get_num_params(active=True)
+    size = lambda cfg: GPT(cfg).get_num_params(active=True) if m in WIDENED else GPT(cfg).flops_per_token(128)
+    target = size(student_config(student, meta, n_concepts=sae_latents, concept_topk=16))
     ntp = student_config(student, meta)
-    width = ntp.n_embd
-    while GPT(student_config(student, meta, width)).get_num_params() < target:
-        width += ntp.n_head
-    return width
-
-
-def flops_width(student, m):
-    """The NTP width (a multiple of n_head) whose FLOPs per character come nearest CoCoMix's:
-    its student's (ntp_flops_student) or with cached labelling (ntp_flops_total); same depth."""
-    from model import GPT
-    meta = json.load(open(f'{DATA}/meta.json'))
-    flops = lambda cfg: GPT(cfg).flops_per_token(128)
-    target = flops(student_config(student, meta, n_concepts=sae_latents, concept_topk=16))
     if m == 'ntp_flops_total':
         t = {k[2:]: int(v) for k, v in (a.split('=') for a in teacher.split())}
         shape = dict(teacher_shape=f"{t['n_layer']} x {t['n_embd']}", sae_latents=sae_latents,
-                     vocab_size=student_config(student, meta).vocab_size)
+                     vocab_size=ntp.vocab_size)
         target = cached_flops(shape, 'cocomix', target, meta['train_tokens'], student_iters * 4096)
-    width, step = student_config(student, meta).n_embd, student_config(student, meta).n_head
-    while flops(student_config(student, meta, width + step)) < target:
-        width += step
-    return min(width, width + step, key=lambda w: abs(flops(student_config(student, meta, w)) - target))
+    width = ntp.n_embd
+    while size(student_config(student, meta, width)) < target:
+        width += ntp.n_head
+    if m in WIDENED:
+        return width
+    return min(width - ntp.n_head, width, key=lambda w: abs(size(student_config(student, meta, w)) - target))
 
 
 def label_flops(res, m):
@@ -172,8 +163,7 @@ def stages():
                    key=lambda p: (p[2] not in ('ntp', 'cocomix'), p[0] != '8-layer'))
     runs = []
     for size, student, m, n in order:
-        width = matched_width(student) if m in WIDENED else \
-            flops_width(student, m) if m in FLOPS_MATCHED else None
+        width = matched_width(student, m) if m in WIDENED + FLOPS_MATCHED else None
         student_args = student + ([f'--n_embd={width}'] if width else [])
         for seed in range(n):
             run = f'{out}/{size}/{m}_s{seed}'
@@ -400,8 +390,7 @@ def report(res):
                   "includes KD's teacher, which runs online.", ''] + compute
     publish('study', '\n'.join(lines), 'RESULTS.md')
     publish('headline', '\n'.join(headline(res, deltas, versus)))
-    plot(runs)
-    plot_flops(res)
+    plot(res)
 
 
 HEADLINE = {  # the README's table: NTP, CoCoMix and the controls that ask whether it pays
@@ -436,59 +425,43 @@ def headline(res, deltas, versus):
                      "the float noise such a pair carries)."] if crossed else [])
 
 
-def plot(runs):
+def plot(res):
+    """The val curves (mean over seeds) against training characters at both sizes, and at 8 layers
+    against training FLOPs: the student's alone, with the teacher labelling online (every step), and
+    with the labels cached (the whole corpus labelled before step 0)."""
     try:
         import matplotlib
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
     except ImportError:
         return print("(no plot: pip install matplotlib)")
-    fig, axes = plt.subplots(1, len(sizes()), figsize=(11, 4.2), sharey=True)
-    for ax, (size, (_, methods)) in zip(np.atleast_1d(axes), sizes().items()):
+    figures = {'assets/study_val_loss.png': plt.subplots(1, len(sizes()), figsize=(11, 4.2), sharey=True),
+               'assets/study_val_loss_flops.png': plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)}
+    (_, by_chars), (_, by_flops) = figures.values()
+    for ax, (size, (_, methods)) in zip(by_chars, sizes().items()):
         for m in methods:
-            curves = [v['curve'] for v in by_seed(runs, size, m).values()]
-            if not curves:
+            r = by_seed(res['runs'], size, m)
+            if not r:
                 continue
-            t = np.array([x for x, _ in curves[0]][1:]) / 1e6
-            v = np.array([[y for _, y in c][1:] for c in curves])
-            ax.plot(t, v.mean(0), label=f'{m} ({len(curves)} seeds)')
-            ax.fill_between(t, v.min(0), v.max(0), alpha=0.2)
+            v = next(iter(r.values()))
+            chars = np.array([x for x, _ in v['curve']][1:])
+            loss = np.array([[y for _, y in run['curve']][1:] for run in r.values()])
+            ax.plot(chars / 1e6, loss.mean(0), label=f'{m} ({len(r)} seeds)')
+            ax.fill_between(chars / 1e6, loss.min(0), loss.max(0), alpha=0.2)
+            cached = cached_flops(res, m, v['flops'], res['train_chars'], chars)
+            for ax_flops, flops in zip(by_flops if size == '8-layer' else [],
+                                       (v['flops'], v['flops'] + label_flops(res, m), cached)):
+                ax_flops.plot(chars * flops / 1e12, loss.mean(0), label=f'{m} ({len(r)} seeds)')
         ax.set_title(f'{size} students'), ax.set_xlabel('training characters (M)'), ax.grid(alpha=0.3)
         ax.set_ylim(top=2.8), ax.legend(fontsize=8)
-    np.atleast_1d(axes)[0].set_ylabel('val loss (nats per character)')
-    fig.tight_layout()
-    fig.savefig('assets/study_val_loss.png', dpi=110)
-    print("wrote assets/study_val_loss.png")
-
-
-def plot_flops(res):
-    """Val loss against training FLOPs at 8 layers: the student's alone, with the teacher labelling
-    online (every step), and with the labels cached (the whole corpus labelled before step 0)."""
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return print("(no plot: pip install matplotlib)")
-    titles = ('student FLOPs', 'student + labelling, online', 'student + labelling, cached')
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
-    for m in sizes()['8-layer'][1]:
-        curves = [v['curve'] for v in by_seed(res['runs'], '8-layer', m).values()]
-        if not curves:
-            continue
-        v = next(iter(by_seed(res['runs'], '8-layer', m).values()))
-        label, chars = label_flops(res, m), np.array([x for x, _ in curves[0]][1:])
-        cached = chars * cached_flops(res, m, v['flops'], res['train_chars'], chars)
-        loss = np.array([[y for _, y in c][1:] for c in curves]).mean(0)
-        for ax, x in zip(axes, (chars * v['flops'], chars * (v['flops'] + label), cached)):
-            ax.plot(x / 1e12, loss, label=f'{m} ({len(curves)} seeds)')
-    for ax, title in zip(axes, titles):
+    for ax, title in zip(by_flops, ('student FLOPs', 'student + labelling, online', 'student + labelling, cached')):
         ax.set_title(title), ax.set_xlabel('training FLOPs (T)'), ax.grid(alpha=0.3)
         ax.set_ylim(top=2.8), ax.set_xscale('log'), ax.legend(fontsize=7)
-    axes[0].set_ylabel('val loss (nats per character)')
-    fig.tight_layout()
-    fig.savefig('assets/study_val_loss_flops.png', dpi=110)
-    print("wrote assets/study_val_loss_flops.png")
+    for path, (fig, axes) in figures.items():
+        axes[0].set_ylabel('val loss (nats per character)')
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        print(f"wrote {path}")
 
 
 if __name__ == '__main__':
