@@ -1,9 +1,8 @@
 """
-The whole CoCoMix pipeline in one command, the study's design at a size a newcomer waits for:
-character-level Tiny Shakespeare, a teacher clearly stronger than the students, its SAE, concept
-labels, then the paper's shape (8 layers, concepts after block 3) trained on the same characters in
-the same order as CoCoMix interleaved (the paper's), CoCoMix added and NTP widened to CoCoMix's
-active parameters; their evaluation beside the study's paired result, and a steered sample.
+The whole CoCoMix pipeline in one command, the study's design at a size a newcomer waits for
+(RESULTS.md, "The quick start"): Tiny Shakespeare's characters, a teacher, its SAE and labels, then
+NTP, CoCoMix and CoCoMix added at the paper's shape; their evaluation beside the study's, and a
+steered sample.
 
     python tools/pipeline.py                        # Tiny Shakespeare, shipped with the repository
     python tools/pipeline.py --input='my_texts/*.txt' --name=mytext
@@ -51,13 +50,10 @@ CONCEPTS = [  # (name, command, inputs, output): the teacher, its SAE and the la
 STUDENTS = [  # one thread each, two at a time: faster than one run on two threads
     ('concepts', ['tools/concepts.py', f'--sae={out}/sae/sae.pt', '--top=5', f'--device={device}'],
      [f'{out}/sae/sae.pt'], f'{out}/sae/sae.pt.concepts.json'),
-    ('cocomix', ['train.py', 'config/cocomix_shakespeare_char.py', f'--out_dir={out}/cocomix', *models] + common,
-     [f'{data}/labels_train.json', 'config/cocomix_shakespeare_char.py'], f'{out}/cocomix/ckpt.pt'),
-    ('ntp', ['train.py', 'config/ntp_shakespeare_char.py', f'--out_dir={out}/ntp'] + common,
-     [f'{data}/meta.json', 'config/ntp_shakespeare_char.py'], f'{out}/ntp/ckpt.pt'),
-    ('cocomix add', ['train.py', 'config/cocomix_shakespeare_char.py', f'--out_dir={out}/cocomix_add',
-                     '--mix=add', *models] + common,
-     [f'{data}/labels_train.json', 'config/cocomix_shakespeare_char.py'], f'{out}/cocomix_add/ckpt.pt'),
+] + [(m.replace('_', ' '), ['train.py', f'config/{c}_shakespeare_char.py', f'--out_dir={out}/{m}', *extra] + common,
+      [f'{data}/{needs}', f'config/{c}_shakespeare_char.py'], f'{out}/{m}/ckpt.pt')
+     for m, c, needs, extra in (('cocomix', 'cocomix', 'labels_train.json', models), ('ntp', 'ntp', 'meta.json', ()),
+                                ('cocomix_add', 'cocomix', 'labels_train.json', ('--mix=add', *models)))
 ] + [(f'eval {m}', ['tools/eval.py', f'--out_dir={out}/{m}', '--tasks=ppl', f'--json_out={out}/{m}/eval.json',
                     f'--device={device}'], [f'{out}/{m}/ckpt.pt'], f'{out}/{m}/eval.json') for m in MODELS]
 

@@ -1,9 +1,6 @@
 """
-Does CoCoMix beat next-token prediction, and at what cost? Sized for a 2-core CPU: character-level
-Wikipedia, a teacher clearly stronger than every student, its SAE, then students of two sizes
-trained on the same 8.2M characters in the same order per seed: NTP (widened to CoCoMix's active
-parameters), CoCoMix interleaved (the paper's) and the paper's controls: CoCoMix added, predict-only
-(mix=none), activation labels, pause tokens (a learned vector in the concept's place) and KD.
+Does CoCoMix beat next-token prediction, and at what cost? NTP, CoCoMix and the paper's controls
+on character-level Wikipedia, sized for a 2-core CPU: RESULTS.md ("The study") gives the design.
 
     python tools/study.py --input=enwiki_extract_clean.txt --val_input=wiki.valid.raw  # resumable
     python tools/study.py --report_only=True  # README tables, plot from assets/study_results.json
@@ -11,8 +8,7 @@ parameters), CoCoMix interleaved (the paper's) and the paper's controls: CoCoMix
 
 Runs in assets/study_results.json (kept in git) count as done. Seeds are the pairing unit: all
 methods of a seed run on one kind of machine (floats differ across CPUs), so another machine adds
-whole seeds on the first machine's teacher and SAE, checked by fingerprint. The report pairs each
-method with NTP by seed: final loss, characters to reach NTP's, and compute at 8 layers.
+whole seeds on the first machine's teacher and SAE, checked by fingerprint.
 """
 import json
 import math
