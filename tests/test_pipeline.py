@@ -158,7 +158,7 @@ def test_study_resumes_from_saved_results_only_with_the_same_teacher(tmp_path, m
     os.makedirs(f'{study.out}/teacher')
     save_checkpoint({'model': {'w': torch.ones(2)}, 'config': dict(n_layer=4, n_embd=192)}, f'{study.out}/teacher')
     TopKSAE(4, 8, 2).save(f'{study.out}/sae/sae.pt', {'eval': {'fvu': 0.09}})
-    teacher_id, sae_id = study.identity()
+    teacher_id, sae_id = study.check_identity({'runs': {}})
     assert teacher_id == fingerprint({'w': torch.ones(2)})
     run = lambda where: dict(final=2.2, params=1, shape='8 x 56', curve=[[0, 3.0]], machine=where)
     saved = {'teacher': 1.8, 'teacher_shape': '4 x 192', 'val_chars': 1000, 'sae': {'fvu': 0.09},

@@ -71,14 +71,8 @@ def label_flops_per_token(cfg, sae_layer, n_concepts, T, method='attribution'):
     """Matmul and attention FLOPs per token of attribution.concept_labels(method): the input
     gradient costs one matmul per weight, 'attribution_preact' adds the gradient's dot with every
     decoder direction; method='kd': KD's teacher, its forward alone."""
-    from attribution import LABEL_METHODS
-    if method not in LABEL_METHODS + ('kd',):
-        raise ValueError(f"unknown label method {method!r}")
     d, after, block = cfg.n_embd, cfg.n_layer - sae_layer - 1, 12 * cfg.n_embd ** 2
-
-    def blocks(n):  # n blocks' forward: matmuls and attention, as nanoGPT's estimate_mfu
-        return 2 * n * block + 4 * n * d * T
-
+    blocks = lambda n: 2 * n * block + 4 * n * d * T  # n blocks' forward, as nanoGPT's estimate_mfu
     head, encoder = 2 * cfg.vocab_size * d, 2 * d * n_concepts
     if method == 'activation':  # no loss to differentiate: the teacher stops at sae_layer
         return blocks(sae_layer + 1) + encoder

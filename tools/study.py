@@ -125,8 +125,7 @@ def label_flops(res, m):
 def cached_flops(res, m, flops, train_chars, budget):
     """FLOPs per training character with cached labels: the whole corpus (train_chars) labelled
     once and charged to one run of `budget` characters; KD's teacher runs online."""
-    labelled = METHODS[m][0] == 'cocomix'
-    return flops + label_flops(res, m) * (train_chars / budget if labelled else 1)
+    return flops + label_flops(res, m) * (train_chars / budget if METHODS[m][0] == 'cocomix' else 1)
 
 
 def machine():
@@ -223,17 +222,13 @@ def saved():
     return json.load(open(results)) if os.path.exists(results) else {'runs': {}}
 
 
-def identity():
-    """The fingerprints of this machine's teacher and SAE weights."""
+def check_identity(old):
+    """The fingerprints of this machine's teacher and SAE weights, refused if the saved results (old)
+    were made with another teacher or SAE."""
     import torch
     from common import fingerprint
     teacher = torch.load(f'{out}/teacher/ckpt.pt', map_location='cpu', weights_only=True)['model']
-    return fingerprint(teacher), fingerprint(torch.load(f'{out}/sae/sae.pt', weights_only=True))
-
-
-def check_identity(old):
-    """identity(), refused if the saved results (old) were made with another teacher or SAE."""
-    teacher_id, sae_id = identity()
+    teacher_id, sae_id = fingerprint(teacher), fingerprint(torch.load(f'{out}/sae/sae.pt', weights_only=True))
     if old['runs'] and (old.get('teacher_id'), old.get('sae_id')) != (teacher_id, sae_id):
         raise UserError(f"{results} was made with another teacher or SAE (weights {old.get('teacher_id')}, "
                         f"{old.get('sae_id')}; here {teacher_id}, {sae_id}): copy the first machine's with "
@@ -246,8 +241,7 @@ def collect():
     its teacher's and SAE's entries where it has them (refused if their fingerprints differ)."""
     from common import load_model
     from sae import load_sae
-    old, here = saved(), machine()
-    res = dict(old)
+    res, here = saved(), machine()
     if os.path.exists(f'{out}/teacher/eval.json') and os.path.exists(f'{out}/sae/sae.pt'):
         teacher_eval = json.load(open(f'{out}/teacher/eval.json'))['results']['ppl']
         c = load_model(f'{out}/teacher')[1]['config']
@@ -257,15 +251,15 @@ def collect():
                    val_chars=teacher_eval['tokens'], sae=sae_meta['eval'], sae_latents=sae.n_latents,
                    train_chars=meta['train_tokens'],
                    vocab_size=student_config(large.split(), meta).vocab_size)
-        res['teacher_id'], res['sae_id'] = check_identity(old)
-    elif 'teacher_id' not in old:
+        res['teacher_id'], res['sae_id'] = check_identity(res)  # its runs and ids are still the saved ones
+    elif 'teacher_id' not in res:
         return
-    res['runs'], res['timing'] = dict(old['runs']), dict(old.get('timing', {}))
+    res.setdefault('timing', {})
     for size, (_, methods) in sizes().items():
         for m, n in methods.items():
             for seed in range(n):
                 run = f'{out}/{size}/{m}_s{seed}'
-                if os.path.exists(f'{run}/eval.json') and f'{size}/{m}/{seed}' not in old['runs']:
+                if os.path.exists(f'{run}/eval.json') and f'{size}/{m}/{seed}' not in res['runs']:
                     model, ckpt = load_model(run)
                     c = ckpt['config']
                     tokens = c['batch_size'] * c['block_size'] * c['gradient_accumulation_steps']
@@ -312,12 +306,11 @@ def compute_rows(res, got, reach, missed):
     ms_ntp = timing.get('ntp', {}).get('ms_per_step')
     for m, r in got.items():
         v = next(iter(r.values()))
-        teacher_cost = label_flops(res, m)
         cached = cached_flops(res, m, v['flops'], res['train_chars'], v['curve'][-1][0])
         ms = timing.get(m, {}).get('ms_per_step')
         if timing.get(m, {}).get('machine') != timing.get('ntp', {}).get('machine'):
             ms = None  # times from two kinds of machine do not compare
-        row = [m, f"{v['flops'] / 1e6:.2f}M", f"{(v['flops'] + teacher_cost) / 1e6:.2f}M",
+        row = [m, f"{v['flops'] / 1e6:.2f}M", f"{(v['flops'] + label_flops(res, m)) / 1e6:.2f}M",
                f"{cached / 1e6:.2f}M", f"{ms:.0f}" if ms else '—']
         if m not in reach:
             row += [missed.get(m, '—'), '—', '—']
@@ -336,8 +329,7 @@ def report(res):
              "Δ vs NTP, paired (95% CI) | chars to reach NTP's final loss (95% CI) |", '|---' * 8 + '|']
     deltas, leads, compute = {}, [], []
     for size, (_, methods) in sizes().items():
-        got = {m: by_seed(runs, size, m) for m in methods}
-        got = {m: r for m, r in got.items() if r}
+        got = {m: by_seed(runs, size, m) for m in methods if by_seed(runs, size, m)}
         ntp, reach, missed = got.get('ntp', {}), {}, {}  # as compute_rows reads them
         for m, r in got.items():
             finals = np.array([v['final'] for v in r.values()])
