@@ -1,8 +1,7 @@
 """
 The whole CoCoMix pipeline in one command, the study's design at a size a newcomer waits for
-(RESULTS.md, "The quick start"): Tiny Shakespeare's characters, a teacher, its SAE and labels, then
-NTP, CoCoMix and CoCoMix added at the paper's shape; their evaluation beside the study's, and a
-steered sample.
+(RESULTS.md, "The quick start"): a teacher, its SAE and labels, then NTP, CoCoMix and CoCoMix added at
+the paper's shape on Tiny Shakespeare's characters; their evaluation beside the study's, a steered sample.
 
     python tools/pipeline.py                        # Tiny Shakespeare, shipped with the repository
     python tools/pipeline.py --input='my_texts/*.txt' --name=mytext

@@ -15,12 +15,11 @@ def run_stages(stages, stamps_path, jobs=1, threads=1):
     whose output is current (stamps_path keeps each output's command). `jobs` run at once on
     `threads` threads each, logging beside stamps_path when jobs > 1."""
     stamps = json.load(open(stamps_path)) if os.path.exists(stamps_path) else {}
-    made_by = {output: stage for stage, _, _, output in stages}
     pending, running, failed = list(stages), {}, []
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     while (pending and not failed) or running:  # after a failure, wait for the running ones
-        waiting = {made_by[s[3]] for s in pending} | {s[0] for s in running.values()}
-        ready = [s for s in pending if not any(made_by.get(i) in waiting for i in s[2])]
+        busy = {s[3] for s in pending} | {s[1] for s in running.values()}  # outputs still to come
+        ready = [s for s in pending if busy.isdisjoint(s[2])]
         for stage, cmd, inputs, output in ready[:max(0, jobs - len(running)) if not failed else 0]:
             pending.remove((stage, cmd, inputs, output))
             line = ' '.join(['python'] + cmd)

@@ -13,14 +13,18 @@ whole seeds on the first machine's teacher and SAE, checked by fingerprint.
 import json
 import math
 import os
+import platform
 import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 import numpy as np
+import torch
 
-from common import UserError, atomic_path, configure
+from common import UserError, atomic_path, configure, fingerprint
+from model import GPT, GPTConfig
+from sae import load_sae
 from stages import label_flops_per_token, publish, run_stages
 
 # -----------------------------------------------------------------------------
@@ -81,7 +85,6 @@ def by_seed(runs, size, m):
 
 def student_config(student, meta, width=None, **extra):
     """The GPTConfig of a study student: block 128, the vocabulary of the data's meta.json padded."""
-    from model import GPTConfig
     args = {k[2:]: int(v) for k, v in (a.split('=') for a in student)}
     vocab = math.ceil(meta['vocab_size'] / 64) * 64  # as train.py pads
     return GPTConfig(block_size=128, vocab_size=vocab, n_layer=args['n_layer'], n_head=args['n_head'],
@@ -92,7 +95,6 @@ def matched_width(student, m):
     """The NTP width (a multiple of n_head, same depth) matched to CoCoMix's: the first whose
     parameters reach its active ones (WIDENED), else the nearest in FLOPs per character, its
     student's (ntp_flops_student) or with cached labelling (ntp_flops_total)."""
-    from model import GPT
     meta = json.load(open(f'{DATA}/meta.json'))
     size = lambda cfg: GPT(cfg).get_num_params(active=True) if m in WIDENED else GPT(cfg).flops_per_token(128)
     target = size(student_config(student, meta, n_concepts=sae_latents, concept_topk=16))
@@ -112,7 +114,6 @@ def matched_width(student, m):
 
 def label_flops(res, m):
     """Per token: the teacher's labelling for method m's labels, KD's teacher, or 0."""
-    from model import GPTConfig
     if not needs_teacher(m):
         return 0
     t = res['teacher_shape'].split(' x ')
@@ -130,8 +131,6 @@ def cached_flops(res, m, flops, train_chars, budget):
 
 def machine():
     """The kind of CPU and the torch build: runs of one seed must all come from one kind."""
-    import platform
-    import torch
     cpuinfo = open('/proc/cpuinfo').read() if os.path.exists('/proc/cpuinfo') else ''
     names = re.findall(r'model name\s*:\s*(.*)', cpuinfo)
     kind = re.findall(r'cpu family\s*:\s*(\d+)\n(?:.*\n)*?model\s*:\s*(\d+)', cpuinfo)
@@ -163,10 +162,9 @@ def stages():
         for seed in range(n):
             run = f'{out}/{size}/{m}_s{seed}'
             if f'{size}/{m}/{seed}' not in done and not (needs_teacher(m) and str(seed) in elsewhere):
-                runs.append(train_stage(f'{size} {m} seed {seed}', run, m, student_iters,
-                                        [f'--seed={seed}', f'--eval_interval={eval_every}', '--log_interval=100',
-                                         '--always_save_checkpoint=True', *student_args]))
-                runs.append(evaluation(run))
+                runs += [train_stage(f'{size} {m} seed {seed}', run, m, student_iters,
+                                     [f'--seed={seed}', f'--eval_interval={eval_every}', '--log_interval=100',
+                                      '--always_save_checkpoint=True', *student_args]), evaluation(run)]
         if size == '8-layer' and m not in timed:  # a short timed run per method
             runs.append(train_stage(f'timing {m}', f'{out}/timing/{m}', m, timing_steps,
                                     ['--eval_interval=100000', '--log_interval=1', *student_args]))
@@ -225,8 +223,6 @@ def saved():
 def check_identity(old):
     """The fingerprints of this machine's teacher and SAE weights, refused if the saved results (old)
     were made with another teacher or SAE."""
-    import torch
-    from common import fingerprint
     teacher = torch.load(f'{out}/teacher/ckpt.pt', map_location='cpu', weights_only=True)['model']
     teacher_id, sae_id = fingerprint(teacher), fingerprint(torch.load(f'{out}/sae/sae.pt', weights_only=True))
     if old['runs'] and (old.get('teacher_id'), old.get('sae_id')) != (teacher_id, sae_id):
@@ -239,8 +235,7 @@ def check_identity(old):
 def collect():
     """Add this machine's finished runs and timing runs to the saved results (of any machine), and
     its teacher's and SAE's entries where it has them (refused if their fingerprints differ)."""
-    from common import load_model
-    from sae import load_sae
+    from common import load_model  # looked up when called: the tests replace it
     res, here = saved(), machine()
     if os.path.exists(f'{out}/teacher/eval.json') and os.path.exists(f'{out}/sae/sae.pt'):
         teacher_eval = json.load(open(f'{out}/teacher/eval.json'))['results']['ppl']
@@ -283,7 +278,6 @@ def tokens_to_reach(curve, loss):
     for (t0, l0), (t1, l1) in zip(curve, curve[1:]):
         if l1 <= loss:
             return t0 + (t1 - t0) * (l0 - loss) / (l0 - l1) if l0 > loss else t0
-    return None
 
 
 def ci(x, fmt='+.4f'):
