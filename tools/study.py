@@ -301,9 +301,8 @@ def compute_rows(res, got, reach, missed):
     for m, r in got.items():
         v = next(iter(r.values()))
         cached = cached_flops(res, m, v['flops'], res['train_chars'], v['curve'][-1][0])
-        ms = timing.get(m, {}).get('ms_per_step')
-        if timing.get(m, {}).get('machine') != timing.get('ntp', {}).get('machine'):
-            ms = None  # times from two kinds of machine do not compare
+        comparable = timing.get(m, {}).get('machine') == timing.get('ntp', {}).get('machine')
+        ms = timing.get(m, {}).get('ms_per_step') if comparable else None  # else two kinds of machine
         row = [m, f"{v['flops'] / 1e6:.2f}M", f"{(v['flops'] + label_flops(res, m)) / 1e6:.2f}M",
                f"{cached / 1e6:.2f}M", f"{ms:.0f}" if ms else '—']
         if m not in reach:
@@ -360,7 +359,7 @@ def report(res):
         f"{size} {m} {ci(d)}" for (size, m), d in versus.items()) + '.'] if versus else []
     gaps = [deltas.get((size, 'cocomix'), {}) for size in sizes()]
     common = [s for s in gaps[0] if all(s in g for g in gaps)]
-    if len(gaps) == 2 and len(common) > 1:  # a paired difference of differences
+    if len(common) > 1:  # a paired difference of differences
         lines += ['', f"Scale: interleave − NTP at 8 layers minus at 4 layers: {ci([gaps[0][s] - gaps[1][s] for s in common])}"
                       "; negative means the gap favours CoCoMix more at the larger size."]
     if compute:
