@@ -407,9 +407,8 @@ def headline(res, deltas, versus):
 
 
 def plot(res):
-    """The val curves (mean over seeds) against training characters at both sizes, and at 8 layers
-    against training FLOPs: the student's alone, with the teacher labelling online (every step), and
-    with the labels cached (the whole corpus labelled before step 0)."""
+    """Mean val curves against characters at both sizes, and at 8 layers against training FLOPs: the
+    student's, + labelling online (every step), + cached (the whole corpus labelled before step 0)."""
     try:
         import matplotlib
         matplotlib.use('Agg')
