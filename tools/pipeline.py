@@ -57,7 +57,7 @@ STUDENTS = [  # one thread each, two at a time: faster than one run on two threa
                     f'--device={device}'], [f'{out}/{m}/ckpt.pt'], f'{out}/{m}/eval.json') for m in MODELS]
 
 
-def main():
+if __name__ == '__main__':
     t0 = time.time()
     stamps = f'{out}/pipeline_stamps.json'
     run_stages(CONCEPTS, stamps, jobs=1, threads=2)
@@ -87,7 +87,3 @@ def main():
         text = subprocess.run([py] + sample + extra, capture_output=True, text=True, check=True).stdout
         print(text.split('\n', 1)[1].split('---')[0])
     print(f"done: pipeline in {time.time() - t0:.0f} s; outputs in {out}/ and {data}/")
-
-
-if __name__ == '__main__':
-    main()
