@@ -275,8 +275,7 @@ def bench_ntp():
     theirs = adamw_step(theirs_model, lambda: theirs_model(x, x)[1])
     times = {'ours': [], 'nanoGPT': []}
     for r in range(rounds):  # each first in every other round: neither gains from the order
-        pair = (('ours', ours), ('nanoGPT', theirs))
-        for name, step in pair if r % 2 == 0 else pair[::-1]:
+        for name, step in [('ours', ours), ('nanoGPT', theirs)][::-1 if r % 2 else 1]:
             times[name].append(timed(step))
     ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     print(f"ntp vs nanoGPT ({batch_size} x {block_size}, {n_layer} x {n_embd}, vocab {V}, {dtype}): "
@@ -307,7 +306,6 @@ def bench_labels():
             teacher.lm_head.weight.requires_grad_(name == 'computed')
             with ctx:
                 seconds[name].append(timed(label, n=3))
-    teacher.lm_head.weight.requires_grad_(False)
     M.chunked_head = plain_rule
     rate = {k: useful / min(v) / 1e9 for k, v in seconds.items()}
     print(f"  labelling with a chunked head: {rate['computed']:.1f} GFLOP/s with the frozen head's weight "
@@ -395,11 +393,9 @@ def bench_sae():
     seconds = {'ours': 0.0, 'sparsify': 0.0}
     for i, x in enumerate(data):  # alternating, batch by batch: the same tokens in the same order
         for name, step in (('ours', ours_step), ('sparsify', theirs_step)):
-            t0 = time.perf_counter()
             with ctx:
-                step(x)
-            sync()
-            seconds[name] += time.perf_counter() - t0 if i else 0.0  # the first step warms up
+                dt = timed(lambda: step(x), n=1, warmup=0)
+            seconds[name] += dt if i else 0.0  # the first step warms up
     with torch.no_grad():
         results = {'ours': fvus(ours(held_out)), 'sparsify': fvus(theirs(held_out).sae_out)}
     rate = {k: (len(data) - 1) * sae_batch / s for k, s in seconds.items()}
