@@ -291,7 +291,7 @@ def bench_labels():
         dt = timed(label, n=3)
     useful = label_flops_per_token(teacher.config, sae_layer, n_concepts, block_size) * idx.numel()
     flops = useful / dt
-    ntp = gpt(teacher_layers, teacher_embd, teacher_embd // 64)
+    ntp = gpt(teacher_layers, teacher_embd, teacher.config.n_head)  # the teacher's shape
     ntp_flops = ntp.flops_per_token(block_size) * batch_size * block_size / timed(train_step(ntp), n=3)
     print(f"labels (teacher {teacher_layers} x {teacher_embd}, SAE -> {n_concepts}, k {sae_k}): "
           f"{idx.numel() / dt:,.0f} tokens/s, {flops / 1e9:.1f} GFLOP/s; NTP step of the teacher's shape "
