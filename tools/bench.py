@@ -25,25 +25,28 @@ import io
 import json
 import math
 import os
+import random
 import runpy
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext, redirect_stdout
-from functools import partial
 from resource import RUSAGE_SELF, getrusage
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (DEVICE, DTYPE, UserError, autocast, configure, peak_flops, pretrained_shape,
-                    setting_names, setup_distributed)
-from model import GPT, GPTConfig, sae_norm
+import model as M
+import sae as S
+from attribution import concept_labels
+from common import (DEVICE, DTYPE, REPO, UserError, autocast, configure, peak_flops,
+                    pretrained_shape, setting_names, setup_distributed)
+from stages import label_flops_per_token
 
 # -----------------------------------------------------------------------------
 parts: 'str' = 'train,labels,generate,sae'
@@ -103,15 +106,10 @@ cuda = 'cuda' in device
 ctx = autocast(device, dtype)
 V = math.ceil(vocab_size / 64) * 64
 COCOMIX = dict(n_concepts=n_concepts, concept_topk=concept_topk, insert_layer=insert_layer, mix=mix)
+sync = torch.cuda.synchronize if cuda else torch.cpu.synchronize
 
 
-def sync():
-    if cuda:
-        torch.cuda.synchronize()
-
-
-def timed(fn, n=steps, warmup=1):
-    """Seconds per call of fn, after warmup calls."""
+def timed(fn, n=steps, warmup=1):  # seconds per call of fn, after warmup calls
     for _ in range(warmup):
         fn()
     sync()
@@ -126,14 +124,13 @@ def peak_memory(dev=None):  # bytes allocated on the GPU, else the process's pea
     return torch.cuda.max_memory_allocated(dev) if cuda else getrusage(RUSAGE_SELF).ru_maxrss * 1024
 
 
-def gpt(layers=n_layer, width=n_embd, heads=n_head, T=block_size, **concepts):
-    config = GPTConfig(block_size=T, vocab_size=V, n_layer=layers, n_head=heads, n_embd=width,
-                       bias=bias, dropout=dropout, **concepts)
-    return GPT(config).to(device)
+def gpt(layers=n_layer, width=n_embd, heads=n_head, T=block_size, lib=vars(M), **concepts):
+    config = lib['GPTConfig'](block_size=T, vocab_size=V, n_layer=layers, n_head=heads,
+                              n_embd=width, bias=bias, dropout=dropout, **concepts)
+    return lib['GPT'](config).to(device)
 
 
-def adamw_step(model, loss_fn):
-    """One AdamW step of model on loss_fn() under autocast, as a closure that returns the loss."""
+def adamw_step(model, loss_fn):  # one AdamW step on loss_fn() under autocast, as a closure
     opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 'cuda' if cuda else 'cpu')
 
     def step():
@@ -146,31 +143,28 @@ def adamw_step(model, loss_fn):
     return step
 
 
-def train_step(model, labels=None, labeller=None, world=1):
-    """One AdamW step on a random batch (in DDP for world > 1); labeller(x) gives online labels."""
+def train_step(model, labels=None, world=1):
+    """One AdamW step on a random batch (DDP for world > 1); labels: cached, or a function of x."""
     step_model = torch.compile(model, backend=backend) if compile else model
     if world > 1:
         step_model = DDP(step_model, device_ids=[torch.device(device).index] if cuda else None)
     x = torch.randint(0, vocab_size, (batch_size, block_size), device=device)
 
     def loss():
-        c = labeller(x) if labeller else labels
+        c = labels(x) if callable(labels) else labels
         _, ntp_loss, out = step_model(x, x, concept_labels=c)
         return ntp_loss + 0.1 * out['concept'] if c is not None else ntp_loss
     return adamw_step(model, loss)
 
 
 def teacher_and_sae():
-    from sae import TopKSAE
     teacher = gpt(teacher_layers, teacher_embd, max(1, teacher_embd // 64)).eval().requires_grad_(False)
-    return teacher, TopKSAE(teacher_embd, n_concepts, sae_k).to(device).eval()
+    return teacher, S.TopKSAE(teacher_embd, n_concepts, sae_k).to(device).eval()
 
 
 def report_label_speeds():
-    """Online labelling (attribution.concept_labels: the teacher's forward, its input-gradient
-    backward, the SAE's encoder) eager and under torch.compile, alternating so that neither gains
-    from the order: print their tokens/s; -> compiled / eager."""
-    from attribution import concept_labels
+    """Online labelling eager and under torch.compile, alternating so that neither gains from the
+    order: print their tokens/s; -> compiled / eager."""
     teacher_model, sae = teacher_and_sae()
     idx = torch.randint(0, vocab_size, (label_batch, block_size), device=device)
     torch._dynamo.reset()
@@ -195,9 +189,7 @@ def check(name, value, target):
 
 
 def measure(mode, world=1):
-    """A row of smoke's and train's report: mode's training steps (ntp; cocomix with cached or
-    online labels) in this process."""
-    from attribution import concept_labels
+    """A row of smoke's and train's report: mode's training steps, in this process."""
     torch._dynamo.reset()  # each mode compiles, and counts its graph breaks, afresh
     torch._dynamo.utils.counters.clear()
     model = gpt(**(COCOMIX if mode != 'ntp' else {}))
@@ -211,8 +203,7 @@ def measure(mode, world=1):
         sync()
         seconds['teacher'] += time.perf_counter() - t0
         return labels
-    step = train_step(model, cached if mode == 'cached' else None,
-                      labeller if mode == 'online' else None, world)
+    step = train_step(model, dict(cached=cached, online=labeller).get(mode), world)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     dt = timed(lambda: seconds.update(loss=step().item()), warmup=2)  # they compile
@@ -244,28 +235,25 @@ def bench_modes(part):
         raise UserError("--parts=train runs one process per mode: run it without torchrun "
                         "(under torchrun: --parts=smoke)")
     rank, world, device = setup_distributed(device)
-    if rank == 0:
+    rows, problems = {}, []
+    with redirect_stdout(sys.stdout if rank == 0 else io.StringIO()):  # all measure alike; rank 0 tells
         bare = '; memory above a bare process' if part == 'train' and not cuda else ''
         print(f"{part} ({world} process{'es' if world > 1 else ''}, {dtype}, compile {compile}, "
               f"{n_layer} x {n_embd}, {batch_size} x {block_size} tokens per process, "
               f"C = {n_concepts}, teacher {teacher_layers} x {teacher_embd}{bare}):")
-    rows, problems = {}, []
-    for mode in ('ntp', 'cached', 'online'):
-        row = rows[mode] = child(mode) if part == 'train' else measure(mode, world)
-        if rank == 0:
+        for mode in ('ntp', 'cached', 'online'):
+            row = rows[mode] = child(mode) if part == 'train' else measure(mode, world)
             mfu = f", MFU {row['mfu']:.1%}" if row['mfu'] else ''
             print(f"  {mode:>6}: {row['tokens']:,.0f} tokens/s, {row['ms']:,.1f} ms/iter, "
                   f"{row['flops'] / 1e9:,.1f} GFLOP/s{mfu}, peak memory per process "
                   f"{row['memory'] / 2 ** 30:.2f} GiB, graph breaks {row['breaks']}"
                   + (f", teacher {row['teacher']:.0%} of the step" if mode == 'online' else ''))
-        if not math.isfinite(row['loss']):
-            problems.append(f"{mode}: loss {row['loss']}")
-        if row['breaks']:
-            problems.append(f"{mode}: {row['breaks']} graph breaks")
-    if part == 'smoke':  # every process compiles alike; rank 0 tells
-        with redirect_stdout(sys.stdout if rank == 0 else io.StringIO()):
+            if not math.isfinite(row['loss']):
+                problems.append(f"{mode}: loss {row['loss']}")
+            if row['breaks']:
+                problems.append(f"{mode}: {row['breaks']} graph breaks")
+        if part == 'smoke':
             report_label_speeds()
-    if rank == 0:
         check('cocomix (cached labels) FLOP/s / NTP FLOP/s',
               rows['cached']['flops'] / rows['ntp']['flops'], 0.9)
         ready = ', ready for the long run' if part == 'smoke' else ''
@@ -281,17 +269,13 @@ def bench_ntp():
     path = os.path.join(nanogpt, 'model.py')
     if not nanogpt or not os.path.exists(path):  # '' would find our own model.py
         raise UserError(f"no {path}: --parts=ntp needs --nanogpt=DIR, a karpathy/nanoGPT checkout")
-    nano = runpy.run_path(path)  # its globals: beside our own model.py, not in place of it
     ours = train_step(gpt())
-    config = nano['GPTConfig'](block_size=block_size, vocab_size=V, n_layer=n_layer, n_head=n_head,
-                               n_embd=n_embd, dropout=dropout, bias=bias)
-    theirs_model = nano['GPT'](config).to(device)
+    theirs_model = gpt(lib=runpy.run_path(path))  # its globals: beside our model.py, not in its place
     x = torch.randint(0, vocab_size, (batch_size, block_size), device=device)
     theirs = adamw_step(theirs_model, lambda: theirs_model(x, x)[1])
     times = {'ours': [], 'nanoGPT': []}
     for r in range(rounds):  # each first in every other round: neither gains from the order
-        pair = (('ours', ours), ('nanoGPT', theirs))
-        for name, step in pair if r % 2 == 0 else pair[::-1]:
+        for name, step in [('ours', ours), ('nanoGPT', theirs)][::-1 if r % 2 else 1]:
             times[name].append(timed(step))
     ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     print(f"ntp vs nanoGPT ({batch_size} x {block_size}, {n_layer} x {n_embd}, vocab {V}, {dtype}): "
@@ -300,9 +284,6 @@ def bench_ntp():
 
 
 def bench_labels():
-    import model
-    from attribution import concept_labels
-    from stages import label_flops_per_token
     teacher, sae = teacher_and_sae()
     idx = torch.randint(0, vocab_size, (label_batch, block_size), device=device)
     label = lambda: concept_labels(teacher, sae, idx, sae_layer, k_attr)
@@ -310,7 +291,7 @@ def bench_labels():
         dt = timed(label, n=3)
     useful = label_flops_per_token(teacher.config, sae_layer, n_concepts, block_size) * idx.numel()
     flops = useful / dt
-    ntp = gpt(teacher_layers, teacher_embd, teacher_embd // 64)
+    ntp = gpt(teacher_layers, teacher_embd, teacher.config.n_head)  # the teacher's shape
     ntp_flops = ntp.flops_per_token(block_size) * batch_size * block_size / timed(train_step(ntp), n=3)
     print(f"labels (teacher {teacher_layers} x {teacher_embd}, SAE -> {n_concepts}, k {sae_k}): "
           f"{idx.numel() / dt:,.0f} tokens/s, {flops / 1e9:.1f} GFLOP/s; NTP step of the teacher's shape "
@@ -318,15 +299,14 @@ def bench_labels():
     check('labelling FLOP/s / NTP FLOP/s', flops / ntp_flops, 0.8)
     # the LM head in chunks (forced; large label batches get it): the frozen head's weight gradient
     # is skipped; computing it, as a head with requires_grad would, shows what that saves
-    plain_rule, model.chunked_head = model.chunked_head, lambda *args: True
+    plain_rule, M.chunked_head = M.chunked_head, lambda *args: True
     seconds = {'computed': [], 'skipped': []}
     for _ in range(2):  # alternating
         for name in seconds:
             teacher.lm_head.weight.requires_grad_(name == 'computed')
             with ctx:
                 seconds[name].append(timed(label, n=3))
-    teacher.lm_head.weight.requires_grad_(False)
-    model.chunked_head = plain_rule
+    M.chunked_head = plain_rule
     rate = {k: useful / min(v) / 1e9 for k, v in seconds.items()}
     print(f"  labelling with a chunked head: {rate['computed']:.1f} GFLOP/s with the frozen head's weight "
           f"gradient computed, {rate['skipped']:.1f} skipped: {rate['skipped'] / rate['computed']:.2f}x")
@@ -334,9 +314,6 @@ def bench_labels():
 
 
 def bench_heads():
-    """The chunked heads (chunked.py) against the plain ones: every parameter's gradient of the
-    CoCoMix loss under dtype, each head, against a plain float32 reference; relative errors."""
-    import model as M
     net = gpt(**COCOMIX).eval()  # no dropout: the runs differ by the heads and dtype alone
     x = torch.randint(0, vocab_size, (batch_size, block_size), device=device)
     labels = torch.randint(0, n_concepts, (batch_size, block_size, k_attr), device=device)
@@ -349,11 +326,9 @@ def bench_heads():
             (loss + 0.1 * out['concept']).backward()
         return torch.cat([p.grad.float().flatten() for p in net.parameters() if p.grad is not None])
     plain_rule = M.chunked_head
-    try:
-        ref = grads(False, False)
-        got = {'plain': grads(False, True), 'chunked': grads(True, True)}
-    finally:
-        M.chunked_head = plain_rule
+    ref = grads(False, False)
+    got = {'plain': grads(False, True), 'chunked': grads(True, True)}
+    M.chunked_head = plain_rule
     rel = lambda g, r: ((g - r).norm() / r.norm()).item()
     err = {k: rel(g, ref) for k, g in got.items()}
     between = rel(got['chunked'], got['plain'])
@@ -384,7 +359,6 @@ def bench_generate():
 
 
 def bench_sae():
-    import sae as S
     d, C, k = teacher_embd, n_concepts, sae_k
     g = torch.Generator().manual_seed(0)  # sparse sums of hidden atoms, noise, an offset
     atoms = F.normalize(torch.randn(4 * d, d, generator=g), dim=1)
@@ -395,9 +369,8 @@ def bench_sae():
                                                         torch.rand(sae_batch, 8, generator=g))
         return (codes @ atoms + offset + 0.05 * torch.randn(sae_batch, d, generator=g)).to(device)
     data, held_out = [batch() for _ in range(max(1, sae_tokens // sae_batch))], batch()
-    normed, mu, std = sae_norm(held_out)  # ours: the FVU of layer-normalised vectors (OpenAI's)
-    fvu = lambda target, recon: ((recon - target).pow(2).sum() / (target - target.mean(0)).pow(2).sum()).item()
-    fvus = lambda recon: (fvu(held_out, recon), fvu(normed, (recon - mu) / (std + 1e-5)))
+    normed, mu, std = M.sae_norm(held_out)  # ours: the FVU of layer-normalised vectors (OpenAI's)
+    fvus = lambda recon: (S.fvu(held_out, recon).item(), S.fvu(normed, (recon - mu) / (std + 1e-5)).item())
     lr = 2e-4 / math.sqrt(C / 2 ** 14)
     ours = S.TopKSAE(d, C, k).to(device)
     S.init_sae(ours, data[0])
@@ -420,11 +393,9 @@ def bench_sae():
     seconds = {'ours': 0.0, 'sparsify': 0.0}
     for i, x in enumerate(data):  # alternating, batch by batch: the same tokens in the same order
         for name, step in (('ours', ours_step), ('sparsify', theirs_step)):
-            t0 = time.perf_counter()
             with ctx:
-                step(x)
-            sync()
-            seconds[name] += time.perf_counter() - t0 if i else 0.0  # the first step warms up
+                dt = timed(lambda: step(x), n=1, warmup=0)
+            seconds[name] += dt if i else 0.0  # the first step warms up
     with torch.no_grad():
         results = {'ours': fvus(ours(held_out)), 'sparsify': fvus(theirs(held_out).sae_out)}
     rate = {k: (len(data) - 1) * sae_batch / s for k, s in seconds.items()}
@@ -437,9 +408,6 @@ def bench_sae():
 
 
 def bench_prepare():
-    """prepare.py's peak memory and speed on two synthetic corpora, one 10x the other."""
-    import random
-    import tempfile
     words = [''.join(random.Random(i).choices('abcdefghijklmnopqrstuvwxyz', k=1 + i % 9)) for i in range(5000)]
     rng = random.Random(seed)
     measure = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
@@ -469,7 +437,7 @@ if run_mode:  # one mode of --parts=train
     row = measure(run_mode)
     print(json.dumps(dict(row, memory=row['memory'] - bare)))
 else:
-    run_part = dict(smoke=partial(bench_modes, 'smoke'), train=partial(bench_modes, 'train'),
+    run_part = dict(smoke=lambda: bench_modes('smoke'), train=lambda: bench_modes('train'),
                     ntp=bench_ntp, labels=bench_labels, generate=bench_generate, sae=bench_sae,
                     prepare=bench_prepare, heads=bench_heads)
     unknown = [p for p in parts.split(',') if p not in run_part]

@@ -84,16 +84,13 @@ class Scorer:
             out += list(zip(ll.tolist(), greedy.tolist()))
         return out
 
-    def encode(self, text):
-        return self.enc.encode_ordinary(text)
-
     def loglikelihood(self, requests):
         """[(context, continuation)] -> [(log p(continuation | context), is greedy)]."""
         pieces = []
         for r in requests:
             context, continuation = getattr(r, 'args', r)
-            cont = self.encode(continuation)
-            pieces.append(((self.encode(context) or [self.enc.eot_token]) + cont, len(cont)))
+            cont = self.enc.encode_ordinary(continuation)
+            pieces.append(((self.enc.encode_ordinary(context) or [self.enc.eot_token]) + cont, len(cont)))
         return self.score(pieces)
 
     def loglikelihood_rolling(self, requests):
@@ -101,7 +98,7 @@ class Scorer:
         disjoint block_size windows (the harness's rolling windows with one token of context)."""
         out = []
         for r in requests:
-            ids = [self.enc.eot_token] + self.encode(getattr(r, 'args', r)[0])
+            ids = [self.enc.eot_token] + self.enc.encode_ordinary(getattr(r, 'args', r)[0])
             pieces = [(ids[i:i + self.block_size + 1], len(ids[i:i + self.block_size + 1]) - 1)
                       for i in range(0, len(ids) - 1, self.block_size)]
             out.append(sum(ll for ll, _ in self.score(pieces)))
@@ -112,7 +109,7 @@ class Scorer:
         out = []
         for r in requests:
             context, kwargs = getattr(r, 'args', r)
-            idx = torch.tensor([self.encode(context) or [self.enc.eot_token]], device=self.device)
+            idx = torch.tensor([self.enc.encode_ordinary(context) or [self.enc.eot_token]], device=self.device)
             with torch.no_grad():
                 y = self.model.generate(idx, kwargs.get('max_gen_toks', 256), temperature=0)
             text = self.enc.decode([t for t in y[0, idx.size(1):].tolist() if t < self.enc.n_vocab])
@@ -137,7 +134,6 @@ def lm_eval_model(scorer):
 # Task files and their items: (context, [choices], gold index)
 
 def task_file(name, data_dir=''):
-    """The task's file: from data_dir, else downloaded once into CACHE."""
     pattern, source = SOURCES[name]
     if data_dir:
         found = sorted(glob.glob(os.path.join(data_dir, pattern)))
@@ -159,9 +155,8 @@ def task_file(name, data_dir=''):
             check_hub(f"the {name} data", "put the file in a folder and pass --data_dir=FOLDER")
             rows = load_dataset(source[0], source[1], split=source[2])
             with atomic_path(path) as tmp, open(tmp, 'w') as f:
-                lines = [''.join(rows['text'])] if name == 'wikitext' else \
-                    [json.dumps(row) + '\n' for row in rows]
-                f.writelines(lines)
+                f.writelines([''.join(rows['text'])] if name == 'wikitext' else
+                             [json.dumps(row) + '\n' for row in rows])
     except Exception as e:
         raise UserError(f"cannot download the {name} data ({type(e).__name__}: {e}); "
                         f"put the file in a folder and pass --data_dir=FOLDER")
@@ -173,16 +168,13 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def hellaswag_text(text):  # the harness's cleanup of WikiHow artifacts
-    return re.sub('\\[.*?\\]', '', text.strip().replace(' [title]', '. ')).replace('  ', ' ')
-
-
 def choice_items(name, path, data_dir=''):
     rows = read_jsonl(path)
-    if name == 'hellaswag':
+    if name == 'hellaswag':  # the harness's cleanup of WikiHow artifacts
+        clean = lambda t: re.sub('\\[.*?\\]', '', t.strip().replace(' [title]', '. ')).replace('  ', ' ')
         ctx = lambda r: r['ctx_a'] + ' ' + r['ctx_b'].capitalize() if 'ctx_a' in r else r['ctx']
-        return [(r['activity_label'] + ': ' + hellaswag_text(ctx(r)),
-                 [' ' + hellaswag_text(e) for e in r['endings']], int(r['label'])) for r in rows]
+        return [(r['activity_label'] + ': ' + clean(ctx(r)), [' ' + clean(e) for e in r['endings']],
+                 int(r['label'])) for r in rows]
     if name == 'arc_easy':
         return [(f"Question: {r['question']}\nAnswer:", [' ' + t for t in r['choices']['text']],
                  r['choices']['label'].index(r['answerKey'])) for r in rows]
@@ -193,10 +185,8 @@ def choice_items(name, path, data_dir=''):
     if name == 'piqa':
         return [(f"Question: {r['goal']}\nAnswer:", [' ' + r['sol1'], ' ' + r['sol2']], g)
                 for r, g in zip(rows, gold)]
-    if name == 'siqa':
-        return [(f"Q: {r['context']} {r['question']}\nA:", [' ' + r['answer' + c] for c in 'ABC'], g - 1)
-                for r, g in zip(rows, gold)]
-    raise ValueError(name)
+    return [(f"Q: {r['context']} {r['question']}\nA:", [' ' + r['answer' + c] for c in 'ABC'], g - 1)
+            for r, g in zip(rows, gold)]  # siqa
 
 
 def multiple_choice(scorer, items):
@@ -235,7 +225,7 @@ def wikitext(scorer, path, limit=0):
     perplexity and bits per byte, the whole file one rolling document."""
     text = open(path, encoding='utf-8').read()[:limit * 1000 or None]  # about `limit` paragraphs
     ll = scorer.loglikelihood_rolling([(text,)])[0]
-    n_tokens = len(scorer.encode(text))
+    n_tokens = len(scorer.enc.encode_ordinary(text))
     return {'word_ppl': math.exp(-ll / len(text.split())), 'token_ppl': math.exp(-ll / n_tokens),
             'bits_per_byte': -ll / math.log(2) / len(text.encode('utf-8'))}
 
@@ -243,13 +233,11 @@ def wikitext(scorer, path, limit=0):
 def perplexity(model, data, block_size, batch_size, device, limit=0):
     """Mean next-token loss over the first `limit` (0: all) disjoint block_size windows of a
     prepared split (the paper's OpenWebText number)."""
-    n = (len(data) - 1) // block_size
-    starts = list(range(0, n * block_size, block_size))[:limit or None]
+    starts = range(0, (len(data) - 1) // block_size * block_size, block_size)[:limit or None]
     total = 0.0
     for i in range(0, len(starts), batch_size):
         w = windows(data, starts[i:i + batch_size], block_size + 1)
-        with torch.no_grad():
-            total += model(w[:, :-1].to(device), w[:, 1:].to(device))[1].item() * len(w)
+        total += model(w[:, :-1].to(device), w[:, 1:].to(device))[1].item() * len(w)
     loss = total / len(starts)
     return {'loss': loss, 'ppl': math.exp(loss), 'tokens': len(starts) * block_size}
 
@@ -280,17 +268,17 @@ def main(argv):
                             f"window of the model's context {T} + 1; prepare more val text")
     results = {}
     for task in tasks.split(','):
-        with autocast(device, dtype):
+        path = task_file(task, data_dir) if task != 'ppl' else None
+        with autocast(device, dtype), torch.no_grad():
             if task == 'ppl':
                 results[task] = perplexity(model, val, T, batch_size, device, limit)
             elif task == 'wikitext':
-                results[task] = wikitext(scorer, task_file(task, data_dir), limit)
+                results[task] = wikitext(scorer, path, limit)
             elif task in ('winogrande', 'lambada'):
                 score = winogrande if task == 'winogrande' else lambada
-                results[task] = score(scorer, read_jsonl(task_file(task, data_dir))[:limit or None])
+                results[task] = score(scorer, read_jsonl(path)[:limit or None])
             else:
-                items = choice_items(task, task_file(task, data_dir), data_dir)
-                results[task] = multiple_choice(scorer, items[:limit or None])
+                results[task] = multiple_choice(scorer, choice_items(task, path, data_dir)[:limit or None])
         shown = (f"{k} {v:,.4f}" if isinstance(v, float) else f"{k} {v:,}" for k, v in results[task].items())
         print(f"{task:>10}: " + ', '.join(shown), flush=True)
     headline = (f"{t} {next(iter(r))} {next(iter(r.values())):.4f}" for t, r in results.items())
