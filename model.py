@@ -17,7 +17,6 @@ from chunked import linear_cross_entropy
 
 
 class CausalSelfAttention(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         # key, query, value projections for all heads
@@ -48,7 +47,6 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
@@ -61,7 +59,6 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
@@ -71,8 +68,7 @@ class Block(nn.Module):
 
     def forward(self, x, cache=None):
         x = x + self.attn(self.ln_1(x), cache)
-        x = x + self.mlp(self.ln_2(x))
-        return x
+        return x + self.mlp(self.ln_2(x))
 
 
 @dataclass
@@ -100,8 +96,7 @@ def read_safetensors(path):
     header.pop('__metadata__', None)
     out = {}
     for name, info in header.items():
-        (start, end), dtype = info['data_offsets'], dtypes[info['dtype']]
-        raw = data[start:end]
+        raw, dtype = data[slice(*info['data_offsets'])], dtypes[info['dtype']]
         tensor = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
         out[name] = tensor.view(info['shape'])
     return out
@@ -124,7 +119,7 @@ def chunked_head(x, n_cols):
 # CoCoMix: the whole change to a GPT (paper Sec. 3)
 
 def sae_norm(h):
-    """OpenAI's SAE normalisation, as in sae.py: LN without affine, unbiased std, eps on the std."""
+    """OpenAI's SAE normalisation: LN without affine, unbiased std, eps on the std."""
     mu = h.mean(dim=-1, keepdim=True)
     std = (h - mu).std(dim=-1, keepdim=True)
     return (h - mu) / (std + 1e-5), mu, std
@@ -188,17 +183,14 @@ def concept_accuracy(kept, labels):
 
 def kd_loss(logits, teacher_logits):
     """KD baseline: KL(teacher || student) per position, averaged; the student's V may be padded."""
-    V = teacher_logits.size(-1)
     log_p = F.log_softmax(teacher_logits.float(), dim=-1)
-    log_q = F.log_softmax(logits.float(), dim=-1)[..., :V]
+    log_q = F.log_softmax(logits.float(), dim=-1)[..., :teacher_logits.size(-1)]
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
 class GPT(nn.Module):
-
     def __init__(self, config):
         super().__init__()
-        assert config.mix in ('interleave', 'add', 'none')
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -223,7 +215,7 @@ class GPT(nn.Module):
     def get_num_params(self, active=False):
         """Without position embeddings; active: only the K compression rows a token uses (paper)."""
         n_params = sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
-        if active and self.concepts is not None and self.concepts.compress is not None:
+        if active and self.config.n_concepts and self.config.mix != 'none':
             n_params -= (self.config.n_concepts - self.config.concept_topk) * self.config.n_embd
         return n_params
 
@@ -245,13 +237,12 @@ class GPT(nn.Module):
     def head(self, x, targets=None, logits=False):
         """-> (logits (B, T, V), mean CE, -1 = no target); no logits if chunked, unless asked."""
         x = self.transformer.ln_f(x)
-        V = self.config.vocab_size
-        if targets is not None and not logits and chunked_head(x, V):
+        if targets is not None and not logits and chunked_head(x, self.config.vocab_size):
             return None, linear_cross_entropy(x, self.lm_head.weight, None, targets[..., None])[0]
         logits = self.lm_head(x)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.view(-1, V).float(), targets.reshape(-1), ignore_index=-1)
+        loss = F.cross_entropy(logits.flatten(0, -2).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def forward(self, idx, targets=None, concept_labels=None, cache=None, pos=0, steer=None,
@@ -281,17 +272,13 @@ class GPT(nn.Module):
     def new_cache(self):
         return [{} for _ in range(self.config.n_layer)]
 
-    def crop_block_size(self, block_size):
-        self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
-
     @classmethod
     def from_pretrained(cls, folder, dropout=0.0, **extra):
         """GPT-2 from a Hugging Face folder; extra: settings of new CoCoMix or pause parts."""
         with open(os.path.join(folder, 'config.json')) as f:
             hf = json.load(f)
         assert hf.get('activation_function', 'gelu_new') in ('gelu_new', 'gelu_pytorch_tanh')
-        model = cls(GPTConfig(block_size=hf['n_positions'], vocab_size=hf['vocab_size'], bias=True,
+        model = cls(GPTConfig(block_size=hf['n_positions'], vocab_size=hf['vocab_size'],
                               n_layer=hf['n_layer'], n_head=hf['n_head'], n_embd=hf['n_embd'],
                               dropout=dropout, **extra))
         path = os.path.join(folder, 'model.safetensors')
@@ -305,7 +292,7 @@ class GPT(nn.Module):
         sd = {k: v for k, v in model.state_dict().items()
               if not k.startswith(('concepts.', 'pause', 'lm_head'))}
         assert set(sd_hf) == set(sd), f"mismatched keys: {sorted(set(sd_hf) ^ set(sd))}"
-        for k, w in sd_hf.items():  # state_dict()'s tensors are detached: no autograd
+        for k, w in sd_hf.items():  # state_dict() is detached: no autograd
             w = w.t() if k.endswith(transposed) else w
             assert w.shape == sd[k].shape, f"{k}: {w.shape} vs {sd[k].shape}"
             sd[k].copy_(w)
