@@ -17,10 +17,8 @@ from chunked import linear_cross_entropy
 
 
 class CausalSelfAttention(nn.Module):
-
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
         # key, query, value projections for all heads
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -49,7 +47,6 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
@@ -62,7 +59,6 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
@@ -72,8 +68,7 @@ class Block(nn.Module):
 
     def forward(self, x, cache=None):
         x = x + self.attn(self.ln_1(x), cache)
-        x = x + self.mlp(self.ln_2(x))
-        return x
+        return x + self.mlp(self.ln_2(x))
 
 
 @dataclass
@@ -98,35 +93,33 @@ def read_safetensors(path):
     dtypes = {'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16}
     with open(path, 'rb') as f:
         header, data = json.loads(f.read(int.from_bytes(f.read(8), 'little'))), bytearray(f.read())
+    header.pop('__metadata__', None)
     out = {}
     for name, info in header.items():
-        if name != '__metadata__':
-            start, end = info['data_offsets']
-            dtype = dtypes[info['dtype']]
-            raw = data[start:end]
-            tensor = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-            out[name] = tensor.view(info['shape'])
+        raw, dtype = data[slice(*info['data_offsets'])], dtypes[info['dtype']]
+        tensor = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        out[name] = tensor.view(info['shape'])
     return out
 
 
 @torch.compiler.assume_constant_result  # torch.compile reads it once
 def device_memory(device_type):
-    """Total memory of the GPU, or of the machine."""
     if device_type == 'cuda':
         return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
 
 
-def chunked_head(n_rows, n_cols, device):
+def chunked_head(x, n_cols):
     """Chunk a head's training loss (chunked.py) if fp32 logits and gradient fill 1/16 of memory."""
-    return 8 * n_rows * n_cols > device_memory(device.type) // 16
+    n_rows = x[..., 0].numel()
+    return torch.is_grad_enabled() and 8 * n_rows * n_cols > device_memory(x.device.type) // 16
 
 
 # -----------------------------------------------------------------------------
 # CoCoMix: the whole change to a GPT (paper Sec. 3)
 
 def sae_norm(h):
-    """OpenAI's SAE normalisation, as in sae.py: LN without affine, unbiased std, eps on the std."""
+    """OpenAI's SAE normalisation: LN without affine, unbiased std, eps on the std."""
     mu = h.mean(dim=-1, keepdim=True)
     std = (h - mu).std(dim=-1, keepdim=True)
     return (h - mu) / (std + 1e-5), mu, std
@@ -159,8 +152,7 @@ class CoCoMix(nn.Module):
         x, mu, std = sae_norm(h)
         x = x - self.pre_bias
         W, b = self.concept_head.weight, self.concept_head.bias
-        if labels is not None and torch.is_grad_enabled() and \
-                chunked_head(x[..., 0].numel(), len(W), x.device):
+        if labels is not None and chunked_head(x, len(W)):
             z = None  # too many logits to hold
             loss, values, ids = linear_cross_entropy(x, W, b, labels, self.topk)
         else:
@@ -191,18 +183,14 @@ def concept_accuracy(kept, labels):
 
 def kd_loss(logits, teacher_logits):
     """KD baseline: KL(teacher || student) per position, averaged; the student's V may be padded."""
-    V = teacher_logits.size(-1)
     log_p = F.log_softmax(teacher_logits.float(), dim=-1)
-    log_q = F.log_softmax(logits.float(), dim=-1)[..., :V]
+    log_q = F.log_softmax(logits.float(), dim=-1)[..., :teacher_logits.size(-1)]
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
 class GPT(nn.Module):
-
     def __init__(self, config):
         super().__init__()
-        assert config.vocab_size is not None and config.block_size is not None
-        assert config.mix in ('interleave', 'add', 'none')
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -215,25 +203,19 @@ class GPT(nn.Module):
         self.concepts = CoCoMix(config) if config.n_concepts else None
         self.pause = nn.Parameter(torch.randn(config.n_embd) * 0.02) if config.pause else None
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
-        self.apply(self._init_weights)
+        for m in self.modules():  # GPT-2's init, the random draws in nanoGPT's order
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
         for pn, p in self.named_parameters():  # GPT-2's scaled residual init
             if pn.endswith('c_proj.weight'):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    def get_num_params(self, non_embedding=True, active=False):
-        """active: count only the K compression rows a token uses, as the paper does."""
-        n_params = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n_params -= self.transformer.wpe.weight.numel()
-        if active and self.concepts is not None and self.concepts.compress is not None:
+    def get_num_params(self, active=False):
+        """Without position embeddings; active: only the K compression rows a token uses (paper)."""
+        n_params = sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
+        if active and self.config.n_concepts and self.config.mix != 'none':
             n_params -= (self.config.n_concepts - self.config.concept_topk) * self.config.n_embd
         return n_params
 
@@ -255,14 +237,12 @@ class GPT(nn.Module):
     def head(self, x, targets=None, logits=False):
         """-> (logits (B, T, V), mean CE, -1 = no target); no logits if chunked, unless asked."""
         x = self.transformer.ln_f(x)
-        V = self.config.vocab_size
-        if targets is not None and not logits and torch.is_grad_enabled() and \
-                chunked_head(x[..., 0].numel(), V, x.device):
+        if targets is not None and not logits and chunked_head(x, self.config.vocab_size):
             return None, linear_cross_entropy(x, self.lm_head.weight, None, targets[..., None])[0]
         logits = self.lm_head(x)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.view(-1, V).float(), targets.reshape(-1), ignore_index=-1)
+        loss = F.cross_entropy(logits.flatten(0, -2).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def forward(self, idx, targets=None, concept_labels=None, cache=None, pos=0, steer=None,
@@ -284,20 +264,13 @@ class GPT(nn.Module):
                 # h_1..h_t and predicts token t + 1, so the readout is at the concept positions
                 x = torch.stack((h, c_hat), dim=2).flatten(1, 2)
                 x = self.run_blocks(x, start=L, cache=cache)[:, 1::2]
-            elif self.config.mix == 'add':
-                x = self.run_blocks(h + c_hat, start=L, cache=cache)
-            else:  # predict only: the concept loss trains the lower blocks
-                x = self.run_blocks(h, start=L, cache=cache)
+            else:  # 'add'; predict only (no c_hat): the concept loss trains the lower blocks
+                x = self.run_blocks(h if c_hat is None else h + c_hat, start=L, cache=cache)
         logits, loss = self.head(x if targets is not None else x[:, [-1], :], targets, logits)
         return logits, loss, record
 
     def new_cache(self):
         return [{} for _ in range(self.config.n_layer)]
-
-    def crop_block_size(self, block_size):
-        assert block_size <= self.config.block_size
-        self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     @classmethod
     def from_pretrained(cls, folder, dropout=0.0, **extra):
@@ -305,7 +278,7 @@ class GPT(nn.Module):
         with open(os.path.join(folder, 'config.json')) as f:
             hf = json.load(f)
         assert hf.get('activation_function', 'gelu_new') in ('gelu_new', 'gelu_pytorch_tanh')
-        model = cls(GPTConfig(block_size=hf['n_positions'], vocab_size=hf['vocab_size'], bias=True,
+        model = cls(GPTConfig(block_size=hf['n_positions'], vocab_size=hf['vocab_size'],
                               n_layer=hf['n_layer'], n_head=hf['n_head'], n_embd=hf['n_embd'],
                               dropout=dropout, **extra))
         path = os.path.join(folder, 'model.safetensors')
@@ -319,11 +292,10 @@ class GPT(nn.Module):
         sd = {k: v for k, v in model.state_dict().items()
               if not k.startswith(('concepts.', 'pause', 'lm_head'))}
         assert set(sd_hf) == set(sd), f"mismatched keys: {sorted(set(sd_hf) ^ set(sd))}"
-        with torch.no_grad():
-            for k, w in sd_hf.items():
-                w = w.t() if k.endswith(transposed) else w
-                assert w.shape == sd[k].shape, f"{k}: {w.shape} vs {sd[k].shape}"
-                sd[k].copy_(w)
+        for k, w in sd_hf.items():  # state_dict() is detached: no autograd
+            w = w.t() if k.endswith(transposed) else w
+            assert w.shape == sd[k].shape, f"{k}: {w.shape} vs {sd[k].shape}"
+            sd[k].copy_(w)
         return model
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):

@@ -83,10 +83,9 @@ config = configure(globals(), given=given)
 
 # settings that contradict each other stop the run before any work
 cocomix, kd, pause = mode == 'cocomix', mode in ('kd', 'kd_pause'), mode in ('pause', 'kd_pause')
-if mix != 'interleave' and not cocomix:
-    raise UserError(f"mix='{mix}' applies to mode=cocomix only (this run: {mode})")
-if label_cache and not cocomix:
-    raise UserError(f"label_cache=True applies to mode=cocomix only (this run: {mode})")
+for key, off in (('mix', 'interleave'), ('label_cache', False)):
+    if config[key] != off and not cocomix:
+        raise UserError(f"{key}={config[key]!r} applies to mode=cocomix only (this run: {mode})")
 if cocomix and mix == 'none' and lam_concept == 0:
     raise UserError("lam_concept=0.0 with mix=none leaves the concept head untrained and unused")
 if n_embd % n_head:
@@ -94,14 +93,13 @@ if n_embd % n_head:
 if decay_lr and lr_decay_iters <= warmup_iters:
     raise UserError(f"lr_decay_iters={lr_decay_iters} must be above warmup_iters={warmup_iters}")
 supervised = cocomix and lam_concept > 0  # concept labels needed: a teacher and its SAE
-if cocomix and not supervised and n_concepts <= 0:
+if cocomix and not supervised and not n_concepts:
     raise UserError("lam_concept=0 trains the concept head by the next-token loss alone, with no "
                     "SAE to size it: give the concept vocabulary with --n_concepts")
 if init_from not in ('scratch', 'resume') and not init_from.startswith('gpt2') and \
         not os.path.exists(os.path.join(init_from, 'config.json')):
     raise UserError(f"unknown init_from '{init_from}'; use scratch, resume, gpt2* or a folder")
 
-# torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
 rank, world_size, device = setup_distributed(device)
 ddp, master = 'RANK' in os.environ, rank == 0  # the master logs and saves checkpoints
 if gradient_accumulation_steps % world_size:
@@ -156,7 +154,7 @@ if fixed.get('block_size', block_size) < block_size or \
 model_args.update({k: v for k, v in fixed.items() if k in ARCH + ('vocab_size', 'pause')})
 config.update({k: v for k, v in model_args.items() if k in config})  # record what ran
 globals().update(config)
-if (cocomix or pause) and not 0 <= insert_layer <= n_layer:
+if (cocomix or pause) and insert_layer > n_layer:
     raise UserError(f"insert_layer={insert_layer} is outside the student's 0 .. {n_layer} blocks")
 
 # the teacher and the SAE: frozen, never wrapped in DDP nor saved (only their fingerprints)
@@ -193,14 +191,9 @@ else:  # OpenAI's weights; the CoCoMix or pause parts on top start freshly initi
 if meta['vocab_size'] > model_args['vocab_size']:
     raise UserError(f"{data_dir} has {meta['vocab_size']} token ids but the model only "
                     f"{model_args['vocab_size']}; prepare the data with the model's tokenizer")
-iter_num, best_val_loss, history, saved_step = 0, float('inf'), [], None  # (step, train, val)
-if checkpoint is not None:
-    model.load_state_dict(checkpoint['model'])
-    iter_num = saved_step = checkpoint['iter_num']
-    best_val_loss, history = checkpoint['best_val_loss'], checkpoint['history']
 if block_size < model.config.block_size:
-    model.crop_block_size(block_size)
-model_args['block_size'] = block_size
+    model.config.block_size = block_size
+    model.transformer.wpe.weight = torch.nn.Parameter(model.transformer.wpe.weight[:block_size])
 model.to(device)
 if master:
     print(f"tokens per iteration: {tokens_per_iter:,} "
@@ -213,10 +206,14 @@ if master:
 
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+iter_num, best_val_loss, history, saved_step = 0, float('inf'), [], None  # (step, train, val)
 if checkpoint is not None:
+    model.load_state_dict(checkpoint['model'])
     optimizer.load_state_dict(checkpoint['optimizer'])
     if checkpoint['scaler'] and scaler.is_enabled():  # {}: saved by a bf16 or fp32 run
         scaler.load_state_dict(checkpoint['scaler'])
+    iter_num = saved_step = checkpoint['iter_num']
+    best_val_loss, history = checkpoint['best_val_loss'], checkpoint['history']
 checkpoint = None  # free the memory
 
 raw_model = model  # checkpoints hold the unwrapped module's weights
@@ -235,9 +232,8 @@ def draw_seed(kind, step, micro):
 
 
 def get_batch(split, step, micro):
-    """(x, y, concept labels or None). With a label cache (or window_grid) the windows start on the
-    block_size grid that attribution.py labelled."""
-    data = load_tokens(data_dir, 'val' if split == 'val' else 'train')  # a fresh memmap per batch
+    """(x, y, concept labels or None); windows on attribution.py's grid with a label cache."""
+    data = load_tokens(data_dir, split.removeprefix('eval_'))  # a fresh memmap per batch
     g = torch.Generator().manual_seed(draw_seed(split, step, micro))
     if label_cache or window_grid:
         ix = torch.randint((len(data) - 1) // block_size, (batch_size,), generator=g) * block_size
@@ -247,17 +243,16 @@ def get_batch(split, step, micro):
     if device_type == 'cuda':  # pinned memory lets the copy run asynchronously
         xy = xy.pin_memory().to(device, non_blocking=True)
     x, y = xy[:, :-1].to(device), xy[:, 1:].to(device)
-    labels = None  # evaluation measures the plain next-token loss
-    if split == 'train' and cache is not None:
-        labels = label_windows(cache, ix.tolist(), block_size).to(device)
-    return x, y, labels
+    if split != 'train' or cache is None:  # evaluation measures the plain next-token loss
+        return x, y, None
+    return x, y, label_windows(cache, ix.tolist(), block_size).to(device)
 
 
 def teach(x):
     """The teacher's online work on a training batch: (concept labels, logits), each or None."""
     labels = logits = None
     with ctx:
-        if supervised and cache is None:  # online; attribution: a forward and backward
+        if supervised:  # online; attribution: a forward and backward
             labels = concept_labels(teacher_model, sae_model, x, sae_layer, k_attr, label_method)
         if kd:
             with torch.no_grad():
@@ -266,7 +261,6 @@ def teach(x):
 
 
 def all_mean(value):
-    """The mean of a float over all processes."""
     t = torch.tensor(float(value), device=device)
     if ddp:
         torch.distributed.all_reduce(t)
@@ -291,7 +285,7 @@ def estimate_loss():
 
 
 def get_lr(it):
-    if it < warmup_iters:  # linear warmup
+    if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     if it > lr_decay_iters:
         return min_lr
@@ -301,7 +295,6 @@ def get_lr(it):
 
 
 def stop(message):
-    """Stop every process after a blow-up, saying what is on disk."""
     if master:
         kept = f"the last checkpoint, step {saved_step}, in {out_dir} is intact" \
             if saved_step is not None else f"no checkpoint was written to {out_dir}"
@@ -337,6 +330,7 @@ if compile and online:  # the teacher's labelling: most of an online step at the
         print("compiling the teacher's online work too")
 t_start, t0, running_flops, local_iter = time.time(), time.time(), -1.0, 0
 while True:
+    lr = get_lr(iter_num) if decay_lr else learning_rate
     # evaluate, and checkpoint, every eval_interval steps and at the end
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
         losses = estimate_loss()
@@ -348,7 +342,7 @@ while True:
             if wandb_log:
                 speed = {'mfu': running_flops / peak} if peak else {'flops': running_flops}
                 wandb.log({'iter': iter_num, 'train/loss': train_loss, 'val/loss': val_loss,
-                           'lr': get_lr(iter_num) if decay_lr else learning_rate, **speed})
+                           'lr': lr, **speed})
         # every process holds the same averaged losses, so all take the same decision
         if not all(map(math.isfinite, losses.values())):
             stop(f"the evaluation at step {iter_num} is not finite ({losses})")
@@ -370,9 +364,8 @@ while True:
         break
 
     # one optimizer step over accum_steps micro-batches
-    lr = get_lr(iter_num) if decay_lr else learning_rate
-    for param_group in optimizer.param_groups:
-        param_group['lr'] = lr
+    for group in optimizer.param_groups:
+        group['lr'] = lr
     parts, teacher_time = {}, 0.0  # the step's mean loss terms and the teacher's seconds
     for micro_step in range(accum_steps):
         micro = rank * accum_steps + micro_step  # the global micro-batch: its data and dropout
@@ -387,7 +380,7 @@ while True:
             if timing:
                 sync()
                 teacher_time += time.time() - t
-        if ddp:  # synchronise gradients only on the last micro-step
+        if ddp:
             model.require_backward_grad_sync = micro_step == accum_steps - 1
         with ctx:
             logits, loss, record = model(X, Y, concept_labels=labels, logits=kd)
@@ -405,7 +398,7 @@ while True:
     loss_value = all_mean(parts['loss'])  # one sync per step: a bad loss stops it before the update
     if not math.isfinite(loss_value):
         stop(f"loss is {loss_value} at step {iter_num}")
-    if grad_clip != 0.0:
+    if grad_clip:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(optimizer)
