@@ -283,10 +283,7 @@ def hold_out(train_path, val_path, n_val):
 
 
 def char_vocabulary(sources):
-    chars = set()
-    for pieces in sources:
-        for text, _ in pieces:
-            chars.update(text)
+    chars = {c for pieces in sources for text, _ in pieces for c in text}
     return CharTokenizer(''.join(sorted(chars)))
 
 
