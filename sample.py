@@ -53,10 +53,9 @@ if show_concepts:
 
 enc = get_tokenizer(checkpoint and checkpoint.get('data_meta'))
 if start.startswith('FILE:'):
-    path = start[5:]
-    if not os.path.exists(path):
-        raise UserError(f"prompt file '{path}' does not exist")
-    with open(path, encoding='utf-8') as f:
+    if not os.path.exists(start[5:]):
+        raise UserError(f"prompt file '{start[5:]}' does not exist")
+    with open(start[5:], encoding='utf-8') as f:
         start = f.read()
 start_ids = enc.encode(start, allowed_special={'<|endoftext|>'}) or [enc.eot_token]
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None]
