@@ -61,7 +61,7 @@ class CharTokenizer:
         except KeyError as e:
             raise UserError(f"{e.args[0]!r} is not in this dataset's character vocabulary")
 
-    def encode_ordinary_batch(self, texts, num_threads=1):
+    def encode_ordinary_batch(self, texts, num_threads):
         return [self.encode_ordinary(t) for t in texts]
 
     def encode(self, text, allowed_special=()):
@@ -71,8 +71,7 @@ class CharTokenizer:
         return ''.join(self.chars[i] if i < self.eot_token else '<|endoftext|>' for i in ids)
 
 
-def get_tokenizer(meta=None):
-    """The tokenizer a prepared dataset was written with (GPT-2 BPE without meta)."""
+def get_tokenizer(meta):
     if meta and meta['tokenizer'] == 'char':
         return CharTokenizer(meta['chars'])
     return gpt2_tokenizer()
@@ -90,7 +89,6 @@ def gpt2_tokenizer():
 
 
 def download(url, path, desc):
-    """url -> path, with a progress bar; a broken download never gets the final name."""
     with urllib.request.urlopen(url, timeout=30) as r, atomic_path(path) as tmp:
         total = int(r.headers.get('Content-Length', 0))
         with open(tmp, 'wb') as f, tqdm(total=total, unit='B', unit_scale=True, desc=desc) as bar:
@@ -101,7 +99,6 @@ def download(url, path, desc):
 # Documents, as (text, ends the document) pieces
 
 def expand(spec, flag):
-    """'a.txt,dir/*.jsonl' -> the files, sorted per pattern."""
     files = []
     for pattern in filter(None, spec.split(',')):
         matched = sorted(glob.glob(os.path.expanduser(pattern)))
@@ -117,23 +114,18 @@ def expand(spec, flag):
     return files
 
 
-def safe_cut(text):
-    """Where text may be cut without changing its GPT-2 tokens (0: nowhere): after a newline between
-    two letters or digits, where GPT-2's pre-tokenizer splits anyway."""
-    i = text.rfind('\n')
-    while i > 0 and not (i + 1 < len(text) and text[i - 1].isalnum() and text[i + 1].isalnum()):
-        i = text.rfind('\n', 0, i)
-    return max(i + 1, 0)
-
-
 def pieces(f, block):
-    """A text file's text as one document, read in blocks and cut by safe_cut."""
+    """A text file's text as one document, read in blocks and cut only where its GPT-2 tokens do not
+    change: after a newline between two letters or digits, where the pre-tokenizer splits anyway."""
     text = ''
     while chunk := f.read(block):
         text += chunk
-        if cut := safe_cut(text):
-            yield text[:cut], False
-            text = text[cut:]
+        i = text.rfind('\n')
+        while i > 0 and not (i + 1 < len(text) and text[i - 1].isalnum() and text[i + 1].isalnum()):
+            i = text.rfind('\n', 0, i)
+        if i >= 0:
+            yield text[:i + 1], False
+            text = text[i + 1:]
     yield text, True
 
 
@@ -160,7 +152,6 @@ def local_documents(files, block=1 << 24):
 
 
 def rows_of(rows, where):
-    """The text_field of each row, a dict or a .jsonl line (blank: skipped), as a document."""
     for i, row in enumerate(rows, 1):
         at = f"{where} {i}"
         if isinstance(row, str):
@@ -198,7 +189,6 @@ def first_line(e):
 
 
 def hub_documents(path, config, split):
-    """A hub dataset's rows (or a local folder in the hub's layout), streamed."""
     from datasets import load_dataset
     if not os.path.isdir(path):
         check_hub(path, f"download its files elsewhere, pass --{'hub' if hub else 'local_hub'}=DIR")
@@ -223,8 +213,7 @@ def openwebtext_documents(files):
             for f in members(outer, '.xz'):
                 with tarfile.open(fileobj=lzma.open(f), mode='r|') as inner:
                     for g in members(inner, '.txt'):
-                        text = g.read().decode('utf-8')
-                        yield {'text': re.sub('\n\n\n+', '\n\n', text).strip()}
+                        yield {'text': re.sub('\n\n\n+', '\n\n', g.read().decode()).strip()}
 
 
 def openwebtext_splits():
@@ -255,10 +244,7 @@ def openwebtext_splits():
     return rows(split['train']), rows(split['test'])
 
 
-# Tokens, written as they come
-
 def batches(pieces, n_chars):
-    """The pieces in lists of n_chars characters or more (the last: fewer)."""
     batch, size = [], 0
     for piece in pieces:
         batch.append(piece)
@@ -270,12 +256,11 @@ def batches(pieces, n_chars):
         yield batch
 
 
-def tokenize_into(path, pieces, enc, desc, limit=0, batch_chars=1 << 23):
-    """Write the pieces' tokens, end-of-text after each document, to path; return their count."""
+def tokenize_into(path, pieces, enc, desc, limit=0):
     n = 0
     with open(path, 'wb') as f, \
             tqdm(desc=f"tokenizing {desc}", unit=' tokens', unit_scale=True) as bar:
-        for batch in batches(pieces, batch_chars):
+        for batch in batches(pieces, 1 << 23):
             ids = []
             encoded = enc.encode_ordinary_batch([t for t, _ in batch], num_threads=num_proc)
             for tokens, (_, ends) in zip(encoded, batch):
@@ -290,7 +275,6 @@ def tokenize_into(path, pieces, enc, desc, limit=0, batch_chars=1 << 23):
 
 
 def hold_out(train_path, val_path, n_val):
-    """Move the last n_val tokens of train_path into val_path, a chunk at a time."""
     start = os.path.getsize(train_path) - 2 * n_val  # in bytes, two a token
     with open(train_path, 'rb') as src, open(val_path, 'wb') as dst:
         src.seek(start)
@@ -299,10 +283,7 @@ def hold_out(train_path, val_path, n_val):
 
 
 def char_vocabulary(sources):
-    chars = set()
-    for pieces in sources:
-        for text, _ in pieces:
-            chars.update(text)
+    chars = {c for pieces in sources for text, _ in pieces for c in text}
     return CharTokenizer(''.join(sorted(chars)))
 
 
@@ -374,7 +355,6 @@ def main(argv):
 # Reading a prepared dataset (train.py, sae.py, attribution.py)
 
 def data_dir_of(dataset):
-    """A name under data/ or a path to a folder prepare.py wrote."""
     return dataset if os.path.isdir(dataset) else os.path.join('data', dataset)
 
 
@@ -388,14 +368,12 @@ def read_meta(data_dir):
 
 
 def windows(data, starts, length):
-    """An int64 tensor of the rows data[s:s + length] for s in starts."""
     import torch
     return torch.from_numpy(np.stack([data[s:s + length] for s in starts]).astype(np.int64))
 
 
 def load_tokens(data_dir, split):
-    """A read-only memmap; open one per batch in long loops, as nanoGPT: one kept open grows the
-    resident memory as pages are touched."""
+    """A read-only memmap; reopen it per batch, as nanoGPT: one kept open grows resident memory."""
     path = os.path.join(data_dir, f'{split}.bin')
     if not os.path.exists(path):
         raise UserError(f"{path} is missing; rerun prepare.py")

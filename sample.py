@@ -1,9 +1,4 @@
-"""
-Sample from a train.py out_dir (any mode) or from OpenAI's GPT-2 weights.
-
-    python sample.py --out_dir=out-shakespeare --start="ROMEO:" --num_samples=3
-    python sample.py --init_from=gpt2 --start=FILE:prompt.txt --temperature=0.8 --top_k=200
-"""
+"""Sample from a train.py out_dir (any mode) or from OpenAI's GPT-2 weights (--init_from=gpt2)."""
 import json
 import os
 
@@ -34,11 +29,11 @@ if init_from == 'resume' and not os.path.isdir(out_dir):
                     f"{out_dir}; pass train.py's --out_dir or --init_from=gpt2")
 model, checkpoint = load_model(out_dir if init_from == 'resume' else init_from, device)
 mode = (checkpoint or {}).get('mode', 'ntp')
-if checkpoint is not None:
+if checkpoint:
     print(f"loaded {out_dir}/ckpt.pt: mode '{mode}', step {checkpoint['iter_num']}, "
           f"val loss {checkpoint['best_val_loss']:.4f}")
 try:
-    pairs = (pair.split(':') for pair in steer.split(',')) if steer else []
+    pairs = (p.split(':') for p in steer.split(',')) if steer else []
     steer_map = {int(i): float(a) for i, a in pairs} or None
 except ValueError:
     raise UserError(f"--steer='{steer}' must look like ID:ALPHA[,ID:ALPHA], e.g. --steer=299:4")
@@ -46,7 +41,7 @@ try:  # before any work, the checks generate() makes
     model.check_concepts(steer_map, show_concepts)
 except ValueError as e:
     raise UserError(f"{e} (this model was trained with mode '{mode}')")
-descriptions = {}  # written beside the SAE file by tools/concepts.py
+descriptions = {}
 if show_concepts:
     from sae import sae_file
     path = sae_file(checkpoint['config']['sae'], fetch=False) + '.concepts.json'
@@ -58,16 +53,15 @@ if show_concepts:
 
 enc = get_tokenizer(checkpoint and checkpoint.get('data_meta'))
 if start.startswith('FILE:'):
-    path = start[5:]
-    if not os.path.exists(path):
-        raise UserError(f"prompt file '{path}' does not exist")
-    with open(path, encoding='utf-8') as f:
+    if not os.path.exists(start[5:]):
+        raise UserError(f"prompt file '{start[5:]}' does not exist")
+    with open(start[5:], encoding='utf-8') as f:
         start = f.read()
 start_ids = enc.encode(start, allowed_special={'<|endoftext|>'}) or [enc.eot_token]
-x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
+x = torch.tensor(start_ids, dtype=torch.long, device=device)[None]
 decode = lambda ids: enc.decode([t for t in ids if t < enc.n_vocab])  # drop the head's padding ids
 
-with torch.no_grad(), autocast(device, dtype):
+with autocast(device, dtype):
     for _ in range(num_samples):
         out = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None,
                              steer=steer_map, show_concepts=3 if show_concepts else 0)

@@ -1,11 +1,7 @@
 """
 What an SAE's latents (CoCoMix's concepts) mean: where they fire in the teacher's text and which
-tokens their decoder directions promote. The teacher, data and layer come from the SAE file.
-
-    python tools/concepts.py --sae=out-sae-shakespeare/sae.pt --top=20    # the top latents
-    python tools/concepts.py --sae=out-sae-shakespeare/sae.pt --latent=7  # one latent's contexts
-
-The first also writes a description of every latent beside the SAE file: sample.py --show_concepts
+tokens their decoder directions promote. The teacher, data and layer come from the SAE file. Listing
+the top latents also writes a description of each beside the SAE file: sample.py --show_concepts
 prints them beside the concepts a CoCoMix model predicts.
 """
 import json
@@ -18,7 +14,7 @@ import torch
 
 from common import DEVICE, DTYPE, UserError, configure, load_teacher
 from prepare import data_dir_of, get_tokenizer, read_meta
-from sae import check_width, load_sae, residuals, sae_file, split_windows
+from sae import check_layer, check_width, load_sae, residuals, sae_file, split_windows
 
 # -----------------------------------------------------------------------------
 sae: 'str' = ''  # an SAE file (any load_sae spec, with teacher and dataset given)
@@ -35,7 +31,6 @@ dtype: 'float32|bfloat16|float16' = DTYPE
 # -----------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def promoted_ids(sae_model, teacher_model, ids, n, n_vocab):
     """The n token ids (below n_vocab: the head's padding is no token) each latent's decoder
     direction raises most through the teacher's final LN and unembedding: (len(ids), n)."""
@@ -48,7 +43,6 @@ def promoted_ids(sae_model, teacher_model, ids, n, n_vocab):
 
 
 def promoted(sae_model, teacher_model, enc, ids, n=8):
-    """The same as token strings."""
     rows = promoted_ids(sae_model, teacher_model, ids, n, enc.n_vocab).tolist()
     return [[enc.decode([t]) for t in row] for row in rows]
 
@@ -76,16 +70,12 @@ if __name__ == '__main__':
     if context > cfg.block_size:
         raise UserError(f"context={context} is longer than the teacher's {cfg.block_size} tokens; "
                         f"give --context={cfg.block_size} or less")
-    if sae_layer >= cfg.n_layer:
-        raise UserError(f"sae_layer={sae_layer} is out of range for a teacher of {cfg.n_layer} "
-                        "blocks")
+    check_layer(teacher_model, sae_layer)
     torch.set_grad_enabled(False)  # inference only
     idx = split_windows(data_dir, 'val', max(1, tokens // context), context)  # (N, T) held-out text
-    values, indices = [], []  # the SAE's active values and latents there: (N, T, k)
-    for i in range(0, len(idx), 64):
-        v, ix, _ = sae_model.encode(residuals(teacher_model, idx[i:i + 64], sae_layer, dtype))
-        values.append(v.cpu()), indices.append(ix.cpu())
-    values, indices = torch.cat(values), torch.cat(indices)
+    residual = (residuals(teacher_model, part, sae_layer, dtype) for part in idx.split(64))
+    encoded = [[t.cpu() for t in sae_model.encode(r)[:2]] for r in residual]
+    values, indices = map(torch.cat, zip(*encoded))  # the active values and latents: (N, T, k)
     n_tokens, on = values.shape[0] * values.shape[1], values > 0
     count = torch.bincount(indices[on], minlength=n_latents)
     if latent < 0:

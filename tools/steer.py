@@ -1,16 +1,10 @@
 """
 Steering, measured (the paper's third claim, Sec. 4.4): does multiplying a concept's logit make the
-text a CoCoMix model writes carry that concept?
-
-    python tools/steer.py --runs=out-study/8-layer/cocomix_s0,out-study/8-layer/cocomix_s1
-    python tools/steer.py --runs=... --publish=True  # the RESULTS.md's table, from the repository
-
-Each model (a CoCoMix out_dir, with the teacher and SAE it trained with) steers the `concepts` it
-most often ranks first on the val text, a rule fixed in advance. `prompts` val windows are continued
-twice with the same random draws, plainly and with the concept's logit multiplied by alpha; the
-teacher and SAE then read both: how often the concept is active, its mean activation, and how often
-the 5 tokens its decoder direction promotes appear. The table gives each concept's numbers and the
-mean steered-minus-plain change with a 95% interval.
+text a CoCoMix model writes carry that concept? Each model (a CoCoMix out_dir, with the teacher and
+SAE it trained with) steers the `concepts` it most often ranks first on the val text, a rule fixed in
+advance. `prompts` val windows are continued twice with the same random draws, plainly and with the
+concept's logit multiplied by alpha; the teacher and SAE then read both: how often the concept is
+active, its mean activation, and how often the 5 tokens its decoder direction promotes appear.
 """
 import os
 import sys
@@ -43,7 +37,6 @@ publish: 'bool' = False  # also replace RESULTS.md's steering table (run from th
 
 @torch.no_grad()
 def measure(run):
-    """Yield (concept, description, {measure: (plain, steered)}) for one CoCoMix model."""
     model, ckpt = load_model(run, device)
     cfg, T = ckpt['config'], model.config.block_size
     if not model.config.n_concepts or model.config.mix == 'none':
