@@ -121,7 +121,7 @@ def pieces(f, block):
     while chunk := f.read(block):
         text += chunk
         i = text.rfind('\n')
-        while i > 0 and not (i + 1 < len(text) and text[i - 1].isalnum() and text[i + 1].isalnum()):
+        while i >= 0 and not (0 < i < len(text) - 1 and (text[i - 1] + text[i + 1]).isalnum()):
             i = text.rfind('\n', 0, i)
         if i >= 0:
             yield text[:i + 1], False

@@ -146,6 +146,15 @@ def test_a_long_text_read_in_blocks_has_the_tokens_of_the_whole(tmp_path):
     assert sum((enc.encode_ordinary(t) for t, _ in pieces), []) == enc.encode_ordinary(text)
 
 
+def test_a_text_is_not_cut_inside_its_leading_newlines(tmp_path):
+    import prepare as P
+    text = '\n\n\n' + 'abc def ' * 500  # no newline between two letters: no safe cut in the first block
+    (tmp_path / 'lead.txt').write_text(text, encoding='utf-8')
+    pieces = [t for t, _ in P.local_documents([str(tmp_path / 'lead.txt')], block=997)]
+    assert ''.join(pieces) == text
+    assert sum((enc.encode_ordinary(t) for t in pieces), []) == enc.encode_ordinary(text)
+
+
 def prepare(*args):
     """prepare.py's main in this process, from its default settings (a call sets the module's globals)."""
     for key, value in DEFAULTS.items():
