@@ -43,9 +43,9 @@ GPT2_BPE_SHA256 = {
     'encoder.json': '196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783'}
 KNOWN = ('shakespeare', 'wikitext2', 'openwebtext')
 OPENWEBTEXT = 'Skylion007/openwebtext'
-# main has the subsets/*.tar read here (open pull requests make them parquet); pin its commit hash,
-# which could not be looked up when this was written.
-OPENWEBTEXT_REVISION = 'main'
+# main's subsets/*.tar became data/*.parquet: the rows the old loading script made, 8,013,769
+# documents (nanoGPT's 8,009,762 + 4,007), at this commit; a local copy of the tars reads the same
+OPENWEBTEXT_REVISION = '79d93d786212f7344586290adb811d4ae6a1762c'
 
 
 class CharTokenizer:
@@ -202,18 +202,23 @@ def hub_documents(path, config, split):
 
 def openwebtext_documents(files):
     """OpenWebText as its old loading script gave it, in the order nanoGPT's split permutes: the
-    .txt files of each tar's .xz archives, 3+ newlines squeezed, stripped."""
+    rows of the parquet files, or the .txt files of each tar's .xz archives, 3+ newlines squeezed,
+    stripped (what the script did before writing those rows)."""
     def members(tar, suffix):  # regular files, hidden ones skipped, as datasets' archive iterator
         for info in tar:
             name = os.path.basename(info.name)
             if info.isreg() and not name.startswith(('.', '__')) and name.endswith(suffix):
                 yield tar.extractfile(info)
     for path in files:
+        if path.endswith('.parquet'):
+            yield from parquet_rows(path)  # {'text': ...}
+            continue
         with tarfile.open(path, mode='r|*') as outer:
             for f in members(outer, '.xz'):
                 with tarfile.open(fileobj=lzma.open(f), mode='r|') as inner:
                     for g in members(inner, '.txt'):
-                        yield {'text': re.sub('\n\n\n+', '\n\n', g.read().decode()).strip()}
+                        text = g.read().decode('utf-8')
+                        yield {'text': re.sub('\n\n\n+', '\n\n', text).strip()}
 
 
 def openwebtext_splits():
@@ -222,19 +227,20 @@ def openwebtext_splits():
     revision = hub_revision or OPENWEBTEXT_REVISION
     fix = (f"get them with hf download {OPENWEBTEXT} --repo-type dataset --revision {revision}"
            " --local-dir DIR and pass --local_hub=DIR")
-    if local_hub:
-        files = sorted(glob.glob(os.path.join(local_hub, 'subsets', 'urlsf_subset*.tar')))
-        if not files:
-            raise UserError(f"no subsets/urlsf_subset*.tar in {local_hub}; {fix}")
-    else:
-        from huggingface_hub import hf_hub_download
+    folder = local_hub
+    if not folder:
+        from huggingface_hub import snapshot_download
         check_hub('openwebtext', fix)
         try:
-            files = [hf_hub_download(OPENWEBTEXT, f'subsets/urlsf_subset{i:02d}.tar',
-                                     repo_type='dataset', revision=revision) for i in range(21)]
+            folder = snapshot_download(OPENWEBTEXT, repo_type='dataset', revision=revision,
+                                       allow_patterns=['*.parquet', 'subsets/*.tar'])
         except Exception as e:
             raise UserError(f"cannot download {OPENWEBTEXT} at revision {revision} "
                             f"({first_line(e)}); {fix}")
+    files = sorted(glob.glob(os.path.join(folder, '**', '*.parquet'), recursive=True)) or \
+        sorted(glob.glob(os.path.join(folder, 'subsets', 'urlsf_subset*.tar')))
+    if not files:
+        raise UserError(f"no .parquet files or subsets/urlsf_subset*.tar in {folder}; {fix}")
     try:  # on disk
         docs = Dataset.from_generator(openwebtext_documents, gen_kwargs={'files': files})
     except Exception as e:

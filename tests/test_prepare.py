@@ -295,13 +295,18 @@ def test_openwebtext_from_its_files_gives_nanogpts_split(tmp_path):
                 info = tarfile.TarInfo(f'openwebtext/urlsf_subset{t:02d}-{x}_data.xz')
                 info.size = len(xz)
                 outer.addfile(info, io.BytesIO(xz))
-    run(['prepare.py', 'openwebtext', f"--local_hub={tmp_path / 'hub'}", f'--out_dir={tmp_path / "owt"}'],
-        env={'HF_DATASETS_CACHE': str(tmp_path / 'cache')})
+    # the pinned revision's layout: the same documents as rows of data/train-*.parquet, in order
+    os.makedirs(tmp_path / 'parquet' / 'data')
+    for i, part in enumerate((order[:1000], order[1000:])):
+        Dataset.from_dict({'text': part}).to_parquet(tmp_path / 'parquet' / 'data' / f'train-{i:05d}-of-00002.parquet')
     split = Dataset.from_dict({'text': order}).train_test_split(test_size=0.0005, seed=2357, shuffle=True)
     tokens = lambda docs: sum((enc.encode_ordinary(d) + [enc.eot_token] for d in docs), [])
-    read = lambda s: np.fromfile(tmp_path / 'owt' / f'{s}.bin', dtype=np.uint16).tolist()
-    assert len(split['test']) == 2 and read('val') == tokens(split['test']['text'])
-    assert read('train') == tokens(split['train']['text'])
+    for layout in ('hub', 'parquet'):
+        run(['prepare.py', 'openwebtext', f"--local_hub={tmp_path / layout}", f'--out_dir={tmp_path / layout}_owt'],
+            env={'HF_DATASETS_CACHE': str(tmp_path / 'cache')})
+        read = lambda s: np.fromfile(tmp_path / f'{layout}_owt' / f'{s}.bin', dtype=np.uint16).tolist()
+        assert len(split['test']) == 2 and read('val') == tokens(split['test']['text'])
+        assert read('train') == tokens(split['train']['text'])
 
 
 # -----------------------------------------------------------------------------
@@ -313,13 +318,13 @@ def test_openwebtext_is_fetched_at_its_pinned_revision(tmp_path, monkeypatch, ar
     revision = P.OPENWEBTEXT_REVISION if revision == 'PINNED' else revision
     asked = []
 
-    def download(repo, filename, **kwargs):
-        asked.append(kwargs)
-        raise huggingface_hub.errors.EntryNotFoundError(f'{filename} is not at this revision\nmore')
-    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', download)
+    def download(repo, repo_type, revision, allow_patterns):
+        asked.append((repo, repo_type, revision))
+        raise huggingface_hub.errors.EntryNotFoundError(f'nothing at {revision}\nmore')
+    monkeypatch.setattr(huggingface_hub, 'snapshot_download', download)
     monkeypatch.setattr(P, 'check_hub', lambda *a: None)  # reachable
     message = error_of('openwebtext', f"--out_dir={tmp_path / 'out'}", *args)
-    assert asked == [{'repo_type': 'dataset', 'revision': revision}]
+    assert asked == [('Skylion007/openwebtext', 'dataset', revision)] and len(revision) >= 6
     assert f"cannot download Skylion007/openwebtext at revision {revision} (EntryNotFoundError" in message
     assert f'hf download Skylion007/openwebtext --repo-type dataset --revision {revision}' in message
 
