@@ -141,6 +141,7 @@ class CoCoMix(nn.Module):
         self.topk = config.concept_topk
         self.pre_bias = nn.Parameter(torch.zeros(d))  # the SAE's b_pre: h read as the SAE reads it
         self.concept_head = nn.Linear(d, C)  # W_head, b_head
+        assert config.mix in ('interleave', 'add', 'none'), f"unknown mix {config.mix!r}"
         mixes = config.mix != 'none'  # predict-only: no c_hat
         self.compress = nn.Embedding(C, d) if mixes else None  # W_comp, a row per concept
         self.compress_bias = nn.Parameter(torch.zeros(d)) if mixes else None
