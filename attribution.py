@@ -1,9 +1,7 @@
 """
 Concept labels (METHOD.md, section 2): active latent i of the teacher's SAE scores
-a_i = c_i (g . W_dec[:, i]), g = dL/dh the gradient of the teacher's next-token loss at the residual
-h the SAE reads (Eq. 1 with the activation c_i, as the released code; the paper's pre-activation is
-'attribution_preact'); a position's labels are its k_attr best. train.py labels online; this
-labels a dataset once for --label_cache=True, resumable on any process count:
+a_i = c_i (g . W_dec[:, i]), g = dL/dh; a position's labels are its k_attr best. train.py labels
+online; this labels a dataset once for --label_cache=True, resumable on any process count:
 
     python attribution.py config/cocomix_shakespeare.py  # data/NAME/labels_{train,val}.bin + .json
     torchrun --standalone --nproc_per_node=8 attribution.py config/cocomix_gpt2.py
@@ -56,7 +54,6 @@ def concept_labels(teacher, sae, idx, sae_layer, k_attr=4, method='attribution',
     # float32 as the authors; bfloat16 flips near-ties at the TopK and in the scores (RESULTS.md)
     with torch.autocast(idx.device.type, enabled=False), torch.no_grad():
         h = teacher_residual(teacher, idx, sae_layer)
-        grad = None
         if method != 'activation':
             with torch.enable_grad():  # to h only: the teacher's weights get no gradient
                 _, loss = teacher.head(teacher.run_blocks(h.requires_grad_(True), sae_layer + 1),
@@ -65,7 +62,7 @@ def concept_labels(teacher, sae, idx, sae_layer, k_attr=4, method='attribution',
         W = sae.decoder.weight.t()  # (C, d): row i is W_dec[:, i]
         if method == 'attribution_preact':  # Eq. 1 as the paper writes it: every latent scores
             indices = torch.arange(sae.n_latents, device=idx.device).expand(*idx.shape, -1)
-            scores = sae.encode_pre(sae.preprocess(h)[0]) * (grad @ W.t())
+            scores = sae.encode_pre(sae.preprocess(h)[0]) * (grad @ sae.decoder.weight)
         else:  # the k active latents. The exact dL/dc_i has a factor std > 0 too (the SAE's
             # de-normalisation): it cannot change their order.
             values, indices, _ = sae.encode(h)  # (B, T, k)
@@ -75,7 +72,7 @@ def concept_labels(teacher, sae, idx, sae_layer, k_attr=4, method='attribution',
                 scores = -scores
         top = scores.float().topk(k_attr, dim=-1)
         labels = indices.gather(-1, top.indices).masked_fill(top.values <= 0, -1)
-    if grad is not None:
+    if method != 'activation':
         labels[:, -1] = -1
     return (labels, top.values) if return_scores else labels
 
@@ -151,14 +148,9 @@ def label_windows(cache, starts, length):
     return windows(labels, starts, length) - 1
 
 
-def progress_files(path):
-    return glob.glob(glob.escape(path) + '.done*')
-
-
 def read_progress(path, n_windows):
-    """The windows on disk: those any progress file lists."""
     done = np.zeros(n_windows, dtype=bool)
-    for name in progress_files(path):
+    for name in glob.glob(glob.escape(path) + '.done*'):
         with suppress(FileNotFoundError):  # a writer that finished removes them
             with open(name, 'rb') as f:
                 raw = f.read()
@@ -218,7 +210,7 @@ def label_split(teacher, sae, data_dir, split, expected, device, batch_size=8, r
 
 
 def remove_progress(path):
-    for name in progress_files(path):
+    for name in glob.glob(glob.escape(path) + '.done*'):
         with suppress(FileNotFoundError):  # another writer of this cache may finish first
             os.remove(name)
 
