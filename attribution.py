@@ -77,8 +77,8 @@ def concept_labels(teacher, sae, idx, sae_layer, k_attr=4, method='attribution',
     return (labels, top.values) if return_scores else labels
 
 
-def load_concepts(teacher_spec, sae_spec, sae_layer, device, data_meta, data_dir, k_attr=4,
-                  method='attribution', concept_topk=0):
+def load_concepts(teacher_spec, sae_spec, sae_layer, device, data_meta, data_dir, k_attr, method,
+                  concept_topk=0):
     """A run's frozen teacher and SAE (None for KD), checked together -> (teacher, SAE, identity:
     the fingerprints and settings that checkpoints and caches record)."""
     sae, sae_meta = load_sae(sae_spec) if sae_spec else (None, {})
@@ -120,7 +120,6 @@ def cache_dtype(n_concepts):
 
 
 def describe(data_dir, split, identity, label_method, k_attr, block_size):
-    """What a cache must match: the data, the run's identity (load_concepts), the settings."""
     return dict(data=data_fingerprint(os.path.join(data_dir, f'{split}.bin')), **identity,
                 label_method=label_method, k_attr=k_attr, block_size=block_size)
 
@@ -130,8 +129,7 @@ def load_label_cache(data_dir, split, identity, label_method, k_attr, block_size
     path, meta_path = cache_paths(data_dir, split)
     if not os.path.exists(meta_path):
         raise UserError(f"no label cache at {path}; run attribution.py with this run's config")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    meta = json.load(open(meta_path))
     for key, value in describe(data_dir, split, identity, label_method, k_attr, block_size).items():
         if meta.get(key) != value:
             raise UserError(f"the label cache {path} was made with {key}={meta.get(key)!r}, "
@@ -151,9 +149,8 @@ def label_windows(cache, starts, length):
 def read_progress(path, n_windows):
     done = np.zeros(n_windows, dtype=bool)
     for name in glob.glob(glob.escape(path) + '.done*'):
-        with suppress(FileNotFoundError):  # a writer that finished removes them
-            with open(name, 'rb') as f:
-                raw = f.read()
+        with suppress(FileNotFoundError), open(name, 'rb') as f:  # a finished writer removes it
+            raw = f.read()
             for first, stop in np.frombuffer(raw[:len(raw) // 16 * 16], '<i8').reshape(-1, 2):
                 done[first:stop] = True
     return done
@@ -184,7 +181,7 @@ def label_split(teacher, sae, data_dir, split, expected, device, batch_size=8, r
     row = block_size * k_attr * np.dtype(dt).itemsize  # bytes per window
     t0, desc = time.time(), f'labelling {split}' + (f' (rank {rank})' if world > 1 else '')
     with (open(path, 'r+b', buffering=0) as out,
-          open(path + '.done' + (f'.{rank}' if rank else ''), 'ab') as progress):
+          open(path + '.done' + (f'.{rank}' if rank else ''), 'ab', buffering=0) as progress):
         for first, stop in tqdm(batches, desc=desc, position=rank, unit='batch'):
             starts = range(first * block_size, stop * block_size, block_size)
             idx = windows(load_tokens(data_dir, split), starts, block_size).to(device)
@@ -194,7 +191,6 @@ def label_split(teacher, sae, data_dir, split, expected, device, batch_size=8, r
             os.pwrite(out.fileno(), ids.tobytes(), int(first) * row)
             os.fsync(out.fileno())  # the labels on disk before the progress says so
             progress.write(np.array([first, stop], '<i8').tobytes())
-            progress.flush()
             os.fsync(progress.fileno())
             done[first:stop] = True
     rate = sum(b - a for a, b in batches) * block_size / max(time.time() - t0, 1e-9)

@@ -92,8 +92,7 @@ def configure(script_globals, argv=None, ignore=(), given=None):
     for arg in sys.argv[1:] if argv is None else argv:
         if not arg.startswith('--'):
             try:
-                with open(arg) as f:
-                    source = f.read()
+                source = open(arg).read()
             except OSError as e:
                 raise UserError(f"cannot read config file '{arg}': {e.strerror}")
             namespace, cwd = {}, os.getcwd()

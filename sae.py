@@ -3,7 +3,6 @@ TopK sparse autoencoders (Gao et al. 2024, OpenAI's format): their latents are C
 
     python sae.py config/sae_shakespeare.py  # train on a teacher's residual stream
     python sae.py --evaluate=out-sae-shakespeare/sae.pt  # FVU, dead latents, spliced loss
-    python tools/concepts.py --sae=out-sae-shakespeare/sae.pt --top=20  # what latents mean
 """
 import math
 import os
