@@ -205,8 +205,7 @@ def init_sae(sae, sample):
 
 
 class GatheredLinear(torch.autograd.Function):
-    """`pre` = x W^T + b at latents idx (N, K); the backward touches only those, never a dense
-    (N, C) gradient."""
+    """`pre` = x W^T + b at latents idx (N, K); its backward never makes a dense (N, C) gradient."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, pre, idx):
@@ -361,7 +360,6 @@ if __name__ == '__main__':
                                  step=step + 1, config=config), out_dir, 'sae_ckpt.pt')
     bar.close()
     tokens_per_s = (steps - start) * batch_size / max(time.time() - t0, 1e-9)
-    sae.eval()
     metrics = evaluate_sae(sae, teacher_model, sae_layer, data_dir, eval_tokens, context, dtype)
     sae.save(os.path.join(out_dir, 'sae.pt'), dict(
         teacher=teacher, teacher_id=fingerprint(teacher_model), layer=sae_layer,
