@@ -1,9 +1,7 @@
 """
 Concept labels (METHOD.md, section 2): active latent i of the teacher's SAE scores
-a_i = c_i (g . W_dec[:, i]), g = dL/dh the gradient of the teacher's next-token loss at the residual
-h the SAE reads (Eq. 1 with the activation c_i, as the released code; the paper's pre-activation is
-'attribution_preact'); a position's labels are its k_attr best. train.py labels online; this
-labels a dataset once for --label_cache=True, resumable on any process count:
+a_i = c_i (g . W_dec[:, i]), g = dL/dh; a position's labels are its k_attr best. train.py labels
+online; this labels a dataset once for --label_cache=True, resumable on any process count:
 
     python attribution.py config/cocomix_shakespeare.py  # data/NAME/labels_{train,val}.bin + .json
     torchrun --standalone --nproc_per_node=8 attribution.py config/cocomix_gpt2.py
@@ -56,7 +54,6 @@ def concept_labels(teacher, sae, idx, sae_layer, k_attr=4, method='attribution',
     # float32 as the authors; bfloat16 flips near-ties at the TopK and in the scores (RESULTS.md)
     with torch.autocast(idx.device.type, enabled=False), torch.no_grad():
         h = teacher_residual(teacher, idx, sae_layer)
-        grad = None
         if method != 'activation':
             with torch.enable_grad():  # to h only: the teacher's weights get no gradient
                 _, loss = teacher.head(teacher.run_blocks(h.requires_grad_(True), sae_layer + 1),
@@ -65,7 +62,7 @@ def concept_labels(teacher, sae, idx, sae_layer, k_attr=4, method='attribution',
         W = sae.decoder.weight.t()  # (C, d): row i is W_dec[:, i]
         if method == 'attribution_preact':  # Eq. 1 as the paper writes it: every latent scores
             indices = torch.arange(sae.n_latents, device=idx.device).expand(*idx.shape, -1)
-            scores = sae.encode_pre(sae.preprocess(h)[0]) * (grad @ W.t())
+            scores = sae.encode_pre(sae.preprocess(h)[0]) * (grad @ sae.decoder.weight)
         else:  # the k active latents. The exact dL/dc_i has a factor std > 0 too (the SAE's
             # de-normalisation): it cannot change their order.
             values, indices, _ = sae.encode(h)  # (B, T, k)
@@ -75,13 +72,13 @@ def concept_labels(teacher, sae, idx, sae_layer, k_attr=4, method='attribution',
                 scores = -scores
         top = scores.float().topk(k_attr, dim=-1)
         labels = indices.gather(-1, top.indices).masked_fill(top.values <= 0, -1)
-    if grad is not None:
+    if method != 'activation':
         labels[:, -1] = -1
     return (labels, top.values) if return_scores else labels
 
 
-def load_concepts(teacher_spec, sae_spec, sae_layer, device, data_meta, data_dir, k_attr=4,
-                  method='attribution', concept_topk=0):
+def load_concepts(teacher_spec, sae_spec, sae_layer, device, data_meta, data_dir, k_attr, method,
+                  concept_topk=0):
     """A run's frozen teacher and SAE (None for KD), checked together -> (teacher, SAE, identity:
     the fingerprints and settings that checkpoints and caches record)."""
     sae, sae_meta = load_sae(sae_spec) if sae_spec else (None, {})
@@ -123,7 +120,6 @@ def cache_dtype(n_concepts):
 
 
 def describe(data_dir, split, identity, label_method, k_attr, block_size):
-    """What a cache must match: the data, the run's identity (load_concepts), the settings."""
     return dict(data=data_fingerprint(os.path.join(data_dir, f'{split}.bin')), **identity,
                 label_method=label_method, k_attr=k_attr, block_size=block_size)
 
@@ -133,8 +129,7 @@ def load_label_cache(data_dir, split, identity, label_method, k_attr, block_size
     path, meta_path = cache_paths(data_dir, split)
     if not os.path.exists(meta_path):
         raise UserError(f"no label cache at {path}; run attribution.py with this run's config")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    meta = json.load(open(meta_path))
     for key, value in describe(data_dir, split, identity, label_method, k_attr, block_size).items():
         if meta.get(key) != value:
             raise UserError(f"the label cache {path} was made with {key}={meta.get(key)!r}, "
@@ -151,17 +146,11 @@ def label_windows(cache, starts, length):
     return windows(labels, starts, length) - 1
 
 
-def progress_files(path):
-    return glob.glob(glob.escape(path) + '.done*')
-
-
 def read_progress(path, n_windows):
-    """The windows on disk: those any progress file lists."""
     done = np.zeros(n_windows, dtype=bool)
-    for name in progress_files(path):
-        with suppress(FileNotFoundError):  # a writer that finished removes them
-            with open(name, 'rb') as f:
-                raw = f.read()
+    for name in glob.glob(glob.escape(path) + '.done*'):
+        with suppress(FileNotFoundError), open(name, 'rb') as f:  # a finished writer removes it
+            raw = f.read()
             for first, stop in np.frombuffer(raw[:len(raw) // 16 * 16], '<i8').reshape(-1, 2):
                 done[first:stop] = True
     return done
@@ -192,7 +181,7 @@ def label_split(teacher, sae, data_dir, split, expected, device, batch_size=8, r
     row = block_size * k_attr * np.dtype(dt).itemsize  # bytes per window
     t0, desc = time.time(), f'labelling {split}' + (f' (rank {rank})' if world > 1 else '')
     with (open(path, 'r+b', buffering=0) as out,
-          open(path + '.done' + (f'.{rank}' if rank else ''), 'ab') as progress):
+          open(path + '.done' + (f'.{rank}' if rank else ''), 'ab', buffering=0) as progress):
         for first, stop in tqdm(batches, desc=desc, position=rank, unit='batch'):
             starts = range(first * block_size, stop * block_size, block_size)
             idx = windows(load_tokens(data_dir, split), starts, block_size).to(device)
@@ -202,7 +191,6 @@ def label_split(teacher, sae, data_dir, split, expected, device, batch_size=8, r
             os.pwrite(out.fileno(), ids.tobytes(), int(first) * row)
             os.fsync(out.fileno())  # the labels on disk before the progress says so
             progress.write(np.array([first, stop], '<i8').tobytes())
-            progress.flush()
             os.fsync(progress.fileno())
             done[first:stop] = True
     rate = sum(b - a for a, b in batches) * block_size / max(time.time() - t0, 1e-9)
@@ -218,7 +206,7 @@ def label_split(teacher, sae, data_dir, split, expected, device, batch_size=8, r
 
 
 def remove_progress(path):
-    for name in progress_files(path):
+    for name in glob.glob(glob.escape(path) + '.done*'):
         with suppress(FileNotFoundError):  # another writer of this cache may finish first
             os.remove(name)
 

@@ -49,11 +49,11 @@ class LinearCrossEntropy(torch.autograd.Function):
             # backward with the loss scale: p / n_valid (~1e-8 at 4,096 positions) is zero in fp16
             if any(needs):
                 g = (z - lse).exp_().mul_(v.sum(-1, keepdim=True)).scatter_add_(-1, lab, -v.float())
-                if grad_x is not None:
+                if needs[0]:
                     grad_x[s:s + chunk] = g.to(x.dtype) @ w
-                if grad_w is not None:
+                if needs[1]:
                     grad_w += g.t() @ xs.float()
-                if grad_b is not None:
+                if needs[2]:
                     grad_b += g.sum(0)
         values, ids = map(torch.cat, zip(*tops)) if topk else (None, None)
         ctx.save_for_backward(grad_x, grad_w, grad_b, x, weight, ids, n_valid)

@@ -34,9 +34,7 @@ class UserError(SystemExit):
 def setting_names(script):
     """Another script's settings, read from its source without importing it."""
     with open(os.path.join(REPO, script)) as f:
-        lines = f.read().split('\n')
-    start, end = [i for i, line in enumerate(lines) if line.startswith('# ---')][:2]
-    tree = ast.parse('\n'.join(lines[start + 1:end]))
+        tree = ast.parse(f.read())
     return {node.target.id for node in tree.body if isinstance(node, ast.AnnAssign)}
 
 
@@ -67,7 +65,7 @@ def check_setting(key, value, domain, source):
         if kind == 'float' and type(value) is int:
             value = float(value)
         a = 'an' if kind == 'int' else 'a'
-        if type(value) is not {'bool': bool, 'str': str, 'int': int, 'float': float}[kind]:
+        if type(value).__name__ != kind:
             raise refuse(f"{a} {kind}")
         if domain != kind and not eval(domain.replace(kind, 'x'), {'inf': math.inf}, {'x': value}):
             raise refuse(f"{a} {kind} with {domain.replace(kind, key)}")
@@ -94,8 +92,7 @@ def configure(script_globals, argv=None, ignore=(), given=None):
     for arg in sys.argv[1:] if argv is None else argv:
         if not arg.startswith('--'):
             try:
-                with open(arg) as f:
-                    source = f.read()
+                source = open(arg).read()
             except OSError as e:
                 raise UserError(f"cannot read config file '{arg}': {e.strerror}")
             namespace, cwd = {}, os.getcwd()
@@ -152,7 +149,7 @@ def save_checkpoint(checkpoint, out_dir, name='ckpt.pt'):
         torch.save(checkpoint, tmp)
 
 
-def load_checkpoint(out_dir, device='cpu', name='ckpt.pt'):
+def load_checkpoint(out_dir, device, name='ckpt.pt'):
     path = os.path.join(out_dir, name)
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}; train one with train.py (out_dir={out_dir})")
@@ -208,7 +205,6 @@ def check_hub(what, fix):
 
 
 def hub_folder(name):
-    """A hub GPT-2's local folder: cached, else downloaded."""
     from huggingface_hub import snapshot_download
     patterns = ['config.json', 'model.safetensors']
     with suppress(Exception):  # not cached yet
@@ -259,7 +255,6 @@ def load_teacher(spec, device, data_meta, data_dir):
 
 
 def autocast(device, dtype):
-    """dtype: float32, bfloat16 or float16 (every script's dtype domain)."""
     return nullcontext() if dtype == 'float32' else \
         torch.autocast('cuda' if 'cuda' in str(device) else 'cpu', dtype=getattr(torch, dtype))
 

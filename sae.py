@@ -3,7 +3,6 @@ TopK sparse autoencoders (Gao et al. 2024, OpenAI's format): their latents are C
 
     python sae.py config/sae_shakespeare.py  # train on a teacher's residual stream
     python sae.py --evaluate=out-sae-shakespeare/sae.pt  # FVU, dead latents, spliced loss
-    python tools/concepts.py --sae=out-sae-shakespeare/sae.pt --top=20  # what latents mean
 """
 import math
 import os
@@ -72,8 +71,8 @@ class TopKSAE(nn.Module):
         """OpenAI's LN (model.sae_norm) -> (x, what decode needs to undo it)."""
         if not self.normalize:
             return x, None
-        x_norm, mu, std = sae_norm(x)
-        return x_norm, (mu, std)
+        x_norm, *info = sae_norm(x)
+        return x_norm, info
 
     def encode_pre(self, x_norm):
         return F.linear(x_norm - self.pre_bias, self.encoder.weight, self.latent_bias)  # (..., n)
@@ -163,12 +162,12 @@ def teacher_residual(teacher, idx, layer):
 
 
 @torch.no_grad()
-def residuals(teacher, idx, layer, dtype, chunk=64):
+def residuals(teacher, idx, layer, dtype):
     """(N, T) windows -> teacher residuals (N, T, d) in fp32."""
     device = teacher.lm_head.weight.device
     with autocast(device, dtype):
         return torch.cat([teacher_residual(teacher, part.to(device), layer).float()
-                          for part in idx.split(chunk)])
+                          for part in idx.split(64)])
 
 
 def split_windows(data_dir, split, n_windows, length, generator=None):
@@ -191,26 +190,22 @@ def fvu(x, x_hat):
 # -----------------------------------------------------------------------------
 # Training (Gao et al. 2024): unit-norm decoder columns, AuxK for dead latents, Adam
 
-def geometric_median(x, iters=50):
-    """Weiszfeld's algorithm: the point of least summed distance to the rows of x."""
-    median = x.mean(0)
-    for _ in range(iters):
-        w = 1 / (x - median).norm(dim=-1).clamp_min(1e-8)
-        median = (w[:, None] * x).sum(0) / w.sum()
-    return median
-
-
 @torch.no_grad()
 def init_sae(sae, sample):
-    """Encoder rows at norm 1/sqrt(3), nn.Linear's default, as sparsify."""
+    """Encoder rows at norm 1/sqrt(3), nn.Linear's default, as sparsify; pre_bias at the geometric
+    median of the sample (Weiszfeld's algorithm)."""
     sae.decoder.weight.copy_(F.normalize(torch.randn_like(sae.decoder.weight), dim=0))
     sae.encoder.weight.copy_(sae.decoder.weight.t() / math.sqrt(3))
-    sae.pre_bias.copy_(geometric_median(sae.preprocess(sample)[0]))
+    x = sae.preprocess(sample)[0]
+    median = x.mean(0)
+    for _ in range(50):
+        w = 1 / (x - median).norm(dim=-1).clamp_min(1e-8)
+        median = (w[:, None] * x).sum(0) / w.sum()
+    sae.pre_bias.copy_(median)
 
 
 class GatheredLinear(torch.autograd.Function):
-    """`pre` = x W^T + b at latents idx (N, K); the backward touches only those, never a dense
-    (N, C) gradient."""
+    """`pre` = x W^T + b at latents idx (N, K); its backward never makes a dense (N, C) gradient."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, pre, idx):
@@ -230,7 +225,7 @@ def sae_losses(sae, x, dead, k_aux):
     x_norm, _ = sae.preprocess(x)
     inputs = x_norm - sae.pre_bias
     with torch.no_grad():
-        pre = F.linear(inputs, sae.encoder.weight, sae.latent_bias)
+        pre = sae.encode_pre(x_norm)
         indices = pre.topk(sae.k).indices
         n_aux = min(k_aux, int(dead.sum()))
         if n_aux:
@@ -277,12 +272,11 @@ def evaluate_sae(sae, teacher, layer, data_dir, n_tokens, context, dtype):
         with autocast(device, dtype):
             values, indices, info = sae.encode(h)
             h_hat = sae.decode(values, indices, info).float()
-            logits = [teacher.head(teacher.run_blocks(z, start=layer + 1))[0].float()
-                      for z in (h, h_hat)]
+            logits = [teacher.head(teacher.run_blocks(z, layer + 1))[0] for z in (h, h_hat)]
         active[indices[values > 0]] = True
         norm = lambda z: z if info is None else (z - info[0]) / (info[1] + 1e-5)  # h's LN
         vectors.append([z.flatten(0, 1) for z in (norm(h), norm(h_hat), h, h_hat)])
-        logp, logq = (F.log_softmax(z, -1).flatten(0, 1) for z in logits)
+        logp, logq = (F.log_softmax(z.float(), -1).flatten(0, 1) for z in logits)
         clean += F.nll_loss(logp, y, reduction='sum').item()
         spliced += F.nll_loss(logq, y, reduction='sum').item()
         kl += (logp.exp() * (logp - logq)).sum().item()
@@ -366,7 +360,6 @@ if __name__ == '__main__':
                                  step=step + 1, config=config), out_dir, 'sae_ckpt.pt')
     bar.close()
     tokens_per_s = (steps - start) * batch_size / max(time.time() - t0, 1e-9)
-    sae.eval()
     metrics = evaluate_sae(sae, teacher_model, sae_layer, data_dir, eval_tokens, context, dtype)
     sae.save(os.path.join(out_dir, 'sae.pt'), dict(
         teacher=teacher, teacher_id=fingerprint(teacher_model), layer=sae_layer,
