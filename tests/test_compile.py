@@ -51,3 +51,11 @@ def test_cocomix_training_step_under_inductor_equals_eager(monkeypatch):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-5)
+
+
+def test_scripts_start_without_importing_the_compiler():
+    """torch._dynamo doubles the start of every script, a one-line error included; model.py marks
+    device_memory constant for torch.compile without it (the graph-break test above checks the mark)."""
+    from conftest import run
+    code = "import sys, common, model, sae, attribution, prepare; print('torch._dynamo' in sys.modules)"
+    assert run(['-c', code]).stdout.strip() == 'False'
