@@ -101,9 +101,9 @@ def matched_width(student, m):
     ntp = student_config(student, meta)
     if m == 'ntp_flops_total':
         t = {k[2:]: int(v) for k, v in (a.split('=') for a in teacher.split())}
-        shape = dict(teacher_shape=f"{t['n_layer']} x {t['n_embd']}", sae_latents=sae_latents,
-                     vocab_size=ntp.vocab_size)
-        target = cached_flops(shape, 'cocomix', target, meta['train_tokens'], student_iters * 4096)
+        shape = dict(teacher_shape=f"{t['n_layer']} x {t['n_embd']}", vocab_size=ntp.vocab_size,
+                     train_chars=meta['train_tokens'])  # label_flops: the sae_latents setting
+        target = cached_flops(shape, 'cocomix', target, student_iters * 4096)
     width = ntp.n_embd
     while size(student_config(student, meta, width)) < target:
         width += ntp.n_head
@@ -123,10 +123,10 @@ def label_flops(res, m):
                                  128, 'kd' if m == 'kd' else method)  # 128: the study's windows
 
 
-def cached_flops(res, m, flops, train_chars, budget):
+def cached_flops(res, m, flops, budget):
     """FLOPs per training character with cached labels: the whole corpus (train_chars) labelled
     once and charged to one run of `budget` characters; KD's teacher runs online."""
-    return flops + label_flops(res, m) * (train_chars / budget if METHODS[m][0] == 'cocomix' else 1)
+    return flops + label_flops(res, m) * (res['train_chars'] / budget if METHODS[m][0] == 'cocomix' else 1)
 
 
 def machine():
@@ -168,26 +168,24 @@ def stages():
         if size == '8-layer' and m not in timed:  # a short timed run per method
             runs.append(train_stage(f'timing {m}', f'{out}/timing/{m}', m, timing_steps,
                                     ['--eval_interval=100000', '--log_interval=1', *student_args]))
-    if not any(f'{out}/teacher/ckpt.pt' in inputs for _, _, inputs, _ in runs):  # none reads it
+    ckpt, sae = f'{out}/teacher/ckpt.pt', f'{out}/sae/sae.pt'
+    if not any(ckpt in inputs for _, _, inputs, _ in runs):  # none reads it
         return [], runs
-    models = [f'--teacher={out}/teacher', f'--sae={out}/sae/sae.pt']
-    if teacher_from:  # the first machine's teacher and SAE, checked by fingerprint before any run
-        copy = ['-c', 'import shutil, sys; shutil.copyfile(sys.argv[1], sys.argv[2])']
-        s = [('teacher', copy + [teacher_from, f'{out}/teacher/ckpt.pt'], [], f'{out}/teacher/ckpt.pt'),
-             ('sae', copy + [sae_from, f'{out}/sae/sae.pt'], [f'{out}/teacher/ckpt.pt'], f'{out}/sae/sae.pt')]
-    else:
-        s = [('teacher', ['train.py', 'config/teacher_shakespeare_char.py', *teacher.split(),
-                          f'--out_dir={out}/teacher', f'--max_iters={teacher_iters}',
-                          f'--lr_decay_iters={teacher_iters}', '--eval_interval=500', '--log_interval=100',
-                          f'--dataset={DATA}', f'--device={device}', '--eval_iters=10'],
-              [f'{DATA}/meta.json'], f'{out}/teacher/ckpt.pt'),
-             ('sae', ['sae.py', 'config/sae_shakespeare_char.py', f'--dataset={DATA}', f'--out_dir={out}/sae',
-                      models[0], f'--n_latents={sae_latents}', '--max_tokens=2000000', f'--device={device}'],
-              [f'{out}/teacher/ckpt.pt'], f'{out}/sae/sae.pt')]
+    models = [f'--teacher={out}/teacher', f'--sae={sae}']
+    train = ['train.py', 'config/teacher_shakespeare_char.py', *teacher.split(), f'--out_dir={out}/teacher',
+             f'--max_iters={teacher_iters}', f'--lr_decay_iters={teacher_iters}', '--eval_interval=500',
+             '--log_interval=100', f'--dataset={DATA}', f'--device={device}', '--eval_iters=10']
+    fit = ['sae.py', 'config/sae_shakespeare_char.py', f'--dataset={DATA}', f'--out_dir={out}/sae', models[0],
+           f'--n_latents={sae_latents}', '--max_tokens=2000000', f'--device={device}']
+    copy = ['-c', 'import shutil, sys; shutil.copyfile(sys.argv[1], sys.argv[2])']
+    # teacher_from: the first machine's teacher and SAE, checked by fingerprint before any run
+    s = [('teacher', copy + [teacher_from, ckpt] if teacher_from else train,
+          [] if teacher_from else [f'{DATA}/meta.json'], ckpt),
+         ('sae', copy + [sae_from, sae] if sae_from else fit, [ckpt], sae)]
     for data, method in ((DATA, 'attribution'), (DATA + '_act', 'activation')):
         s.append((f'labels {method}', ['attribution.py', 'config/cocomix_shakespeare_char.py', f'--dataset={data}',
                                        *models, '--splits=train', f'--label_method={method}', f'--device={device}'],
-                  [f'{out}/sae/sae.pt', f'{data}/meta.json'], f'{data}/labels_train.json'))
+                  [sae, f'{data}/meta.json'], f'{data}/labels_train.json'))
     return s + [evaluation(f'{out}/teacher')], runs
 
 
@@ -300,7 +298,7 @@ def compute_rows(res, got, reach, missed):
     ms_ntp = timing.get('ntp', {}).get('ms_per_step')
     for m, r in got.items():
         v = next(iter(r.values()))
-        cached = cached_flops(res, m, v['flops'], res['train_chars'], v['curve'][-1][0])
+        cached = cached_flops(res, m, v['flops'], v['curve'][-1][0])
         comparable = timing.get(m, {}).get('machine') == timing.get('ntp', {}).get('machine')
         ms = timing.get(m, {}).get('ms_per_step') if comparable else None  # else two kinds of machine
         row = [m, f"{v['flops'] / 1e6:.2f}M", f"{(v['flops'] + label_flops(res, m)) / 1e6:.2f}M",
@@ -395,7 +393,7 @@ def headline(res, deltas, versus):
             lines.append(f"| {title} | — | — | 0 | not run yet | — | — |")
             continue
         v, finals = next(iter(r.values())), [v['final'] for v in r.values()]
-        cached = cached_flops(res, m, v['flops'], res['train_chars'], v['curve'][-1][0])
+        cached = cached_flops(res, m, v['flops'], v['curve'][-1][0])
         delta, vs = deltas.get(('8-layer', m)), versus.get(('8-layer', m))
         ntp = by_seed(res['runs'], '8-layer', 'ntp')
         crossed += sum(s in ntp and ntp[s].get('machine') != r[s].get('machine') for s in r)
@@ -428,7 +426,7 @@ def plot(res):
             loss = np.array([[y for _, y in run['curve']][1:] for run in r.values()])
             ax.plot(chars / 1e6, loss.mean(0), label=f'{m} ({len(r)} seeds)')
             ax.fill_between(chars / 1e6, loss.min(0), loss.max(0), alpha=0.2)
-            cached = cached_flops(res, m, v['flops'], res['train_chars'], chars)
+            cached = cached_flops(res, m, v['flops'], chars)
             for ax_flops, flops in zip(by_flops if size == '8-layer' else [],
                                        (v['flops'], v['flops'] + label_flops(res, m), cached)):
                 ax_flops.plot(chars * flops / 1e12, loss.mean(0), label=f'{m} ({len(r)} seeds)')
