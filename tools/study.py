@@ -52,19 +52,19 @@ report_only: 'bool' = False
 device: 'device' = 'cpu'
 # -----------------------------------------------------------------------------
 DATA = 'data/study_char'
-METHODS = {  # method -> (config, overrides, dataset)
-    'ntp': ('ntp', ['--mode=ntp', '--window_grid=True'], DATA),  # the label cache's windows
-    'kd': ('ntp', ['--mode=kd', '--window_grid=True'], DATA),
-    'pause': ('ntp', ['--mode=pause', '--window_grid=True'], DATA),
-    'cocomix': ('cocomix', ['--mix=interleave'], DATA),  # the paper's method
-    'cocomix_add': ('cocomix', ['--mix=add'], DATA),
-    'predict_only': ('cocomix', ['--mix=none'], DATA),
-    'activation': ('cocomix', ['--mix=interleave', '--label_method=activation'], DATA + '_act'),
+METHODS = {  # method -> (config, overrides, dataset, what it reads of the teacher: labels by a method, KD or None)
+    'ntp': ('ntp', ['--mode=ntp', '--window_grid=True'], DATA, None),  # the label cache's windows
+    'kd': ('ntp', ['--mode=kd', '--window_grid=True'], DATA, 'kd'),
+    'pause': ('ntp', ['--mode=pause', '--window_grid=True'], DATA, None),
+    'cocomix': ('cocomix', ['--mix=interleave'], DATA, 'attribution'),  # the paper's method
+    'cocomix_add': ('cocomix', ['--mix=add'], DATA, 'attribution'),
+    'predict_only': ('cocomix', ['--mix=none'], DATA, 'attribution'),
+    'activation': ('cocomix', ['--mix=interleave', '--label_method=activation'], DATA + '_act', 'activation'),
     # the same architecture as 'cocomix', trained by the next-token loss alone: do labels matter?
-    'interleave_no_concept_loss': ('cocomix', ['--mix=interleave', '--lam_concept=0'], DATA),
+    'interleave_no_concept_loss': ('cocomix', ['--mix=interleave', '--lam_concept=0'], DATA, None),
     # NTP at CoCoMix's compute: its student FLOPs, and its student plus cached labelling FLOPs
-    'ntp_flops_student': ('ntp', ['--mode=ntp', '--window_grid=True'], DATA),
-    'ntp_flops_total': ('ntp', ['--mode=ntp', '--window_grid=True'], DATA),
+    'ntp_flops_student': ('ntp', ['--mode=ntp', '--window_grid=True'], DATA, None),
+    'ntp_flops_total': ('ntp', ['--mode=ntp', '--window_grid=True'], DATA, None),
 }
 WIDENED = ('ntp', 'kd')  # to CoCoMix's active size
 FLOPS_MATCHED = ('ntp_flops_student', 'ntp_flops_total')  # widened to CoCoMix's FLOPs per character
@@ -84,7 +84,6 @@ def by_seed(runs, size, m):
 
 
 def student_config(student, meta, width=None, **extra):
-    """The GPTConfig of a study student: block 128, the vocabulary of the data's meta.json padded."""
     args = {k[2:]: int(v) for k, v in (a.split('=') for a in student)}
     vocab = math.ceil(meta['vocab_size'] / 64) * 64  # as train.py pads
     return GPTConfig(block_size=128, vocab_size=vocab, n_layer=args['n_layer'], n_head=args['n_head'],
@@ -114,13 +113,12 @@ def matched_width(student, m):
 
 def label_flops(res, m):
     """Per token: the teacher's labelling for method m's labels, KD's teacher, or 0."""
-    if not needs_teacher(m):
+    if not METHODS[m][3]:
         return 0
     t = res['teacher_shape'].split(' x ')
     teacher_cfg = GPTConfig(n_layer=int(t[0]), n_embd=int(t[1]), vocab_size=res['vocab_size'])
-    method = next((a.split('=')[1] for a in METHODS[m][1] if '--label_method=' in a), 'attribution')
     return label_flops_per_token(teacher_cfg, SAE_LAYER, res.get('sae_latents', sae_latents),
-                                 128, 'kd' if m == 'kd' else method)  # 128: the study's windows
+                                 128, METHODS[m][3])  # 128: the study's windows
 
 
 def cached_flops(res, m, flops, budget):
@@ -138,19 +136,13 @@ def machine():
     return f"{names[0] if names else platform.processor()}{kind}, torch {torch.__version__}"
 
 
-def needs_teacher(m):
-    """Whether method m reads the teacher (labels or KD): the others pair without it."""
-    config, extra, _ = METHODS[m]
-    return m == 'kd' or (config == 'cocomix' and '--lam_concept=0' not in extra)
-
-
 def stages():
     """-> (the teacher, SAE and label stages, or none when no pending run reads them; the runs)."""
     done, timed, here = saved()['runs'], saved().get('timing', {}), machine()
     # a seed's runs that read the teacher come from one machine kind; the others pair by seed (the
     # same initial weights and batches) across kinds, whose floats differ in the last digits
     elsewhere = {k.split('/')[2] for k, v in done.items()
-                 if v.get('machine', here) != here and needs_teacher(k.split('/')[1])}
+                 if v.get('machine', here) != here and METHODS[k.split('/')[1]][3]}
     # the question first (NTP vs CoCoMix at the paper's shape), then scale, then the controls
     order = sorted(((size, student, m, n) for size, (student, methods) in sizes().items()
                     for m, n in methods.items()),
@@ -161,7 +153,7 @@ def stages():
         student_args = student + ([f'--n_embd={width}'] if width else [])
         for seed in range(n):
             run = f'{out}/{size}/{m}_s{seed}'
-            if f'{size}/{m}/{seed}' not in done and not (needs_teacher(m) and str(seed) in elsewhere):
+            if f'{size}/{m}/{seed}' not in done and not (METHODS[m][3] and str(seed) in elsewhere):
                 runs += [train_stage(f'{size} {m} seed {seed}', run, m, student_iters,
                                      [f'--seed={seed}', f'--eval_interval={eval_every}', '--log_interval=100',
                                       '--always_save_checkpoint=True', *student_args]), evaluation(run)]
@@ -190,9 +182,8 @@ def stages():
 
 
 def train_stage(name, run, m, iters, args):
-    """A student of method m trained after args, with the method's config, data and labels."""
-    config, extra, data = METHODS[m]
-    if needs_teacher(m):
+    config, extra, data, reads_teacher = METHODS[m]
+    if reads_teacher:
         models = [f'--teacher={out}/teacher', f'--sae={out}/sae/sae.pt']
         inputs = [f'{out}/teacher/ckpt.pt'] + ([f'{data}/labels_train.json'] if config == 'cocomix' else [])
     else:  # no labels: the concept vocabulary is the SAE's width, from the settings
@@ -295,19 +286,18 @@ def compute_rows(res, got, reach, missed):
     lines = ["| method | student FLOPs/char | + teacher, online | + teacher, cached | ms/step | "
              "to reach NTP: chars | FLOPs (cached) | time |", '|---' * 8 + '|']
     ntp, timing = next(iter(got['ntp'].values())), res.get('timing', {})
-    ms_ntp = timing.get('ntp', {}).get('ms_per_step')
+    t_ntp = timing.get('ntp', {})
     for m, r in got.items():
-        v = next(iter(r.values()))
+        v, t = next(iter(r.values())), timing.get(m, {})
         cached = cached_flops(res, m, v['flops'], v['curve'][-1][0])
-        comparable = timing.get(m, {}).get('machine') == timing.get('ntp', {}).get('machine')
-        ms = timing.get(m, {}).get('ms_per_step') if comparable else None  # else two kinds of machine
+        ms = t.get('ms_per_step') if t.get('machine') == t_ntp.get('machine') else None  # else two kinds of machine
         row = [m, f"{v['flops'] / 1e6:.2f}M", f"{(v['flops'] + label_flops(res, m)) / 1e6:.2f}M",
                f"{cached / 1e6:.2f}M", f"{ms:.0f}" if ms else '—']
         if m not in reach:
             row += [missed.get(m, '—'), '—', '—']
         else:
             row += [ci(reach[m], '.2f'), ci([x * cached / ntp['flops'] for x in reach[m]], '.2f'),
-                    ci([x * ms / ms_ntp for x in reach[m]], '.2f') if ms and ms_ntp else '—']
+                    ci([x * ms / t_ntp['ms_per_step'] for x in reach[m]], '.2f') if ms else '—']
         lines.append('| ' + ' | '.join(row) + ' |')
     return lines
 
