@@ -76,9 +76,8 @@ class Scorer:
                 y[b, len(ids) - 1 - n:len(ids) - 1] = torch.tensor(ids[-n:])  # scored targets only
             with torch.no_grad():
                 logits = self.model(x.to(self.device), y.to(self.device))[0].float().cpu()
-            logp = F.log_softmax(logits, dim=-1)
             mask = y >= 0
-            ll = (logp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask).sum(-1)
+            ll = (F.log_softmax(logits, dim=-1).gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask).sum(-1)
             greedy = ((logits.argmax(-1) == y) | ~mask).all(-1)
             out += list(zip(ll.tolist(), greedy.tolist()))
         return out

@@ -98,11 +98,10 @@ def matched_width(student, m):
     size = lambda cfg: GPT(cfg).get_num_params(active=True) if m in WIDENED else GPT(cfg).flops_per_token(128)
     target = size(student_config(student, meta, n_concepts=sae_latents, concept_topk=16))
     ntp = student_config(student, meta)
-    if m == 'ntp_flops_total':
-        t = {k[2:]: int(v) for k, v in (a.split('=') for a in teacher.split())}
-        shape = dict(teacher_shape=f"{t['n_layer']} x {t['n_embd']}", vocab_size=ntp.vocab_size,
-                     train_chars=meta['train_tokens'])  # label_flops: the sae_latents setting
-        target = cached_flops(shape, 'cocomix', target, student_iters * 4096)
+    if m == 'ntp_flops_total':  # in the results' terms; label_flops reads the sae_latents setting
+        shape = '{n_layer} x {n_embd}'.format_map(dict(a[2:].split('=') for a in teacher.split()))
+        res = dict(teacher_shape=shape, vocab_size=ntp.vocab_size, train_chars=meta['train_tokens'])
+        target = cached_flops(res, 'cocomix', target, student_iters * 4096)
     width = ntp.n_embd
     while size(student_config(student, meta, width)) < target:
         width += ntp.n_head
@@ -210,8 +209,7 @@ def saved():
 
 
 def check_identity(old):
-    """The fingerprints of this machine's teacher and SAE weights, refused if the saved results (old)
-    were made with another teacher or SAE."""
+    """This machine's teacher's and SAE's fingerprints, refused if unlike those of the saved results (old)."""
     teacher = torch.load(f'{out}/teacher/ckpt.pt', map_location='cpu', weights_only=True)['model']
     teacher_id, sae_id = fingerprint(teacher), fingerprint(torch.load(f'{out}/sae/sae.pt', weights_only=True))
     if old['runs'] and (old.get('teacher_id'), old.get('sae_id')) != (teacher_id, sae_id):
