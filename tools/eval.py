@@ -54,8 +54,7 @@ SOURCES = {
 
 
 class Scorer:
-    """Log-likelihoods under one of our models: the three calls lm-evaluation-harness makes.
-    Requests are argument tuples or harness Instances (their .args)."""
+    """Log-likelihoods under one of our models: the three calls lm-evaluation-harness makes."""
 
     def __init__(self, model, enc, device, batch_size=16):
         self.model, self.enc, self.device, self.batch_size = model, enc, device, batch_size
@@ -77,9 +76,8 @@ class Scorer:
                 y[b, len(ids) - 1 - n:len(ids) - 1] = torch.tensor(ids[-n:])  # scored targets only
             with torch.no_grad():
                 logits = self.model(x.to(self.device), y.to(self.device))[0].float().cpu()
-            logp = F.log_softmax(logits, dim=-1)
             mask = y >= 0
-            ll = (logp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask).sum(-1)
+            ll = (F.log_softmax(logits, dim=-1).gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask).sum(-1)
             greedy = ((logits.argmax(-1) == y) | ~mask).all(-1)
             out += list(zip(ll.tolist(), greedy.tolist()))
         return out
@@ -87,8 +85,7 @@ class Scorer:
     def loglikelihood(self, requests):
         """[(context, continuation)] -> [(log p(continuation | context), is greedy)]."""
         pieces = []
-        for r in requests:
-            context, continuation = getattr(r, 'args', r)
+        for context, continuation in requests:
             cont = self.enc.encode_ordinary(continuation)
             pieces.append(((self.enc.encode_ordinary(context) or [self.enc.eot_token]) + cont, len(cont)))
         return self.score(pieces)
@@ -97,8 +94,8 @@ class Scorer:
         """[(text,)] -> [log p(text)]: every token scored once, after the end-of-text token, in
         disjoint block_size windows (the harness's rolling windows with one token of context)."""
         out = []
-        for r in requests:
-            ids = [self.enc.eot_token] + self.enc.encode_ordinary(getattr(r, 'args', r)[0])
+        for (text,) in requests:
+            ids = [self.enc.eot_token] + self.enc.encode_ordinary(text)
             pieces = [(ids[i:i + self.block_size + 1], len(ids[i:i + self.block_size + 1]) - 1)
                       for i in range(0, len(ids) - 1, self.block_size)]
             out.append(sum(ll for ll, _ in self.score(pieces)))
@@ -107,8 +104,7 @@ class Scorer:
     def generate_until(self, requests):
         """[(context, {'until': stops, 'max_gen_toks': n})] -> [greedy text up to a stop]."""
         out = []
-        for r in requests:
-            context, kwargs = getattr(r, 'args', r)
+        for context, kwargs in requests:
             idx = torch.tensor([self.enc.encode_ordinary(context) or [self.enc.eot_token]], device=self.device)
             with torch.no_grad():
                 y = self.model.generate(idx, kwargs.get('max_gen_toks', 256), temperature=0)
@@ -126,7 +122,7 @@ def lm_eval_model(scorer):
     except ImportError:
         raise UserError("the harness adapter needs the optional package lm_eval: pip install lm_eval")
     calls = ('loglikelihood', 'loglikelihood_rolling', 'generate_until')
-    method = lambda name: lambda self, requests, disable_tqdm=False: getattr(scorer, name)(requests)
+    method = lambda name: lambda self, requests, disable_tqdm=False: getattr(scorer, name)([r.args for r in requests])
     return type('CoCoMixLM', (LM,), {name: method(name) for name in calls})()
 
 
@@ -253,8 +249,7 @@ def main(argv):
         if checkpoint else init_from
     tokens = {'tokenizer': 'gpt2'} if checkpoint is None else \
         checkpoint.get('data_meta', {'vocab_size': model.config.vocab_size})
-    scorer = Scorer(model, get_tokenizer(checkpoint and checkpoint.get('data_meta')), device,
-                    batch_size)
+    scorer = Scorer(model, get_tokenizer(checkpoint and checkpoint.get('data_meta')), device, batch_size)
     if 'ppl' in tasks.split(','):  # the data checked before any task runs
         ds = dataset or (checkpoint or {}).get('config', {}).get('dataset')
         if not ds:

@@ -52,19 +52,19 @@ report_only: 'bool' = False
 device: 'device' = 'cpu'
 # -----------------------------------------------------------------------------
 DATA = 'data/study_char'
-METHODS = {  # method -> (config, overrides, dataset)
-    'ntp': ('ntp', ['--mode=ntp', '--window_grid=True'], DATA),  # the label cache's windows
-    'kd': ('ntp', ['--mode=kd', '--window_grid=True'], DATA),
-    'pause': ('ntp', ['--mode=pause', '--window_grid=True'], DATA),
-    'cocomix': ('cocomix', ['--mix=interleave'], DATA),  # the paper's method
-    'cocomix_add': ('cocomix', ['--mix=add'], DATA),
-    'predict_only': ('cocomix', ['--mix=none'], DATA),
-    'activation': ('cocomix', ['--mix=interleave', '--label_method=activation'], DATA + '_act'),
+METHODS = {  # method -> (config, overrides, dataset, what it reads of the teacher: labels by a method, KD or None)
+    'ntp': ('ntp', ['--mode=ntp', '--window_grid=True'], DATA, None),  # the label cache's windows
+    'kd': ('ntp', ['--mode=kd', '--window_grid=True'], DATA, 'kd'),
+    'pause': ('ntp', ['--mode=pause', '--window_grid=True'], DATA, None),
+    'cocomix': ('cocomix', ['--mix=interleave'], DATA, 'attribution'),  # the paper's method
+    'cocomix_add': ('cocomix', ['--mix=add'], DATA, 'attribution'),
+    'predict_only': ('cocomix', ['--mix=none'], DATA, 'attribution'),
+    'activation': ('cocomix', ['--mix=interleave', '--label_method=activation'], DATA + '_act', 'activation'),
     # the same architecture as 'cocomix', trained by the next-token loss alone: do labels matter?
-    'interleave_no_concept_loss': ('cocomix', ['--mix=interleave', '--lam_concept=0'], DATA),
+    'interleave_no_concept_loss': ('cocomix', ['--mix=interleave', '--lam_concept=0'], DATA, None),
     # NTP at CoCoMix's compute: its student FLOPs, and its student plus cached labelling FLOPs
-    'ntp_flops_student': ('ntp', ['--mode=ntp', '--window_grid=True'], DATA),
-    'ntp_flops_total': ('ntp', ['--mode=ntp', '--window_grid=True'], DATA),
+    'ntp_flops_student': ('ntp', ['--mode=ntp', '--window_grid=True'], DATA, None),
+    'ntp_flops_total': ('ntp', ['--mode=ntp', '--window_grid=True'], DATA, None),
 }
 WIDENED = ('ntp', 'kd')  # to CoCoMix's active size
 FLOPS_MATCHED = ('ntp_flops_student', 'ntp_flops_total')  # widened to CoCoMix's FLOPs per character
@@ -84,7 +84,6 @@ def by_seed(runs, size, m):
 
 
 def student_config(student, meta, width=None, **extra):
-    """The GPTConfig of a study student: block 128, the vocabulary of the data's meta.json padded."""
     args = {k[2:]: int(v) for k, v in (a.split('=') for a in student)}
     vocab = math.ceil(meta['vocab_size'] / 64) * 64  # as train.py pads
     return GPTConfig(block_size=128, vocab_size=vocab, n_layer=args['n_layer'], n_head=args['n_head'],
@@ -99,11 +98,10 @@ def matched_width(student, m):
     size = lambda cfg: GPT(cfg).get_num_params(active=True) if m in WIDENED else GPT(cfg).flops_per_token(128)
     target = size(student_config(student, meta, n_concepts=sae_latents, concept_topk=16))
     ntp = student_config(student, meta)
-    if m == 'ntp_flops_total':
-        t = {k[2:]: int(v) for k, v in (a.split('=') for a in teacher.split())}
-        shape = dict(teacher_shape=f"{t['n_layer']} x {t['n_embd']}", sae_latents=sae_latents,
-                     vocab_size=ntp.vocab_size)
-        target = cached_flops(shape, 'cocomix', target, meta['train_tokens'], student_iters * 4096)
+    if m == 'ntp_flops_total':  # in the results' terms; label_flops reads the sae_latents setting
+        shape = '{n_layer} x {n_embd}'.format_map(dict(a[2:].split('=') for a in teacher.split()))
+        res = dict(teacher_shape=shape, vocab_size=ntp.vocab_size, train_chars=meta['train_tokens'])
+        target = cached_flops(res, 'cocomix', target, student_iters * 4096)
     width = ntp.n_embd
     while size(student_config(student, meta, width)) < target:
         width += ntp.n_head
@@ -114,19 +112,18 @@ def matched_width(student, m):
 
 def label_flops(res, m):
     """Per token: the teacher's labelling for method m's labels, KD's teacher, or 0."""
-    if not needs_teacher(m):
+    if not METHODS[m][3]:
         return 0
     t = res['teacher_shape'].split(' x ')
     teacher_cfg = GPTConfig(n_layer=int(t[0]), n_embd=int(t[1]), vocab_size=res['vocab_size'])
-    method = next((a.split('=')[1] for a in METHODS[m][1] if '--label_method=' in a), 'attribution')
     return label_flops_per_token(teacher_cfg, SAE_LAYER, res.get('sae_latents', sae_latents),
-                                 128, 'kd' if m == 'kd' else method)  # 128: the study's windows
+                                 128, METHODS[m][3])  # 128: the study's windows
 
 
-def cached_flops(res, m, flops, train_chars, budget):
+def cached_flops(res, m, flops, budget):
     """FLOPs per training character with cached labels: the whole corpus (train_chars) labelled
     once and charged to one run of `budget` characters; KD's teacher runs online."""
-    return flops + label_flops(res, m) * (train_chars / budget if METHODS[m][0] == 'cocomix' else 1)
+    return flops + label_flops(res, m) * (res['train_chars'] / budget if METHODS[m][0] == 'cocomix' else 1)
 
 
 def machine():
@@ -138,19 +135,13 @@ def machine():
     return f"{names[0] if names else platform.processor()}{kind}, torch {torch.__version__}"
 
 
-def needs_teacher(m):
-    """Whether method m reads the teacher (labels or KD): the others pair without it."""
-    config, extra, _ = METHODS[m]
-    return m == 'kd' or (config == 'cocomix' and '--lam_concept=0' not in extra)
-
-
 def stages():
     """-> (the teacher, SAE and label stages, or none when no pending run reads them; the runs)."""
     done, timed, here = saved()['runs'], saved().get('timing', {}), machine()
     # a seed's runs that read the teacher come from one machine kind; the others pair by seed (the
     # same initial weights and batches) across kinds, whose floats differ in the last digits
     elsewhere = {k.split('/')[2] for k, v in done.items()
-                 if v.get('machine', here) != here and needs_teacher(k.split('/')[1])}
+                 if v.get('machine', here) != here and METHODS[k.split('/')[1]][3]}
     # the question first (NTP vs CoCoMix at the paper's shape), then scale, then the controls
     order = sorted(((size, student, m, n) for size, (student, methods) in sizes().items()
                     for m, n in methods.items()),
@@ -161,40 +152,37 @@ def stages():
         student_args = student + ([f'--n_embd={width}'] if width else [])
         for seed in range(n):
             run = f'{out}/{size}/{m}_s{seed}'
-            if f'{size}/{m}/{seed}' not in done and not (needs_teacher(m) and str(seed) in elsewhere):
+            if f'{size}/{m}/{seed}' not in done and not (METHODS[m][3] and str(seed) in elsewhere):
                 runs += [train_stage(f'{size} {m} seed {seed}', run, m, student_iters,
                                      [f'--seed={seed}', f'--eval_interval={eval_every}', '--log_interval=100',
                                       '--always_save_checkpoint=True', *student_args]), evaluation(run)]
         if size == '8-layer' and m not in timed:  # a short timed run per method
             runs.append(train_stage(f'timing {m}', f'{out}/timing/{m}', m, timing_steps,
                                     ['--eval_interval=100000', '--log_interval=1', *student_args]))
-    if not any(f'{out}/teacher/ckpt.pt' in inputs for _, _, inputs, _ in runs):  # none reads it
+    ckpt, sae = f'{out}/teacher/ckpt.pt', f'{out}/sae/sae.pt'
+    if not any(ckpt in inputs for _, _, inputs, _ in runs):  # none reads it
         return [], runs
-    models = [f'--teacher={out}/teacher', f'--sae={out}/sae/sae.pt']
-    if teacher_from:  # the first machine's teacher and SAE, checked by fingerprint before any run
-        copy = ['-c', 'import shutil, sys; shutil.copyfile(sys.argv[1], sys.argv[2])']
-        s = [('teacher', copy + [teacher_from, f'{out}/teacher/ckpt.pt'], [], f'{out}/teacher/ckpt.pt'),
-             ('sae', copy + [sae_from, f'{out}/sae/sae.pt'], [f'{out}/teacher/ckpt.pt'], f'{out}/sae/sae.pt')]
-    else:
-        s = [('teacher', ['train.py', 'config/teacher_shakespeare_char.py', *teacher.split(),
-                          f'--out_dir={out}/teacher', f'--max_iters={teacher_iters}',
-                          f'--lr_decay_iters={teacher_iters}', '--eval_interval=500', '--log_interval=100',
-                          f'--dataset={DATA}', f'--device={device}', '--eval_iters=10'],
-              [f'{DATA}/meta.json'], f'{out}/teacher/ckpt.pt'),
-             ('sae', ['sae.py', 'config/sae_shakespeare_char.py', f'--dataset={DATA}', f'--out_dir={out}/sae',
-                      models[0], f'--n_latents={sae_latents}', '--max_tokens=2000000', f'--device={device}'],
-              [f'{out}/teacher/ckpt.pt'], f'{out}/sae/sae.pt')]
+    models = [f'--teacher={out}/teacher', f'--sae={sae}']
+    train = ['train.py', 'config/teacher_shakespeare_char.py', *teacher.split(), f'--out_dir={out}/teacher',
+             f'--max_iters={teacher_iters}', f'--lr_decay_iters={teacher_iters}', '--eval_interval=500',
+             '--log_interval=100', f'--dataset={DATA}', f'--device={device}', '--eval_iters=10']
+    fit = ['sae.py', 'config/sae_shakespeare_char.py', f'--dataset={DATA}', f'--out_dir={out}/sae', models[0],
+           f'--n_latents={sae_latents}', '--max_tokens=2000000', f'--device={device}']
+    copy = ['-c', 'import shutil, sys; shutil.copyfile(sys.argv[1], sys.argv[2])']
+    # teacher_from: the first machine's teacher and SAE, checked by fingerprint before any run
+    s = [('teacher', copy + [teacher_from, ckpt] if teacher_from else train,
+          [] if teacher_from else [f'{DATA}/meta.json'], ckpt),
+         ('sae', copy + [sae_from, sae] if sae_from else fit, [ckpt], sae)]
     for data, method in ((DATA, 'attribution'), (DATA + '_act', 'activation')):
         s.append((f'labels {method}', ['attribution.py', 'config/cocomix_shakespeare_char.py', f'--dataset={data}',
                                        *models, '--splits=train', f'--label_method={method}', f'--device={device}'],
-                  [f'{out}/sae/sae.pt', f'{data}/meta.json'], f'{data}/labels_train.json'))
+                  [sae, f'{data}/meta.json'], f'{data}/labels_train.json'))
     return s + [evaluation(f'{out}/teacher')], runs
 
 
 def train_stage(name, run, m, iters, args):
-    """A student of method m trained after args, with the method's config, data and labels."""
-    config, extra, data = METHODS[m]
-    if needs_teacher(m):
+    config, extra, data, reads_teacher = METHODS[m]
+    if reads_teacher:
         models = [f'--teacher={out}/teacher', f'--sae={out}/sae/sae.pt']
         inputs = [f'{out}/teacher/ckpt.pt'] + ([f'{data}/labels_train.json'] if config == 'cocomix' else [])
     else:  # no labels: the concept vocabulary is the SAE's width, from the settings
@@ -221,8 +209,7 @@ def saved():
 
 
 def check_identity(old):
-    """The fingerprints of this machine's teacher and SAE weights, refused if the saved results (old)
-    were made with another teacher or SAE."""
+    """This machine's teacher's and SAE's fingerprints, refused if unlike those of the saved results (old)."""
     teacher = torch.load(f'{out}/teacher/ckpt.pt', map_location='cpu', weights_only=True)['model']
     teacher_id, sae_id = fingerprint(teacher), fingerprint(torch.load(f'{out}/sae/sae.pt', weights_only=True))
     if old['runs'] and (old.get('teacher_id'), old.get('sae_id')) != (teacher_id, sae_id):
@@ -297,19 +284,18 @@ def compute_rows(res, got, reach, missed):
     lines = ["| method | student FLOPs/char | + teacher, online | + teacher, cached | ms/step | "
              "to reach NTP: chars | FLOPs (cached) | time |", '|---' * 8 + '|']
     ntp, timing = next(iter(got['ntp'].values())), res.get('timing', {})
-    ms_ntp = timing.get('ntp', {}).get('ms_per_step')
+    t_ntp = timing.get('ntp', {})
     for m, r in got.items():
-        v = next(iter(r.values()))
-        cached = cached_flops(res, m, v['flops'], res['train_chars'], v['curve'][-1][0])
-        comparable = timing.get(m, {}).get('machine') == timing.get('ntp', {}).get('machine')
-        ms = timing.get(m, {}).get('ms_per_step') if comparable else None  # else two kinds of machine
+        v, t = next(iter(r.values())), timing.get(m, {})
+        cached = cached_flops(res, m, v['flops'], v['curve'][-1][0])
+        ms = t.get('ms_per_step') if t.get('machine') == t_ntp.get('machine') else None  # else two kinds of machine
         row = [m, f"{v['flops'] / 1e6:.2f}M", f"{(v['flops'] + label_flops(res, m)) / 1e6:.2f}M",
                f"{cached / 1e6:.2f}M", f"{ms:.0f}" if ms else '—']
         if m not in reach:
             row += [missed.get(m, '—'), '—', '—']
         else:
             row += [ci(reach[m], '.2f'), ci([x * cached / ntp['flops'] for x in reach[m]], '.2f'),
-                    ci([x * ms / ms_ntp for x in reach[m]], '.2f') if ms and ms_ntp else '—']
+                    ci([x * ms / t_ntp['ms_per_step'] for x in reach[m]], '.2f') if ms else '—']
         lines.append('| ' + ' | '.join(row) + ' |')
     return lines
 
@@ -395,7 +381,7 @@ def headline(res, deltas, versus):
             lines.append(f"| {title} | — | — | 0 | not run yet | — | — |")
             continue
         v, finals = next(iter(r.values())), [v['final'] for v in r.values()]
-        cached = cached_flops(res, m, v['flops'], res['train_chars'], v['curve'][-1][0])
+        cached = cached_flops(res, m, v['flops'], v['curve'][-1][0])
         delta, vs = deltas.get(('8-layer', m)), versus.get(('8-layer', m))
         ntp = by_seed(res['runs'], '8-layer', 'ntp')
         crossed += sum(s in ntp and ntp[s].get('machine') != r[s].get('machine') for s in r)
@@ -428,7 +414,7 @@ def plot(res):
             loss = np.array([[y for _, y in run['curve']][1:] for run in r.values()])
             ax.plot(chars / 1e6, loss.mean(0), label=f'{m} ({len(r)} seeds)')
             ax.fill_between(chars / 1e6, loss.min(0), loss.max(0), alpha=0.2)
-            cached = cached_flops(res, m, v['flops'], res['train_chars'], chars)
+            cached = cached_flops(res, m, v['flops'], chars)
             for ax_flops, flops in zip(by_flops if size == '8-layer' else [],
                                        (v['flops'], v['flops'] + label_flops(res, m), cached)):
                 ax_flops.plot(chars * flops / 1e12, loss.mean(0), label=f'{m} ({len(r)} seeds)')
