@@ -55,26 +55,23 @@ class CharTokenizer:
         self.chars, self.ids = chars, {c: i for i, c in enumerate(chars)}
         self.eot_token, self.n_vocab = len(chars), len(chars) + 1
 
-    def encode_ordinary(self, text):
+    def encode_ordinary(self, text, allowed_special=()):
         try:
             return [self.ids[c] for c in text]
         except KeyError as e:
             raise UserError(f"{e.args[0]!r} is not in this dataset's character vocabulary")
 
+    encode = encode_ordinary  # no special tokens: '<|endoftext|>' is 13 characters here
+
     def encode_ordinary_batch(self, texts, num_threads):
         return [self.encode_ordinary(t) for t in texts]
-
-    def encode(self, text, allowed_special=()):
-        return self.encode_ordinary(text)
 
     def decode(self, ids):
         return ''.join(self.chars[i] if i < self.eot_token else '<|endoftext|>' for i in ids)
 
 
 def get_tokenizer(meta):
-    if meta and meta['tokenizer'] == 'char':
-        return CharTokenizer(meta['chars'])
-    return gpt2_tokenizer()
+    return CharTokenizer(meta['chars']) if meta and meta['tokenizer'] == 'char' else gpt2_tokenizer()
 
 
 def gpt2_tokenizer():
