@@ -82,7 +82,7 @@ given = set()  # the settings a config file or an override set
 config = configure(globals(), given=given)
 
 # settings that contradict each other stop the run before any work
-cocomix, kd, pause = mode == 'cocomix', mode in ('kd', 'kd_pause'), mode in ('pause', 'kd_pause')
+cocomix, kd, pause = mode == 'cocomix', 'kd' in mode, 'pause' in mode  # kd_pause: both
 for key, off in (('mix', 'interleave'), ('label_cache', False)):
     if config[key] != off and not cocomix:
         raise UserError(f"{key}={config[key]!r} applies to mode=cocomix only (this run: {mode})")
@@ -184,8 +184,7 @@ torch.manual_seed(seed)  # the same initial weights on every process
 if init_from in ('scratch', 'resume'):
     model = GPT(GPTConfig(**model_args))
 else:  # OpenAI's weights; the CoCoMix or pause parts on top start freshly initialised
-    added = ('n_concepts', 'concept_topk', 'insert_layer', 'mix', 'pause')
-    extra = {k: model_args[k] for k in added if k in model_args}
+    extra = {k: v for k, v in model_args.items() if k not in {*fixed, 'vocab_size', 'dropout'}}
     model = load_model(init_from, 'cpu', dropout, **extra)[0].train()
     model_args.update(vocab_size=model.config.vocab_size)
 if meta['vocab_size'] > model_args['vocab_size']:
