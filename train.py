@@ -1,9 +1,4 @@
-"""
-One training loop for every mode, on one CPU or GPU or many through torchrun:
-
-    python train.py config/ntp_shakespeare.py --max_iters=100
-    torchrun --standalone --nproc_per_node=8 train.py config/cocomix_gpt2.py
-"""
+"""One training loop for every mode, on one CPU or GPU or many through torchrun (README.md)."""
 import gc
 import glob
 import math
@@ -330,7 +325,6 @@ if compile and online:  # the teacher's labelling: most of an online step at the
 t_start, t0, running_flops, local_iter = time.time(), time.time(), -1.0, 0
 while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
-    # evaluate, and checkpoint, every eval_interval steps and at the end
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
         losses = estimate_loss()
         if master:
@@ -404,7 +398,6 @@ while True:
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
 
-    # timing and logging
     t1 = time.time()
     dt, t0 = t1 - t0, t1
     if iter_num % log_interval == 0 and master:
