@@ -71,7 +71,8 @@ class CharTokenizer:
 
 
 def get_tokenizer(meta):
-    return CharTokenizer(meta['chars']) if meta and meta['tokenizer'] == 'char' else gpt2_tokenizer()
+    char = meta and meta['tokenizer'] == 'char'
+    return CharTokenizer(meta['chars']) if char else gpt2_tokenizer()
 
 
 def gpt2_tokenizer():
