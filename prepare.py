@@ -55,26 +55,24 @@ class CharTokenizer:
         self.chars, self.ids = chars, {c: i for i, c in enumerate(chars)}
         self.eot_token, self.n_vocab = len(chars), len(chars) + 1
 
-    def encode_ordinary(self, text):
+    def encode_ordinary(self, text, allowed_special=()):
         try:
             return [self.ids[c] for c in text]
         except KeyError as e:
             raise UserError(f"{e.args[0]!r} is not in this dataset's character vocabulary")
 
+    encode = encode_ordinary  # no special tokens: '<|endoftext|>' is 13 characters here
+
     def encode_ordinary_batch(self, texts, num_threads):
         return [self.encode_ordinary(t) for t in texts]
-
-    def encode(self, text, allowed_special=()):
-        return self.encode_ordinary(text)
 
     def decode(self, ids):
         return ''.join(self.chars[i] if i < self.eot_token else '<|endoftext|>' for i in ids)
 
 
 def get_tokenizer(meta):
-    if meta and meta['tokenizer'] == 'char':
-        return CharTokenizer(meta['chars'])
-    return gpt2_tokenizer()
+    char = meta and meta['tokenizer'] == 'char'
+    return CharTokenizer(meta['chars']) if char else gpt2_tokenizer()
 
 
 def gpt2_tokenizer():
@@ -280,17 +278,11 @@ def tokenize_into(path, pieces, enc, desc, limit=0):
     return n
 
 
-def hold_out(train_path, val_path, n_val):
-    start = os.path.getsize(train_path) - 2 * n_val  # in bytes, two a token
+def hold_out(train_path, val_path, start):
     with open(train_path, 'rb') as src, open(val_path, 'wb') as dst:
         src.seek(start)
         shutil.copyfileobj(src, dst)
     os.truncate(train_path, start)
-
-
-def char_vocabulary(sources):
-    chars = {c for pieces in sources for text, _ in pieces for c in text}
-    return CharTokenizer(''.join(sorted(chars)))
 
 
 def main(argv):
@@ -325,7 +317,8 @@ def main(argv):
             raise UserError("tokenizer='char' is for small local text: give it with --input=PATH")
         sources = [f'{OPENWEBTEXT}@{hub_revision or OPENWEBTEXT_REVISION}']
         docs = openwebtext_splits  # called once: the char tokenizer, which reads twice, is refused
-    enc = gpt2_tokenizer() if tokenizer == 'gpt2' else char_vocabulary(s for s in docs() if s)
+    enc = gpt2_tokenizer() if tokenizer == 'gpt2' else \
+        CharTokenizer(''.join(sorted({c for s in docs() if s for t, _ in s for c in t})))
 
     # New files replace the old only once complete, meta.json (the finished mark) removed just
     # before and written last: a failed run keeps the old dataset, one killed mid-swap has no meta.
@@ -341,8 +334,8 @@ def main(argv):
             n_val = tokenize_into(val_tmp, val_docs, enc, 'val')
         else:
             n_val = max(1, int(n_train * val_fraction))
-            hold_out(train_tmp, val_tmp, n_val)
             n_train -= n_val
+            hold_out(train_tmp, val_tmp, 2 * n_train)  # in bytes, two a token
         for tmp in (train_tmp, val_tmp):  # on disk before the old files stop counting
             with open(tmp, 'rb+') as f:
                 os.fsync(f.fileno())

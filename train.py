@@ -1,9 +1,4 @@
-"""
-One training loop for every mode, on one CPU or GPU or many through torchrun:
-
-    python train.py config/ntp_shakespeare.py --max_iters=100
-    torchrun --standalone --nproc_per_node=8 train.py config/cocomix_gpt2.py
-"""
+"""One training loop for every mode, on one CPU or GPU or many through torchrun (README.md)."""
 import gc
 import glob
 import math
@@ -82,7 +77,7 @@ given = set()  # the settings a config file or an override set
 config = configure(globals(), given=given)
 
 # settings that contradict each other stop the run before any work
-cocomix, kd, pause = mode == 'cocomix', mode in ('kd', 'kd_pause'), mode in ('pause', 'kd_pause')
+cocomix, kd, pause = mode == 'cocomix', 'kd' in mode, 'pause' in mode  # kd_pause: both
 for key, off in (('mix', 'interleave'), ('label_cache', False)):
     if config[key] != off and not cocomix:
         raise UserError(f"{key}={config[key]!r} applies to mode=cocomix only (this run: {mode})")
@@ -184,8 +179,7 @@ torch.manual_seed(seed)  # the same initial weights on every process
 if init_from in ('scratch', 'resume'):
     model = GPT(GPTConfig(**model_args))
 else:  # OpenAI's weights; the CoCoMix or pause parts on top start freshly initialised
-    added = ('n_concepts', 'concept_topk', 'insert_layer', 'mix', 'pause')
-    extra = {k: model_args[k] for k in added if k in model_args}
+    extra = {k: v for k, v in model_args.items() if k not in {*fixed, 'vocab_size', 'dropout'}}
     model = load_model(init_from, 'cpu', dropout, **extra)[0].train()
     model_args.update(vocab_size=model.config.vocab_size)
 if meta['vocab_size'] > model_args['vocab_size']:
@@ -331,7 +325,6 @@ if compile and online:  # the teacher's labelling: most of an online step at the
 t_start, t0, running_flops, local_iter = time.time(), time.time(), -1.0, 0
 while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
-    # evaluate, and checkpoint, every eval_interval steps and at the end
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
         losses = estimate_loss()
         if master:
@@ -405,7 +398,6 @@ while True:
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
 
-    # timing and logging
     t1 = time.time()
     dt, t0 = t1 - t0, t1
     if iter_num % log_interval == 0 and master:
