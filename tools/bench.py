@@ -130,31 +130,26 @@ def gpt(layers=n_layer, width=n_embd, heads=n_head, T=block_size, lib=vars(M), *
     return lib['GPT'](config).to(device)
 
 
-def adamw_step(model, loss_fn):  # one AdamW step on loss_fn() under autocast, as a closure
+def train_step(model, labels=None, world=1, compiled=compile):
+    """One AdamW step on a random batch, as a closure (DDP for world > 1); labels: cached, or a function of x."""
+    step_model = torch.compile(model, backend=backend) if compiled else model
+    if world > 1:
+        step_model = DDP(step_model, device_ids=[torch.device(device).index] if cuda else None)
+    x = torch.randint(0, vocab_size, (batch_size, block_size), device=device)
     opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 'cuda' if cuda else 'cpu')
 
     def step():
         with ctx:
-            loss = loss_fn()
+            if labels is None:  # nanoGPT's model too: it takes no concept labels
+                loss = step_model(x, x)[1]
+            else:
+                _, ntp_loss, out = step_model(x, x, concept_labels=labels(x) if callable(labels) else labels)
+                loss = ntp_loss + 0.1 * out['concept']
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
     return step
-
-
-def train_step(model, labels=None, world=1):
-    """One AdamW step on a random batch (DDP for world > 1); labels: cached, or a function of x."""
-    step_model = torch.compile(model, backend=backend) if compile else model
-    if world > 1:
-        step_model = DDP(step_model, device_ids=[torch.device(device).index] if cuda else None)
-    x = torch.randint(0, vocab_size, (batch_size, block_size), device=device)
-
-    def loss():
-        c = labels(x) if callable(labels) else labels
-        _, ntp_loss, out = step_model(x, x, concept_labels=c)
-        return ntp_loss + 0.1 * out['concept'] if c is not None else ntp_loss
-    return adamw_step(model, loss)
 
 
 def teacher_and_sae():
@@ -270,9 +265,8 @@ def bench_ntp():
     if not nanogpt or not os.path.exists(path):  # '' would find our own model.py
         raise UserError(f"no {path}: --parts=ntp needs --nanogpt=DIR, a karpathy/nanoGPT checkout")
     ours = train_step(gpt())
-    theirs_model = gpt(lib=runpy.run_path(path))  # its globals: beside our model.py, not in its place
-    x = torch.randint(0, vocab_size, (batch_size, block_size), device=device)
-    theirs = adamw_step(theirs_model, lambda: theirs_model(x, x)[1])
+    # nanoGPT's model from its globals (beside our model.py, not in its place), eager
+    theirs = train_step(gpt(lib=runpy.run_path(path)), compiled=False)
     times = {'ours': [], 'nanoGPT': []}
     for r in range(rounds):  # each first in every other round: neither gains from the order
         for name, step in [('ours', ours), ('nanoGPT', theirs)][::-1 if r % 2 else 1]:
