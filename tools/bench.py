@@ -34,6 +34,7 @@ import tempfile
 import time
 from contextlib import nullcontext, redirect_stdout
 from resource import RUSAGE_SELF, getrusage
+from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
@@ -293,14 +294,12 @@ def bench_labels():
     check('labelling FLOP/s / NTP FLOP/s', flops / ntp_flops, 0.8)
     # the LM head in chunks (forced; large label batches get it): the frozen head's weight gradient
     # is skipped; computing it, as a head with requires_grad would, shows what that saves
-    plain_rule, M.chunked_head = M.chunked_head, lambda *args: True
     seconds = {'computed': [], 'skipped': []}
     for _ in range(2):  # alternating
         for name in seconds:
             teacher.lm_head.weight.requires_grad_(name == 'computed')
-            with ctx:
+            with ctx, mock.patch.object(M, 'chunked_head', lambda *args: True):
                 seconds[name].append(timed(label, n=3))
-    M.chunked_head = plain_rule
     rate = {k: useful / min(v) / 1e9 for k, v in seconds.items()}
     print(f"  labelling with a chunked head: {rate['computed']:.1f} GFLOP/s with the frozen head's weight "
           f"gradient computed, {rate['skipped']:.1f} skipped: {rate['skipped'] / rate['computed']:.2f}x")
@@ -313,16 +312,13 @@ def bench_heads():
     labels = torch.randint(0, n_concepts, (batch_size, block_size, k_attr), device=device)
 
     def grads(chunked, low):
-        M.chunked_head = lambda *args: chunked
         net.zero_grad(set_to_none=True)
-        with ctx if low else nullcontext():
+        with ctx if low else nullcontext(), mock.patch.object(M, 'chunked_head', lambda *args: chunked):
             _, loss, out = net(x, x, concept_labels=labels)
             (loss + 0.1 * out['concept']).backward()
         return torch.cat([p.grad.float().flatten() for p in net.parameters() if p.grad is not None])
-    plain_rule = M.chunked_head
     ref = grads(False, False)
     got = {'plain': grads(False, True), 'chunked': grads(True, True)}
-    M.chunked_head = plain_rule
     rel = lambda g, r: ((g - r).norm() / r.norm()).item()
     err = {k: rel(g, ref) for k, g in got.items()}
     between = rel(got['chunked'], got['plain'])
