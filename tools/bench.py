@@ -121,10 +121,6 @@ def timed(fn, n=steps, warmup=1):  # seconds per call of fn, after warmup calls
     return (time.perf_counter() - t0) / n
 
 
-def peak_memory(dev=None):  # bytes allocated on the GPU, else the process's peak resident set
-    return torch.cuda.max_memory_allocated(dev) if cuda else getrusage(RUSAGE_SELF).ru_maxrss * 1024
-
-
 def gpt(layers=n_layer, width=n_embd, heads=n_head, T=block_size, lib=vars(M), **concepts):
     config = lib['GPTConfig'](block_size=T, vocab_size=V, n_layer=layers, n_head=heads,
                               n_embd=width, bias=bias, dropout=dropout, **concepts)
@@ -203,7 +199,8 @@ def measure(mode, world=1):
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     dt = timed(lambda: seconds.update(loss=step().item()), warmup=2)  # they compile
-    memory = torch.tensor(float(peak_memory(device)), device=device)
+    memory = torch.cuda.max_memory_allocated(device) if cuda else getrusage(RUSAGE_SELF).ru_maxrss * 1024
+    memory = torch.tensor(float(memory), device=device)  # on the GPU, else the process's peak resident set
     if world > 1:
         torch.distributed.all_reduce(memory, op=torch.distributed.ReduceOp.MAX)
     tokens = batch_size * block_size * world / dt  # per second, in all processes
@@ -380,15 +377,14 @@ def bench_sae():
         their_opt.step()
         their_opt.zero_grad(set_to_none=True)
         theirs.set_decoder_norm_to_unit_norm()
-    seconds = {'ours': 0.0, 'sparsify': 0.0}
-    for i, x in enumerate(data):  # alternating, batch by batch: the same tokens in the same order
+    seconds = {'ours': [], 'sparsify': []}
+    for x in data:  # alternating, batch by batch: the same tokens in the same order
         for name, step in (('ours', ours_step), ('sparsify', theirs_step)):
             with ctx:
-                dt = timed(lambda: step(x), n=1, warmup=0)
-            seconds[name] += dt if i else 0.0  # the first step warms up
+                seconds[name].append(timed(lambda: step(x), n=1, warmup=0))
     with torch.no_grad():
         results = {'ours': fvus(ours(held_out)), 'sparsify': fvus(theirs(held_out).sae_out)}
-    rate = {k: (len(data) - 1) * sae_batch / s for k, s in seconds.items()}
+    rate = {k: (len(data) - 1) * sae_batch / sum(s[1:]) for k, s in seconds.items()}  # the first warms up
     print(f"sae ({d} -> {C}, k {k}, {len(data) * sae_batch:,} tokens, batch {sae_batch}, lr {lr:.2e}):")
     for name in rate:
         print(f"  {name:>8}: {rate[name]:,.0f} tokens/s, FVU on held-out vectors {results[name][0]:.4f} "
@@ -409,13 +405,12 @@ def bench_prepare():
             with open(f'{tmp}/corpus.jsonl', 'w') as f:  # documents of 200 to 2,000 words
                 while f.tell() < mb * 2 ** 20:
                     f.write(json.dumps({'text': ' '.join(rng.choices(words, k=rng.randint(200, 2000)))}) + '\n')
+            command = [sys.executable, 'prepare.py', 'bench', f'--input={tmp}/corpus.jsonl', f'--out_dir={tmp}/out']
             t0 = time.perf_counter()
-            peak = subprocess.run([sys.executable, '-c', measure, sys.executable, 'prepare.py', 'bench',
-                                   f'--input={tmp}/corpus.jsonl', f'--out_dir={tmp}/out'], check=True,
-                                  capture_output=True, text=True, cwd=REPO).stdout
+            peaks.append(int(subprocess.run([sys.executable, '-c', measure] + command, check=True,
+                                            capture_output=True, text=True, cwd=REPO).stdout))
             seconds = time.perf_counter() - t0
             tokens = sum(json.load(open(f'{tmp}/out/meta.json'))[k] for k in ('train_tokens', 'val_tokens'))
-            peaks.append(int(peak))
             print(f"  prepare {mb} MB: {tokens:,} tokens, {tokens / seconds:,.0f} tokens/s, "
                   f"peak memory {peaks[-1] / 2 ** 20:,.0f} MB")
     print(f"  peak memory at 10x the text: {peaks[1] / peaks[0]:.2f}x (target <= 1.5x + 100 MB: "
@@ -423,7 +418,7 @@ def bench_prepare():
 
 
 if run_mode:  # one mode of --parts=train
-    bare = peak_memory() if not cuda else 0  # this process before any model
+    bare = 0 if cuda else getrusage(RUSAGE_SELF).ru_maxrss * 1024  # this process before any model
     row = measure(run_mode)
     print(json.dumps(dict(row, memory=row['memory'] - bare)))
 else:
