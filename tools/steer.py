@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from common import UserError, configure, load_model, load_teacher
-from concepts import promoted, promoted_ids
+from concepts import promoted
 from prepare import data_dir_of, get_tokenizer, load_tokens, windows
 from sae import load_sae, teacher_residual
 from stages import publish as publish_block
@@ -54,7 +54,7 @@ def measure(run):
     starts = np.linspace(0, len(val) - prompt_len - 1, prompts).astype(int).tolist()
     prompt = windows(val, starts, prompt_len).to(device)
     for c in chosen:
-        out, top = {}, promoted_ids(sae, teacher, [c], 5, enc.n_vocab)[0]
+        out, top = {}, promoted(sae, teacher, enc, [c], 5, decode=False)[0]
         for steer in (None, {c: alpha}):
             torch.manual_seed(seed)  # the same draws: the plain and steered texts are paired
             x = model.generate(prompt, new_tokens, temperature=temperature, steer=steer)
