@@ -149,16 +149,15 @@ def train_step(model, labels=None, world=1, compiled=compile):
     return step
 
 
-def teacher_and_sae():
+def labelling():  # a teacher, its SAE and label_batch sequences to label
     teacher = gpt(teacher_layers, teacher_embd, max(1, teacher_embd // 64)).eval().requires_grad_(False)
-    return teacher, S.TopKSAE(teacher_embd, n_concepts, sae_k).to(device).eval()
+    sae = S.TopKSAE(teacher_embd, n_concepts, sae_k).to(device).eval()
+    return teacher, sae, torch.randint(0, vocab_size, (label_batch, block_size), device=device)
 
 
-def report_label_speeds():
+def report_label_speeds(teacher_model, sae, idx):
     """Online labelling eager and under torch.compile, alternating so that neither gains from the
     order: print their tokens/s; -> compiled / eager."""
-    teacher_model, sae = teacher_and_sae()
-    idx = torch.randint(0, vocab_size, (label_batch, block_size), device=device)
     torch._dynamo.reset()
     calls = {'eager': concept_labels, 'compiled': torch.compile(concept_labels, backend=backend)}
     seconds, labels = {k: [] for k in calls}, {}
@@ -186,7 +185,7 @@ def measure(mode, world=1):
     torch._dynamo.utils.counters.clear()
     model = gpt(**(COCOMIX if mode != 'ntp' else {}))
     cached = torch.randint(0, n_concepts, (batch_size, block_size, k_attr), device=device)
-    teacher_model, sae = teacher_and_sae() if mode == 'online' else (None, None)
+    teacher_model, sae, _ = labelling() if mode == 'online' else (None, None, None)
     seconds = dict(teacher=0.0)
 
     def labeller(x):
@@ -246,7 +245,7 @@ def bench_modes(part):
             if row['breaks']:
                 problems.append(f"{mode}: {row['breaks']} graph breaks")
         if part == 'smoke':
-            report_label_speeds()
+            report_label_speeds(*labelling())
         check('cocomix (cached labels) FLOP/s / NTP FLOP/s',
               rows['cached']['flops'] / rows['ntp']['flops'], 0.9)
         ready = ', ready for the long run' if part == 'smoke' else ''
@@ -276,8 +275,7 @@ def bench_ntp():
 
 
 def bench_labels():
-    teacher, sae = teacher_and_sae()
-    idx = torch.randint(0, vocab_size, (label_batch, block_size), device=device)
+    teacher, sae, idx = labelling()
     label = lambda: concept_labels(teacher, sae, idx, sae_layer, k_attr)
     with ctx:
         dt = timed(label, n=3)
@@ -300,7 +298,7 @@ def bench_labels():
     rate = {k: useful / min(v) / 1e9 for k, v in seconds.items()}
     print(f"  labelling with a chunked head: {rate['computed']:.1f} GFLOP/s with the frozen head's weight "
           f"gradient computed, {rate['skipped']:.1f} skipped: {rate['skipped'] / rate['computed']:.2f}x")
-    check('labelling tokens/s compiled / eager', report_label_speeds(), 1.0)
+    check('labelling tokens/s compiled / eager', report_label_speeds(teacher, sae, idx), 1.0)
 
 
 def bench_heads():
