@@ -3,9 +3,6 @@ The whole CoCoMix pipeline in one command, the study's design at a size a newcom
 (RESULTS.md, "The quick start"): a teacher, its SAE and labels, then NTP, CoCoMix and CoCoMix added at
 the paper's shape on Tiny Shakespeare's characters; their evaluation beside the study's, a steered sample.
 
-    python tools/pipeline.py                        # Tiny Shakespeare, shipped with the repository
-    python tools/pipeline.py --input='my_texts/*.txt' --name=mytext
-
 Every stage is an ordinary command, printed before it runs and skipped when current (stages.py).
 Thread counts are fixed, so reruns on the same kind of machine give the same numbers.
 """
