@@ -205,10 +205,9 @@ def measure(mode, world=1):
     tokens = batch_size * block_size * world / dt  # per second, in all processes
     flops = model.flops_per_token(block_size) * tokens
     peak = peak_flops(device, dtype)
-    breaks = sum(torch._dynamo.utils.counters['graph_break'].values())
-    return dict(tokens=tokens, ms=dt * 1e3, flops=flops, memory=memory.item(), breaks=breaks,
-                mfu=flops / (peak * world) if peak else None, loss=seconds['loss'],
-                teacher=seconds['teacher'] / (steps + 2) / dt)
+    return dict(tokens=tokens, ms=dt * 1e3, flops=flops, memory=memory.item(), loss=seconds['loss'],
+                breaks=sum(torch._dynamo.utils.counters['graph_break'].values()),
+                mfu=flops / (peak * world) if peak else None, teacher=seconds['teacher'] / (steps + 2) / dt)
 
 
 def child(mode):
