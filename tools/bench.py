@@ -1,7 +1,6 @@
 """
-Each speed target as a ratio measured in one run on this machine (CPU or GPU), with random weights:
-
-    python tools/bench.py config/cocomix_shakespeare.py --n_concepts=32768  # any train.py config
+Each speed target as a ratio measured in one run on this machine (CPU or GPU), with random weights, at
+the settings' shapes or any train.py config's (RESULTS.md has the commands).
 
 parts (--parts=a,b):
   smoke     a machine's check before a long run: training steps of NTP and of CoCoMix with cached
@@ -128,7 +127,7 @@ def gpt(layers=n_layer, width=n_embd, heads=n_head, T=block_size, lib=vars(M), *
 
 
 def train_step(model, labels=None, world=1, compiled=compile):
-    """One AdamW step on a random batch, as a closure (DDP for world > 1); labels: cached, or a function of x."""
+    """One AdamW step on a random batch, a closure (DDP for world > 1); labels: cached, or a function of x."""
     step_model = torch.compile(model, backend=backend) if compiled else model
     if world > 1:
         step_model = DDP(step_model, device_ids=[torch.device(device).index] if cuda else None)
@@ -156,8 +155,7 @@ def labelling():  # a teacher, its SAE and label_batch sequences to label
 
 
 def report_label_speeds(teacher_model, sae, idx):
-    """Online labelling eager and under torch.compile, alternating so that neither gains from the
-    order: print their tokens/s; -> compiled / eager."""
+    """Labelling's tokens/s eager and compiled (alternating: neither gains from the order) -> compiled / eager."""
     torch._dynamo.reset()
     calls = {'eager': concept_labels, 'compiled': torch.compile(concept_labels, backend=backend)}
     seconds, labels = {k: [] for k in calls}, {}
