@@ -81,13 +81,12 @@ if __name__ == '__main__':
                 f"{a:.3f} → {b:.3f}" for a, b in m.values()) + ' |')
             for k, (a, b) in m.items():
                 changes.setdefault(k, []).append(b - a)
-    summary = '; '.join(f"{k} {ci(v, '+.3f')}" for k, v in changes.items())
     text = '\n'.join([
         f"alpha {alpha:g}, {prompts} prompts of {prompt_len} characters continued by {new_tokens}, "
         f"temperature {temperature:g}; the {concepts} concepts each model most often ranks first.",
         '', *table, '',
         f"Steered minus plain, mean over {len(changes['active'])} (model, concept) pairs (95% CI): "
-        f"{summary}."])
+        + '; '.join(f"{k} {ci(v, '+.3f')}" for k, v in changes.items()) + '.'])
     if publish:
         publish_block('steer', text, 'RESULTS.md')
     else:
