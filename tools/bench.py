@@ -1,7 +1,6 @@
 """
-Each speed target as a ratio measured in one run on this machine (CPU or GPU), with random weights:
-
-    python tools/bench.py config/cocomix_shakespeare.py --n_concepts=32768  # any train.py config
+Each speed target as a ratio measured in one run on this machine (CPU or GPU), with random weights, at
+the settings' shapes or any train.py config's (RESULTS.md has the commands).
 
 parts (--parts=a,b):
   smoke     a machine's check before a long run: training steps of NTP and of CoCoMix with cached
@@ -34,6 +33,7 @@ import tempfile
 import time
 from contextlib import nullcontext, redirect_stdout
 from resource import RUSAGE_SELF, getrusage
+from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
@@ -120,22 +120,27 @@ def timed(fn, n=steps, warmup=1):  # seconds per call of fn, after warmup calls
     return (time.perf_counter() - t0) / n
 
 
-def peak_memory(dev=None):  # bytes allocated on the GPU, else the process's peak resident set
-    return torch.cuda.max_memory_allocated(dev) if cuda else getrusage(RUSAGE_SELF).ru_maxrss * 1024
-
-
 def gpt(layers=n_layer, width=n_embd, heads=n_head, T=block_size, lib=vars(M), **concepts):
     config = lib['GPTConfig'](block_size=T, vocab_size=V, n_layer=layers, n_head=heads,
                               n_embd=width, bias=bias, dropout=dropout, **concepts)
     return lib['GPT'](config).to(device)
 
 
-def adamw_step(model, loss_fn):  # one AdamW step on loss_fn() under autocast, as a closure
+def train_step(model, labels=None, world=1, compiled=compile):
+    """One AdamW step on a random batch, a closure (DDP for world > 1); labels: cached, or a function of x."""
+    step_model = torch.compile(model, backend=backend) if compiled else model
+    if world > 1:
+        step_model = DDP(step_model, device_ids=[torch.device(device).index] if cuda else None)
+    x = torch.randint(0, vocab_size, (batch_size, block_size), device=device)
     opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 'cuda' if cuda else 'cpu')
 
     def step():
         with ctx:
-            loss = loss_fn()
+            if labels is None:  # nanoGPT's model too: it takes no concept labels
+                loss = step_model(x, x)[1]
+            else:
+                _, ntp_loss, out = step_model(x, x, concept_labels=labels(x) if callable(labels) else labels)
+                loss = ntp_loss + 0.1 * out['concept']
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -143,30 +148,14 @@ def adamw_step(model, loss_fn):  # one AdamW step on loss_fn() under autocast, a
     return step
 
 
-def train_step(model, labels=None, world=1):
-    """One AdamW step on a random batch (DDP for world > 1); labels: cached, or a function of x."""
-    step_model = torch.compile(model, backend=backend) if compile else model
-    if world > 1:
-        step_model = DDP(step_model, device_ids=[torch.device(device).index] if cuda else None)
-    x = torch.randint(0, vocab_size, (batch_size, block_size), device=device)
-
-    def loss():
-        c = labels(x) if callable(labels) else labels
-        _, ntp_loss, out = step_model(x, x, concept_labels=c)
-        return ntp_loss + 0.1 * out['concept'] if c is not None else ntp_loss
-    return adamw_step(model, loss)
-
-
-def teacher_and_sae():
+def labelling():  # a teacher, its SAE and label_batch sequences to label
     teacher = gpt(teacher_layers, teacher_embd, max(1, teacher_embd // 64)).eval().requires_grad_(False)
-    return teacher, S.TopKSAE(teacher_embd, n_concepts, sae_k).to(device).eval()
+    sae = S.TopKSAE(teacher_embd, n_concepts, sae_k).to(device).eval()
+    return teacher, sae, torch.randint(0, vocab_size, (label_batch, block_size), device=device)
 
 
-def report_label_speeds():
-    """Online labelling eager and under torch.compile, alternating so that neither gains from the
-    order: print their tokens/s; -> compiled / eager."""
-    teacher_model, sae = teacher_and_sae()
-    idx = torch.randint(0, vocab_size, (label_batch, block_size), device=device)
+def report_label_speeds(teacher_model, sae, idx):
+    """Labelling's tokens/s eager and compiled (alternating: neither gains from the order) -> compiled / eager."""
     torch._dynamo.reset()
     calls = {'eager': concept_labels, 'compiled': torch.compile(concept_labels, backend=backend)}
     seconds, labels = {k: [] for k in calls}, {}
@@ -194,7 +183,7 @@ def measure(mode, world=1):
     torch._dynamo.utils.counters.clear()
     model = gpt(**(COCOMIX if mode != 'ntp' else {}))
     cached = torch.randint(0, n_concepts, (batch_size, block_size, k_attr), device=device)
-    teacher_model, sae = teacher_and_sae() if mode == 'online' else (None, None)
+    teacher_model, sae, _ = labelling() if mode == 'online' else (None, None, None)
     seconds = dict(teacher=0.0)
 
     def labeller(x):
@@ -207,16 +196,16 @@ def measure(mode, world=1):
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     dt = timed(lambda: seconds.update(loss=step().item()), warmup=2)  # they compile
-    memory = torch.tensor(float(peak_memory(device)), device=device)
+    memory = torch.cuda.max_memory_allocated(device) if cuda else getrusage(RUSAGE_SELF).ru_maxrss * 1024
+    memory = torch.tensor(float(memory), device=device)  # on the GPU, else the process's peak resident set
     if world > 1:
         torch.distributed.all_reduce(memory, op=torch.distributed.ReduceOp.MAX)
     tokens = batch_size * block_size * world / dt  # per second, in all processes
     flops = model.flops_per_token(block_size) * tokens
     peak = peak_flops(device, dtype)
-    breaks = sum(torch._dynamo.utils.counters['graph_break'].values())
-    return dict(tokens=tokens, ms=dt * 1e3, flops=flops, memory=memory.item(), breaks=breaks,
-                mfu=flops / (peak * world) if peak else None, loss=seconds['loss'],
-                teacher=seconds['teacher'] / (steps + 2) / dt)
+    return dict(tokens=tokens, ms=dt * 1e3, flops=flops, memory=memory.item(), loss=seconds['loss'],
+                breaks=sum(torch._dynamo.utils.counters['graph_break'].values()),
+                mfu=flops / (peak * world) if peak else None, teacher=seconds['teacher'] / (steps + 2) / dt)
 
 
 def child(mode):
@@ -253,7 +242,7 @@ def bench_modes(part):
             if row['breaks']:
                 problems.append(f"{mode}: {row['breaks']} graph breaks")
         if part == 'smoke':
-            report_label_speeds()
+            report_label_speeds(*labelling())
         check('cocomix (cached labels) FLOP/s / NTP FLOP/s',
               rows['cached']['flops'] / rows['ntp']['flops'], 0.9)
         ready = ', ready for the long run' if part == 'smoke' else ''
@@ -270,9 +259,8 @@ def bench_ntp():
     if not nanogpt or not os.path.exists(path):  # '' would find our own model.py
         raise UserError(f"no {path}: --parts=ntp needs --nanogpt=DIR, a karpathy/nanoGPT checkout")
     ours = train_step(gpt())
-    theirs_model = gpt(lib=runpy.run_path(path))  # its globals: beside our model.py, not in its place
-    x = torch.randint(0, vocab_size, (batch_size, block_size), device=device)
-    theirs = adamw_step(theirs_model, lambda: theirs_model(x, x)[1])
+    # nanoGPT's model from its globals (beside our model.py, not in its place), eager
+    theirs = train_step(gpt(lib=runpy.run_path(path)), compiled=False)
     times = {'ours': [], 'nanoGPT': []}
     for r in range(rounds):  # each first in every other round: neither gains from the order
         for name, step in [('ours', ours), ('nanoGPT', theirs)][::-1 if r % 2 else 1]:
@@ -284,8 +272,7 @@ def bench_ntp():
 
 
 def bench_labels():
-    teacher, sae = teacher_and_sae()
-    idx = torch.randint(0, vocab_size, (label_batch, block_size), device=device)
+    teacher, sae, idx = labelling()
     label = lambda: concept_labels(teacher, sae, idx, sae_layer, k_attr)
     with ctx:
         dt = timed(label, n=3)
@@ -299,18 +286,16 @@ def bench_labels():
     check('labelling FLOP/s / NTP FLOP/s', flops / ntp_flops, 0.8)
     # the LM head in chunks (forced; large label batches get it): the frozen head's weight gradient
     # is skipped; computing it, as a head with requires_grad would, shows what that saves
-    plain_rule, M.chunked_head = M.chunked_head, lambda *args: True
     seconds = {'computed': [], 'skipped': []}
     for _ in range(2):  # alternating
         for name in seconds:
             teacher.lm_head.weight.requires_grad_(name == 'computed')
-            with ctx:
+            with ctx, mock.patch.object(M, 'chunked_head', lambda *args: True):
                 seconds[name].append(timed(label, n=3))
-    M.chunked_head = plain_rule
     rate = {k: useful / min(v) / 1e9 for k, v in seconds.items()}
     print(f"  labelling with a chunked head: {rate['computed']:.1f} GFLOP/s with the frozen head's weight "
           f"gradient computed, {rate['skipped']:.1f} skipped: {rate['skipped'] / rate['computed']:.2f}x")
-    check('labelling tokens/s compiled / eager', report_label_speeds(), 1.0)
+    check('labelling tokens/s compiled / eager', report_label_speeds(teacher, sae, idx), 1.0)
 
 
 def bench_heads():
@@ -319,16 +304,13 @@ def bench_heads():
     labels = torch.randint(0, n_concepts, (batch_size, block_size, k_attr), device=device)
 
     def grads(chunked, low):
-        M.chunked_head = lambda *args: chunked
         net.zero_grad(set_to_none=True)
-        with ctx if low else nullcontext():
+        with ctx if low else nullcontext(), mock.patch.object(M, 'chunked_head', lambda *args: chunked):
             _, loss, out = net(x, x, concept_labels=labels)
             (loss + 0.1 * out['concept']).backward()
         return torch.cat([p.grad.float().flatten() for p in net.parameters() if p.grad is not None])
-    plain_rule = M.chunked_head
     ref = grads(False, False)
     got = {'plain': grads(False, True), 'chunked': grads(True, True)}
-    M.chunked_head = plain_rule
     rel = lambda g, r: ((g - r).norm() / r.norm()).item()
     err = {k: rel(g, ref) for k, g in got.items()}
     between = rel(got['chunked'], got['plain'])
@@ -390,15 +372,14 @@ def bench_sae():
         their_opt.step()
         their_opt.zero_grad(set_to_none=True)
         theirs.set_decoder_norm_to_unit_norm()
-    seconds = {'ours': 0.0, 'sparsify': 0.0}
-    for i, x in enumerate(data):  # alternating, batch by batch: the same tokens in the same order
+    seconds = {'ours': [], 'sparsify': []}
+    for x in data:  # alternating, batch by batch: the same tokens in the same order
         for name, step in (('ours', ours_step), ('sparsify', theirs_step)):
             with ctx:
-                dt = timed(lambda: step(x), n=1, warmup=0)
-            seconds[name] += dt if i else 0.0  # the first step warms up
+                seconds[name].append(timed(lambda: step(x), n=1, warmup=0))
     with torch.no_grad():
         results = {'ours': fvus(ours(held_out)), 'sparsify': fvus(theirs(held_out).sae_out)}
-    rate = {k: (len(data) - 1) * sae_batch / s for k, s in seconds.items()}
+    rate = {k: (len(data) - 1) * sae_batch / sum(s[1:]) for k, s in seconds.items()}  # the first warms up
     print(f"sae ({d} -> {C}, k {k}, {len(data) * sae_batch:,} tokens, batch {sae_batch}, lr {lr:.2e}):")
     for name in rate:
         print(f"  {name:>8}: {rate[name]:,.0f} tokens/s, FVU on held-out vectors {results[name][0]:.4f} "
@@ -419,13 +400,12 @@ def bench_prepare():
             with open(f'{tmp}/corpus.jsonl', 'w') as f:  # documents of 200 to 2,000 words
                 while f.tell() < mb * 2 ** 20:
                     f.write(json.dumps({'text': ' '.join(rng.choices(words, k=rng.randint(200, 2000)))}) + '\n')
+            command = [sys.executable, 'prepare.py', 'bench', f'--input={tmp}/corpus.jsonl', f'--out_dir={tmp}/out']
             t0 = time.perf_counter()
-            peak = subprocess.run([sys.executable, '-c', measure, sys.executable, 'prepare.py', 'bench',
-                                   f'--input={tmp}/corpus.jsonl', f'--out_dir={tmp}/out'], check=True,
-                                  capture_output=True, text=True, cwd=REPO).stdout
+            peaks.append(int(subprocess.run([sys.executable, '-c', measure] + command, check=True,
+                                            capture_output=True, text=True, cwd=REPO).stdout))
             seconds = time.perf_counter() - t0
             tokens = sum(json.load(open(f'{tmp}/out/meta.json'))[k] for k in ('train_tokens', 'val_tokens'))
-            peaks.append(int(peak))
             print(f"  prepare {mb} MB: {tokens:,} tokens, {tokens / seconds:,.0f} tokens/s, "
                   f"peak memory {peaks[-1] / 2 ** 20:,.0f} MB")
     print(f"  peak memory at 10x the text: {peaks[1] / peaks[0]:.2f}x (target <= 1.5x + 100 MB: "
@@ -433,7 +413,7 @@ def bench_prepare():
 
 
 if run_mode:  # one mode of --parts=train
-    bare = peak_memory() if not cuda else 0  # this process before any model
+    bare = 0 if cuda else getrusage(RUSAGE_SELF).ru_maxrss * 1024  # this process before any model
     row = measure(run_mode)
     print(json.dumps(dict(row, memory=row['memory'] - bare)))
 else:

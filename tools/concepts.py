@@ -31,20 +31,16 @@ dtype: 'float32|bfloat16|float16' = DTYPE
 # -----------------------------------------------------------------------------
 
 
-def promoted_ids(sae_model, teacher_model, ids, n, n_vocab):
-    """The n token ids (below n_vocab: the head's padding is no token) each latent's decoder
+def promoted(sae_model, teacher_model, enc, ids, n=8, decode=True):
+    """The n tokens (their ids if not decode; the head's padding is no token) each latent's decoder
     direction raises most through the teacher's final LN and unembedding: (len(ids), n)."""
     out = []
     for chunk in torch.tensor(ids).split(1024):  # (1024, V) logits at a time
         direction = sae_model.decoder.weight[:, chunk].t()
         direction = (direction - direction.mean(-1, keepdim=True)) * teacher_model.transformer.ln_f.weight
-        out.append(teacher_model.lm_head(direction)[:, :n_vocab].topk(n).indices)
-    return torch.cat(out)
-
-
-def promoted(sae_model, teacher_model, enc, ids, n=8):
-    rows = promoted_ids(sae_model, teacher_model, ids, n, enc.n_vocab).tolist()
-    return [[enc.decode([t]) for t in row] for row in rows]
+        out.append(teacher_model.lm_head(direction)[:, :enc.n_vocab].topk(n).indices)
+    out = torch.cat(out)
+    return [[enc.decode([t]) for t in row] for row in out.tolist()] if decode else out
 
 
 if __name__ == '__main__':

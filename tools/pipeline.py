@@ -3,9 +3,6 @@ The whole CoCoMix pipeline in one command, the study's design at a size a newcom
 (RESULTS.md, "The quick start"): a teacher, its SAE and labels, then NTP, CoCoMix and CoCoMix added at
 the paper's shape on Tiny Shakespeare's characters; their evaluation beside the study's, a steered sample.
 
-    python tools/pipeline.py                        # Tiny Shakespeare, shipped with the repository
-    python tools/pipeline.py --input='my_texts/*.txt' --name=mytext
-
 Every stage is an ordinary command, printed before it runs and skipped when current (stages.py).
 Thread counts are fixed, so reruns on the same kind of machine give the same numbers.
 """
@@ -30,8 +27,7 @@ name: 'str' = 'shakespeare_char'  # the dataset is data/NAME, the runs out-NAME/
 steer_alpha: 'float' = 8.0  # the steered sample multiplies one concept's logit by this
 device: 'device' = 'cpu'
 # -----------------------------------------------------------------------------
-if __name__ == '__main__':
-    configure(globals())
+configure(globals())
 py, data, out = sys.executable, f'data/{name}', f'out-{name}'
 common = [f'--dataset={data}', f'--device={device}']
 models = f'--teacher={out}/teacher', f'--sae={out}/sae/sae.pt'
@@ -56,34 +52,32 @@ STUDENTS = [  # one thread each, two at a time: faster than one run on two threa
 ] + [(f'eval {m}', ['tools/eval.py', f'--out_dir={out}/{m}', '--tasks=ppl', f'--json_out={out}/{m}/eval.json',
                     f'--device={device}'], [f'{out}/{m}/ckpt.pt'], f'{out}/{m}/eval.json') for m in MODELS]
 
-
-if __name__ == '__main__':
-    t0 = time.time()
-    stamps = f'{out}/pipeline_stamps.json'
-    run_stages(CONCEPTS, stamps, jobs=1, threads=2)
-    run_stages(STUDENTS, stamps, jobs=2, threads=1)
-    print(f"\n{'model':<31} {'layers x width':>14} {'active':>7} {'chars':>10} {'val loss':>8}  "
-          "the study: Δ vs NTP at this shape (95% CI)")
-    done = saved()['runs']  # the study's paired result at the same shape, where it has one
-    for m, title in MODELS.items():
-        model, ckpt = load_model(f'{out}/{m}')
-        c, r = ckpt['config'], json.load(open(f'{out}/{m}/eval.json'))['results']['ppl']
-        tokens = c['max_iters'] * c['batch_size'] * c['block_size'] * c['gradient_accumulation_steps']
-        ntp, same = (by_seed(done, '8-layer', k) for k in ('ntp', m))
-        paired = [same[s]['final'] - ntp[s]['final'] for s in same if s in ntp]
-        print(f"{title:<31} {model.config.n_layer:>6} x {model.config.n_embd:<6} "
-              f"{model.get_num_params(active=True) / 1e6:>6.2f}M {tokens:>10,} {r['loss']:>8.4f}  "
-              + (f"{ci(paired)}, {len(paired)} seeds" if m != 'ntp' and len(paired) > 1 else ''))
-    model, _ = load_model(f'{out}/cocomix')
-    with torch.no_grad():  # steer the concept the student predicts most often on the val text
-        x = torch.from_numpy(load_tokens(data, 'val')[:model.config.block_size].astype('int64'))[None]
-        concept = model(x, x)[2]['concept_ids'][..., 0].flatten().mode().values.item()
-    desc = json.load(open(f'{out}/sae/sae.pt.concepts.json')).get(str(concept), '')
-    sample = ['sample.py', f'--out_dir={out}/cocomix', '--num_samples=1', '--max_new_tokens=200',
-              '--start=ROMEO:', f'--device={device}']
-    steered = f"steered: concept {concept} ({desc}) x {steer_alpha:g}"
-    for title, extra in (('CoCoMix sample', []), (steered, [f'--steer={concept}:{steer_alpha}'])):
-        print(f"\n--- {title}: python {' '.join(sample + extra)}")
-        text = subprocess.run([py] + sample + extra, capture_output=True, text=True, check=True).stdout
-        print(text.split('\n', 1)[1].split('---')[0])
-    print(f"done: pipeline in {time.time() - t0:.0f} s; outputs in {out}/ and {data}/")
+t0 = time.time()
+stamps = f'{out}/pipeline_stamps.json'
+run_stages(CONCEPTS, stamps, jobs=1, threads=2)
+run_stages(STUDENTS, stamps, jobs=2, threads=1)
+print(f"\n{'model':<31} {'layers x width':>14} {'active':>7} {'chars':>10} {'val loss':>8}  "
+      "the study: Δ vs NTP at this shape (95% CI)")
+done = saved()['runs']  # the study's paired result at the same shape, where it has one
+for m, title in MODELS.items():
+    model, ckpt = load_model(f'{out}/{m}')
+    c, r = ckpt['config'], json.load(open(f'{out}/{m}/eval.json'))['results']['ppl']
+    tokens = c['max_iters'] * c['batch_size'] * c['block_size'] * c['gradient_accumulation_steps']
+    ntp, same = (by_seed(done, '8-layer', k) for k in ('ntp', m))
+    paired = [same[s]['final'] - ntp[s]['final'] for s in same if s in ntp]
+    print(f"{title:<31} {model.config.n_layer:>6} x {model.config.n_embd:<6} "
+          f"{model.get_num_params(active=True) / 1e6:>6.2f}M {tokens:>10,} {r['loss']:>8.4f}  "
+          + (f"{ci(paired)}, {len(paired)} seeds" if m != 'ntp' and len(paired) > 1 else ''))
+model, _ = load_model(f'{out}/cocomix')
+with torch.no_grad():  # steer the concept the student predicts most often on the val text
+    x = torch.from_numpy(load_tokens(data, 'val')[:model.config.block_size].astype('int64'))[None]
+    concept = model(x, x)[2]['concept_ids'][..., 0].flatten().mode().values.item()
+desc = json.load(open(f'{out}/sae/sae.pt.concepts.json')).get(str(concept), '')
+sample = ['sample.py', f'--out_dir={out}/cocomix', '--num_samples=1', '--max_new_tokens=200',
+          '--start=ROMEO:', f'--device={device}']
+steered = f"steered: concept {concept} ({desc}) x {steer_alpha:g}"
+for title, extra in (('CoCoMix sample', []), (steered, [f'--steer={concept}:{steer_alpha}'])):
+    print(f"\n--- {title}: python {' '.join(sample + extra)}")
+    text = subprocess.run([py] + sample + extra, capture_output=True, text=True, check=True).stdout
+    print(text.split('\n', 1)[1].split('---')[0])
+print(f"done: pipeline in {time.time() - t0:.0f} s; outputs in {out}/ and {data}/")

@@ -16,7 +16,7 @@ def run_stages(stages, stamps_path, jobs=1, threads=1):
     `threads` threads each, logging beside stamps_path when jobs > 1."""
     stamps = json.load(open(stamps_path)) if os.path.exists(stamps_path) else {}
     pending, running, failed = list(stages), {}, []
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    logs = os.path.join(os.path.dirname(stamps_path), 'logs')
     while (pending and not failed) or running:  # after a failure, wait for the running ones
         busy = {s[3] for s in pending} | {s[1] for s in running.values()}  # outputs still to come
         ready = [s for s in pending if busy.isdisjoint(s[2])]
@@ -27,14 +27,12 @@ def run_stages(stages, stamps_path, jobs=1, threads=1):
                     all(os.path.getmtime(i) <= os.path.getmtime(output) for i in inputs if os.path.exists(i)):
                 print(f"[{stage}] up to date: {output}")
                 continue
-            log = None
             if jobs > 1:
-                logs = os.path.join(os.path.dirname(stamps_path), 'logs')
                 os.makedirs(logs, exist_ok=True)
-                log = open(os.path.join(logs, re.sub(r'[^\w.-]+', '_', stage) + '.log'), 'w')
+            log = open(os.path.join(logs, re.sub(r'[^\w.-]+', '_', stage) + '.log'), 'w') if jobs > 1 else None
             print(f"[{stage}] {line}" + (f"  (log: {log.name})" if log else ''), flush=True)
-            proc = subprocess.Popen([sys.executable] + cmd, stdout=log, env=env,
-                                    stderr=subprocess.STDOUT if log else None)
+            proc = subprocess.Popen([sys.executable] + cmd, env=dict(os.environ, OMP_NUM_THREADS=str(threads)),
+                                    stdout=log, stderr=subprocess.STDOUT if log else None)
             running[proc] = (stage, output, line, time.time(), log)
         finished = [p for p in running if p.poll() is not None]
         if running and not finished:  # else look again at once: done or up-to-date stages made room

@@ -1,10 +1,8 @@
 """
-Steering, measured (the paper's third claim, Sec. 4.4): does multiplying a concept's logit make the
-text a CoCoMix model writes carry that concept? Each model (a CoCoMix out_dir, with the teacher and
-SAE it trained with) steers the `concepts` it most often ranks first on the val text, a rule fixed in
-advance. `prompts` val windows are continued twice with the same random draws, plainly and with the
-concept's logit multiplied by alpha; the teacher and SAE then read both: how often the concept is
-active, its mean activation, and how often the 5 tokens its decoder direction promotes appear.
+Steering, measured (the paper's third claim, Sec. 4.4; RESULTS.md, "Steering"): each model (a CoCoMix
+out_dir, with the teacher and SAE it trained with) steers the `concepts` it most often ranks first on the
+val text, a rule fixed in advance. `prompts` val windows are continued twice with the same random draws,
+plainly and with the concept's logit multiplied by alpha; the teacher and SAE then read both.
 """
 import os
 import sys
@@ -15,7 +13,7 @@ import numpy as np
 import torch
 
 from common import UserError, configure, load_model, load_teacher
-from concepts import promoted, promoted_ids
+from concepts import promoted
 from prepare import data_dir_of, get_tokenizer, load_tokens, windows
 from sae import load_sae, teacher_residual
 from stages import publish as publish_block
@@ -54,7 +52,7 @@ def measure(run):
     starts = np.linspace(0, len(val) - prompt_len - 1, prompts).astype(int).tolist()
     prompt = windows(val, starts, prompt_len).to(device)
     for c in chosen:
-        out, top = {}, promoted_ids(sae, teacher, [c], 5, enc.n_vocab)[0]
+        out, top = {}, promoted(sae, teacher, enc, [c], 5, decode=False)[0]
         for steer in (None, {c: alpha}):
             torch.manual_seed(seed)  # the same draws: the plain and steered texts are paired
             x = model.generate(prompt, new_tokens, temperature=temperature, steer=steer)
@@ -83,13 +81,12 @@ if __name__ == '__main__':
                 f"{a:.3f} → {b:.3f}" for a, b in m.values()) + ' |')
             for k, (a, b) in m.items():
                 changes.setdefault(k, []).append(b - a)
-    summary = '; '.join(f"{k} {ci(v, '+.3f')}" for k, v in changes.items())
     text = '\n'.join([
         f"alpha {alpha:g}, {prompts} prompts of {prompt_len} characters continued by {new_tokens}, "
         f"temperature {temperature:g}; the {concepts} concepts each model most often ranks first.",
         '', *table, '',
         f"Steered minus plain, mean over {len(changes['active'])} (model, concept) pairs (95% CI): "
-        f"{summary}."])
+        + '; '.join(f"{k} {ci(v, '+.3f')}" for k, v in changes.items()) + '.'])
     if publish:
         publish_block('steer', text, 'RESULTS.md')
     else:
