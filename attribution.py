@@ -1,10 +1,7 @@
-"""
-Concept labels (METHOD.md, section 2): active latent i of the teacher's SAE scores
+"""Concept labels (METHOD.md, section 2): active latent i of the teacher's SAE scores
 a_i = c_i (g . W_dec[:, i]), g = dL/dh; a position's labels are its k_attr best. train.py labels
-online; this labels a dataset once for --label_cache=True, resumable on any process count:
-
-    python attribution.py config/cocomix_shakespeare.py  # data/NAME/labels_{train,val}.bin + .json
-    torchrun --standalone --nproc_per_node=8 attribution.py config/cocomix_gpt2.py
+online; this labels a dataset once for --label_cache=True (data/NAME/labels_{train,val}.bin and
+.json), resumable on any process count, torchrun's included (README.md).
 """
 import glob
 import json

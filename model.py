@@ -1,5 +1,4 @@
-"""
-GPT-2 with CoCoMix (Tack et al., "LLM Pretraining with Continuous Concepts"); with n_concepts = 0,
+"""GPT-2 with CoCoMix (Tack et al., "LLM Pretraining with Continuous Concepts"); n_concepts = 0:
 nanoGPT's GPT-2. CoCoMix predicts a teacher SAE's active concepts after insert_layer blocks and
 mixes a continuous vector made of them into the later blocks.
 Shapes: B batch, T time, d = n_embd, V vocabulary, C = n_concepts, K = concept_topk.

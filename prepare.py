@@ -1,5 +1,4 @@
-"""
-Tokenize text, streaming, into the uint16 files train.py reads (README.md): OUT_DIR/train.bin,
+"""Tokenize text, streaming, into the uint16 files train.py reads (README.md): OUT_DIR/train.bin,
 val.bin, then meta.json. Each document (.txt file, .jsonl line, .parquet or hub row) ends with EOT.
 """
 import bz2

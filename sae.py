@@ -1,9 +1,4 @@
-"""
-TopK sparse autoencoders (Gao et al. 2024, OpenAI's format): their latents are CoCoMix's concepts.
-
-    python sae.py config/sae_shakespeare.py  # train on a teacher's residual stream
-    python sae.py --evaluate=out-sae-shakespeare/sae.pt  # FVU, dead latents, spliced loss
-"""
+"""TopK sparse autoencoders (Gao et al. 2024, OpenAI's format): their latents are the concepts."""
 import math
 import os
 import time

@@ -1,6 +1,5 @@
-"""
-Each speed target as a ratio measured in one run on this machine (CPU or GPU), with random weights, at
-the settings' shapes or any train.py config's (RESULTS.md has the commands).
+"""Each speed target as a ratio measured in one run on this machine (CPU or GPU), with random
+weights, at the settings' shapes or any train.py config's (RESULTS.md has the commands).
 
 parts (--parts=a,b):
   smoke     a machine's check before a long run: training steps of NTP and of CoCoMix with cached

@@ -1,7 +1,6 @@
-"""
-Evaluate a checkpoint of any mode (or OpenAI's GPT-2) as the paper does: perplexity on the dataset's
-val split, LAMBADA, WikiText, HellaSwag, PIQA, ARC-Easy, WinoGrande and Social IQA, scored by
-log-likelihood as EleutherAI's lm-evaluation-harness does (its prompts and acc / acc_norm).
+"""Evaluate a checkpoint of any mode (or OpenAI's GPT-2) as the paper does: perplexity on the
+dataset's val split, LAMBADA, WikiText, HellaSwag, PIQA, ARC-Easy, WinoGrande and Social IQA, scored
+by log-likelihood as EleutherAI's lm-evaluation-harness does (its prompts and acc / acc_norm).
 
     python tools/eval.py --out_dir=out-cocomix-shakespeare --tasks=ppl
     python tools/eval.py --init_from=gpt2 --tasks=lambada,hellaswag --data_dir=benchmarks/ --limit=200

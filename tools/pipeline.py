@@ -1,5 +1,4 @@
-"""
-The whole CoCoMix pipeline in one command, the study's design at a size a newcomer waits for
+"""The whole CoCoMix pipeline in one command, the study's design at a size a newcomer waits for
 (RESULTS.md, "The quick start"): a teacher, its SAE and labels, then NTP, CoCoMix and CoCoMix added at
 the paper's shape on Tiny Shakespeare's characters; their evaluation beside the study's, a steered sample.
 

@@ -1,9 +1,8 @@
-"""
-Steering, measured (the paper's third claim, Sec. 4.4; RESULTS.md, "Steering"): each model (a CoCoMix
-out_dir, with the teacher and SAE it trained with) steers the `concepts` it most often ranks first on the
-val text, a rule fixed in advance. `prompts` val windows are continued twice with the same random draws,
-plainly and with the concept's logit multiplied by alpha; the teacher and SAE then read both.
-"""
+"""Steering, measured (the paper's third claim, Sec. 4.4; RESULTS.md, "Steering"): each model (a
+CoCoMix out_dir, with the teacher and SAE it trained with) steers the `concepts` it most often ranks
+first on the val text, a rule fixed in advance. `prompts` val windows are continued twice with the
+same random draws, plainly and with the concept's logit multiplied by alpha; the teacher and SAE
+then read both."""
 import os
 import sys
 

@@ -1,5 +1,4 @@
-"""
-Does CoCoMix beat next-token prediction, and at what cost? NTP, CoCoMix and the paper's controls
+"""Does CoCoMix beat next-token prediction, and at what cost? NTP, CoCoMix and the paper's controls
 on character-level Wikipedia, sized for a 2-core CPU: RESULTS.md ("The study") gives the design.
 
     python tools/study.py --input=enwiki_extract_clean.txt --val_input=wiki.valid.raw  # resumable
