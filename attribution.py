@@ -28,7 +28,7 @@ label_method: 'attribution|activation|attribution_preact|attribution_neg' = 'att
 k_attr: 'int >= 1' = 4
 block_size: 'int >= 1' = 1024  # the labelled windows; train.py must use the same
 batch_size: 'int >= 1' = 8  # windows per teacher pass
-splits: 'str' = 'train,val'
+splits: 'train,val|train|val' = 'train,val'
 device: 'device' = DEVICE  # labels are computed in float32 whatever the run's dtype
 # -----------------------------------------------------------------------------
 LABEL_METHODS = tuple(__annotations__['label_method'].split('|'))
@@ -75,7 +75,7 @@ def concept_labels(teacher, sae, idx, sae_layer, k_attr=4, method='attribution',
 
 
 def load_concepts(teacher_spec, sae_spec, sae_layer, device, data_meta, data_dir, k_attr, method,
-                  concept_topk=0):
+                  block_size, concept_topk=0):
     """A run's frozen teacher and SAE (None for KD), checked together -> (teacher, SAE, identity:
     the fingerprints and settings that checkpoints and caches record)."""
     sae, sae_meta = load_sae(sae_spec) if sae_spec else (None, {})
@@ -89,10 +89,14 @@ def load_concepts(teacher_spec, sae_spec, sae_layer, device, data_meta, data_dir
             raise UserError(f"concept_topk={concept_topk} is more than the SAE's {sae.n_latents} "
                             "concepts")
     teacher = load_teacher(teacher_spec, device, data_meta, data_dir)
+    if sae is not None:
+        check_setup(teacher, sae, sae_layer, k_attr, method)
+    if block_size > teacher.config.block_size:
+        raise UserError(f"block_size={block_size} is longer than the teacher's context "
+                        f"({teacher.config.block_size}); use a shorter block_size")
     identity = dict(teacher_id=fingerprint(teacher))
     if sae is None:
         return teacher, None, identity
-    check_setup(teacher, sae, sae_layer, k_attr, method)
     trained_on = sae_meta.get('teacher_id', identity['teacher_id'])
     if trained_on != identity['teacher_id']:
         raise UserError(f"the SAE {sae_spec} was trained on another teacher ({trained_on}, not "
@@ -160,9 +164,13 @@ def label_split(teacher, sae, data_dir, split, expected, device, batch_size=8, r
     n_tokens = len(load_tokens(data_dir, split))
     n_windows, dt = n_tokens // block_size, cache_dtype(sae.n_latents)
     meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
-    same = all(meta.get(k) == v for k, v in expected.items()) and os.path.exists(path)
+    differ = [f"{k}={meta.get(k)!r}" for k, v in expected.items() if meta.get(k) != v]
+    same = not differ and os.path.exists(path)
     if same and meta.get('complete'):
         return rank == 0 and print(f"{path}: already labelled")
+    if differ and meta.get('complete'):  # finished labels are never overwritten
+        raise UserError(f"{meta_path} holds finished labels made with {', '.join(differ)}; "
+                        "delete it to relabel, or label with its settings")
     if rank == 0 and not same:  # a fresh, sparse cache: no rank waits on a fill
         remove_progress(path)
         with open(path, 'wb') as f:
@@ -223,10 +231,8 @@ if __name__ == '__main__':
     rank, world, device = setup_distributed(device)
     data_dir = data_dir_of(dataset)
     teacher_model, sae_model, identity = load_concepts(
-        teacher, sae, sae_layer, device, read_meta(data_dir), data_dir, k_attr, label_method)
-    if block_size > teacher_model.config.block_size:
-        raise UserError(f"block_size={block_size} is longer than the teacher's context "
-                        f"({teacher_model.config.block_size}); use a shorter block_size")
+        teacher, sae, sae_layer, device, read_meta(data_dir), data_dir, k_attr, label_method,
+        block_size)
     for split in splits.split(','):
         expected = describe(data_dir, split, identity, label_method, k_attr, block_size)
         label_split(teacher_model, sae_model, data_dir, split, expected, device, batch_size, rank,

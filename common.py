@@ -41,7 +41,8 @@ def setting_names(script):
 def check_setting(key, value, domain, source):
     """value if it lies in its domain, else a one-line error. Domains: 'bool', 'str', 'int' or
     'float' with an optional comparison ('int >= 1', '0 <= float < 1'), choices ('ntp|cocomix'),
-    an existing 'file' or 'dir' ('file?': or ''), 'device' (cpu, mps, an available cuda:N)."""
+    an existing 'file' or 'dir' ('file?': or ''), 'out' (a folder to write: not a file), 'device'
+    (cpu, mps, an available cuda:N)."""
     def refuse(want):
         return UserError(f"{source}: {key} must be {want}, not {value!r}")
     kind = domain.rstrip('?')
@@ -52,6 +53,9 @@ def check_setting(key, value, domain, source):
         exists = os.path.isfile if kind == 'file' else os.path.isdir
         if not isinstance(value, str) or not (exists(value) or value == '' and kind != domain):
             raise refuse(f"an existing {'folder' if kind == 'dir' else 'file'}")
+    elif kind == 'out':
+        if not isinstance(value, str) or os.path.isfile(value) or not (value or domain == 'out?'):
+            raise refuse("a folder to write into, not a file")
     elif domain == 'device':
         name, _, index = str(value).partition(':')
         if name not in ('cpu', 'cuda', 'mps') or (index and not index.isdigit()):
@@ -93,8 +97,8 @@ def configure(script_globals, argv=None, ignore=(), given=None):
         if not arg.startswith('--'):
             try:
                 source = open(arg).read()
-            except OSError as e:
-                raise UserError(f"cannot read config file '{arg}': {e.strerror}")
+            except (OSError, ValueError) as e:  # not UTF-8 too
+                raise UserError(f"cannot read config file '{arg}': {getattr(e, 'strerror', e)}")
             namespace, cwd = {}, os.getcwd()
             try:  # from the repository, so that a config file may exec another: config/x.py
                 os.chdir(REPO)
@@ -156,8 +160,12 @@ def load_checkpoint(out_dir, device, name='ckpt.pt'):
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read the checkpoint {path} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:120]}); it is truncated or not a checkpoint")
+        raise UserError(f"cannot read the checkpoint {path} ({first_line(e)}); it is truncated "
+                        "or not a checkpoint")
+
+
+def first_line(e):
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
 
 
 def load_model(spec, device='cpu', dropout=0.0, **extra):

@@ -107,8 +107,7 @@ def device_memory(device_type):
     return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
 
 
-# torch.compiler.assume_constant_result (compile reads it once) without importing the compiler,
-# which doubles every script's start
+# compile reads it once: assume_constant_result's mark, without the compiler's slow import
 device_memory._dynamo_marked_constant = True
 
 

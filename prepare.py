@@ -18,7 +18,7 @@ import urllib.request
 import numpy as np
 from tqdm import tqdm
 
-from common import REPO, UserError, atomic_path, check_hub, configure
+from common import REPO, UserError, atomic_path, check_hub, configure, first_line
 
 # -----------------------------------------------------------------------------
 input: 'str' = ''  # train files or globs, comma-separated: .txt, .jsonl (or .gz/.xz/.bz2), .parquet
@@ -29,7 +29,7 @@ hub_split: 'str' = 'train'
 hub_revision: 'str' = ''  # a branch, tag or commit ('': main; openwebtext: OPENWEBTEXT_REVISION)
 local_hub: 'dir?' = ''  # a hub dataset's files (hf download --local-dir)
 text_field: 'str' = 'text'  # of a .jsonl line, a .parquet row or a hub row
-out_dir: 'str' = ''  # default: data/NAME
+out_dir: 'out?' = ''  # default: data/NAME
 val_fraction: '0 < float < 1' = 0.1  # held out when no val split is given
 max_tokens: 'int >= 0' = 0  # 0: all
 num_proc: 'int >= 1' = 8  # tokenizer threads
@@ -181,10 +181,6 @@ def parquet_rows(path):
         yield from batch.to_pylist()
 
 
-def first_line(e):
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
-
-
 def hub_documents(path, config, split):
     from datasets import load_dataset
     if not os.path.isdir(path):
@@ -199,8 +195,7 @@ def hub_documents(path, config, split):
 
 def openwebtext_documents(files):
     """OpenWebText as its old loading script gave it, in the order nanoGPT's split permutes: the
-    rows of the parquet files, or the .txt files of each tar's .xz archives, 3+ newlines squeezed,
-    stripped (what the script did before writing those rows)."""
+    parquet files' rows, or each tar's .xz archives' .txt files, 3+ newlines squeezed, stripped."""
     def members(tar, suffix):  # regular files, hidden ones skipped, as datasets' archive iterator
         for info in tar:
             name = os.path.basename(info.name)
@@ -358,11 +353,12 @@ def data_dir_of(dataset):
 
 def read_meta(data_dir):
     path = os.path.join(data_dir, 'meta.json')
-    if not os.path.exists(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):  # missing, or not what prepare.py writes
         raise UserError(f"no prepared dataset at '{data_dir}'; "
                         f"run python prepare.py NAME --out_dir={data_dir}")
-    with open(path) as f:
-        return json.load(f)
 
 
 def windows(data, starts, length):
@@ -375,6 +371,8 @@ def load_tokens(data_dir, split):
     path = os.path.join(data_dir, f'{split}.bin')
     if not os.path.exists(path):
         raise UserError(f"{path} is missing; rerun prepare.py")
+    if not os.path.getsize(path):  # np.memmap refuses an empty file
+        return np.zeros(0, np.uint16)
     return np.memmap(path, dtype=np.uint16, mode='r')
 
 

@@ -15,7 +15,7 @@ from model import sae_norm
 from prepare import data_dir_of, download, load_tokens, read_meta, windows
 
 # -----------------------------------------------------------------------------
-out_dir: 'str' = 'out-sae'
+out_dir: 'out' = 'out-sae'
 init_from: 'scratch|resume' = 'scratch'  # resume: from out_dir/sae_ckpt.pt
 teacher: 'str' = ''  # 'gpt2*' or a train.py out_dir; '': the evaluated SAE's
 sae_layer: 'int >= -1' = -1  # the block (0-based) the SAE reads; -1: the evaluated SAE's
@@ -125,9 +125,12 @@ def sae_file(spec, fetch=True, cache_dir=os.path.expanduser('~/.cache/cocomix'))
 def load_sae(spec, n_inputs=None):
     """An SAE spec -> (TopKSAE, our metadata or {}); refuses a width other than n_inputs."""
     spec = sae_file(spec)
-    sd = torch.load(spec, map_location='cpu', weights_only=True)
-    if sd.get('activation') != 'TopK' or 'encoder.weight' not in sd:
-        raise UserError(f"'{spec}' is not a TopK SAE in OpenAI's format")
+    try:
+        sd = torch.load(spec, map_location='cpu', weights_only=True)
+    except Exception:  # a folder, a text file, a truncated download: refused below
+        sd = None
+    if not isinstance(sd, dict) or sd.get('activation') != 'TopK' or 'encoder.weight' not in sd:
+        raise UserError(f"'{spec}' is not a TopK SAE file in OpenAI's format (or is truncated)")
     act, _ = sd.pop('activation_state_dict'), sd.pop('activation')
     meta = act.get('cocomix', {})
     n_latents, d = sd['encoder.weight'].shape
@@ -300,17 +303,22 @@ if __name__ == '__main__':
     if not evaluate:  # refused before the teacher loads
         if k > n_latents:
             raise UserError(f"k={k} is more than n_latents={n_latents}; use k <= n_latents")
-        if buffer_size < batch_size:
-            raise UserError(f"buffer_size={buffer_size} holds no batch of {batch_size}; raise it")
+        if min(buffer_size, max_tokens) < batch_size:
+            raise UserError(f"buffer_size={buffer_size} and max_tokens={max_tokens} must hold a "
+                            f"batch of {batch_size}; raise them")
         if init_from == 'resume':
             ckpt = load_checkpoint(out_dir, device, 'sae_ckpt.pt')
             saved = ckpt['config']
             differ = [f"{key}={saved[key]!r} (this run: {value!r})" for key, value in config.items()
                       if key not in FREE_ON_RESUME and saved.get(key, value) != value]
+            if ckpt['step'] > max_tokens // batch_size:
+                differ.append(f"{ckpt['step'] * batch_size:,} tokens (max_tokens={max_tokens})")
             if differ:
                 raise UserError(f"{out_dir}/sae_ckpt.pt was trained with {', '.join(differ)}; "
                                 "resume with its settings, or train into another out_dir")
     data_dir = data_dir_of(dataset)
+    for split in ('train', 'val'):  # too short: refused now, not after training
+        split_windows(data_dir, split, 1, context + 1)
     teacher_model = load_teacher(teacher, device, read_meta(data_dir), data_dir)
     T, d = teacher_model.config.block_size, teacher_model.config.n_embd
     if context > T:

@@ -16,7 +16,7 @@ from prepare import data_dir_of, load_tokens, read_meta, windows
 
 # -----------------------------------------------------------------------------
 # I/O
-out_dir: 'str' = 'out'
+out_dir: 'out' = 'out'
 eval_interval: 'int >= 1' = 2000
 log_interval: 'int >= 1' = 1
 eval_iters: 'int >= 1' = 200  # batches per split and process in each evaluation
@@ -89,8 +89,7 @@ if decay_lr and lr_decay_iters <= warmup_iters:
     raise UserError(f"lr_decay_iters={lr_decay_iters} must be above warmup_iters={warmup_iters}")
 supervised = cocomix and lam_concept > 0  # concept labels needed: a teacher and its SAE
 if cocomix and not supervised and not n_concepts:
-    raise UserError("lam_concept=0 trains the concept head by the next-token loss alone, with no "
-                    "SAE to size it: give the concept vocabulary with --n_concepts")
+    raise UserError("lam_concept=0 has no SAE to size the concept head: give --n_concepts")
 if init_from not in ('scratch', 'resume') and not init_from.startswith('gpt2') and \
         not os.path.exists(os.path.join(init_from, 'config.json')):
     raise UserError(f"unknown init_from '{init_from}'; use scratch, resume, gpt2* or a folder")
@@ -157,10 +156,7 @@ teacher_model, sae_model, identity, cache = None, None, {}, None
 if supervised or kd:
     teacher_model, sae_model, identity = load_concepts(
         teacher, sae if supervised else None, sae_layer, device, meta, data_dir, k_attr,
-        label_method, concept_topk if supervised else 0)
-    if teacher_model.config.block_size < block_size:
-        raise UserError(f"block_size={block_size} is longer than the teacher's context "
-                        f"({teacher_model.config.block_size})")
+        label_method, block_size, concept_topk if supervised else 0)
 if checkpoint is not None:  # a resume needs the same teacher, SAE and layer
     for key, value in identity.items():
         if checkpoint['identity'].get(key, value) != value:

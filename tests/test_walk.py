@@ -40,6 +40,8 @@ def bad_values(domain):
         return ['no_such_choice', 3]
     if domain.rstrip('?') in ('file', 'dir'):
         return ['/no/such/path', ROOT if domain.startswith('file') else __file__]
+    if domain.rstrip('?') == 'out':  # a folder to write into
+        return [__file__] + ([] if domain.endswith('?') else [''])
     if domain == 'device':
         return ['tpu', 'cuda:x'] + ([] if torch.cuda.is_available() else ['cuda'])
     if domain == 'bool':

@@ -1,8 +1,7 @@
 """What an SAE's latents (CoCoMix's concepts) mean: where they fire in the teacher's text and which
 tokens their decoder directions promote. The teacher, data and layer come from the SAE file. Listing
 the top latents also writes a description of each beside the SAE file: sample.py --show_concepts
-prints them beside the concepts a CoCoMix model predicts.
-"""
+prints them beside the concepts a CoCoMix model predicts."""
 import json
 import os
 import sys

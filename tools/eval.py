@@ -2,9 +2,6 @@
 dataset's val split, LAMBADA, WikiText, HellaSwag, PIQA, ARC-Easy, WinoGrande and Social IQA, scored
 by log-likelihood as EleutherAI's lm-evaluation-harness does (its prompts and acc / acc_norm).
 
-    python tools/eval.py --out_dir=out-cocomix-shakespeare --tasks=ppl
-    python tools/eval.py --init_from=gpt2 --tasks=lambada,hellaswag --data_dir=benchmarks/ --limit=200
-
 Task files: from data_dir (official names, or files starting with them: lambada_test*.jsonl), else
 downloaded once into ~/.cache/cocomix/eval. lm_eval_model(scorer) wraps a Scorer for the harness.
 """

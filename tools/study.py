@@ -7,8 +7,7 @@ on character-level Wikipedia, sized for a 2-core CPU: RESULTS.md ("The study") g
 
 Runs in assets/study_results.json (kept in git) count as done. Seeds are the pairing unit: all
 methods of a seed run on one kind of machine (floats differ across CPUs), so another machine adds
-whole seeds on the first machine's teacher and SAE, checked by fingerprint.
-"""
+whole seeds on the first machine's teacher and SAE, checked by fingerprint."""
 import json
 import math
 import os

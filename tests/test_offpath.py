@@ -1,0 +1,78 @@
+"""Off the path, as a newcomer tried it (issue #30's second round): damaged files are one line, not a
+traceback, and a mistaken rerun never spoils finished work (an SAE, a label cache)."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import TINY, run
+from test_reliability import one_line_error, teacher_and_sae, train
+
+
+def user_error(fn, *args):
+    from common import UserError
+    with pytest.raises(UserError) as e:
+        fn(*args)
+    message = str(e.value.code)
+    assert message.startswith('error: ') and '\n' not in message, message
+    return message
+
+
+def test_damaged_files_are_one_line(tmp_path):
+    from common import configure, load_checkpoint
+    from prepare import read_meta
+    from sae import load_sae
+    (tmp_path / 'text.pt').write_text('hello\n')
+    (tmp_path / 'empty.pt').write_bytes(b'')
+    for path in ('text.pt', 'empty.pt', ''):  # '' : the folder itself
+        assert 'is not a TopK SAE file' in user_error(load_sae, str(tmp_path / path))
+    os.makedirs(tmp_path / 'out')
+    (tmp_path / 'out' / 'ckpt.pt').write_bytes(b'')
+    assert 'cannot read the checkpoint' in user_error(load_checkpoint, str(tmp_path / 'out'), 'cpu')
+    (tmp_path / 'out' / 'meta.json').write_text('')
+    assert 'no prepared dataset at' in user_error(read_meta, str(tmp_path / 'out'))
+    (tmp_path / 'cfg.py').write_bytes(b'batch_size = 4  # \xff\n')
+    names = {'__annotations__': {'batch_size': 'int >= 1'}, 'batch_size': 1}
+    assert 'cannot read config file' in user_error(configure, names, [str(tmp_path / 'cfg.py')])
+
+
+def test_an_empty_val_split_is_refused_in_one_line(dataset, tmp_path):
+    open(os.path.join(dataset, 'val.bin'), 'wb').close()
+    one_line_error(train(dataset, tmp_path / 'out', '--max_iters=1', check=False),
+                   'the val split of')
+
+
+def test_sae_settings_that_waste_a_run_are_refused_before_it(dataset, tmp_path):
+    spec = teacher_and_sae(dataset, tmp_path)
+    sae = ['sae.py', spec[0], f'--dataset={dataset}', '--sae_layer=0', '--n_latents=32', '--k=4',
+           '--batch_size=64', '--buffer_size=512', '--eval_tokens=256', '--context=16', '--device=cpu',
+           '--dtype=float32', f'--out_dir={tmp_path / "sae"}']
+    # fewer tokens than a batch would save an untrained SAE over a finished one
+    one_line_error(run(sae + ['--max_tokens=10'], check=False), 'must hold a batch of 64')
+    run(sae + ['--max_tokens=640', '--ckpt_interval=5'])
+    one_line_error(run(sae + ['--max_tokens=320', '--init_from=resume'], check=False),
+                   '640 tokens (max_tokens=320)')  # it recorded 320 tokens trained after 640
+    short = tmp_path / 'short'  # a val split too short for one window: before training, not after
+    os.makedirs(short)
+    for name in ('train.bin', 'meta.json'):
+        (short / name).write_bytes(open(os.path.join(dataset, name), 'rb').read())
+    np.zeros(6, np.uint16).tofile(short / 'val.bin')
+    p = run([a.replace(f'--dataset={dataset}', f'--dataset={short}') for a in sae] + ['--max_tokens=640'],
+            check=False)
+    one_line_error(p, "val split has 6 tokens")
+    assert 'SAE' not in p.stdout + p.stderr.split('error')[0]  # no training step ran
+
+
+def test_a_finished_label_cache_is_never_overwritten(dataset, tmp_path):
+    spec = teacher_and_sae(dataset, tmp_path)
+    label = ['attribution.py', f'--dataset={dataset}', '--block_size=16', '--device=cpu', '--sae_layer=0',
+             '--splits=train'] + spec
+    run(label)
+    before = open(os.path.join(dataset, 'labels_train.bin'), 'rb').read()
+    one_line_error(run(label + ['--k_attr=2'], check=False), 'holds finished labels made with k_attr=4')
+    assert open(os.path.join(dataset, 'labels_train.bin'), 'rb').read() == before
+    assert json.load(open(os.path.join(dataset, 'labels_train.json')))['complete']
+    train(dataset, tmp_path / 'out', '--mode=cocomix', '--insert_layer=1', '--concept_topk=4',
+          '--max_iters=1', '--label_cache=True', '--sae_layer=0', *spec)
+    one_line_error(run(label[:-3] + ['--splits=train,test'] + spec, check=False), 'splits must be one of')
