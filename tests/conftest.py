@@ -26,6 +26,15 @@ def run(args, cwd=ROOT, check=True, env=None):
     return p
 
 
+def user_error(fn, *args):
+    """The one-line error ("error: ...") that fn(*args) exits with."""
+    with pytest.raises(SystemExit) as e:
+        fn(*args)
+    message = str(e.value.code)
+    assert message.startswith('error: ') and '\n' not in message, message
+    return message
+
+
 def write_dataset(path, vocab=32, n_train=20000, n_val=2000, seed=0):
     """A learnable token stream: mostly x[t+1] = (5 x[t] + 3) mod vocab, sometimes a random token."""
     rng = np.random.default_rng(seed)

@@ -4,19 +4,9 @@ import json
 import os
 
 import numpy as np
-import pytest
 
-from conftest import TINY, run
+from conftest import run, user_error
 from test_reliability import one_line_error, teacher_and_sae, train
-
-
-def user_error(fn, *args):
-    from common import UserError
-    with pytest.raises(UserError) as e:
-        fn(*args)
-    message = str(e.value.code)
-    assert message.startswith('error: ') and '\n' not in message, message
-    return message
 
 
 def test_damaged_files_are_one_line(tmp_path):

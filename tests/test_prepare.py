@@ -3,7 +3,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import ROOT, run
+from conftest import ROOT, run, user_error
 import prepare as P
 from prepare import gpt2_tokenizer
 
@@ -164,11 +164,7 @@ def prepare(*args):
 
 def error_of(*args):
     """The one-line error prepare.py exits with."""
-    with pytest.raises(SystemExit) as e:
-        prepare(*args)
-    message = str(e.value.code)
-    assert message.startswith('error: ') and '\n' not in message, message
-    return message
+    return user_error(prepare, *args)
 
 
 def files_of(folder):
@@ -277,7 +273,7 @@ def test_openwebtext_from_its_files_gives_nanogpts_split(tmp_path):
     from datasets import Dataset
     rng = np.random.default_rng(0)
     words = ['alpha', 'beta', 'gamma', 'delta', '\n', '\n\n\n\n', 'end.']
-    texts, order = {}, []
+    order = []
     os.makedirs(tmp_path / 'hub' / 'subsets')
     for t in range(2):
         with tarfile.open(tmp_path / 'hub' / 'subsets' / f'urlsf_subset{t:02d}.tar', 'w') as outer:
