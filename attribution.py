@@ -28,7 +28,7 @@ label_method: 'attribution|activation|attribution_preact|attribution_neg' = 'att
 k_attr: 'int >= 1' = 4
 block_size: 'int >= 1' = 1024  # the labelled windows; train.py must use the same
 batch_size: 'int >= 1' = 8  # windows per teacher pass
-splits: 'train,val|train|val' = 'train,val'
+splits: 'train,val|val,train|train|val' = 'train,val'
 device: 'device' = DEVICE  # labels are computed in float32 whatever the run's dtype
 # -----------------------------------------------------------------------------
 LABEL_METHODS = tuple(__annotations__['label_method'].split('|'))
@@ -168,7 +168,8 @@ def label_split(teacher, sae, data_dir, split, expected, device, batch_size=8, r
     same = not differ and os.path.exists(path)
     if same and meta.get('complete'):
         return rank == 0 and print(f"{path}: already labelled")
-    if differ and meta.get('complete'):  # finished labels are never overwritten
+    inputs_same = all(meta.get(k) == expected[k] for k in ('data', 'teacher_id', 'sae_id'))
+    if differ and meta.get('complete') and inputs_same:  # a typo must not wipe finished labels
         raise UserError(f"{meta_path} holds finished labels made with {', '.join(differ)}; "
                         "delete it to relabel, or label with its settings")
     if rank == 0 and not same:  # a fresh, sparse cache: no rank waits on a fill

@@ -317,8 +317,7 @@ if __name__ == '__main__':
                 raise UserError(f"{out_dir}/sae_ckpt.pt was trained with {', '.join(differ)}; "
                                 "resume with its settings, or train into another out_dir")
     data_dir = data_dir_of(dataset)
-    for split in ('train', 'val'):  # too short: refused now, not after training
-        split_windows(data_dir, split, 1, context + 1)
+    split_windows(data_dir, 'val', 1, context + 1)  # too short: refused now, not after training
     teacher_model = load_teacher(teacher, device, read_meta(data_dir), data_dir)
     T, d = teacher_model.config.block_size, teacher_model.config.n_embd
     if context > T:

@@ -60,9 +60,13 @@ def test_a_finished_label_cache_is_never_overwritten(dataset, tmp_path):
              '--splits=train'] + spec
     run(label)
     before = open(os.path.join(dataset, 'labels_train.bin'), 'rb').read()
+    before_id = json.load(open(os.path.join(dataset, 'labels_train.json')))['sae_id']
     one_line_error(run(label + ['--k_attr=2'], check=False), 'holds finished labels made with k_attr=4')
     assert open(os.path.join(dataset, 'labels_train.bin'), 'rb').read() == before
     assert json.load(open(os.path.join(dataset, 'labels_train.json')))['complete']
     train(dataset, tmp_path / 'out', '--mode=cocomix', '--insert_layer=1', '--concept_topk=4',
           '--max_iters=1', '--label_cache=True', '--sae_layer=0', *spec)
     one_line_error(run(label[:-3] + ['--splits=train,test'] + spec, check=False), 'splits must be one of')
+    other = teacher_and_sae(dataset, tmp_path, seed=1, name='other.pt')  # new inputs: stale labels go
+    run(label[:-2] + other)
+    assert json.load(open(os.path.join(dataset, 'labels_train.json')))['sae_id'] != before_id
