@@ -10,9 +10,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch
 
-from common import DEVICE, DTYPE, UserError, configure, load_teacher
+from attribution import load_concepts
+from common import DEVICE, DTYPE, UserError, configure
 from prepare import data_dir_of, get_tokenizer, read_meta
-from sae import check_layer, check_width, load_sae, residuals, sae_file, split_windows
+from sae import load_sae, residuals, sae_file, split_windows
 
 # -----------------------------------------------------------------------------
 sae: 'str' = ''  # an SAE file (any load_sae spec, with teacher and dataset given)
@@ -52,9 +53,9 @@ if __name__ == '__main__':
         raise UserError("this SAE file does not name its teacher, dataset and layer: "
                         "give --teacher, --dataset and --sae_layer")
     data_dir = data_dir_of(dataset)
-    teacher_model = load_teacher(teacher, device, read_meta(data_dir), data_dir)
-    check_width(sae_model, teacher_model.config.n_embd, f"the SAE '{sae}'")
-    sae_model = sae_model.to(device)
+    # checked as for training: descriptions of another layer's or teacher's latents would be wrong
+    teacher_model, sae_model, _ = load_concepts(teacher, sae, sae_layer, device, read_meta(data_dir),
+                                                data_dir, 1, 'activation', 1)
     n_latents, enc = sae_model.n_latents, get_tokenizer(read_meta(data_dir))
     if latent >= n_latents:
         raise UserError(f"latent {latent} is out of range: give one of 0 .. {n_latents - 1}")
@@ -64,7 +65,6 @@ if __name__ == '__main__':
     if context > cfg.block_size:
         raise UserError(f"context={context} is longer than the teacher's {cfg.block_size} tokens; "
                         f"give --context={cfg.block_size} or less")
-    check_layer(teacher_model, sae_layer)
     torch.set_grad_enabled(False)  # inference only
     idx = split_windows(data_dir, 'val', max(1, tokens // context), context)  # (N, T) held-out text
     residual = (residuals(teacher_model, part, sae_layer, dtype) for part in idx.split(64))
