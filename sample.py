@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from common import DEVICE, DTYPE, UserError, autocast, configure, load_model
+from common import DEVICE, DTYPE, UserError, autocast, configure, first_line, load_model
 from prepare import get_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -23,6 +23,11 @@ dtype: 'float32|bfloat16|float16' = DTYPE
 # -----------------------------------------------------------------------------
 configure(globals())
 torch.manual_seed(seed)
+if start.startswith('FILE:'):
+    try:
+        start = open(start[5:], encoding='utf-8').read()
+    except (OSError, ValueError) as e:  # missing, a folder, not UTF-8
+        raise UserError(f"cannot read the prompt file '{start[5:]}' ({first_line(e)})")
 
 if init_from == 'resume' and not os.path.isdir(out_dir):
     raise UserError(f"no checkpoint at {os.path.join(out_dir, 'ckpt.pt')}: there is no folder "
@@ -52,11 +57,6 @@ if show_concepts:
         print(f"(no concept descriptions at {path}: tools/concepts.py --sae=FILE writes them)")
 
 enc = get_tokenizer(checkpoint and checkpoint.get('data_meta'))
-if start.startswith('FILE:'):
-    if not os.path.exists(start[5:]):
-        raise UserError(f"prompt file '{start[5:]}' does not exist")
-    with open(start[5:], encoding='utf-8') as f:
-        start = f.read()
 start_ids = enc.encode(start, allowed_special={'<|endoftext|>'}) or [enc.eot_token]
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None]
 decode = lambda ids: enc.decode([t for t in ids if t < enc.n_vocab])  # drop the head's padding ids

@@ -33,3 +33,10 @@ def test_a_missing_out_dir_is_named(monkeypatch, tmp_path):
 def test_cuda_without_a_gpu_is_refused(monkeypatch, tmp_path):
     message = error_of(monkeypatch, f'--out_dir={tmp_path}', '--device=cuda')
     assert 'device must be cpu (this torch sees no CUDA GPU' in message
+
+
+def test_a_prompt_file_it_cannot_read_is_one_line_before_the_model(monkeypatch, tmp_path):
+    (tmp_path / 'latin1.txt').write_bytes(b'caf\xe9\n')
+    for name, why in (('missing.txt', 'No such file'), ('', 'Is a directory'), ('latin1.txt', 'utf-8')):
+        message = error_of(monkeypatch, f'--start=FILE:{tmp_path / name}', f'--out_dir={tmp_path}/none')
+        assert f"cannot read the prompt file '{tmp_path / name}'" in message and why in message, message
