@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import eval as E
-from conftest import ROOT, run
+from conftest import ROOT, run, user_error
 from common import save_checkpoint
 from model import GPT, GPTConfig
 from prepare import CharTokenizer
@@ -180,3 +180,31 @@ def test_ppl_on_a_val_split_shorter_than_the_context(tmp_path):
 def test_bad_settings_one_line_before_any_work(tmp_path, arg, want):
     bad = run(['tools/eval.py', f'--out_dir={tmp_path / "none"}', '--tasks=ppl', arg], check=False)
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and want in bad.stderr, bad.stderr
+
+
+
+def test_task_files_and_json_out_off_the_path(tmp_path, monkeypatch, capsys):
+    """Every task file is found before the first task runs; a damaged one is one line naming it (a
+    KeyError, IndexError or a nan before); json_out may be in a folder yet to make, never a folder."""
+    save_checkpoint({'model': tiny_gpt().state_dict(), 'model_args': dict(block_size=32, vocab_size=50304,
+                     n_layer=2, n_head=2, n_embd=16), 'mode': 'ntp', 'iter_num': 0, 'config': {}}, str(tmp_path / 'out'))
+    tasks = tmp_path / 'tasks'
+    tasks.mkdir()
+    good = json.dumps({'text': 'the cat sat on the mat'}) + '\n'
+    (tasks / 'lambada_test.jsonl').write_text(good)
+    for key in E.__annotations__:  # main() sets the module's settings: restored after the test
+        monkeypatch.setattr(E, key, getattr(E, key))
+    argv = lambda *args: [f'--out_dir={tmp_path / "out"}', f'--data_dir={tasks}', '--device=cpu', '--dtype=float32',
+                          '--json_out=', *args]
+    assert 'no file matching piqa_valid*.jsonl' in user_error(E.main, argv('--tasks=lambada,piqa'))
+    assert 'is a folder' in user_error(E.main, argv('--tasks=lambada', f'--json_out={tasks}'))
+    assert 'lambada:' not in capsys.readouterr().out  # neither ran a task
+    E.main(argv('--tasks=lambada', f'--json_out={tmp_path / "new" / "r.json"}'))
+    assert 'lambada' in json.load(open(tmp_path / 'new' / 'r.json'))['results']
+    for task, text in (('lambada_test.jsonl', '{"txt": "a b"}\n'), ('lambada_test.jsonl', ''),
+                       ('lambada_test.jsonl', '{"text": "oneword"}\n'), ('winogrande_dev.jsonl', '{"sentence": "no"}\n'),
+                       ('hellaswag_val.jsonl', 'not json\n')):
+        (tasks / task).write_text(text)
+        name = task.split('_')[0]
+        assert f"{tasks / task} is not a {name} file as published" in user_error(E.main, argv(f'--tasks={name}'))
+        (tasks / task).write_text(good)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from common import DEVICE, DTYPE, UserError, atomic_path, autocast, check_hub, check_tokenizers
-from common import configure, load_model
+from common import configure, first_line, load_model
 from prepare import data_dir_of, download, get_tokenizer, load_tokens, read_meta, windows
 
 # -----------------------------------------------------------------------------
@@ -157,7 +157,8 @@ def task_file(name, data_dir=''):
 
 def read_jsonl(path):
     with open(path, encoding='utf-8') as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    return rows or json.loads('')  # an empty file: a ValueError, as a damaged one
 
 
 def choice_items(name, path, data_dir=''):
@@ -240,6 +241,9 @@ def main(argv):
     unknown = [t for t in tasks.split(',') if t not in known]
     if unknown:  # before any work: a typo in the last task must not cost the evaluation of the others
         raise UserError(f"unknown task{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; use {', '.join(known)}")
+    if os.path.isdir(json_out):
+        raise UserError(f"json_out={json_out} is a folder; give a file to write the results to")
+    paths = {t: task_file(t, data_dir) for t in tasks.split(',') if t != 'ppl'}  # all found first
     model, checkpoint = load_model(out_dir if init_from == 'resume' else init_from, device)
     name = f"{out_dir} ({checkpoint.get('mode', 'ntp')}, step {checkpoint['iter_num']})" \
         if checkpoint else init_from
@@ -259,23 +263,28 @@ def main(argv):
                             f"window of the model's context {T} + 1; prepare more val text")
     results = {}
     for task in tasks.split(','):
-        path = task_file(task, data_dir) if task != 'ppl' else None
-        with autocast(device, dtype), torch.no_grad():
-            if task == 'ppl':
-                results[task] = perplexity(model, val, T, batch_size, device, limit)
-            elif task == 'wikitext':
-                results[task] = wikitext(scorer, path, limit)
-            elif task in ('winogrande', 'lambada'):
-                score = winogrande if task == 'winogrande' else lambada
-                results[task] = score(scorer, read_jsonl(path)[:limit or None])
-            else:
-                results[task] = multiple_choice(scorer, choice_items(task, path, data_dir)[:limit or None])
+        path = paths.get(task)
+        try:
+            with autocast(device, dtype), torch.no_grad():
+                if task == 'ppl':
+                    results[task] = perplexity(model, val, T, batch_size, device, limit)
+                elif task == 'wikitext':
+                    results[task] = wikitext(scorer, path, limit)
+                elif task in ('winogrande', 'lambada'):
+                    score = winogrande if task == 'winogrande' else lambada
+                    results[task] = score(scorer, read_jsonl(path)[:limit or None])
+                else:
+                    results[task] = multiple_choice(scorer, choice_items(task, path, data_dir)[:limit or None])
+        except (KeyError, IndexError, TypeError, ValueError, ZeroDivisionError) as e:
+            if path is None:
+                raise
+            raise UserError(f"{path} is not a {task} file as published ({first_line(e)}); replace it")
         shown = (f"{k} {v:,.4f}" if isinstance(v, float) else f"{k} {v:,}" for k, v in results[task].items())
         print(f"{task:>10}: " + ', '.join(shown), flush=True)
     headline = (f"{t} {next(iter(r))} {next(iter(r.values())):.4f}" for t, r in results.items())
     print(f"done: {name}: " + '; '.join(headline))
     if json_out:
-        with open(json_out, 'w') as f:
+        with atomic_path(json_out) as tmp, open(tmp, 'w') as f:  # its folder made if missing
             json.dump({'model': name, 'results': results}, f, indent=1)
     return results
 
