@@ -15,9 +15,9 @@ def test_steer_measures_paired_generations(dataset, tmp_path):
     steer = [os.path.join(ROOT, 'tools', 'steer.py'), f'--runs={model}', '--concepts=3', '--prompts=4',
              '--prompt_len=4', '--new_tokens=8']
     # alpha 1 multiplies by one: the steered generations are the plain ones, draw for draw
-    out = run(steer + ['--alpha=1.0'], cwd=tmp_path).stdout
+    out = run(steer + ['--alpha=1.0', f'--runs={model},{model}'], cwd=tmp_path).stdout
     rows = [l for l in out.splitlines() if l.startswith('| cocomix |')]
-    assert len(rows) == 3
+    assert len(rows) == 3  # a run named twice is measured once
     for row in rows:  # each measure reads "plain → steered" with the two equal
         pairs = re.findall(r'([\d.]+) → ([\d.]+)', row)
         assert len(pairs) == 3 and all(a == b for a, b in pairs), row
@@ -29,6 +29,9 @@ def test_steer_measures_paired_generations(dataset, tmp_path):
     assert any(a != b for a, b in re.findall(r'([\d.]+) → ([\d.]+)', out)), out
     results = (tmp_path / 'RESULTS.md').read_text()
     assert results.startswith('before\n<!-- steer:begin -->\nalpha 50,') and results.endswith('<!-- steer:end -->\nafter\n')
+    long = run(steer + ['--new_tokens=13'], cwd=tmp_path, check=False)  # 4 + 13 over the context 16
+    assert long.returncode == 1 and long.stderr.strip().splitlines() == [
+        f"error: prompt_len + new_tokens = 17 is over the context of {model} or its teacher (16); lower either"]
     bad = run(steer + [f'--runs={tmp_path / "teacher"}'], cwd=tmp_path, check=False)
     assert bad.returncode != 0 and 'nothing to steer' in bad.stderr
     (tmp_path / 'elsewhere').mkdir()  # publishing needs the RESULTS.md it rewrites, before any work

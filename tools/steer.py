@@ -42,6 +42,9 @@ def measure(run):
         raise UserError(f"concepts={concepts} but {run} has only {model.config.n_concepts}")
     data_dir = data_dir_of(cfg['dataset'])
     teacher = load_teacher(cfg['teacher'], device, ckpt['data_meta'], data_dir)
+    if prompt_len + new_tokens > min(T, teacher.config.block_size):  # the teacher reads it whole
+        raise UserError(f"prompt_len + new_tokens = {prompt_len + new_tokens} is over the context of "
+                        f"{run} or its teacher ({min(T, teacher.config.block_size)}); lower either")
     sae = load_sae(cfg['sae'], teacher.config.n_embd)[0].to(device)
     enc = get_tokenizer(ckpt['data_meta'])
     val = load_tokens(data_dir, 'val')
@@ -74,7 +77,7 @@ if __name__ == '__main__':
     table = ["| model | concept (promotes) | active: plain → steered | mean activation | "
              "promoted tokens |", '|---' * 5 + '|']
     changes = {}
-    for run in runs.split(','):
+    for run in dict.fromkeys(runs.split(',')):  # each once
         for c, desc, m in measure(run):
             table.append(f"| {os.path.basename(run)} | {c} ({desc}) | " + ' | '.join(
                 f"{a:.3f} → {b:.3f}" for a, b in m.values()) + ' |')
