@@ -223,8 +223,7 @@ def hub_folder(name):
     try:
         return snapshot_download(name, allow_patterns=patterns)
     except Exception as e:
-        raise UserError(f"cannot download '{name}' from the Hugging Face hub "
-                        f"({type(e).__name__}); {fix}")
+        raise UserError(f"cannot download '{name}' from the hub ({first_line(e)}); {fix}")
 
 
 def fingerprint(tensors):
