@@ -93,6 +93,9 @@ if cocomix and not supervised and not n_concepts:
 if init_from not in ('scratch', 'resume') and not init_from.startswith('gpt2') and \
         not os.path.exists(os.path.join(init_from, 'config.json')):
     raise UserError(f"unknown init_from '{init_from}'; use scratch, resume, gpt2* or a folder")
+if init_from != 'resume' and not eval_only and os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
+    raise UserError(f"{out_dir} holds a checkpoint that this run would replace; continue it with "
+                    "--init_from=resume, or give a new out_dir")
 
 rank, world_size, device = setup_distributed(device)
 ddp, master = 'RANK' in os.environ, rank == 0  # the master logs and saves checkpoints
@@ -129,6 +132,8 @@ if init_from == 'resume':
     if checkpoint['mode'] != mode:
         raise UserError(f"{source} was trained with mode='{checkpoint['mode']}', this run has "
                         f"mode='{mode}'; set --mode={checkpoint['mode']} or use a new out_dir")
+    if checkpoint['iter_num'] > max_iters:
+        raise UserError(f"{source} is at step {checkpoint['iter_num']}, past max_iters={max_iters}")
     check_tokenizers(meta, f"the data in {data_dir}", checkpoint['data_meta'], source)
     fixed = checkpoint['model_args']
 elif init_from != 'scratch':

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from conftest import run, user_error
+from conftest import ROOT, run, user_error
 from test_reliability import one_line_error, teacher_and_sae, train
 
 
@@ -64,9 +64,42 @@ def test_a_finished_label_cache_is_never_overwritten(dataset, tmp_path):
     one_line_error(run(label + ['--k_attr=2'], check=False), 'holds finished labels made with k_attr=4')
     assert open(os.path.join(dataset, 'labels_train.bin'), 'rb').read() == before
     assert json.load(open(os.path.join(dataset, 'labels_train.json')))['complete']
-    train(dataset, tmp_path / 'out', '--mode=cocomix', '--insert_layer=1', '--concept_topk=4',
-          '--max_iters=1', '--label_cache=True', '--sae_layer=0', *spec)
+    cached = ['--mode=cocomix', '--insert_layer=1', '--concept_topk=4', '--max_iters=1', '--label_cache=True',
+              '--sae_layer=0', *spec]
+    train(dataset, tmp_path / 'out', *cached)
+    with open(os.path.join(dataset, 'labels_train.bin'), 'r+b') as f:  # cut short, still marked complete
+        f.truncate(len(before) // 2)
+    one_line_error(train(dataset, tmp_path / 'out2', *cached, check=False), 'is missing or cut short')
     one_line_error(run(label[:-3] + ['--splits=train,test'] + spec, check=False), 'splits must be one of')
     other = teacher_and_sae(dataset, tmp_path, seed=1, name='other.pt')  # new inputs: stale labels go
     run(label[:-2] + other)
     assert json.load(open(os.path.join(dataset, 'labels_train.json')))['sae_id'] != before_id
+
+
+def test_a_finished_checkpoint_is_not_replaced_by_a_new_run(dataset, tmp_path):
+    out = tmp_path / 'out'
+    train(dataset, out, '--max_iters=2', '--eval_interval=2')
+    before = open(out / 'ckpt.pt', 'rb').read()
+    one_line_error(train(dataset, out, '--max_iters=4', check=False), 'continue it with --init_from=resume')
+    # a resume whose max_iters is below the saved step would re-save the step as if it were new
+    one_line_error(train(dataset, out, '--max_iters=1', '--init_from=resume', check=False),
+                   'is at step 2, past max_iters=1')
+    assert open(out / 'ckpt.pt', 'rb').read() == before
+
+
+def test_a_study_report_is_refused_before_it_rewrites_a_readme(tmp_path):
+    """The report rewrites README.md and RESULTS.md in the working folder: bad methods or results
+    must stop it first (they were a traceback, or tables with a method left out)."""
+    for name in ('README.md', 'RESULTS.md'):
+        (tmp_path / name).write_text(f'<!-- study:begin -->\nkept\n<!-- study:end -->\n'
+                                     f'<!-- headline:begin -->\nkept\n<!-- headline:end -->\n')
+    (tmp_path / 'empty.json').write_text('')
+    os.makedirs(tmp_path / 'assets')  # the study's saved results, as a clone has them
+    (tmp_path / 'assets' / 'study_results.json').write_text(open(f'{ROOT}/assets/study_results.json').read())
+    study = os.path.join(ROOT, 'tools', 'study.py')
+    for arg, want in (('--large_methods=ntp,cocomixx', "no method or seed count 'cocomixx:3'"),
+                      ('--large_methods=ntp:x', "'ntp:x'"), ('--small_methods=ntp:0', "'ntp:0'"),
+                      ('--results=empty.json', 'cannot read empty.json'),
+                      (f'--results={tmp_path}', f'cannot read {tmp_path}')):
+        one_line_error(run([study, '--report_only=True', arg], cwd=tmp_path, check=False), want)
+    assert all('kept' in (tmp_path / n).read_text() for n in ('README.md', 'RESULTS.md'))

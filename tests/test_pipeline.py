@@ -1,6 +1,8 @@
 import os
 import time
 
+import pytest
+
 from stages import run_stages
 from study import tokens_to_reach
 
@@ -50,6 +52,20 @@ def test_stages_skip_when_current_and_rerun_when_not(tmp_path, capsys):
     os.utime(src, (time.time() + 5, time.time() + 5))
     run_stages(copy('2'), stamps)
     assert out.read_text() == 'b2'
+
+
+def test_a_stale_training_stage_starts_without_its_old_checkpoint(tmp_path):
+    """train.py refuses to start over a checkpoint: a rerun stage (another command) removes it first,
+    a resume keeps it."""
+    ckpt, stamps = str(tmp_path / 'ckpt.pt'), str(tmp_path / 'stamps.json')
+    train = lambda *arg: [('train', ['-c', "import os, sys; assert not os.path.exists(sys.argv[1]); "
+                                     "open(sys.argv[1], 'w').write('new')", ckpt, *arg], [], ckpt)]
+    run_stages(train('--seed=1'), stamps)
+    run_stages(train('--seed=2'), stamps)
+    assert open(ckpt).read() == 'new'
+    with pytest.raises(SystemExit):  # the stage fails: it found the checkpoint it resumes
+        run_stages(train('--init_from=resume'), stamps)
+    assert open(ckpt).read() == 'new'
 
 
 def test_tokens_to_reach_interpolates():

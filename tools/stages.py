@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from common import UserError  # the importing tool put the repository on the path
+from common import UserError, atomic_path  # the importing tool put the repository on the path
 
 
 def run_stages(stages, stamps_path, jobs=1, threads=1):
@@ -27,6 +27,8 @@ def run_stages(stages, stamps_path, jobs=1, threads=1):
                     all(os.path.getmtime(i) <= os.path.getmtime(output) for i in inputs if os.path.exists(i)):
                 print(f"[{stage}] up to date: {output}")
                 continue
+            if output.endswith('ckpt.pt') and '--init_from=resume' not in cmd and os.path.exists(output):
+                os.remove(output)  # stale: train.py will not start over a checkpoint
             if jobs > 1:
                 os.makedirs(logs, exist_ok=True)
             log = open(os.path.join(logs, re.sub(r'[^\w.-]+', '_', stage) + '.log'), 'w') if jobs > 1 else None
@@ -45,9 +47,8 @@ def run_stages(stages, stamps_path, jobs=1, threads=1):
                 failed.append(stage)
                 continue
             print(f"[{stage}] done in {time.time() - t0:.0f} s", flush=True)
-            os.makedirs(os.path.dirname(stamps_path), exist_ok=True)
             stamps[output] = line
-            with open(stamps_path, 'w') as f:
+            with atomic_path(stamps_path) as tmp, open(tmp, 'w') as f:
                 json.dump(stamps, f, indent=1)
     if failed:
         raise UserError(f"stage '{failed[0]}' failed; fix the cause and run again (done stages are kept)")

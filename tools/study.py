@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import numpy as np
 import torch
 
-from common import UserError, atomic_path, configure, fingerprint
+from common import UserError, atomic_path, configure, fingerprint, first_line
 from model import GPT, GPTConfig
 from sae import load_sae
 from stages import label_flops_per_token, publish, run_stages
@@ -71,8 +71,13 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 
 
 def sizes():
-    """size -> (student overrides, {method: seeds})."""
-    methods = lambda spec: {m.split(':')[0]: int((m + f':{seeds}').split(':')[1]) for m in spec.split(',')}
+    """size -> (student overrides, {method: seeds}), refused in one line before any report or run."""
+    def methods(spec):
+        pairs = [(m + f':{seeds}').split(':')[:2] for m in spec.split(',')]
+        bad = [':'.join(p) for p in pairs if p[0] not in METHODS or not p[1].isdigit() or p[1] == '0']
+        if bad:
+            raise UserError(f"no method or seed count '{bad[0]}' in '{spec}'; methods: {', '.join(METHODS)}")
+        return {m: int(n) for m, n in pairs}
     return {'8-layer': (large.split(), methods(large_methods)), '4-layer': (small.split(), methods(small_methods))}
 
 
@@ -203,7 +208,10 @@ def evaluation(run):
 
 
 def saved():
-    return json.load(open(results)) if os.path.exists(results) else {'runs': {}}
+    try:
+        return json.load(open(results)) if os.path.exists(results) else {'runs': {}}
+    except (OSError, ValueError) as e:  # a folder, an empty or cut file
+        raise UserError(f"cannot read {results} ({first_line(e)}); restore it: git checkout {results}")
 
 
 def check_identity(old):
@@ -430,6 +438,7 @@ def plot(res):
 
 if __name__ == '__main__':
     configure(globals())
+    sizes(), saved()  # the methods and the saved results, checked before any work
     if report_only:
         collect()  # the runs finished on this machine, if any (the study may go on elsewhere)
     else:
@@ -453,4 +462,4 @@ if __name__ == '__main__':
             collect()
     if not os.path.exists(results):
         raise UserError(f"no saved results at {results}: run the study first (see its docstring)")
-    report(json.load(open(results)))
+    report(saved())
