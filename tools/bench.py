@@ -19,7 +19,6 @@ parts (--parts=a,b):
   prepare   prepare.py on synthetic .jsonl corpora of prepare_mb and 10x that: tokens/s, peak memory
             (target: the larger <= 1.5 x the smaller's + 100 MB, flat in the corpus size)
 """
-import io
 import json
 import math
 import os
@@ -37,7 +36,6 @@ from unittest import mock
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as M
@@ -156,14 +154,12 @@ def labelling():  # a teacher, its SAE and label_batch sequences to label
 def report_label_speeds(teacher_model, sae, idx):
     """Labelling's tokens/s eager and compiled (alternating: neither gains from the order) -> compiled / eager."""
     torch._dynamo.reset()
+    args = teacher_model, sae, idx, sae_layer, k_attr
     calls = {'eager': concept_labels, 'compiled': torch.compile(concept_labels, backend=backend)}
-    seconds, labels = {k: [] for k in calls}, {}
-    for _ in range(2):
-        for name, fn in calls.items():
-            with ctx:
-                labels[name] = fn(teacher_model, sae, idx, sae_layer, k_attr)
-                seconds[name].append(timed(lambda: fn(teacher_model, sae, idx, sae_layer, k_attr)))
-    eager, compiled = min(seconds['eager']), min(seconds['compiled'])
+    with ctx:
+        labels = {k: fn(*args) for k, fn in calls.items()}
+        seconds = [timed(lambda: calls[k](*args)) for k in [*calls] * 2]
+    eager, compiled = min(seconds[::2]), min(seconds[1::2])
     # ties in a low precision may order latents otherwise
     agree = (labels['eager'] == labels['compiled']).float().mean().item()
     print(f"  labelling ({label_batch} x {block_size} tokens, {backend}): eager "
@@ -204,7 +200,7 @@ def measure(mode, world=1):
     peak = peak_flops(device, dtype)
     return dict(tokens=tokens, ms=dt * 1e3, flops=flops, memory=memory.item(), loss=seconds['loss'],
                 breaks=sum(torch._dynamo.utils.counters['graph_break'].values()),
-                mfu=flops / (peak * world) if peak else None, teacher=seconds['teacher'] / (steps + 2) / dt)
+                mfu=f", MFU {flops / (peak * world):.1%}" if peak else '', teacher=seconds['teacher'] / (steps + 2) / dt)
 
 
 def child(mode):
@@ -224,16 +220,15 @@ def bench_modes(part):
                         "(under torchrun: --parts=smoke)")
     rank, world, device = setup_distributed(device)
     rows, problems = {}, []
-    with redirect_stdout(sys.stdout if rank == 0 else io.StringIO()):  # all measure alike; rank 0 tells
+    with redirect_stdout(sys.stdout if rank == 0 else open(os.devnull, 'w')):  # all measure alike; rank 0 tells
         bare = '; memory above a bare process' if part == 'train' and not cuda else ''
         print(f"{part} ({world} process{'es' if world > 1 else ''}, {dtype}, compile {compile}, "
               f"{n_layer} x {n_embd}, {batch_size} x {block_size} tokens per process, "
               f"C = {n_concepts}, teacher {teacher_layers} x {teacher_embd}{bare}):")
         for mode in ('ntp', 'cached', 'online'):
             row = rows[mode] = child(mode) if part == 'train' else measure(mode, world)
-            mfu = f", MFU {row['mfu']:.1%}" if row['mfu'] else ''
             print(f"  {mode:>6}: {row['tokens']:,.0f} tokens/s, {row['ms']:,.1f} ms/iter, "
-                  f"{row['flops'] / 1e9:,.1f} GFLOP/s{mfu}, peak memory per process "
+                  f"{row['flops'] / 1e9:,.1f} GFLOP/s{row['mfu']}, peak memory per process "
                   f"{row['memory'] / 2 ** 30:.2f} GiB, graph breaks {row['breaks']}"
                   + (f", teacher {row['teacher']:.0%} of the step" if mode == 'online' else ''))
             if not math.isfinite(row['loss']):
@@ -285,13 +280,11 @@ def bench_labels():
     check('labelling FLOP/s / NTP FLOP/s', flops / ntp_flops, 0.8)
     # the LM head in chunks (forced; large label batches get it): the frozen head's weight gradient
     # is skipped; computing it, as a head with requires_grad would, shows what that saves
-    seconds = {'computed': [], 'skipped': []}
-    for _ in range(2):  # alternating
-        for name in seconds:
+    rate = {}
+    with ctx, mock.patch.object(M, 'chunked_head', lambda *args: True):
+        for name in ('computed', 'skipped') * 2:  # alternating
             teacher.lm_head.weight.requires_grad_(name == 'computed')
-            with ctx, mock.patch.object(M, 'chunked_head', lambda *args: True):
-                seconds[name].append(timed(label, n=3))
-    rate = {k: useful / min(v) / 1e9 for k, v in seconds.items()}
+            rate[name] = max(rate.get(name, 0), useful / timed(label, n=3) / 1e9)
     print(f"  labelling with a chunked head: {rate['computed']:.1f} GFLOP/s with the frozen head's weight "
           f"gradient computed, {rate['skipped']:.1f} skipped: {rate['skipped'] / rate['computed']:.2f}x")
     check('labelling tokens/s compiled / eager', report_label_speeds(teacher, sae, idx), 1.0)
@@ -342,7 +335,7 @@ def bench_generate():
 def bench_sae():
     d, C, k = teacher_embd, n_concepts, sae_k
     g = torch.Generator().manual_seed(0)  # sparse sums of hidden atoms, noise, an offset
-    atoms = F.normalize(torch.randn(4 * d, d, generator=g), dim=1)
+    atoms = torch.nn.functional.normalize(torch.randn(4 * d, d, generator=g), dim=1)
     offset = torch.randn(d, generator=g)
 
     def batch():
