@@ -18,6 +18,7 @@ def run_stages(stages, stamps_path, jobs=1, threads=1):
     stamps = json.load(open(stamps_path)) if os.path.exists(stamps_path) else {}
     pending, running, failed = list(stages), {}, []
     logs = os.path.join(os.path.dirname(stamps_path), 'logs')
+    os.makedirs(logs if jobs > 1 else os.path.dirname(logs), exist_ok=True)  # for the stamps (and logs)
     while (pending and not failed) or running:  # after a failure, wait for the running ones
         busy = {s[3] for s in pending} | {s[1] for s in running.values()}  # outputs still to come
         ready = [s for s in pending if busy.isdisjoint(s[2])]
@@ -28,8 +29,6 @@ def run_stages(stages, stamps_path, jobs=1, threads=1):
                     all(os.path.getmtime(i) <= os.path.getmtime(output) for i in inputs if os.path.exists(i)):
                 print(f"[{stage}] up to date: {output}")
                 continue
-            if jobs > 1:
-                os.makedirs(logs, exist_ok=True)
             name = os.path.join(logs, re.sub(r'[^\w.-]+', '_', stage) + '.log')
             with open(name, 'w') if jobs > 1 else nullcontext() as log:  # closed here: the stage has its copy
                 print(f"[{stage}] {line}" + (f"  (log: {name})" if log else ''), flush=True)
@@ -45,7 +44,6 @@ def run_stages(stages, stamps_path, jobs=1, threads=1):
                 failed.append(stage)
                 continue
             print(f"[{stage}] done in {time.time() - t0:.0f} s", flush=True)
-            os.makedirs(os.path.dirname(stamps_path), exist_ok=True)
             stamps[output] = line
             with open(stamps_path, 'w') as f:
                 json.dump(stamps, f, indent=1)
