@@ -246,14 +246,11 @@ def bench_ntp():
     path = os.path.join(nanogpt, 'model.py')
     if not nanogpt or not os.path.exists(path):  # '' would find our own model.py
         raise UserError(f"no {path}: --parts=ntp needs --nanogpt=DIR, a karpathy/nanoGPT checkout")
-    ours = train_step(gpt())
     # nanoGPT's model from its globals (beside our model.py, not in its place), eager
-    theirs = train_step(gpt(lib=runpy.run_path(path)), compiled=False)
-    times = {'ours': [], 'nanoGPT': []}
-    for r in range(rounds):  # each first in every other round: neither gains from the order
-        for name, step in [('ours', ours), ('nanoGPT', theirs)][::-1 if r % 2 else 1]:
-            times[name].append(timed(step))
-    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    step = {'ours': train_step(gpt()), 'nanoGPT': train_step(gpt(lib=runpy.run_path(path)), compiled=False)}
+    # each first in every other round: neither gains from the order
+    times = [{k: timed(step[k]) for k in [*step][::-1 if r % 2 else 1]} for r in range(rounds)]
+    ms = {k: statistics.median(t[k] for t in times) * 1e3 for k in step}
     print(f"ntp vs nanoGPT ({batch_size} x {block_size}, {n_layer} x {n_embd}, vocab {V}, {dtype}): "
           f"ours {ms['ours']:.1f} ms/iter, nanoGPT {ms['nanoGPT']:.1f} ms/iter (medians of {rounds} rounds)")
     check('our speed / nanoGPT', ms['nanoGPT'] / ms['ours'], 0.97)
@@ -342,7 +339,6 @@ def bench_sae():
     ours = S.TopKSAE(d, C, k).to(device)
     S.init_sae(ours, data[0])
     opt = torch.optim.Adam(ours.parameters(), lr=lr)
-    ours_step = lambda x: S.train_step(ours, opt, x, d // 2, 10 ** 9, 1 / 32, dtype)
     try:
         from sparsify import SparseCoder, SparseCoderConfig
     except ImportError:
@@ -357,14 +353,12 @@ def bench_sae():
         their_opt.step()
         their_opt.zero_grad(set_to_none=True)
         theirs.set_decoder_norm_to_unit_norm()
-    seconds = {'ours': [], 'sparsify': []}
-    for x in data:  # alternating, batch by batch: the same tokens in the same order
-        for name, step in (('ours', ours_step), ('sparsify', theirs_step)):
-            with ctx:
-                seconds[name].append(timed(lambda: step(x), n=1, warmup=0))
+    step = {'ours': lambda x: S.train_step(ours, opt, x, d // 2, 10 ** 9, 1 / 32, dtype), 'sparsify': theirs_step}
+    with ctx:  # alternating, batch by batch: the same tokens in the same order
+        seconds = [{k: timed(lambda: step[k](x), n=1, warmup=0) for k in step} for x in data]
     with torch.no_grad():
         results = {'ours': fvus(ours(held_out)), 'sparsify': fvus(theirs(held_out).sae_out)}
-    rate = {k: (len(data) - 1) * sae_batch / sum(s[1:]) for k, s in seconds.items()}  # the first warms up
+    rate = {k: (len(data) - 1) * sae_batch / sum(s[k] for s in seconds[1:]) for k in step}  # the first warms up
     print(f"sae ({d} -> {C}, k {k}, {len(data) * sae_batch:,} tokens, batch {sae_batch}, lr {lr:.2e}):")
     for name in rate:
         print(f"  {name:>8}: {rate[name]:,.0f} tokens/s, FVU on held-out vectors {results[name][0]:.4f} "
