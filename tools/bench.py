@@ -102,20 +102,18 @@ sync = torch.cuda.synchronize if cuda else torch.cpu.synchronize
 
 
 def timed(fn, n=steps, warmup=1):  # seconds per call of fn, after warmup calls
-    for _ in range(warmup):
-        fn()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(n):
+    for i in range(warmup + n):
+        if i == warmup:
+            sync()
+            t0 = time.perf_counter()
         fn()
     sync()
     return (time.perf_counter() - t0) / n
 
 
 def gpt(layers=n_layer, width=n_embd, heads=n_head, T=block_size, lib=vars(M), **concepts):
-    config = lib['GPTConfig'](block_size=T, vocab_size=V, n_layer=layers, n_head=heads,
-                              n_embd=width, bias=bias, dropout=dropout, **concepts)
-    return lib['GPT'](config).to(device)
+    return lib['GPT'](lib['GPTConfig'](block_size=T, vocab_size=V, n_layer=layers, n_head=heads,
+                                       n_embd=width, bias=bias, dropout=dropout, **concepts)).to(device)
 
 
 def train_step(model, labels=None, world=1, compiled=compile):
@@ -149,11 +147,10 @@ def labelling():  # a teacher, its SAE and label_batch sequences to label
 def report_label_speeds(teacher_model, sae, idx):
     """Labelling's tokens/s eager and compiled (alternating: neither gains from the order) -> compiled / eager."""
     torch._dynamo.reset()
-    args = teacher_model, sae, idx, sae_layer, k_attr
     calls = {'eager': concept_labels, 'compiled': torch.compile(concept_labels, backend=backend)}
     with ctx:
-        labels = {k: fn(*args) for k, fn in calls.items()}
-        seconds = [timed(lambda: calls[k](*args)) for k in [*calls] * 2]
+        labels = {k: fn(teacher_model, sae, idx, sae_layer, k_attr) for k, fn in calls.items()}
+        seconds = [timed(lambda: calls[k](teacher_model, sae, idx, sae_layer, k_attr)) for k in [*calls] * 2]
     eager, compiled = min(seconds[::2]), min(seconds[1::2])
     # ties in a low precision may order latents otherwise
     agree = (labels['eager'] == labels['compiled']).float().mean().item()
@@ -168,7 +165,6 @@ def check(name, value, target):
 
 
 def measure(mode, world=1):
-    """A row of smoke's and train's report: mode's training steps, in this process."""
     torch._dynamo.reset()  # each mode compiles, and counts its graph breaks, afresh
     torch._dynamo.utils.counters.clear()
     model = gpt(**(COCOMIX if mode != 'ntp' else {}))

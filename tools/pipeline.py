@@ -2,7 +2,6 @@
 (RESULTS.md, "The quick start"): a teacher, its SAE and labels, then NTP, CoCoMix and CoCoMix added at
 the paper's shape on Tiny Shakespeare's characters; their evaluation beside the study's, a steered sample.
 
-Every stage is an ordinary command, printed before it runs and skipped when current (stages.py).
 Thread counts are fixed, so reruns on the same kind of machine give the same numbers.
 """
 import json
