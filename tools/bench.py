@@ -1,25 +1,19 @@
 """Each speed target as a ratio measured in one run on this machine (CPU or GPU), with random
 weights, at the settings' shapes or any train.py config's (RESULTS.md has the commands).
 
-parts (--parts=a,b):
+parts (--parts=a,b), each printing its measures and each ratio beside its target:
   smoke     a machine's check before a long run: training steps of NTP and of CoCoMix with cached
             and with online labels, at the config's shapes, dtype and compile, in each of torchrun's
-            processes: tokens/s, ms/iter, FLOP/s (MFU), peak memory, graph breaks; target cocomix
-            (cached) FLOP/s >= 0.9 x NTP's; online labelling eager and compiled; a verdict
+            processes; online labelling eager and compiled; a verdict
   train     the same, each mode in its own process (its own peak memory)
-  ntp       our NTP step vs nanoGPT's model.py (--nanogpt=DIR): median ms/iter; target >= 0.97x
-  labels    online labelling, counting only the FLOPs it must do (teacher forward, input-gradient
-            backward to sae_layer, SAE encoder); target >= 0.8 x a teacher-shaped NTP step's FLOP/s;
-            torch.compile's labelling tokens/s against eager's (target >= 1x)
-  heads     the chunked heads' gradients against the plain ones', at dtype, each against a float32
-            reference (relative error); target: chunked no worse than 2 x plain (tools/gpu_check.sh)
+  ntp       our NTP step vs nanoGPT's model.py (--nanogpt=DIR)
+  labels    online labelling's FLOP/s, counting only what it must do (teacher forward, input-gradient
+            backward to sae_layer, SAE encoder), vs a teacher-shaped NTP step's; compiled vs eager
+  heads     the chunked heads' gradients against the plain ones', at dtype, each against float32
   generate  KV-cache greedy generation, NTP and CoCoMix, beside reading every weight once per token
-  sae       SAE training vs EleutherAI's sparsify (pip install eai-sparsify), same synthetic data:
-            tokens/s (target >= 1x) and FVU of the raw vectors after the same tokens
-  prepare   prepare.py on synthetic .jsonl corpora of prepare_mb and 10x that: tokens/s, peak memory
-            (target: the larger <= 1.5 x the smaller's + 100 MB, flat in the corpus size)
+  sae       SAE training vs EleutherAI's sparsify (pip install eai-sparsify), same synthetic data
+  prepare   prepare.py on synthetic .jsonl corpora of prepare_mb and 10x that: its memory is flat
 """
-import io
 import json
 import math
 import os
@@ -37,7 +31,6 @@ from unittest import mock
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as M
@@ -109,20 +102,18 @@ sync = torch.cuda.synchronize if cuda else torch.cpu.synchronize
 
 
 def timed(fn, n=steps, warmup=1):  # seconds per call of fn, after warmup calls
-    for _ in range(warmup):
-        fn()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(n):
+    for i in range(warmup + n):
+        if i == warmup:
+            sync()
+            t0 = time.perf_counter()
         fn()
     sync()
     return (time.perf_counter() - t0) / n
 
 
 def gpt(layers=n_layer, width=n_embd, heads=n_head, T=block_size, lib=vars(M), **concepts):
-    config = lib['GPTConfig'](block_size=T, vocab_size=V, n_layer=layers, n_head=heads,
-                              n_embd=width, bias=bias, dropout=dropout, **concepts)
-    return lib['GPT'](config).to(device)
+    return lib['GPT'](lib['GPTConfig'](block_size=T, vocab_size=V, n_layer=layers, n_head=heads,
+                                       n_embd=width, bias=bias, dropout=dropout, **concepts)).to(device)
 
 
 def train_step(model, labels=None, world=1, compiled=compile):
@@ -157,13 +148,10 @@ def report_label_speeds(teacher_model, sae, idx):
     """Labelling's tokens/s eager and compiled (alternating: neither gains from the order) -> compiled / eager."""
     torch._dynamo.reset()
     calls = {'eager': concept_labels, 'compiled': torch.compile(concept_labels, backend=backend)}
-    seconds, labels = {k: [] for k in calls}, {}
-    for _ in range(2):
-        for name, fn in calls.items():
-            with ctx:
-                labels[name] = fn(teacher_model, sae, idx, sae_layer, k_attr)
-                seconds[name].append(timed(lambda: fn(teacher_model, sae, idx, sae_layer, k_attr)))
-    eager, compiled = min(seconds['eager']), min(seconds['compiled'])
+    with ctx:
+        labels = {k: fn(teacher_model, sae, idx, sae_layer, k_attr) for k, fn in calls.items()}
+        seconds = [timed(lambda: calls[k](teacher_model, sae, idx, sae_layer, k_attr)) for k in [*calls] * 2]
+    eager, compiled = min(seconds[::2]), min(seconds[1::2])
     # ties in a low precision may order latents otherwise
     agree = (labels['eager'] == labels['compiled']).float().mean().item()
     print(f"  labelling ({label_batch} x {block_size} tokens, {backend}): eager "
@@ -177,7 +165,6 @@ def check(name, value, target):
 
 
 def measure(mode, world=1):
-    """A row of smoke's and train's report: mode's training steps, in this process."""
     torch._dynamo.reset()  # each mode compiles, and counts its graph breaks, afresh
     torch._dynamo.utils.counters.clear()
     model = gpt(**(COCOMIX if mode != 'ntp' else {}))
@@ -204,7 +191,7 @@ def measure(mode, world=1):
     peak = peak_flops(device, dtype)
     return dict(tokens=tokens, ms=dt * 1e3, flops=flops, memory=memory.item(), loss=seconds['loss'],
                 breaks=sum(torch._dynamo.utils.counters['graph_break'].values()),
-                mfu=flops / (peak * world) if peak else None, teacher=seconds['teacher'] / (steps + 2) / dt)
+                mfu=f", MFU {flops / (peak * world):.1%}" if peak else '', teacher=seconds['teacher'] / (steps + 2) / dt)
 
 
 def child(mode):
@@ -217,23 +204,21 @@ def child(mode):
 
 
 def bench_modes(part):
-    """smoke measures each mode in this process (each of torchrun's), train each in its own."""
     global device  # under torchrun: this process's GPU
     if part == 'train' and 'RANK' in os.environ:
         raise UserError("--parts=train runs one process per mode: run it without torchrun "
                         "(under torchrun: --parts=smoke)")
     rank, world, device = setup_distributed(device)
     rows, problems = {}, []
-    with redirect_stdout(sys.stdout if rank == 0 else io.StringIO()):  # all measure alike; rank 0 tells
+    with redirect_stdout(sys.stdout if rank == 0 else open(os.devnull, 'w')):  # all measure alike; rank 0 tells
         bare = '; memory above a bare process' if part == 'train' and not cuda else ''
         print(f"{part} ({world} process{'es' if world > 1 else ''}, {dtype}, compile {compile}, "
               f"{n_layer} x {n_embd}, {batch_size} x {block_size} tokens per process, "
               f"C = {n_concepts}, teacher {teacher_layers} x {teacher_embd}{bare}):")
         for mode in ('ntp', 'cached', 'online'):
             row = rows[mode] = child(mode) if part == 'train' else measure(mode, world)
-            mfu = f", MFU {row['mfu']:.1%}" if row['mfu'] else ''
             print(f"  {mode:>6}: {row['tokens']:,.0f} tokens/s, {row['ms']:,.1f} ms/iter, "
-                  f"{row['flops'] / 1e9:,.1f} GFLOP/s{mfu}, peak memory per process "
+                  f"{row['flops'] / 1e9:,.1f} GFLOP/s{row['mfu']}, peak memory per process "
                   f"{row['memory'] / 2 ** 30:.2f} GiB, graph breaks {row['breaks']}"
                   + (f", teacher {row['teacher']:.0%} of the step" if mode == 'online' else ''))
             if not math.isfinite(row['loss']):
@@ -257,14 +242,11 @@ def bench_ntp():
     path = os.path.join(nanogpt, 'model.py')
     if not nanogpt or not os.path.exists(path):  # '' would find our own model.py
         raise UserError(f"no {path}: --parts=ntp needs --nanogpt=DIR, a karpathy/nanoGPT checkout")
-    ours = train_step(gpt())
     # nanoGPT's model from its globals (beside our model.py, not in its place), eager
-    theirs = train_step(gpt(lib=runpy.run_path(path)), compiled=False)
-    times = {'ours': [], 'nanoGPT': []}
-    for r in range(rounds):  # each first in every other round: neither gains from the order
-        for name, step in [('ours', ours), ('nanoGPT', theirs)][::-1 if r % 2 else 1]:
-            times[name].append(timed(step))
-    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    step = {'ours': train_step(gpt()), 'nanoGPT': train_step(gpt(lib=runpy.run_path(path)), compiled=False)}
+    # each first in every other round: neither gains from the order
+    times = [{k: timed(step[k]) for k in [*step][::-1 if r % 2 else 1]} for r in range(rounds)]
+    ms = {k: statistics.median(t[k] for t in times) * 1e3 for k in step}
     print(f"ntp vs nanoGPT ({batch_size} x {block_size}, {n_layer} x {n_embd}, vocab {V}, {dtype}): "
           f"ours {ms['ours']:.1f} ms/iter, nanoGPT {ms['nanoGPT']:.1f} ms/iter (medians of {rounds} rounds)")
     check('our speed / nanoGPT', ms['nanoGPT'] / ms['ours'], 0.97)
@@ -285,13 +267,11 @@ def bench_labels():
     check('labelling FLOP/s / NTP FLOP/s', flops / ntp_flops, 0.8)
     # the LM head in chunks (forced; large label batches get it): the frozen head's weight gradient
     # is skipped; computing it, as a head with requires_grad would, shows what that saves
-    seconds = {'computed': [], 'skipped': []}
-    for _ in range(2):  # alternating
-        for name in seconds:
+    rate = {}
+    with ctx, mock.patch.object(M, 'chunked_head', lambda *args: True):
+        for name in ('computed', 'skipped') * 2:  # alternating
             teacher.lm_head.weight.requires_grad_(name == 'computed')
-            with ctx, mock.patch.object(M, 'chunked_head', lambda *args: True):
-                seconds[name].append(timed(label, n=3))
-    rate = {k: useful / min(v) / 1e9 for k, v in seconds.items()}
+            rate[name] = max(rate.get(name, 0), useful / timed(label, n=3) / 1e9)
     print(f"  labelling with a chunked head: {rate['computed']:.1f} GFLOP/s with the frozen head's weight "
           f"gradient computed, {rate['skipped']:.1f} skipped: {rate['skipped'] / rate['computed']:.2f}x")
     check('labelling tokens/s compiled / eager', report_label_speeds(teacher, sae, idx), 1.0)
@@ -308,11 +288,10 @@ def bench_heads():
             _, loss, out = net(x, x, concept_labels=labels)
             (loss + 0.1 * out['concept']).backward()
         return torch.cat([p.grad.float().flatten() for p in net.parameters() if p.grad is not None])
-    ref = grads(False, False)
-    got = {'plain': grads(False, True), 'chunked': grads(True, True)}
-    rel = lambda g, r: ((g - r).norm() / r.norm()).item()
-    err = {k: rel(g, ref) for k, g in got.items()}
-    between = rel(got['chunked'], got['plain'])
+    got = {'float32': grads(False, False), 'plain': grads(False, True), 'chunked': grads(True, True)}
+    rel = lambda a, b: ((got[a] - got[b]).norm() / got[b].norm()).item()
+    err = {k: rel(k, 'float32') for k in ('plain', 'chunked')}
+    between = rel('chunked', 'plain')
     print(f"heads ({dtype} against float32, {batch_size} x {block_size}, V {V}, C {n_concepts}): "
           f"gradient relative error plain {err['plain']:.2e}, chunked {err['chunked']:.2e}; "
           f"chunked vs plain {between:.2e}")
@@ -342,7 +321,7 @@ def bench_generate():
 def bench_sae():
     d, C, k = teacher_embd, n_concepts, sae_k
     g = torch.Generator().manual_seed(0)  # sparse sums of hidden atoms, noise, an offset
-    atoms = F.normalize(torch.randn(4 * d, d, generator=g), dim=1)
+    atoms = torch.nn.functional.normalize(torch.randn(4 * d, d, generator=g), dim=1)
     offset = torch.randn(d, generator=g)
 
     def batch():
@@ -356,7 +335,6 @@ def bench_sae():
     ours = S.TopKSAE(d, C, k).to(device)
     S.init_sae(ours, data[0])
     opt = torch.optim.Adam(ours.parameters(), lr=lr)
-    ours_step = lambda x: S.train_step(ours, opt, x, d // 2, 10 ** 9, 1 / 32, dtype)
     try:
         from sparsify import SparseCoder, SparseCoderConfig
     except ImportError:
@@ -371,14 +349,12 @@ def bench_sae():
         their_opt.step()
         their_opt.zero_grad(set_to_none=True)
         theirs.set_decoder_norm_to_unit_norm()
-    seconds = {'ours': [], 'sparsify': []}
-    for x in data:  # alternating, batch by batch: the same tokens in the same order
-        for name, step in (('ours', ours_step), ('sparsify', theirs_step)):
-            with ctx:
-                seconds[name].append(timed(lambda: step(x), n=1, warmup=0))
+    step = {'ours': lambda x: S.train_step(ours, opt, x, d // 2, 10 ** 9, 1 / 32, dtype), 'sparsify': theirs_step}
+    with ctx:  # alternating, batch by batch: the same tokens in the same order
+        seconds = [{k: timed(lambda: step[k](x), n=1, warmup=0) for k in step} for x in data]
     with torch.no_grad():
         results = {'ours': fvus(ours(held_out)), 'sparsify': fvus(theirs(held_out).sae_out)}
-    rate = {k: (len(data) - 1) * sae_batch / sum(s[1:]) for k, s in seconds.items()}  # the first warms up
+    rate = {k: (len(data) - 1) * sae_batch / sum(s[k] for s in seconds[1:]) for k in step}  # the first warms up
     print(f"sae ({d} -> {C}, k {k}, {len(data) * sae_batch:,} tokens, batch {sae_batch}, lr {lr:.2e}):")
     for name in rate:
         print(f"  {name:>8}: {rate[name]:,.0f} tokens/s, FVU on held-out vectors {results[name][0]:.4f} "

@@ -2,7 +2,6 @@
 (RESULTS.md, "The quick start"): a teacher, its SAE and labels, then NTP, CoCoMix and CoCoMix added at
 the paper's shape on Tiny Shakespeare's characters; their evaluation beside the study's, a steered sample.
 
-Every stage is an ordinary command, printed before it runs and skipped when current (stages.py).
 Thread counts are fixed, so reruns on the same kind of machine give the same numbers.
 """
 import json
@@ -57,12 +56,11 @@ run_stages(CONCEPTS, stamps, jobs=1, threads=2)
 run_stages(STUDENTS, stamps, jobs=2, threads=1)
 print(f"\n{'model':<31} {'layers x width':>14} {'active':>7} {'chars':>10} {'val loss':>8}  "
       "the study: Δ vs NTP at this shape (95% CI)")
-done = saved()['runs']  # the study's paired result at the same shape, where it has one
 for m, title in MODELS.items():
     model, ckpt = load_model(f'{out}/{m}')
     c, r = ckpt['config'], json.load(open(f'{out}/{m}/eval.json'))['results']['ppl']
     tokens = c['max_iters'] * c['batch_size'] * c['block_size'] * c['gradient_accumulation_steps']
-    ntp, same = (by_seed(done, '8-layer', k) for k in ('ntp', m))
+    ntp, same = (by_seed(saved()['runs'], '8-layer', k) for k in ('ntp', m))  # the study's, at this shape
     paired = [same[s]['final'] - ntp[s]['final'] for s in same if s in ntp]
     print(f"{title:<31} {model.config.n_layer:>6} x {model.config.n_embd:<6} "
           f"{model.get_num_params(active=True) / 1e6:>6.2f}M {tokens:>10,} {r['loss']:>8.4f}  "

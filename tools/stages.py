@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
 from common import UserError, atomic_path  # the importing tool put the repository on the path
 
@@ -17,6 +18,7 @@ def run_stages(stages, stamps_path, jobs=1, threads=1):
     stamps = json.load(open(stamps_path)) if os.path.exists(stamps_path) else {}
     pending, running, failed = list(stages), {}, []
     logs = os.path.join(os.path.dirname(stamps_path), 'logs')
+    os.makedirs(logs if jobs > 1 else os.path.dirname(logs), exist_ok=True)  # for the stamps (and logs)
     while (pending and not failed) or running:  # after a failure, wait for the running ones
         busy = {s[3] for s in pending} | {s[1] for s in running.values()}  # outputs still to come
         ready = [s for s in pending if busy.isdisjoint(s[2])]
@@ -29,20 +31,17 @@ def run_stages(stages, stamps_path, jobs=1, threads=1):
                 continue
             if output.endswith('ckpt.pt') and '--init_from=resume' not in cmd and os.path.exists(output):
                 os.remove(output)  # stale: train.py will not start over a checkpoint
-            if jobs > 1:
-                os.makedirs(logs, exist_ok=True)
-            log = open(os.path.join(logs, re.sub(r'[^\w.-]+', '_', stage) + '.log'), 'w') if jobs > 1 else None
-            print(f"[{stage}] {line}" + (f"  (log: {log.name})" if log else ''), flush=True)
-            proc = subprocess.Popen([sys.executable] + cmd, env=dict(os.environ, OMP_NUM_THREADS=str(threads)),
-                                    stdout=log, stderr=subprocess.STDOUT if log else None)
-            running[proc] = (stage, output, line, time.time(), log)
+            name = os.path.join(logs, re.sub(r'[^\w.-]+', '_', stage) + '.log')
+            with open(name, 'w') if jobs > 1 else nullcontext() as log:  # closed here: the stage has its copy
+                print(f"[{stage}] {line}" + (f"  (log: {name})" if log else ''), flush=True)
+                proc = subprocess.Popen([sys.executable] + cmd, env=dict(os.environ, OMP_NUM_THREADS=str(threads)),
+                                        stdout=log, stderr=subprocess.STDOUT if log else None)
+            running[proc] = (stage, output, line, time.time())
         finished = [p for p in running if p.poll() is not None]
         if running and not finished:  # else look again at once: done or up-to-date stages made room
             time.sleep(1)
         for proc in finished:
-            stage, output, line, t0, log = running.pop(proc)
-            if log:
-                log.close()
+            stage, output, line, t0 = running.pop(proc)
             if proc.returncode != 0:
                 failed.append(stage)
                 continue
@@ -58,11 +57,9 @@ def publish(name, text, path='README.md'):
     """Print text and put it in path between <!-- NAME:begin --> and <!-- NAME:end -->."""
     print(text)
     readme = open(path).read()
-    begin, end = f'<!-- {name}:begin -->\n', f'<!-- {name}:end -->'
-    if begin in readme and end in readme:
-        head, rest = readme.split(begin)
-        with open(path, 'w') as f:
-            f.write(head + begin + text + '\n' + end + rest.split(end, 1)[1])
+    block = re.compile(f'(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)', re.S)
+    with open(path, 'w') as f:
+        f.write(block.sub(lambda m: m[1] + text + '\n' + m[2], readme, count=1))
 
 
 def label_flops_per_token(cfg, sae_layer, n_concepts, T, method='attribution'):
