@@ -2,6 +2,8 @@
 traceback, and a mistaken rerun never spoils finished work (an SAE, a label cache)."""
 import json
 import os
+import runpy
+import sys
 
 import numpy as np
 
@@ -87,7 +89,7 @@ def test_a_finished_checkpoint_is_not_replaced_by_a_new_run(dataset, tmp_path):
     assert open(out / 'ckpt.pt', 'rb').read() == before
 
 
-def test_a_study_report_is_refused_before_it_rewrites_a_readme(tmp_path):
+def test_a_study_report_is_refused_before_it_rewrites_a_readme(tmp_path, monkeypatch):
     """The report rewrites README.md and RESULTS.md in the working folder: bad methods or results
     must stop it first (they were a traceback, or tables with a method left out)."""
     for name in ('README.md', 'RESULTS.md'):
@@ -96,10 +98,11 @@ def test_a_study_report_is_refused_before_it_rewrites_a_readme(tmp_path):
     (tmp_path / 'empty.json').write_text('')
     os.makedirs(tmp_path / 'assets')  # the study's saved results, as a clone has them
     (tmp_path / 'assets' / 'study_results.json').write_text(open(f'{ROOT}/assets/study_results.json').read())
-    study = os.path.join(ROOT, 'tools', 'study.py')
+    monkeypatch.chdir(tmp_path)
     for arg, want in (('--large_methods=ntp,cocomixx', "no method or seed count 'cocomixx:3'"),
                       ('--large_methods=ntp:x', "'ntp:x'"), ('--small_methods=ntp:0', "'ntp:0'"),
                       ('--results=empty.json', 'cannot read empty.json'),
                       (f'--results={tmp_path}', f'cannot read {tmp_path}')):
-        one_line_error(run([study, '--report_only=True', arg], cwd=tmp_path, check=False), want)
+        monkeypatch.setattr(sys, 'argv', ['study.py', '--report_only=True', arg])
+        assert want in user_error(runpy.run_path, f'{ROOT}/tools/study.py', None, '__main__')
     assert all('kept' in (tmp_path / n).read_text() for n in ('README.md', 'RESULTS.md'))

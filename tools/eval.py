@@ -276,9 +276,8 @@ def main(argv):
                 else:
                     results[task] = multiple_choice(scorer, choice_items(task, path, data_dir)[:limit or None])
         except (KeyError, IndexError, TypeError, ValueError, ZeroDivisionError) as e:
-            if path is None:
-                raise
-            raise UserError(f"{path} is not a {task} file as published ({first_line(e)}); replace it")
+            raise e if path is None else UserError(  # ppl reads no task file
+                f"{path} is not a {task} file as published ({first_line(e)}); replace it")
         shown = (f"{k} {v:,.4f}" if isinstance(v, float) else f"{k} {v:,}" for k, v in results[task].items())
         print(f"{task:>10}: " + ', '.join(shown), flush=True)
     headline = (f"{t} {next(iter(r))} {next(iter(r.values())):.4f}" for t, r in results.items())
