@@ -18,7 +18,6 @@ from chunked import linear_cross_entropy
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        # key, query, value projections for all heads
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = config.dropout
@@ -31,7 +30,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(d, dim=2)
         q, k, v = (t.view(B, T, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
-            if 'k' in cache:
+            if cache:
                 k, v = torch.cat([cache['k'], k], dim=2), torch.cat([cache['v'], v], dim=2)
             cache['k'], cache['v'] = k, v
         T_past = k.size(2) - T
@@ -162,8 +161,7 @@ class CoCoMix(nn.Module):
             z = self.concept_head(x)  # z = W_head x + b_head, (B, T, C)
             if steer:  # scale chosen concepts' logits before TopK (Sec. 4.4)
                 sel = torch.tensor(list(steer), device=z.device)
-                alpha = z.new_tensor(list(steer.values()))
-                z = z.index_copy(-1, sel, z.index_select(-1, sel) * alpha)
+                z = z.index_copy(-1, sel, z[..., sel] * z.new_tensor(list(steer.values())))
             loss = None if labels is None else concept_loss(z, labels)
             values, ids = z.topk(self.topk, dim=-1)  # raw logits, negative ones too
         record = dict(concept=loss, concept_logits=z, concept_ids=ids)
@@ -233,8 +231,8 @@ class GPT(nn.Module):
 
     def run_blocks(self, x, start=0, stop=None, cache=None):
         """Blocks start .. stop-1; cache: new_cache()'s list."""
-        for i in range(start, self.config.n_layer if stop is None else stop):
-            x = self.transformer.h[i](x, None if cache is None else cache[i])
+        for i, block in enumerate(self.transformer.h[start:stop], start):
+            x = block(x, None if cache is None else cache[i])
         return x
 
     def head(self, x, targets=None, logits=False):
@@ -243,10 +241,8 @@ class GPT(nn.Module):
         if targets is not None and not logits and chunked_head(x, self.config.vocab_size):
             return None, linear_cross_entropy(x, self.lm_head.weight, None, targets[..., None])[0]
         logits = self.lm_head(x)
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.flatten(0, -2).float(), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return logits, None if targets is None else F.cross_entropy(
+            logits.flatten(0, -2).float(), targets.reshape(-1), ignore_index=-1)
 
     def forward(self, idx, targets=None, concept_labels=None, cache=None, pos=0, steer=None,
                 logits=False):
@@ -269,8 +265,7 @@ class GPT(nn.Module):
                 x = self.run_blocks(x, start=L, cache=cache)[:, 1::2]
             else:  # 'add'; predict only (no c_hat): the concept loss trains the lower blocks
                 x = self.run_blocks(h if c_hat is None else h + c_hat, start=L, cache=cache)
-        logits, loss = self.head(x if targets is not None else x[:, [-1], :], targets, logits)
-        return logits, loss, record
+        return *self.head(x if targets is not None else x[:, -1:], targets, logits), record
 
     def new_cache(self):
         return [{} for _ in range(self.config.n_layer)]
@@ -278,12 +273,10 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, folder, dropout=0.0, **extra):
         """GPT-2 from a Hugging Face folder; extra: settings of new CoCoMix or pause parts."""
-        with open(os.path.join(folder, 'config.json')) as f:
-            hf = json.load(f)
+        hf = json.load(open(os.path.join(folder, 'config.json')))
         assert hf.get('activation_function', 'gelu_new') in ('gelu_new', 'gelu_pytorch_tanh')
-        model = cls(GPTConfig(block_size=hf['n_positions'], vocab_size=hf['vocab_size'],
-                              n_layer=hf['n_layer'], n_head=hf['n_head'], n_embd=hf['n_embd'],
-                              dropout=dropout, **extra))
+        model = cls(GPTConfig(block_size=hf['n_positions'], dropout=dropout, **extra, **{
+            k: hf[k] for k in ('vocab_size', 'n_layer', 'n_head', 'n_embd')}))
         path = os.path.join(folder, 'model.safetensors')
         sd_hf = read_safetensors(path) if os.path.exists(path) else torch.load(
             os.path.join(folder, 'pytorch_model.bin'), map_location='cpu', weights_only=True)
