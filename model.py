@@ -35,11 +35,10 @@ class CausalSelfAttention(nn.Module):
             cache['k'], cache['v'] = k, v
         T_past = k.size(2) - T
         dropout_p = self.attn_dropout if self.training else 0.0
-        if T_past == 0:  # is_causal selects the flash kernels
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        else:  # query i, at T_past + i, sees keys 0 .. T_past + i
+        mask = None  # is_causal selects the flash kernels
+        if T_past:  # query i, at T_past + i, sees keys 0 .. T_past + i
             mask = torch.ones(T, T_past + T, dtype=torch.bool, device=x.device).tril(T_past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = F.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal=mask is None)
         y = y.transpose(1, 2).contiguous().view(B, T, d)
         return self.resid_dropout(self.c_proj(y))
 
@@ -78,7 +77,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # as GPT-2; False: a bit better and faster
-    # CoCoMix; the defaults give a plain GPT
+    # CoCoMix
     n_concepts: int = 0  # C, the SAE's latents
     concept_topk: int = 32  # K, concepts kept
     insert_layer: int = 3  # blocks before the concept head
@@ -178,7 +177,7 @@ class CoCoMix(nn.Module):
 def concept_accuracy(kept, labels):
     """Share of labels (B, T, k_attr) among the kept concepts (B, T, K)."""
     valid = labels >= 0
-    hit = (labels.unsqueeze(-1) == kept.unsqueeze(-2)).any(-1)
+    hit = (labels[..., None] == kept[..., None, :]).any(-1)
     return (hit & valid).sum() / valid.sum().clamp_min(1)
 
 
@@ -203,15 +202,15 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.concepts = CoCoMix(config) if config.n_concepts else None
         self.pause = nn.Parameter(torch.randn(config.n_embd) * 0.02) if config.pause else None
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.transformer.wte.weight = self.lm_head.weight
         for m in self.modules():  # GPT-2's init, the random draws in nanoGPT's order
             if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, mean=0.0, std=0.02)
+                nn.init.normal_(m.weight, std=0.02)
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
         for pn, p in self.named_parameters():  # GPT-2's scaled residual init
             if pn.endswith('c_proj.weight'):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def get_num_params(self, active=False):
         """Without position embeddings; active: only the K compression rows a token uses (paper)."""
@@ -253,11 +252,11 @@ class GPT(nn.Module):
             x = self.run_blocks(x, cache=cache)
         else:
             L = self.config.insert_layer
-            h = self.run_blocks(x, stop=L, cache=cache)  # (B, T, d)
+            h = self.run_blocks(x, stop=L, cache=cache)
             if self.pause is not None:
                 c_hat = self.pause.expand_as(h)
             else:
-                c_hat, record = self.concepts(h, concept_labels, steer)  # (B, T, d) or None
+                c_hat, record = self.concepts(h, concept_labels, steer)
             if self.config.mix == 'interleave' or self.pause is not None:
                 # (h_1, c_1, h_2, c_2, ...), 2T positions under the plain causal mask: c_t sees
                 # h_1..h_t and predicts token t + 1, so the readout is at the concept positions
@@ -265,7 +264,7 @@ class GPT(nn.Module):
                 x = self.run_blocks(x, start=L, cache=cache)[:, 1::2]
             else:  # 'add'; predict only (no c_hat): the concept loss trains the lower blocks
                 x = self.run_blocks(h if c_hat is None else h + c_hat, start=L, cache=cache)
-        return *self.head(x if targets is not None else x[:, -1:], targets, logits), record
+        return *self.head(x if targets is not None else x[:, [-1]], targets, logits), record
 
     def new_cache(self):
         return [{} for _ in range(self.config.n_layer)]
@@ -283,13 +282,12 @@ class GPT(nn.Module):
         # keys with or without 'transformer.'; no attention masks (buffers), no tied lm_head
         sd_hf = {'transformer.' + k.removeprefix('transformer.'): v for k, v in sd_hf.items()
                  if not k.endswith(('.attn.masked_bias', '.attn.bias', 'lm_head.weight'))}
-        # OpenAI's Conv1D modules store these weights transposed
-        transposed = ('c_attn.weight', 'attn.c_proj.weight', 'c_fc.weight', 'mlp.c_proj.weight')
         sd = {k: v for k, v in model.state_dict().items()
               if not k.startswith(('concepts.', 'pause', 'lm_head'))}
         assert set(sd_hf) == set(sd), f"mismatched keys: {sorted(set(sd_hf) ^ set(sd))}"
+        # OpenAI's Conv1D modules store these weights transposed
         for k, w in sd_hf.items():  # state_dict() is detached: no autograd
-            w = w.t() if k.endswith(transposed) else w
+            w = w.t() if k.endswith(('c_attn.weight', 'c_proj.weight', 'c_fc.weight')) else w
             assert w.shape == sd[k].shape, f"{k}: {w.shape} vs {sd[k].shape}"
             sd[k].copy_(w)
         return model
@@ -335,7 +333,7 @@ class GPT(nn.Module):
             fed = idx.size(1)
             if show_concepts:
                 shown.append(record['concept_ids'][:, -1, :show_concepts])
-            logits = logits[:, -1, :]
+            logits = logits[:, -1]
             if temperature == 0:
                 idx_next = logits.argmax(dim=-1, keepdim=True)
             else:
