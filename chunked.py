@@ -29,7 +29,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, labels, topk):
-        needs = ctx.needs_input_grad  # x, weight, bias (grad mode is on: chunked_head)
+        needs = ctx.needs_input_grad  # x, weight, bias (grad is on: chunked_head)
         chunk = max(1, CHUNK_ELEMENTS // weight.size(0))  # rows per chunk
         valid = labels >= 0
         n_valid = valid.sum().clamp_min(1)
