@@ -1,7 +1,6 @@
 """Concept labels (METHOD.md, section 2): active latent i of the teacher's SAE scores
 a_i = c_i (g . W_dec[:, i]), g = dL/dh; a position's labels are its k_attr best. train.py labels
-online; this labels a dataset once for --label_cache=True (data/NAME/labels_{train,val}.bin and
-.json), resumable on any process count, torchrun's included (README.md).
+online; this labels a dataset once for --label_cache=True, under torchrun too (README.md).
 """
 import glob
 import json
@@ -53,7 +52,7 @@ def concept_labels(teacher, sae, idx, sae_layer, k_attr=4, method='attribution',
         h = teacher_residual(teacher, idx, sae_layer)
         if method != 'activation':
             with torch.enable_grad():  # to h only: the teacher's weights get no gradient
-                _, loss = teacher.head(teacher.run_blocks(h.requires_grad_(True), sae_layer + 1),
+                _, loss = teacher.head(teacher.run_blocks(h.requires_grad_(), sae_layer + 1),
                                        F.pad(idx[:, 1:], (0, 1), value=-1))
                 grad = torch.autograd.grad(loss, h)[0]
         W = sae.decoder.weight.t()  # (C, d): row i is W_dec[:, i]
@@ -97,8 +96,8 @@ def load_concepts(teacher_spec, sae_spec, sae_layer, device, data_meta, data_dir
     identity = dict(teacher_id=fingerprint(teacher))
     if sae is None:
         return teacher, None, identity
-    trained_on = sae_meta.get('teacher_id', identity['teacher_id'])
-    if trained_on != identity['teacher_id']:
+    trained_on = sae_meta.get('teacher_id')
+    if trained_on not in (None, identity['teacher_id']):
         raise UserError(f"the SAE {sae_spec} was trained on another teacher ({trained_on}, not "
                         f"{identity['teacher_id']}); use that teacher or retrain the SAE")
     identity.update(n_concepts=sae.n_latents, sae_layer=sae_layer, sae_id=fingerprint(sae))
@@ -117,7 +116,7 @@ def cache_paths(data_dir, split):
 
 
 def cache_dtype(n_concepts):
-    return np.uint16 if n_concepts < 2 ** 16 else np.uint32
+    return np.dtype(np.uint16 if n_concepts < 2 ** 16 else np.uint32)
 
 
 def describe(data_dir, split, identity, label_method, k_attr, block_size):
@@ -161,7 +160,7 @@ def read_progress(path, n_windows):
     return done
 
 
-def label_split(teacher, sae, data_dir, split, expected, device, batch_size=8, rank=0, world=1):
+def label_split(teacher, sae, data_dir, split, expected, device, batch_size, rank=0, world=1):
     """Label a split's windows not yet done; process `rank` takes every world-th batch."""
     block_size, k_attr = expected['block_size'], expected['k_attr']
     path, meta_path = cache_paths(data_dir, split)
@@ -179,7 +178,7 @@ def label_split(teacher, sae, data_dir, split, expected, device, batch_size=8, r
     if rank == 0 and not same:  # a fresh, sparse cache: no rank waits on a fill
         remove_progress(path)
         with open(path, 'wb') as f:
-            f.truncate(n_tokens * k_attr * np.dtype(dt).itemsize)
+            f.truncate(n_tokens * k_attr * dt.itemsize)
         write_meta(meta_path, dict(expected, complete=False))
     barrier()
     done = read_progress(path, n_windows)
@@ -188,17 +187,16 @@ def label_split(teacher, sae, data_dir, split, expected, device, batch_size=8, r
     runs = zip(np.flatnonzero(edges[:-1] & ~edges[1:]), np.flatnonzero(~edges[:-1] & edges[1:]))
     batches = [(s, min(s + batch_size, stop)) for first, stop in runs
                for s in range(first, stop, batch_size)][rank::world]
-    row = block_size * k_attr * np.dtype(dt).itemsize  # bytes per window
+    row = block_size * k_attr * dt.itemsize  # bytes per window
     t0, desc = time.time(), f'labelling {split}' + (f' (rank {rank})' if world > 1 else '')
     with (open(path, 'r+b', buffering=0) as out,
           open(path + '.done' + (f'.{rank}' if rank else ''), 'ab', buffering=0) as progress):
         for first, stop in tqdm(batches, desc=desc, position=rank, unit='batch'):
             starts = range(first * block_size, stop * block_size, block_size)
             idx = windows(load_tokens(data_dir, split), starts, block_size).to(device)
-            labels = concept_labels(teacher, sae, idx, expected['sae_layer'], k_attr,
-                                    expected['label_method'])
-            ids = (labels.cpu().numpy() + 1).astype(dt)  # 0 = no label
-            os.pwrite(out.fileno(), ids.tobytes(), int(first) * row)
+            ids = concept_labels(teacher, sae, idx, expected['sae_layer'], k_attr,
+                                 expected['label_method']).cpu().numpy() + 1
+            os.pwrite(out.fileno(), ids.astype(dt).tobytes(), int(first) * row)
             os.fsync(out.fileno())  # the labels on disk before the progress says so
             progress.write(np.array([first, stop], '<i8').tobytes())
             os.fsync(progress.fileno())
@@ -235,12 +233,10 @@ if __name__ == '__main__':
     configure(globals(), ignore=setting_names('train.py'))
     rank, world, device = setup_distributed(device)
     data_dir = data_dir_of(dataset)
-    teacher_model, sae_model, identity = load_concepts(
-        teacher, sae, sae_layer, device, read_meta(data_dir), data_dir, k_attr, label_method,
-        block_size)
+    *models, identity = load_concepts(teacher, sae, sae_layer, device, read_meta(data_dir),
+                                      data_dir, k_attr, label_method, block_size)
     for split in splits.split(','):
         expected = describe(data_dir, split, identity, label_method, k_attr, block_size)
-        label_split(teacher_model, sae_model, data_dir, split, expected, device, batch_size, rank,
-                    world)
+        label_split(*models, data_dir, split, expected, device, batch_size, rank, world)
     if world > 1:
         torch.distributed.destroy_process_group()

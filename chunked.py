@@ -28,7 +28,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     ids, a chunk of rows at a time: forward computes each chunk's gradient on the spot."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, labels, topk, needs):
+    def forward(ctx, x, weight, bias, labels, topk):
+        needs = ctx.needs_input_grad  # x, weight, bias (grad is on: chunked_head)
         chunk = max(1, CHUNK_ELEMENTS // weight.size(0))  # rows per chunk
         valid = labels >= 0
         n_valid = valid.sum().clamp_min(1)
@@ -67,14 +68,10 @@ class LinearCrossEntropy(torch.autograd.Function):
             extra = gathered_grads(grad_values, ids, x, weight)
             grads = [None if g is None else g + e.float() for g, e in zip(grads, extra)]
         dtypes = x.dtype, weight.dtype, weight.dtype
-        return (*[None if g is None else g.to(t) for g, t in zip(grads, dtypes)], None, None, None)
+        return (*[None if g is None else g.to(t) for g, t in zip(grads, dtypes)], None, None)
 
 
 def linear_cross_entropy(x, weight, bias, labels, topk=0):
     """x (..., d), labels (..., k) -> (loss, top-k logits (..., topk), their ids)."""
-    needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad
-                  for t in (x, weight, bias))
-    loss, values, ids = LinearCrossEntropy.apply(x.flatten(0, -2), weight, bias,
-                                                 labels.flatten(0, -2), topk, needs)
-    shape = (*x.shape[:-1], topk)
-    return (loss, values.view(shape), ids.view(shape)) if topk else (loss, None, None)
+    out = LinearCrossEntropy.apply(x.flatten(0, -2), weight, bias, labels.flatten(0, -2), topk)
+    return (out[0], *[t.view(*x.shape[:-1], topk) for t in out[1:]]) if topk else out

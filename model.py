@@ -18,7 +18,6 @@ from chunked import linear_cross_entropy
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        # key, query, value projections for all heads
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = config.dropout
@@ -31,16 +30,15 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(d, dim=2)
         q, k, v = (t.view(B, T, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
-            if 'k' in cache:
+            if cache:
                 k, v = torch.cat([cache['k'], k], dim=2), torch.cat([cache['v'], v], dim=2)
             cache['k'], cache['v'] = k, v
         T_past = k.size(2) - T
         dropout_p = self.attn_dropout if self.training else 0.0
-        if T_past == 0:  # is_causal selects the flash kernels
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        else:  # query i, at T_past + i, sees keys 0 .. T_past + i
+        mask = None  # is_causal selects the flash kernels
+        if T_past:  # query i, at T_past + i, sees keys 0 .. T_past + i
             mask = torch.ones(T, T_past + T, dtype=torch.bool, device=x.device).tril(T_past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = F.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal=mask is None)
         y = y.transpose(1, 2).contiguous().view(B, T, d)
         return self.resid_dropout(self.c_proj(y))
 
@@ -79,7 +77,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # as GPT-2; False: a bit better and faster
-    # CoCoMix; the defaults give a plain GPT
+    # CoCoMix
     n_concepts: int = 0  # C, the SAE's latents
     concept_topk: int = 32  # K, concepts kept
     insert_layer: int = 3  # blocks before the concept head
@@ -162,8 +160,7 @@ class CoCoMix(nn.Module):
             z = self.concept_head(x)  # z = W_head x + b_head, (B, T, C)
             if steer:  # scale chosen concepts' logits before TopK (Sec. 4.4)
                 sel = torch.tensor(list(steer), device=z.device)
-                alpha = z.new_tensor(list(steer.values()))
-                z = z.index_copy(-1, sel, z.index_select(-1, sel) * alpha)
+                z = z.index_copy(-1, sel, z[..., sel] * z.new_tensor(list(steer.values())))
             loss = None if labels is None else concept_loss(z, labels)
             values, ids = z.topk(self.topk, dim=-1)  # raw logits, negative ones too
         record = dict(concept=loss, concept_logits=z, concept_ids=ids)
@@ -180,7 +177,7 @@ class CoCoMix(nn.Module):
 def concept_accuracy(kept, labels):
     """Share of labels (B, T, k_attr) among the kept concepts (B, T, K)."""
     valid = labels >= 0
-    hit = (labels.unsqueeze(-1) == kept.unsqueeze(-2)).any(-1)
+    hit = (labels[..., None] == kept[..., None, :]).any(-1)
     return (hit & valid).sum() / valid.sum().clamp_min(1)
 
 
@@ -205,15 +202,15 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.concepts = CoCoMix(config) if config.n_concepts else None
         self.pause = nn.Parameter(torch.randn(config.n_embd) * 0.02) if config.pause else None
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.transformer.wte.weight = self.lm_head.weight
         for m in self.modules():  # GPT-2's init, the random draws in nanoGPT's order
             if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, mean=0.0, std=0.02)
+                nn.init.normal_(m.weight, std=0.02)
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
         for pn, p in self.named_parameters():  # GPT-2's scaled residual init
             if pn.endswith('c_proj.weight'):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def get_num_params(self, active=False):
         """Without position embeddings; active: only the K compression rows a token uses (paper)."""
@@ -233,8 +230,8 @@ class GPT(nn.Module):
 
     def run_blocks(self, x, start=0, stop=None, cache=None):
         """Blocks start .. stop-1; cache: new_cache()'s list."""
-        for i in range(start, self.config.n_layer if stop is None else stop):
-            x = self.transformer.h[i](x, None if cache is None else cache[i])
+        for i, block in enumerate(self.transformer.h[start:stop], start):
+            x = block(x, None if cache is None else cache[i])
         return x
 
     def head(self, x, targets=None, logits=False):
@@ -243,10 +240,8 @@ class GPT(nn.Module):
         if targets is not None and not logits and chunked_head(x, self.config.vocab_size):
             return None, linear_cross_entropy(x, self.lm_head.weight, None, targets[..., None])[0]
         logits = self.lm_head(x)
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.flatten(0, -2).float(), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return logits, None if targets is None else F.cross_entropy(
+            logits.flatten(0, -2).float(), targets.reshape(-1), ignore_index=-1)
 
     def forward(self, idx, targets=None, concept_labels=None, cache=None, pos=0, steer=None,
                 logits=False):
@@ -257,11 +252,11 @@ class GPT(nn.Module):
             x = self.run_blocks(x, cache=cache)
         else:
             L = self.config.insert_layer
-            h = self.run_blocks(x, stop=L, cache=cache)  # (B, T, d)
+            h = self.run_blocks(x, stop=L, cache=cache)
             if self.pause is not None:
                 c_hat = self.pause.expand_as(h)
             else:
-                c_hat, record = self.concepts(h, concept_labels, steer)  # (B, T, d) or None
+                c_hat, record = self.concepts(h, concept_labels, steer)
             if self.config.mix == 'interleave' or self.pause is not None:
                 # (h_1, c_1, h_2, c_2, ...), 2T positions under the plain causal mask: c_t sees
                 # h_1..h_t and predicts token t + 1, so the readout is at the concept positions
@@ -269,8 +264,7 @@ class GPT(nn.Module):
                 x = self.run_blocks(x, start=L, cache=cache)[:, 1::2]
             else:  # 'add'; predict only (no c_hat): the concept loss trains the lower blocks
                 x = self.run_blocks(h if c_hat is None else h + c_hat, start=L, cache=cache)
-        logits, loss = self.head(x if targets is not None else x[:, [-1], :], targets, logits)
-        return logits, loss, record
+        return *self.head(x if targets is not None else x[:, [-1]], targets, logits), record
 
     def new_cache(self):
         return [{} for _ in range(self.config.n_layer)]
@@ -278,25 +272,22 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, folder, dropout=0.0, **extra):
         """GPT-2 from a Hugging Face folder; extra: settings of new CoCoMix or pause parts."""
-        with open(os.path.join(folder, 'config.json')) as f:
-            hf = json.load(f)
+        hf = json.load(open(os.path.join(folder, 'config.json')))
         assert hf.get('activation_function', 'gelu_new') in ('gelu_new', 'gelu_pytorch_tanh')
-        model = cls(GPTConfig(block_size=hf['n_positions'], vocab_size=hf['vocab_size'],
-                              n_layer=hf['n_layer'], n_head=hf['n_head'], n_embd=hf['n_embd'],
-                              dropout=dropout, **extra))
+        model = cls(GPTConfig(block_size=hf['n_positions'], dropout=dropout, **extra, **{
+            k: hf[k] for k in ('vocab_size', 'n_layer', 'n_head', 'n_embd')}))
         path = os.path.join(folder, 'model.safetensors')
         sd_hf = read_safetensors(path) if os.path.exists(path) else torch.load(
             os.path.join(folder, 'pytorch_model.bin'), map_location='cpu', weights_only=True)
         # keys with or without 'transformer.'; no attention masks (buffers), no tied lm_head
         sd_hf = {'transformer.' + k.removeprefix('transformer.'): v for k, v in sd_hf.items()
                  if not k.endswith(('.attn.masked_bias', '.attn.bias', 'lm_head.weight'))}
-        # OpenAI's Conv1D modules store these weights transposed
-        transposed = ('c_attn.weight', 'attn.c_proj.weight', 'c_fc.weight', 'mlp.c_proj.weight')
         sd = {k: v for k, v in model.state_dict().items()
               if not k.startswith(('concepts.', 'pause', 'lm_head'))}
         assert set(sd_hf) == set(sd), f"mismatched keys: {sorted(set(sd_hf) ^ set(sd))}"
+        # OpenAI's Conv1D modules store these weights transposed
         for k, w in sd_hf.items():  # state_dict() is detached: no autograd
-            w = w.t() if k.endswith(transposed) else w
+            w = w.t() if k.endswith(('c_attn.weight', 'c_proj.weight', 'c_fc.weight')) else w
             assert w.shape == sd[k].shape, f"{k}: {w.shape} vs {sd[k].shape}"
             sd[k].copy_(w)
         return model
@@ -342,7 +333,7 @@ class GPT(nn.Module):
             fed = idx.size(1)
             if show_concepts:
                 shown.append(record['concept_ids'][:, -1, :show_concepts])
-            logits = logits[:, -1, :]
+            logits = logits[:, -1]
             if temperature == 0:
                 idx_next = logits.argmax(dim=-1, keepdim=True)
             else:
