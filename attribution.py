@@ -137,7 +137,7 @@ def load_label_cache(data_dir, split, identity, label_method, k_attr, block_size
     if not meta.get('complete'):
         raise UserError(f"the label cache {path} is unfinished; run attribution.py again")
     dtype, tokens = cache_dtype(meta['n_concepts']), len(load_tokens(data_dir, split))
-    if not os.path.isfile(path) or os.path.getsize(path) != tokens * k_attr * dtype().itemsize:
+    if not os.path.isfile(path) or os.path.getsize(path) != tokens * k_attr * dtype.itemsize:
         raise UserError(f"the label cache {path} is missing or cut short; delete {meta_path} and "
                         "run attribution.py again")
     return dict(path=path, dtype=dtype, k_attr=k_attr)

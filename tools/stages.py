@@ -8,7 +8,8 @@ import sys
 import time
 from contextlib import nullcontext
 
-from common import UserError, atomic_path  # the importing tool put the repository on the path
+from attribution import LABEL_METHODS  # the importing tool put the repository on the path
+from common import UserError, atomic_path
 
 
 def run_stages(stages, stamps_path, jobs=1, threads=1):
@@ -66,6 +67,7 @@ def label_flops_per_token(cfg, sae_layer, n_concepts, T, method='attribution'):
     """Matmul and attention FLOPs per token of attribution.concept_labels(method): the input
     gradient costs one matmul per weight, 'attribution_preact' adds the gradient's dot with every
     decoder direction; method='kd': KD's teacher, its forward alone."""
+    assert method in LABEL_METHODS + ('kd',), f"unknown method {method!r}"
     d, after, block = cfg.n_embd, cfg.n_layer - sae_layer - 1, 12 * cfg.n_embd ** 2
     blocks = lambda n: 2 * n * block + 4 * n * d * T  # n blocks' forward, as nanoGPT's estimate_mfu
     head, encoder = 2 * cfg.vocab_size * d, 2 * d * n_concepts
