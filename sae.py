@@ -42,8 +42,7 @@ seed: 'int >= 0' = 1337
 # all a resume may change; the rest fix the SAE and its data
 FREE_ON_RESUME = {'out_dir', 'init_from', 'max_tokens', 'eval_tokens', 'log_interval',
                   'ckpt_interval', 'evaluate', 'device', 'dtype'}
-OPENAI_URL = 'https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small/' \
-             '{location}_v5_{size}/autoencoders/{layer}.pt'
+OPENAI_URL = 'https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small/'
 
 
 class TopKSAE(nn.Module):
@@ -103,7 +102,7 @@ class TopKSAE(nn.Module):
         save_checkpoint(sd, *os.path.split(path))
 
 
-def sae_file(spec, fetch=True, cache_dir=os.path.expanduser('~/.cache/cocomix')):
+def sae_file(spec, fetch=True):
     """An SAE spec's file: a path, or 'openai:LOCATION:LAYER[:32k|128k]' downloaded once."""
     if not spec.startswith('openai:'):
         if fetch and not os.path.exists(spec):
@@ -112,8 +111,9 @@ def sae_file(spec, fetch=True, cache_dir=os.path.expanduser('~/.cache/cocomix'))
     parts = spec.split(':')
     if len(parts) not in (3, 4) or not parts[2].isdigit():
         raise UserError(f"SAE spec '{spec}' must look like openai:resid_post_mlp:5[:32k|128k]")
-    url = OPENAI_URL.format(location=parts[1], layer=parts[2], size=(parts + ['32k'])[3])
-    path = os.path.join(cache_dir, 'openai_sae', url.split('gpt2-small/')[1].replace('/', '_'))
+    name = f"{parts[1]}_v5_{(parts + ['32k'])[3]}/autoencoders/{parts[2]}.pt"
+    url = OPENAI_URL + name
+    path = os.path.expanduser('~/.cache/cocomix/openai_sae/') + name.replace('/', '_')
     if fetch and not os.path.exists(path):
         try:
             download(url, path, 'SAE')
