@@ -257,20 +257,20 @@ def train_step(sae, optimizer, x, k_aux, dead_tokens, aux_coef, dtype='float32')
 
 
 @torch.no_grad()
-def evaluate_sae(sae, teacher, layer, data_dir, n_tokens, context, dtype):
+def evaluate_sae(sae, teacher, data_dir):
     """Held-out FVU (normalised and raw), latents never active, the teacher's loss clean and with
-    the reconstruction spliced in at `layer`, and their KL."""
-    idx = split_windows(data_dir, 'val', max(1, n_tokens // (context + 1)), context + 1)
+    the reconstruction spliced in at sae_layer, and their KL; the other settings this run's."""
+    idx = split_windows(data_dir, 'val', max(1, eval_tokens // (context + 1)), context + 1)
     device = sae.encoder.weight.device
     active = torch.zeros(sae.n_latents, dtype=torch.bool, device=device)
     vectors, clean, spliced, kl = [], 0.0, 0.0, 0.0
     for batch in idx.to(device).split(32):
         y = batch[:, 1:].flatten()
-        h = residuals(teacher, batch[:, :-1], layer, dtype)
+        h = residuals(teacher, batch[:, :-1], sae_layer, dtype)
         with autocast(device, dtype):
             values, indices, info = sae.encode(h)
             h_hat = sae.decode(values, indices, info).float()
-            logits = [teacher.head(teacher.run_blocks(z, layer + 1))[0] for z in (h, h_hat)]
+            logits = [teacher.head(teacher.run_blocks(z, sae_layer + 1))[0] for z in (h, h_hat)]
         active[indices[values > 0]] = True
         norm = lambda z: z if info is None else (z - info[0]) / (info[1] + 1e-5)  # h's LN
         vectors.append([z.flatten(0, 1) for z in (norm(h), norm(h_hat), h, h_hat)])
@@ -325,8 +325,7 @@ if __name__ == '__main__':
                         f"use --context={T}")
     if evaluate:
         check_width(sae, d, f"the SAE '{evaluate}'")
-        print(report(evaluate_sae(sae.to(device), teacher_model, sae_layer, data_dir, eval_tokens,
-                                  context, dtype)))
+        print(report(evaluate_sae(sae.to(device), teacher_model, data_dir)))
         raise SystemExit
     steps, per_buffer = max_tokens // batch_size, buffer_size // batch_size
     sae = TopKSAE(d, n_latents, k, normalize).to(device)
@@ -362,7 +361,7 @@ if __name__ == '__main__':
                                  step=step + 1, config=config), out_dir, 'sae_ckpt.pt')
     bar.close()
     tokens_per_s = (steps - start) * batch_size / max(time.time() - t0, 1e-9)
-    metrics = evaluate_sae(sae, teacher_model, sae_layer, data_dir, eval_tokens, context, dtype)
+    metrics = evaluate_sae(sae, teacher_model, data_dir)
     sae.save(os.path.join(out_dir, 'sae.pt'), dict(
         teacher=teacher, teacher_id=fingerprint(teacher_model), layer=sae_layer,
         location='resid_post', dataset=dataset, tokens_trained=steps * batch_size, eval=metrics))
