@@ -233,9 +233,8 @@ def sae_losses(sae, x, dead, k_aux):
     values, indices = chosen[:, :sae.k], indices[:, :sae.k]
     rows = sae.decoder.weight.t().contiguous()
     recon = sae.decode_norm(values, indices, rows) + sae.pre_bias
-    aux = x.new_zeros(())
-    if n_aux:
-        aux = fvu((x_norm - recon).detach(), sae.decode_norm(chosen[:, sae.k:], aux_indices, rows))
+    aux = fvu((x_norm - recon).detach(), sae.decode_norm(chosen[:, sae.k:], aux_indices, rows)) \
+        if n_aux else x.new_zeros(())
     return fvu(x_norm, recon), aux, indices[values > 0]
 
 
@@ -299,7 +298,7 @@ if __name__ == '__main__':
     sae_layer = sae_layer if sae_layer >= 0 else meta.get('layer', -1)
     if not teacher or not dataset or sae_layer < 0:
         raise UserError("set teacher, dataset and sae_layer (see config/sae_shakespeare.py)")
-    ckpt = None
+    ckpt, steps, per_buffer = None, max_tokens // batch_size, buffer_size // batch_size
     if not evaluate:  # refused before the teacher loads
         if k > n_latents:
             raise UserError(f"k={k} is more than n_latents={n_latents}; use k <= n_latents")
@@ -311,7 +310,7 @@ if __name__ == '__main__':
             saved = ckpt['config']
             differ = [f"{key}={saved[key]!r} (this run: {value!r})" for key, value in config.items()
                       if key not in FREE_ON_RESUME and saved.get(key, value) != value]
-            if ckpt['step'] > max_tokens // batch_size:
+            if ckpt['step'] > steps:
                 differ.append(f"{ckpt['step'] * batch_size:,} tokens (max_tokens={max_tokens})")
             if differ:
                 raise UserError(f"{out_dir}/sae_ckpt.pt was trained with {', '.join(differ)}; "
@@ -327,7 +326,6 @@ if __name__ == '__main__':
         check_width(sae, d, f"the SAE '{evaluate}'")
         print(report(evaluate_sae(sae.to(device), teacher_model, data_dir)))
         raise SystemExit
-    steps, per_buffer = max_tokens // batch_size, buffer_size // batch_size
     sae = TopKSAE(d, n_latents, k, normalize).to(device)
     lr = learning_rate or 2e-4 / math.sqrt(n_latents / 2 ** 14)
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
@@ -346,6 +344,7 @@ if __name__ == '__main__':
     start = ckpt['step'] if ckpt else 0
     bar = tqdm(range(start, steps), initial=start, total=steps, desc='SAE', unit='step')
     t0 = time.time()
+    rate = lambda done: (done - start) * batch_size / max(time.time() - t0, 1e-9)  # tokens/s
     for step in bar:
         if step % per_buffer == 0 or step == start:
             buffer = fill(step // per_buffer)
@@ -353,14 +352,13 @@ if __name__ == '__main__':
         fvu_, aux = train_step(sae, optimizer, x, k_aux or d // 2, dead_tokens, aux_coef, dtype)
         if step % log_interval == 0:
             dead = (sae.stats_last_nonzero > dead_tokens).float().mean().item()
-            rate = (step + 1 - start) * batch_size / (time.time() - t0)
             bar.set_postfix_str(f"FVU {fvu_.item():.4f} aux {aux.item():.3f} dead {dead:.1%} "
-                                f"{rate:,.0f} tok/s")
+                                f"{rate(step + 1):,.0f} tok/s")
         if (step + 1) % ckpt_interval == 0 or step + 1 == steps:
             save_checkpoint(dict(sae=sae.state_dict(), optimizer=optimizer.state_dict(),
                                  step=step + 1, config=config), out_dir, 'sae_ckpt.pt')
     bar.close()
-    tokens_per_s = (steps - start) * batch_size / max(time.time() - t0, 1e-9)
+    tokens_per_s = rate(steps)
     metrics = evaluate_sae(sae, teacher_model, data_dir)
     sae.save(os.path.join(out_dir, 'sae.pt'), dict(
         teacher=teacher, teacher_id=fingerprint(teacher_model), layer=sae_layer,
