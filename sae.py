@@ -62,10 +62,8 @@ class TopKSAE(nn.Module):
         self.register_buffer('latents_mean_square', torch.zeros(n_latents))
 
     def preprocess(self, x):
-        """OpenAI's LN (model.sae_norm) -> (x, what decode needs to undo it)."""
-        if not self.normalize:
-            return x, None
-        x_norm, *info = sae_norm(x)
+        """OpenAI's LN (model.sae_norm) -> (x, what decode needs to undo it, [] if none)."""
+        x_norm, *info = sae_norm(x) if self.normalize else (x,)
         return x_norm, info
 
     def encode_pre(self, x_norm):
@@ -88,7 +86,7 @@ class TopKSAE(nn.Module):
 
     def decode(self, values, indices, info):
         x_hat = self.decode_norm(values, indices) + self.pre_bias
-        return x_hat if info is None else x_hat * info[1] + info[0]
+        return x_hat * info[1] + info[0] if info else x_hat
 
     def forward(self, x):
         return self.decode(*self.encode(x))
@@ -271,7 +269,7 @@ def evaluate_sae(sae, teacher, data_dir):
             h_hat = sae.decode(values, indices, info).float()
             logits = [teacher.head(teacher.run_blocks(z, sae_layer + 1))[0] for z in (h, h_hat)]
         active[indices[values > 0]] = True
-        norm = lambda z: z if info is None else (z - info[0]) / (info[1] + 1e-5)  # h's LN
+        norm = lambda z: (z - info[0]) / (info[1] + 1e-5) if info else z  # h's LN
         vectors.append([z.flatten(0, 1) for z in (norm(h), norm(h_hat), h, h_hat)])
         logp, logq = (F.log_softmax(z.float(), -1).flatten(0, 1) for z in logits)
         clean += F.nll_loss(logp, y, reduction='sum').item()
