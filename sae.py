@@ -258,7 +258,6 @@ def evaluate_sae(sae, teacher, data_dir):
     """Held-out FVU (normalised and raw), latents never active, the teacher's loss clean and with
     the reconstruction spliced in at sae_layer, and their KL; the other settings this run's."""
     idx = split_windows(data_dir, 'val', max(1, eval_tokens // (context + 1)), context + 1)
-    device = sae.encoder.weight.device
     active = torch.zeros(sae.n_latents, dtype=torch.bool, device=device)
     vectors, clean, spliced, kl = [], 0.0, 0.0, 0.0
     for batch in idx.to(device).split(32):
