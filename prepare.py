@@ -209,8 +209,7 @@ def openwebtext_documents(files):
             for f in members(outer, '.xz'):
                 with tarfile.open(fileobj=lzma.open(f), mode='r|') as inner:
                     for g in members(inner, '.txt'):
-                        text = g.read().decode('utf-8')
-                        yield {'text': re.sub('\n\n\n+', '\n\n', text).strip()}
+                        yield {'text': re.sub('\n\n\n+', '\n\n', g.read().decode()).strip()}
 
 
 def openwebtext_splits():
