@@ -70,8 +70,7 @@ class CharTokenizer:
 
 
 def get_tokenizer(meta):
-    char = meta and meta['tokenizer'] == 'char'
-    return CharTokenizer(meta['chars']) if char else gpt2_tokenizer()
+    return CharTokenizer(meta['chars']) if meta and 'chars' in meta else gpt2_tokenizer()
 
 
 def gpt2_tokenizer():
@@ -209,8 +208,7 @@ def openwebtext_documents(files):
             for f in members(outer, '.xz'):
                 with tarfile.open(fileobj=lzma.open(f), mode='r|') as inner:
                     for g in members(inner, '.txt'):
-                        text = g.read().decode('utf-8')
-                        yield {'text': re.sub('\n\n\n+', '\n\n', text).strip()}
+                        yield {'text': re.sub('\n\n\n+', '\n\n', g.read().decode()).strip()}
 
 
 def openwebtext_splits():
@@ -262,7 +260,7 @@ def tokenize_into(path, pieces, enc, desc, limit=0):
             ids = []
             encoded = enc.encode_ordinary_batch([t for t, _ in batch], num_threads=num_proc)
             for tokens, (_, ends) in zip(encoded, batch):
-                ids += tokens + [enc.eot_token] if ends else tokens
+                ids += tokens + [enc.eot_token] * ends
             ids = np.array(ids[:limit - n] if limit else ids, dtype=np.uint16)  # all ids < 2**16
             ids.tofile(f)
             n += len(ids)
@@ -352,9 +350,8 @@ def data_dir_of(dataset):
 
 
 def read_meta(data_dir):
-    path = os.path.join(data_dir, 'meta.json')
     try:
-        with open(path) as f:
+        with open(os.path.join(data_dir, 'meta.json')) as f:
             return json.load(f)
     except (OSError, ValueError):  # missing, or not what prepare.py writes
         raise UserError(f"no prepared dataset at '{data_dir}'; "

@@ -42,8 +42,7 @@ seed: 'int >= 0' = 1337
 # all a resume may change; the rest fix the SAE and its data
 FREE_ON_RESUME = {'out_dir', 'init_from', 'max_tokens', 'eval_tokens', 'log_interval',
                   'ckpt_interval', 'evaluate', 'device', 'dtype'}
-OPENAI_URL = 'https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small/' \
-             '{location}_v5_{size}/autoencoders/{layer}.pt'
+OPENAI_URL = 'https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small/'
 
 
 class TopKSAE(nn.Module):
@@ -63,10 +62,8 @@ class TopKSAE(nn.Module):
         self.register_buffer('latents_mean_square', torch.zeros(n_latents))
 
     def preprocess(self, x):
-        """OpenAI's LN (model.sae_norm) -> (x, what decode needs to undo it)."""
-        if not self.normalize:
-            return x, None
-        x_norm, *info = sae_norm(x)
+        """OpenAI's LN (model.sae_norm) -> (x, what decode needs to undo it, [] if none)."""
+        x_norm, *info = sae_norm(x) if self.normalize else (x,)
         return x_norm, info
 
     def encode_pre(self, x_norm):
@@ -89,7 +86,7 @@ class TopKSAE(nn.Module):
 
     def decode(self, values, indices, info):
         x_hat = self.decode_norm(values, indices) + self.pre_bias
-        return x_hat if info is None else x_hat * info[1] + info[0]
+        return x_hat * info[1] + info[0] if info else x_hat
 
     def forward(self, x):
         return self.decode(*self.encode(x))
@@ -103,7 +100,7 @@ class TopKSAE(nn.Module):
         save_checkpoint(sd, *os.path.split(path))
 
 
-def sae_file(spec, fetch=True, cache_dir=os.path.expanduser('~/.cache/cocomix')):
+def sae_file(spec, fetch=True):
     """An SAE spec's file: a path, or 'openai:LOCATION:LAYER[:32k|128k]' downloaded once."""
     if not spec.startswith('openai:'):
         if fetch and not os.path.exists(spec):
@@ -112,8 +109,9 @@ def sae_file(spec, fetch=True, cache_dir=os.path.expanduser('~/.cache/cocomix'))
     parts = spec.split(':')
     if len(parts) not in (3, 4) or not parts[2].isdigit():
         raise UserError(f"SAE spec '{spec}' must look like openai:resid_post_mlp:5[:32k|128k]")
-    url = OPENAI_URL.format(location=parts[1], layer=parts[2], size=(parts + ['32k'])[3])
-    path = os.path.join(cache_dir, 'openai_sae', url.split('gpt2-small/')[1].replace('/', '_'))
+    name = f"{parts[1]}_v5_{(parts + ['32k'])[3]}/autoencoders/{parts[2]}.pt"
+    url = OPENAI_URL + name
+    path = os.path.expanduser('~/.cache/cocomix/openai_sae/') + name.replace('/', '_')
     if fetch and not os.path.exists(path):
         try:
             download(url, path, 'SAE')
@@ -233,9 +231,8 @@ def sae_losses(sae, x, dead, k_aux):
     values, indices = chosen[:, :sae.k], indices[:, :sae.k]
     rows = sae.decoder.weight.t().contiguous()
     recon = sae.decode_norm(values, indices, rows) + sae.pre_bias
-    aux = x.new_zeros(())
-    if n_aux:
-        aux = fvu((x_norm - recon).detach(), sae.decode_norm(chosen[:, sae.k:], aux_indices, rows))
+    aux = fvu((x_norm - recon).detach(), sae.decode_norm(chosen[:, sae.k:], aux_indices, rows)) \
+        if n_aux else x.new_zeros(())
     return fvu(x_norm, recon), aux, indices[values > 0]
 
 
@@ -257,22 +254,21 @@ def train_step(sae, optimizer, x, k_aux, dead_tokens, aux_coef, dtype='float32')
 
 
 @torch.no_grad()
-def evaluate_sae(sae, teacher, layer, data_dir, n_tokens, context, dtype):
+def evaluate_sae(sae, teacher, data_dir):
     """Held-out FVU (normalised and raw), latents never active, the teacher's loss clean and with
-    the reconstruction spliced in at `layer`, and their KL."""
-    idx = split_windows(data_dir, 'val', max(1, n_tokens // (context + 1)), context + 1)
-    device = sae.encoder.weight.device
+    the reconstruction spliced in at sae_layer, and their KL; the other settings this run's."""
+    idx = split_windows(data_dir, 'val', max(1, eval_tokens // (context + 1)), context + 1)
     active = torch.zeros(sae.n_latents, dtype=torch.bool, device=device)
     vectors, clean, spliced, kl = [], 0.0, 0.0, 0.0
     for batch in idx.to(device).split(32):
         y = batch[:, 1:].flatten()
-        h = residuals(teacher, batch[:, :-1], layer, dtype)
+        h = residuals(teacher, batch[:, :-1], sae_layer, dtype)
         with autocast(device, dtype):
             values, indices, info = sae.encode(h)
             h_hat = sae.decode(values, indices, info).float()
-            logits = [teacher.head(teacher.run_blocks(z, layer + 1))[0] for z in (h, h_hat)]
+            logits = [teacher.head(teacher.run_blocks(z, sae_layer + 1))[0] for z in (h, h_hat)]
         active[indices[values > 0]] = True
-        norm = lambda z: z if info is None else (z - info[0]) / (info[1] + 1e-5)  # h's LN
+        norm = lambda z: (z - info[0]) / (info[1] + 1e-5) if info else z  # h's LN
         vectors.append([z.flatten(0, 1) for z in (norm(h), norm(h_hat), h, h_hat)])
         logp, logq = (F.log_softmax(z.float(), -1).flatten(0, 1) for z in logits)
         clean += F.nll_loss(logp, y, reduction='sum').item()
@@ -299,7 +295,7 @@ if __name__ == '__main__':
     sae_layer = sae_layer if sae_layer >= 0 else meta.get('layer', -1)
     if not teacher or not dataset or sae_layer < 0:
         raise UserError("set teacher, dataset and sae_layer (see config/sae_shakespeare.py)")
-    ckpt = None
+    ckpt, steps, per_buffer = None, max_tokens // batch_size, buffer_size // batch_size
     if not evaluate:  # refused before the teacher loads
         if k > n_latents:
             raise UserError(f"k={k} is more than n_latents={n_latents}; use k <= n_latents")
@@ -311,7 +307,7 @@ if __name__ == '__main__':
             saved = ckpt['config']
             differ = [f"{key}={saved[key]!r} (this run: {value!r})" for key, value in config.items()
                       if key not in FREE_ON_RESUME and saved.get(key, value) != value]
-            if ckpt['step'] > max_tokens // batch_size:
+            if ckpt['step'] > steps:
                 differ.append(f"{ckpt['step'] * batch_size:,} tokens (max_tokens={max_tokens})")
             if differ:
                 raise UserError(f"{out_dir}/sae_ckpt.pt was trained with {', '.join(differ)}; "
@@ -325,10 +321,8 @@ if __name__ == '__main__':
                         f"use --context={T}")
     if evaluate:
         check_width(sae, d, f"the SAE '{evaluate}'")
-        print(report(evaluate_sae(sae.to(device), teacher_model, sae_layer, data_dir, eval_tokens,
-                                  context, dtype)))
+        print(report(evaluate_sae(sae.to(device), teacher_model, data_dir)))
         raise SystemExit
-    steps, per_buffer = max_tokens // batch_size, buffer_size // batch_size
     sae = TopKSAE(d, n_latents, k, normalize).to(device)
     lr = learning_rate or 2e-4 / math.sqrt(n_latents / 2 ** 14)
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
@@ -347,6 +341,7 @@ if __name__ == '__main__':
     start = ckpt['step'] if ckpt else 0
     bar = tqdm(range(start, steps), initial=start, total=steps, desc='SAE', unit='step')
     t0 = time.time()
+    rate = lambda done: (done - start) * batch_size / max(time.time() - t0, 1e-9)  # tokens/s
     for step in bar:
         if step % per_buffer == 0 or step == start:
             buffer = fill(step // per_buffer)
@@ -354,15 +349,14 @@ if __name__ == '__main__':
         fvu_, aux = train_step(sae, optimizer, x, k_aux or d // 2, dead_tokens, aux_coef, dtype)
         if step % log_interval == 0:
             dead = (sae.stats_last_nonzero > dead_tokens).float().mean().item()
-            rate = (step + 1 - start) * batch_size / (time.time() - t0)
             bar.set_postfix_str(f"FVU {fvu_.item():.4f} aux {aux.item():.3f} dead {dead:.1%} "
-                                f"{rate:,.0f} tok/s")
+                                f"{rate(step + 1):,.0f} tok/s")
         if (step + 1) % ckpt_interval == 0 or step + 1 == steps:
             save_checkpoint(dict(sae=sae.state_dict(), optimizer=optimizer.state_dict(),
                                  step=step + 1, config=config), out_dir, 'sae_ckpt.pt')
     bar.close()
-    tokens_per_s = (steps - start) * batch_size / max(time.time() - t0, 1e-9)
-    metrics = evaluate_sae(sae, teacher_model, sae_layer, data_dir, eval_tokens, context, dtype)
+    tokens_per_s = rate(steps)
+    metrics = evaluate_sae(sae, teacher_model, data_dir)
     sae.save(os.path.join(out_dir, 'sae.pt'), dict(
         teacher=teacher, teacher_id=fingerprint(teacher_model), layer=sae_layer,
         location='resid_post', dataset=dataset, tokens_trained=steps * batch_size, eval=metrics))
