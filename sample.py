@@ -29,9 +29,6 @@ if start.startswith('FILE:'):
     except (OSError, ValueError) as e:  # missing, a folder, not UTF-8
         raise UserError(f"cannot read the prompt file '{start[5:]}' ({first_line(e)})")
 
-if init_from == 'resume' and not os.path.isdir(out_dir):
-    raise UserError(f"no checkpoint at {os.path.join(out_dir, 'ckpt.pt')}: there is no folder "
-                    f"{out_dir}; pass train.py's --out_dir or --init_from=gpt2")
 model, checkpoint = load_model(out_dir if init_from == 'resume' else init_from, device)
 mode = (checkpoint or {}).get('mode', 'ntp')
 if checkpoint:

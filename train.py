@@ -183,9 +183,6 @@ else:  # OpenAI's weights; the CoCoMix or pause parts on top start freshly initi
     extra = {k: v for k, v in model_args.items() if k not in {*fixed, 'vocab_size', 'dropout'}}
     model = load_model(init_from, 'cpu', dropout, **extra)[0].train()
     model_args.update(vocab_size=model.config.vocab_size)
-if meta['vocab_size'] > model_args['vocab_size']:
-    raise UserError(f"{data_dir} has {meta['vocab_size']} token ids but the model only "
-                    f"{model_args['vocab_size']}; prepare the data with the model's tokenizer")
 if block_size < model.config.block_size:
     model.config.block_size = block_size
     model.transformer.wpe.weight = torch.nn.Parameter(model.transformer.wpe.weight[:block_size])

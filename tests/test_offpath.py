@@ -93,8 +93,8 @@ def test_a_study_report_is_refused_before_it_rewrites_a_readme(tmp_path, monkeyp
     """The report rewrites README.md and RESULTS.md in the working folder: bad methods or results
     must stop it first (they were a traceback, or tables with a method left out)."""
     for name in ('README.md', 'RESULTS.md'):
-        (tmp_path / name).write_text(f'<!-- study:begin -->\nkept\n<!-- study:end -->\n'
-                                     f'<!-- headline:begin -->\nkept\n<!-- headline:end -->\n')
+        (tmp_path / name).write_text('<!-- study:begin -->\nkept\n<!-- study:end -->\n'
+                                     '<!-- headline:begin -->\nkept\n<!-- headline:end -->\n')
     (tmp_path / 'empty.json').write_text('')
     os.makedirs(tmp_path / 'assets')  # the study's saved results, as a clone has them
     (tmp_path / 'assets' / 'study_results.json').write_text(open(f'{ROOT}/assets/study_results.json').read())

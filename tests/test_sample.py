@@ -26,7 +26,7 @@ def test_no_new_tokens_with_concepts_is_refused(monkeypatch, tmp_path):
 
 def test_a_missing_out_dir_is_named(monkeypatch, tmp_path):
     message = error_of(monkeypatch, f'--out_dir={tmp_path / "nothing"}', '--device=cpu')
-    assert f"no checkpoint at {tmp_path / 'nothing' / 'ckpt.pt'}: there is no folder" in message
+    assert f"'{tmp_path / 'nothing'}' is neither gpt2* nor a folder with ckpt.pt" in message
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='this torch sees a GPU')
