@@ -312,6 +312,8 @@ if __name__ == '__main__':
             if differ:
                 raise UserError(f"{out_dir}/sae_ckpt.pt was trained with {', '.join(differ)}; "
                                 "resume with its settings, or train into another out_dir")
+        elif os.path.exists(os.path.join(out_dir, 'sae.pt')):
+            raise UserError(f"{out_dir} holds an SAE; pass --init_from=resume or another out_dir")
     data_dir = data_dir_of(dataset)
     split_windows(data_dir, 'val', 1, context + 1)  # too short: refused now, not after training
     teacher_model = load_teacher(teacher, device, read_meta(data_dir), data_dir)

@@ -43,6 +43,10 @@ def test_sae_settings_that_waste_a_run_are_refused_before_it(dataset, tmp_path):
     # fewer tokens than a batch would save an untrained SAE over a finished one
     one_line_error(run(sae + ['--max_tokens=10'], check=False), 'must hold a batch of 64')
     run(sae + ['--max_tokens=640', '--ckpt_interval=5'])
+    trained = open(tmp_path / 'sae' / 'sae.pt', 'rb').read()
+    one_line_error(run(sae + ['--max_tokens=640', '--n_latents=16'], check=False),  # a new SAE over it
+                   'holds an SAE; pass --init_from=resume or another out_dir')
+    assert open(tmp_path / 'sae' / 'sae.pt', 'rb').read() == trained
     one_line_error(run(sae + ['--max_tokens=320', '--init_from=resume'], check=False),
                    '640 tokens (max_tokens=320)')  # it recorded 320 tokens trained after 640
     short = tmp_path / 'short'  # a val split too short for one window: before training, not after
@@ -50,8 +54,8 @@ def test_sae_settings_that_waste_a_run_are_refused_before_it(dataset, tmp_path):
     for name in ('train.bin', 'meta.json'):
         (short / name).write_bytes(open(os.path.join(dataset, name), 'rb').read())
     np.zeros(6, np.uint16).tofile(short / 'val.bin')
-    p = run([a.replace(f'--dataset={dataset}', f'--dataset={short}') for a in sae] + ['--max_tokens=640'],
-            check=False)
+    p = run([a.replace(f'--dataset={dataset}', f'--dataset={short}') for a in sae] + ['--max_tokens=640',
+             f'--out_dir={tmp_path / "sae2"}'], check=False)
     one_line_error(p, "val split has 6 tokens")
     assert 'SAE' not in p.stdout + p.stderr.split('error')[0]  # no training step ran
 
@@ -82,7 +86,7 @@ def test_a_finished_checkpoint_is_not_replaced_by_a_new_run(dataset, tmp_path):
     out = tmp_path / 'out'
     train(dataset, out, '--max_iters=2', '--eval_interval=2')
     before = open(out / 'ckpt.pt', 'rb').read()
-    one_line_error(train(dataset, out, '--max_iters=4', check=False), 'continue it with --init_from=resume')
+    one_line_error(train(dataset, out, '--max_iters=4', check=False), 'holds a checkpoint; pass --init_from=resume or another out_dir')
     # a resume whose max_iters is below the saved step would re-save the step as if it were new
     one_line_error(train(dataset, out, '--max_iters=1', '--init_from=resume', check=False),
                    'is at step 2, past max_iters=1')
@@ -96,13 +100,25 @@ def test_a_study_report_is_refused_before_it_rewrites_a_readme(tmp_path, monkeyp
         (tmp_path / name).write_text('<!-- study:begin -->\nkept\n<!-- study:end -->\n'
                                      '<!-- headline:begin -->\nkept\n<!-- headline:end -->\n')
     (tmp_path / 'empty.json').write_text('')
+    (tmp_path / 'list.json').write_text('[1, 2]')
+    (tmp_path / 'no_runs.json').write_text('{"runs": {}}')
     os.makedirs(tmp_path / 'assets')  # the study's saved results, as a clone has them
     (tmp_path / 'assets' / 'study_results.json').write_text(open(f'{ROOT}/assets/study_results.json').read())
     monkeypatch.chdir(tmp_path)
     for arg, want in (('--large_methods=ntp,cocomixx', "no method or seed count 'cocomixx:3'"),
                       ('--large_methods=ntp:x', "'ntp:x'"), ('--small_methods=ntp:0', "'ntp:0'"),
-                      ('--results=empty.json', 'cannot read empty.json'),
+                      ('--small_methods=ntp:3:4', "'ntp:3:4'"), ('--results=empty.json', 'cannot read empty.json'),
+                      ('--results=list.json', 'not the results study.py writes'),
+                      ('--results=no_runs.json', 'no saved results at no_runs.json'),
                       (f'--results={tmp_path}', f'cannot read {tmp_path}')):
         monkeypatch.setattr(sys, 'argv', ['study.py', '--report_only=True', arg])
         assert want in user_error(runpy.run_path, f'{ROOT}/tools/study.py', None, '__main__')
     assert all('kept' in (tmp_path / n).read_text() for n in ('README.md', 'RESULTS.md'))
+
+
+def test_a_pipeline_name_that_is_no_folder_name_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # '' wrote the dataset into data/ itself, 'a/b' made out-a/b
+    for name in ('', 'a/b', '..'):
+        monkeypatch.setattr(sys, 'argv', ['pipeline.py', f'--name={name}'])
+        assert 'name must be a folder name' in user_error(runpy.run_path, f'{ROOT}/tools/pipeline.py', None, '__main__')
+    assert not os.listdir(tmp_path)

@@ -250,14 +250,14 @@ def test_resume_under_other_settings_is_refused_naming_each(dataset, tmp_path):
     run(['sae.py'] + args + ['--init_from=resume'])  # max_tokens may grow: the same SAE trains on
 
 
-def test_a_failed_scratch_run_keeps_the_finished_sae(dataset, tmp_path):
-    """A new run into an out_dir with a finished sae.pt replaces it only once it succeeds: here it fails
-    at its final evaluation (a validation split too short), after training."""
+def test_a_scratch_run_over_a_finished_sae_is_refused(dataset, tmp_path):
+    """A new run into an out_dir with a finished sae.pt is refused before any work (it used to replace
+    it once it succeeded; a kill -9 after its first save left the worse one)."""
     from conftest import write_dataset
     args = sae_args(dataset, tmp_path)
     run(['sae.py'] + args)
     before = (tmp_path / 'out' / 'sae.pt').read_bytes()
     short = write_dataset(str(tmp_path / 'short'), n_val=10)
     p = run(['sae.py'] + args + [f'--dataset={short}', '--seed=1'], check=False)
-    assert p.returncode != 0 and 'val split has 10 tokens' in p.stderr, p.stderr[-2000:]
+    assert p.returncode != 0 and 'holds an SAE; pass --init_from=resume' in p.stderr, p.stderr[-2000:]
     assert (tmp_path / 'out' / 'sae.pt').read_bytes() == before

@@ -30,8 +30,9 @@ def run_stages(stages, stamps_path, jobs=1, threads=1):
                     all(os.path.getmtime(i) <= os.path.getmtime(output) for i in inputs if os.path.exists(i)):
                 print(f"[{stage}] up to date: {output}")
                 continue
-            if output.endswith('ckpt.pt') and '--init_from=resume' not in cmd and os.path.exists(output):
-                os.remove(output)  # stale: train.py will not start over a checkpoint
+            if os.path.basename(output) in ('ckpt.pt', 'sae.pt') and '--init_from=resume' not in cmd \
+                    and os.path.exists(output):
+                os.remove(output)  # stale: train.py and sae.py will not start over their output
             name = os.path.join(logs, re.sub(r'[^\w.-]+', '_', stage) + '.log')
             with open(name, 'w') if jobs > 1 else nullcontext() as log:  # closed here: the stage has its copy
                 print(f"[{stage}] {line}" + (f"  (log: {name})" if log else ''), flush=True)
