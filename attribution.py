@@ -138,8 +138,7 @@ def load_label_cache(data_dir, split, identity, label_method, k_attr, block_size
         raise UserError(f"the label cache {path} is unfinished; run attribution.py again")
     dtype, tokens = cache_dtype(meta['n_concepts']), len(load_tokens(data_dir, split))
     if not os.path.isfile(path) or os.path.getsize(path) != tokens * k_attr * dtype.itemsize:
-        raise UserError(f"the label cache {path} is missing or cut short; delete {meta_path} and "
-                        "run attribution.py again")
+        raise UserError(f"the label cache {path} is missing or cut short; run attribution.py again")
     return dict(path=path, dtype=dtype, k_attr=k_attr)
 
 
@@ -166,9 +165,11 @@ def label_split(teacher, sae, data_dir, split, expected, device, batch_size, ran
     path, meta_path = cache_paths(data_dir, split)
     n_tokens = len(load_tokens(data_dir, split))
     n_windows, dt = n_tokens // block_size, cache_dtype(sae.n_latents)
+    size = n_tokens * k_attr * dt.itemsize  # the cache's bytes
     meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
     differ = [f"{k}={meta.get(k)!r}" for k, v in expected.items() if meta.get(k) != v]
-    same = not differ and os.path.exists(path)
+    # a file cut short lost windows listed as done: start over
+    same = not differ and os.path.isfile(path) and os.path.getsize(path) == size
     if same and meta.get('complete'):
         return rank == 0 and print(f"{path}: already labelled")
     inputs_same = all(meta.get(k) == expected[k] for k in ('data', 'teacher_id', 'sae_id'))
@@ -178,7 +179,7 @@ def label_split(teacher, sae, data_dir, split, expected, device, batch_size, ran
     if rank == 0 and not same:  # a fresh, sparse cache: no rank waits on a fill
         remove_progress(path)
         with open(path, 'wb') as f:
-            f.truncate(n_tokens * k_attr * dt.itemsize)
+            f.truncate(size)
         write_meta(meta_path, dict(expected, complete=False))
     barrier()
     done = read_progress(path, n_windows)
