@@ -197,8 +197,12 @@ def test_task_files_and_json_out_off_the_path(tmp_path, monkeypatch, capsys):
     argv = lambda *args: [f'--out_dir={tmp_path / "out"}', f'--data_dir={tasks}', '--device=cpu', '--dtype=float32',
                           '--json_out=', *args]
     assert 'no file matching piqa_valid*.jsonl' in user_error(E.main, argv('--tasks=lambada,piqa'))
-    assert 'is a folder' in user_error(E.main, argv('--tasks=lambada', f'--json_out={tasks}'))
-    assert 'lambada:' not in capsys.readouterr().out  # neither ran a task
+    (tmp_path / 'file').write_text('')
+    for bad in (tasks, f'{tmp_path}/new/', f'{tmp_path}/file/r.json'):  # a folder, or in a file
+        assert 'must name a file' in user_error(E.main, argv('--tasks=lambada', f'--json_out={bad}'))
+    (tasks / 'hellaswag_val.jsonl').write_text(good)  # the first task's file is fine, the second's not
+    assert 'hellaswag_val.jsonl (or its labels) is not' in user_error(E.main, argv('--tasks=lambada,hellaswag'))
+    assert 'lambada:' not in capsys.readouterr().out  # none ran a task
     E.main(argv('--tasks=lambada', f'--json_out={tmp_path / "new" / "r.json"}'))
     assert 'lambada' in json.load(open(tmp_path / 'new' / 'r.json'))['results']
     for task, text in (('lambada_test.jsonl', '{"txt": "a b"}\n'), ('lambada_test.jsonl', ''),
@@ -206,5 +210,8 @@ def test_task_files_and_json_out_off_the_path(tmp_path, monkeypatch, capsys):
                        ('hellaswag_val.jsonl', 'not json\n')):
         (tasks / task).write_text(text)
         name = task.split('_')[0]
-        assert f"{tasks / task} is not a {name} file as published" in user_error(E.main, argv(f'--tasks={name}'))
+        assert f"{tasks / task} (or its labels) is not a {name} file" in user_error(E.main, argv(f'--tasks={name}'))
         (tasks / task).write_text(good)
+    os.remove(tasks / 'lambada_test.jsonl')
+    os.mkdir(tasks / 'lambada_test.jsonl')  # a folder by a task file's name
+    assert 'is not a lambada file' in user_error(E.main, argv('--tasks=lambada'))

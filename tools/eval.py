@@ -241,8 +241,8 @@ def main(argv):
     unknown = [t for t in tasks.split(',') if t not in known]
     if unknown:  # before any work: a typo in the last task must not cost the evaluation of the others
         raise UserError(f"unknown task{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; use {', '.join(known)}")
-    if os.path.isdir(json_out):
-        raise UserError(f"json_out={json_out} is a folder; give a file to write the results to")
+    if json_out.endswith('/') or os.path.isdir(json_out) or os.path.isfile(os.path.dirname(json_out)):
+        raise UserError(f"json_out={json_out} must name a file (in a folder, made if missing)")
     paths = {t: task_file(t, data_dir) for t in tasks.split(',') if t != 'ppl'}  # all found first
     model, checkpoint = load_model(out_dir if init_from == 'resume' else init_from, device)
     name = f"{out_dir} ({checkpoint.get('mode', 'ntp')}, step {checkpoint['iter_num']})" \
@@ -261,23 +261,28 @@ def main(argv):
         if len(val) < T + 1:
             raise UserError(f"the val split of {ppl_dir} has {len(val)} tokens, fewer than one "
                             f"window of the model's context {T} + 1; prepare more val text")
-    results = {}
-    for task in tasks.split(','):
+
+    def run(task, scorer):
         path = paths.get(task)
         try:
             with autocast(device, dtype), torch.no_grad():
                 if task == 'ppl':
-                    results[task] = perplexity(model, val, T, batch_size, device, limit)
-                elif task == 'wikitext':
-                    results[task] = wikitext(scorer, path, limit)
-                elif task in ('winogrande', 'lambada'):
-                    score = winogrande if task == 'winogrande' else lambada
-                    results[task] = score(scorer, read_jsonl(path)[:limit or None])
-                else:
-                    results[task] = multiple_choice(scorer, choice_items(task, path, data_dir)[:limit or None])
-        except (KeyError, IndexError, TypeError, ValueError, ZeroDivisionError) as e:
+                    return perplexity(model, val, T, batch_size, device, limit)
+                if task == 'wikitext':
+                    return wikitext(scorer, path, limit)
+                if task in ('winogrande', 'lambada'):
+                    return (winogrande if task == 'winogrande' else lambada)(scorer, read_jsonl(path)[:limit or None])
+                return multiple_choice(scorer, choice_items(task, path, data_dir)[:limit or None])
+        except (OSError, KeyError, IndexError, TypeError, ValueError, ZeroDivisionError) as e:
             raise e if path is None else UserError(  # ppl reads no task file
-                f"{path} is not a {task} file as published ({first_line(e)}); replace it")
+                f"{path} (or its labels) is not a {task} file as published ({first_line(e)}); replace it")
+    dry = Scorer(model, scorer.enc, device)
+    dry.score = lambda pieces: [(0.0, False)] * len(pieces)
+    for task in paths:  # every task file read, with no model call, before the first is scored
+        run(task, dry)
+    results = {}
+    for task in tasks.split(','):
+        results[task] = run(task, scorer)
         shown = (f"{k} {v:,.4f}" if isinstance(v, float) else f"{k} {v:,}" for k, v in results[task].items())
         print(f"{task:>10}: " + ', '.join(shown), flush=True)
     headline = (f"{t} {next(iter(r))} {next(iter(r.values())):.4f}" for t, r in results.items())
