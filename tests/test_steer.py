@@ -32,7 +32,7 @@ def test_steer_measures_paired_generations(dataset, tmp_path):
     long = run(steer + ['--new_tokens=13'], cwd=tmp_path, check=False)  # 4 + 13 over the context 16
     assert long.returncode == 1 and long.stderr.strip().splitlines() == [
         f"error: prompt_len + new_tokens = 17 is over the context of {model} or its teacher (16); lower either"]
-    bad = run(steer + [f'--runs={tmp_path / "teacher"}'], cwd=tmp_path, check=False)
+    bad = run(steer + [f'--runs={model},{tmp_path / "teacher"}'], cwd=tmp_path, check=False)  # all checked first
     assert bad.returncode != 0 and 'nothing to steer' in bad.stderr
     (tmp_path / 'elsewhere').mkdir()  # publishing needs the RESULTS.md it rewrites, before any work
     bad = run(steer + ['--publish=True'], cwd=tmp_path / 'elsewhere', check=False)
