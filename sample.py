@@ -1,6 +1,5 @@
 """Sample from a train.py out_dir (any mode) or from OpenAI's GPT-2 weights (--init_from=gpt2)."""
 import json
-import os
 
 import torch
 
@@ -47,11 +46,10 @@ descriptions = {}
 if show_concepts:
     from sae import sae_file
     path = sae_file(checkpoint['config']['sae'], fetch=False) + '.concepts.json'
-    if os.path.exists(path):
-        with open(path) as f:
-            descriptions = json.load(f)
-    else:
-        print(f"(no concept descriptions at {path}: tools/concepts.py --sae=FILE writes them)")
+    try:  # else the concepts are shown by id alone
+        descriptions = dict(json.load(open(path)))
+    except (OSError, ValueError, TypeError) as e:
+        print(f"(no concept descriptions: {first_line(e)}; tools/concepts.py writes them)")
 
 enc = get_tokenizer(checkpoint and checkpoint.get('data_meta'))
 start_ids = enc.encode(start, allowed_special={'<|endoftext|>'}) or [enc.eot_token]

@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch
 
 from attribution import load_concepts
-from common import DEVICE, DTYPE, UserError, configure
+from common import DEVICE, DTYPE, UserError, atomic_path, configure
 from prepare import data_dir_of, get_tokenizer, read_meta
 from sae import load_sae, residuals, sae_file, split_windows
 
@@ -89,7 +89,7 @@ if __name__ == '__main__':
         desc = {i: (f"on {enc.decode([peak_token[i].item()])!r}, " if count[i] else 'inactive, ')
                 + 'promotes ' + ' '.join(map(repr, p)) for i, p in enumerate(every)}
         path = sae_file(sae) + '.concepts.json'
-        with open(path, 'w') as f:
+        with atomic_path(path) as tmp, open(tmp, 'w') as f:
             json.dump(desc, f, indent=0)
         print(f"saved a description of each of the {n_latents} latents to {path}")
     else:
