@@ -156,7 +156,7 @@ def save_checkpoint(checkpoint, out_dir, name='ckpt.pt'):
 def load_checkpoint(out_dir, device, name='ckpt.pt'):
     path = os.path.join(out_dir, name)
     if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path}; train one with train.py (out_dir={out_dir})")
+        raise UserError(f"no checkpoint at {path}")
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:

@@ -94,8 +94,7 @@ if init_from not in ('scratch', 'resume') and not init_from.startswith('gpt2') a
         not os.path.exists(os.path.join(init_from, 'config.json')):
     raise UserError(f"unknown init_from '{init_from}'; use scratch, resume, gpt2* or a folder")
 if init_from != 'resume' and not eval_only and os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
-    raise UserError(f"{out_dir} holds a checkpoint that this run would replace; continue it with "
-                    "--init_from=resume, or give a new out_dir")
+    raise UserError(f"{out_dir} holds a checkpoint; pass --init_from=resume or another out_dir")
 
 rank, world_size, device = setup_distributed(device)
 ddp, master = 'RANK' in os.environ, rank == 0  # the master logs and saves checkpoints

@@ -6,6 +6,7 @@ Thread counts are fixed, so reruns on the same kind of machine give the same num
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch
 
-from common import configure, load_model
+from common import UserError, configure, load_model
 from prepare import load_tokens
 from stages import run_stages
 from study import by_seed, ci, saved
@@ -26,6 +27,8 @@ steer_alpha: 'float' = 8.0  # the steered sample multiplies one concept's logit 
 device: 'device' = 'cpu'
 # -----------------------------------------------------------------------------
 configure(globals())
+if not re.fullmatch(r'[\w.-]+', name) or name.strip('.') == '':  # one folder under data/ and out-*
+    raise UserError(f"name must be a folder name (letters, digits, _ . -), not {name!r}")
 py, data, out = sys.executable, f'data/{name}', f'out-{name}'
 common = [f'--dataset={data}', f'--device={device}']
 models = f'--teacher={out}/teacher', f'--sae={out}/sae/sae.pt'

@@ -73,8 +73,8 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 def sizes():
     """size -> (student overrides, {method: seeds}), refused in one line before any report or run."""
     def methods(spec):
-        pairs = [(m + f':{seeds}').split(':')[:2] for m in spec.split(',')]
-        bad = [':'.join(p) for p in pairs if p[0] not in METHODS or not p[1].isdigit() or p[1] == '0']
+        pairs = [m.split(':') if ':' in m else [m, str(seeds)] for m in spec.split(',')]
+        bad = [':'.join(p) for p in pairs if len(p) != 2 or p[0] not in METHODS or not p[1].isdigit() or p[1] == '0']
         if bad:
             raise UserError(f"no method or seed count '{bad[0]}' in '{spec}'; methods: {', '.join(METHODS)}")
         return {m: int(n) for m, n in pairs}
@@ -209,9 +209,10 @@ def evaluation(run):
 
 def saved():
     try:
-        return json.load(open(results)) if os.path.exists(results) else {'runs': {}}
-    except (OSError, ValueError) as e:  # a folder, an empty or cut file
-        raise UserError(f"cannot read {results} ({first_line(e)}); restore it: git checkout {results}")
+        res = json.load(open(results)) if os.path.exists(results) else {'runs': {}}
+        return dict(res, runs=dict(res['runs']))  # a dict of runs, else refused below
+    except (OSError, ValueError, TypeError, KeyError) as e:  # a folder, a cut file, other JSON
+        raise UserError(f"cannot read {results} ({first_line(e)}): not the results study.py writes")
 
 
 def check_identity(old):
@@ -460,6 +461,6 @@ if __name__ == '__main__':
             run_stages(concept_stages + runs, f'{out}/stamps.json', jobs)
         finally:  # what finished so far is kept, whatever stopped the rest
             collect()
-    if not os.path.exists(results):
+    if 'sae' not in saved():  # no file, or no finished teacher and SAE in it
         raise UserError(f"no saved results at {results}: run the study first (see its docstring)")
     report(saved())
