@@ -46,7 +46,7 @@ descriptions = {}
 if show_concepts:
     from sae import sae_file
     path = sae_file(checkpoint['config']['sae'], fetch=False) + '.concepts.json'
-    try:  # else the concepts are shown by id alone
+    try:
         descriptions = dict(json.load(open(path)))
     except (OSError, ValueError, TypeError) as e:
         print(f"(no concept descriptions: {first_line(e)}; tools/concepts.py writes them)")

@@ -131,8 +131,9 @@ if init_from == 'resume':
     if checkpoint['mode'] != mode:
         raise UserError(f"{source} was trained with mode='{checkpoint['mode']}', this run has "
                         f"mode='{mode}'; set --mode={checkpoint['mode']} or use a new out_dir")
-    if checkpoint['iter_num'] > max_iters:
-        raise UserError(f"{source} is at step {checkpoint['iter_num']}, past max_iters={max_iters}")
+    if checkpoint['iter_num'] > max_iters and not eval_only:
+        raise UserError(f"{source} is at step {checkpoint['iter_num']}, past max_iters="
+                        f"{max_iters}; raise it")
     check_tokenizers(meta, f"the data in {data_dir}", checkpoint['data_meta'], source)
     fixed = checkpoint['model_args']
 elif init_from != 'scratch':

@@ -90,6 +90,7 @@ def test_a_finished_checkpoint_is_not_replaced_by_a_new_run(dataset, tmp_path):
     # a resume whose max_iters is below the saved step would re-save the step as if it were new
     one_line_error(train(dataset, out, '--max_iters=1', '--init_from=resume', check=False),
                    'is at step 2, past max_iters=1')
+    train(dataset, out, '--max_iters=1', '--init_from=resume', '--eval_only=True')  # saves nothing: allowed
     assert open(out / 'ckpt.pt', 'rb').read() == before
 
 

@@ -1,3 +1,4 @@
+import json
 import os
 import time
 
@@ -54,17 +55,23 @@ def test_stages_skip_when_current_and_rerun_when_not(tmp_path, capsys):
     assert out.read_text() == 'b2'
 
 
-def test_a_stale_training_stage_starts_without_its_old_checkpoint(tmp_path):
-    """train.py refuses to start over a checkpoint: a rerun stage (another command) removes it first,
-    a resume keeps it."""
+def test_a_stale_training_stage_starts_without_its_old_checkpoint(tmp_path, monkeypatch):
+    """train.py refuses to start over a checkpoint: a rerun training stage (another command) removes it
+    first, a resume keeps it, and so does any other command (a copy into place); a failed rerun leaves
+    no stamp, so a killed run's output never counts as current."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'train.py').write_text("import os, sys; assert not os.path.exists(sys.argv[1]); "
+                                       "open(sys.argv[1], 'w').write('new')")
     ckpt, stamps = str(tmp_path / 'ckpt.pt'), str(tmp_path / 'stamps.json')
-    train = lambda *arg: [('train', ['-c', "import os, sys; assert not os.path.exists(sys.argv[1]); "
-                                     "open(sys.argv[1], 'w').write('new')", ckpt, *arg], [], ckpt)]
+    train = lambda *arg: [('train', ['train.py', ckpt, *arg], [], ckpt)]
     run_stages(train('--seed=1'), stamps)
     run_stages(train('--seed=2'), stamps)
     assert open(ckpt).read() == 'new'
     with pytest.raises(SystemExit):  # the stage fails: it found the checkpoint it resumes
         run_stages(train('--init_from=resume'), stamps)
+    assert open(ckpt).read() == 'new' and ckpt not in json.load(open(stamps))
+    copy = [('copy', ['-c', "import sys; assert open(sys.argv[1]).read() == 'new'", ckpt], [], ckpt)]
+    run_stages(copy, stamps)  # not a training command: its output stays
     assert open(ckpt).read() == 'new'
 
 

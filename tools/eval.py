@@ -274,7 +274,7 @@ def main(argv):
                     return (winogrande if task == 'winogrande' else lambada)(scorer, read_jsonl(path)[:limit or None])
                 return multiple_choice(scorer, choice_items(task, path, data_dir)[:limit or None])
         except (OSError, KeyError, IndexError, TypeError, ValueError, ZeroDivisionError) as e:
-            raise e if path is None else UserError(  # ppl reads no task file
+            raise e if path is None or scorer is not dry else UserError(  # the files' errors only
                 f"{path} (or its labels) is not a {task} file as published ({first_line(e)}); replace it")
     dry = Scorer(model, scorer.enc, device)
     dry.score = lambda pieces: [(0.0, False)] * len(pieces)

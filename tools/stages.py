@@ -20,6 +20,10 @@ def run_stages(stages, stamps_path, jobs=1, threads=1):
     pending, running, failed = list(stages), {}, []
     logs = os.path.join(os.path.dirname(stamps_path), 'logs')
     os.makedirs(logs if jobs > 1 else os.path.dirname(logs), exist_ok=True)  # for the stamps (and logs)
+
+    def save_stamps():
+        with atomic_path(stamps_path) as tmp, open(tmp, 'w') as f:
+            json.dump(stamps, f, indent=1)
     while (pending and not failed) or running:  # after a failure, wait for the running ones
         busy = {s[3] for s in pending} | {s[1] for s in running.values()}  # outputs still to come
         ready = [s for s in pending if busy.isdisjoint(s[2])]
@@ -30,9 +34,10 @@ def run_stages(stages, stamps_path, jobs=1, threads=1):
                     all(os.path.getmtime(i) <= os.path.getmtime(output) for i in inputs if os.path.exists(i)):
                 print(f"[{stage}] up to date: {output}")
                 continue
-            if os.path.basename(output) in ('ckpt.pt', 'sae.pt') and '--init_from=resume' not in cmd \
-                    and os.path.exists(output):
+            if cmd[0] in ('train.py', 'sae.py') and '--init_from=resume' not in cmd and os.path.exists(output):
                 os.remove(output)  # stale: train.py and sae.py will not start over their output
+            stamps.pop(output, None)  # until it succeeds: a killed rerun's output is not current
+            save_stamps()
             name = os.path.join(logs, re.sub(r'[^\w.-]+', '_', stage) + '.log')
             with open(name, 'w') if jobs > 1 else nullcontext() as log:  # closed here: the stage has its copy
                 print(f"[{stage}] {line}" + (f"  (log: {name})" if log else ''), flush=True)
@@ -49,8 +54,7 @@ def run_stages(stages, stamps_path, jobs=1, threads=1):
                 continue
             print(f"[{stage}] done in {time.time() - t0:.0f} s", flush=True)
             stamps[output] = line
-            with atomic_path(stamps_path) as tmp, open(tmp, 'w') as f:
-                json.dump(stamps, f, indent=1)
+            save_stamps()
     if failed:
         raise UserError(f"stage '{failed[0]}' failed; fix the cause and run again (done stages are kept)")
 
