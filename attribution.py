@@ -165,17 +165,18 @@ def label_split(teacher, sae, data_dir, split, expected, device, batch_size, ran
     path, meta_path = cache_paths(data_dir, split)
     n_tokens = len(load_tokens(data_dir, split))
     n_windows, dt = n_tokens // block_size, cache_dtype(sae.n_latents)
-    size = n_tokens * k_attr * dt.itemsize  # the cache's bytes
+    size = n_tokens * k_attr * dt.itemsize  # bytes
     meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
-    differ = [f"{k}={meta.get(k)!r}" for k, v in expected.items() if meta.get(k) != v]
-    # a file cut short lost windows listed as done: start over
+    differ = [k for k, v in expected.items() if meta.get(k) != v]
+    # cut short, it lost windows listed as done: reset
     same = not differ and os.path.isfile(path) and os.path.getsize(path) == size
+    barrier()  # all read it before rank 0 resets it
     if same and meta.get('complete'):
         return rank == 0 and print(f"{path}: already labelled")
-    inputs_same = all(meta.get(k) == expected[k] for k in ('data', 'teacher_id', 'sae_id'))
-    if differ and meta.get('complete') and inputs_same:  # a typo must not wipe finished labels
-        raise UserError(f"{meta_path} holds finished labels made with {', '.join(differ)}; "
-                        "delete it to relabel, or label with its settings")
+    if differ and meta.get('complete') and not {'data', 'teacher_id', 'sae_id'} & set(differ):
+        made = ', '.join(f"{k}={meta.get(k)!r}" for k in differ)  # a typo must not wipe them
+        raise UserError(f"{meta_path} holds finished labels made with {made}; delete it to "
+                        "relabel, or label with its settings")
     if rank == 0 and not same:  # a fresh, sparse cache: no rank waits on a fill
         remove_progress(path)
         with open(path, 'wb') as f:

@@ -46,11 +46,11 @@ def load(run):
         raise UserError(f"prompt_len + new_tokens = {prompt_len + new_tokens} is over the context of "
                         f"{run} or its teacher ({min(T, teacher.config.block_size)}); lower either")
     sae = load_sae(cfg['sae'], teacher.config.n_embd)[0].to(device)
-    return run, model, cfg, T, teacher, sae, get_tokenizer(ckpt['data_meta']), load_tokens(data_dir, 'val')
+    return model, cfg, T, teacher, sae, get_tokenizer(ckpt['data_meta']), load_tokens(data_dir, 'val')
 
 
 @torch.no_grad()
-def measure(run, model, cfg, T, teacher, sae, enc, val):
+def measure(model, cfg, T, teacher, sae, enc, val):
     text = windows(val, range(0, 64 * T, T), T).to(device)
     first = model(text, text)[2]['concept_ids'][..., 0].flatten()
     chosen = torch.bincount(first, minlength=model.config.n_concepts).topk(concepts).indices.tolist()
@@ -80,9 +80,9 @@ if __name__ == '__main__':
     table = ["| model | concept (promotes) | active: plain → steered | mean activation | "
              "promoted tokens |", '|---' * 5 + '|']
     changes = {}
-    for loaded in [load(run) for run in dict.fromkeys(runs.split(','))]:  # each once
-        run = loaded[0]
-        for c, desc, m in measure(*loaded):
+    loaded = {run: load(run) for run in dict.fromkeys(runs.split(','))}  # each once, all checked first
+    for run, args in loaded.items():
+        for c, desc, m in measure(*args):
             table.append(f"| {os.path.basename(run)} | {c} ({desc}) | " + ' | '.join(
                 f"{a:.3f} → {b:.3f}" for a, b in m.values()) + ' |')
             for k, (a, b) in m.items():

@@ -461,6 +461,7 @@ if __name__ == '__main__':
             run_stages(concept_stages + runs, f'{out}/stamps.json', jobs)
         finally:  # what finished so far is kept, whatever stopped the rest
             collect()
-    if 'sae' not in saved():  # no file, or no finished teacher and SAE in it
+    res = saved()
+    if 'sae' not in res:  # no file, or no finished teacher and SAE in it
         raise UserError(f"no saved results at {results}: run the study first (see its docstring)")
-    report(saved())
+    report(res)
